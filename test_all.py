@@ -29,8 +29,20 @@ sys.path.insert(0, HERE)
 # ==== train.py ====
 # ==== end train.py ====
 
+# ==== train.py (scale) ====
+# ==== end train.py (scale) ====
+
+# ==== train.py (faults) ====
+# ==== end train.py (faults) ====
+
+# ==== bad inputs ====
+# ==== end bad inputs ====
+
 # ==== sample.py ====
 # ==== end sample.py ====
+
+# ==== chat ====
+# ==== end chat ====
 
 # ==== rlhf.py ====
 # ==== end rlhf.py ====

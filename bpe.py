@@ -1,0 +1,373 @@
+"""
+Byte-level BPE: train a tokenizer on a corpus, save/load it, encode/decode text.
+
+Training is the classic algorithm (as in minbpe), made fast the way the Rust trainers do it:
+  1. split every document with the regex pattern (in parallel processes) and count each distinct
+     chunk once: ~30 MB of Python source is only ~120k distinct chunks;
+  2. repeatedly merge the most frequent adjacent pair of tokens, updating pair counts incrementally:
+     an index pair -> chunks that contain it says which chunks to rewrite, and a heap with lazy
+     invalidation finds the most frequent pair without re-counting everything.
+Tie-break: among equally frequent pairs the one with the smallest (left id, right id) wins, so the same
+corpus and settings give the same tokenizer file, byte for byte, on any machine.
+
+Encoding goes through a `tiktoken.Encoding` built from the learned ranks (same Rust core as GPT-4's
+tokenizer); `encode_reference` is the textbook merge loop in pure Python, for reading and for tests.
+
+File format (human-readable, like tiktoken's own files): one JSON header line (format, version, pattern,
+special tokens, number of ranks), then one line per token: `<base64 of its bytes> <rank>`.
+
+Run:  python bpe.py --input=PATH --vocab_size=32000 --out=tok.bpe
+      (PATH: a file or a directory of .txt/.md/.py files; empty: the Python standard library sources)
+"""
+import base64
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import sys
+import sysconfig
+import time
+from collections import Counter, defaultdict
+
+import regex
+import tiktoken
+
+# The split patterns: text is first cut into chunks (words, numbers, punctuation runs, whitespace) and
+# merges never cross a chunk boundary. GPT-2's original and GPT-4's (cl100k), which also caps digit runs
+# at 3 and keeps newlines out of word chunks.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+FORMAT = "scratchlm-bpe"
+VERSION = 1
+
+# -----------------------------------------------------------------------------
+# config for the command line (python bpe.py --key=value)
+input = ""  # a file or a directory of .txt/.md/.py files; "" = the Python standard library sources
+vocab_size = 32000  # includes the 256 byte tokens and the special tokens
+pattern = "gpt4"  # "gpt4", "gpt2", or a regex of your own
+out = "tok.bpe"
+holdout = 0.05  # fraction of files (the last ones) kept out of training to measure bytes/token
+# -----------------------------------------------------------------------------
+
+
+def check_utf8(text):
+    """Lone surrogates (e.g. from surrogateescape decoding) have no UTF-8 bytes: refuse them clearly."""
+    if not text.isascii():  # O(1) in CPython: plain ASCII text costs nothing
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text has a lone surrogate {text[e.start]!r} at index {e.start}, which is not "
+                             "valid Unicode and cannot be UTF-8 encoded; clean it first, e.g. "
+                             "text.encode('utf-8', 'replace').decode('utf-8')") from None
+
+
+class Tokenizer:
+    def __init__(self, ranks, pattern, special_tokens):
+        if any(bytes([b]) not in ranks for b in range(256)):
+            raise ValueError("ranks must contain all 256 single bytes, or some text could not be encoded")
+        ids = list(ranks.values()) + list(special_tokens.values())
+        if len(set(ids)) != len(ids):
+            raise ValueError("token ids must be unique across ranks and special tokens")
+        self.ranks, self.pattern, self.special_tokens = ranks, pattern, dict(special_tokens)
+        self.vocab_size = max(ids) + 1
+        self.eot = self.special_tokens.get("<|endoftext|>")
+        self.hash = hashlib.sha256(self._serialize().encode("utf-8")).hexdigest()
+        try:
+            self.enc = tiktoken.Encoding(f"scratchlm-{self.hash[:16]}", pat_str=pattern,
+                                         mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        except Exception as e:  # tiktoken's Rust regex engine rejected the pattern
+            raise ValueError(f"tiktoken cannot use the pattern {pattern!r}: {e}") from None
+
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        check_utf8(text)
+        return self.enc.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def encode_ordinary(self, text):
+        check_utf8(text)
+        return self.enc.encode_ordinary(text)
+
+    def encode_ordinary_batch(self, texts, num_threads=8):
+        for text in texts:
+            check_utf8(text)
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def encode_batch(self, texts, num_threads=8, allowed_special=frozenset(), disallowed_special="all"):
+        for text in texts:
+            check_utf8(text)
+        return self.enc.encode_batch(texts, num_threads=num_threads, allowed_special=allowed_special,
+                                     disallowed_special=disallowed_special)
+
+    def decode(self, ids, errors="strict"):
+        return self.enc.decode(ids, errors=errors)
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(ids)
+
+    def _serialize(self):
+        header = dict(format=FORMAT, version=VERSION, pattern=self.pattern,
+                      special_tokens=dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
+                      n_ranks=len(self.ranks))
+        lines = [json.dumps(header)]
+        lines += [f"{base64.b64encode(tok).decode('ascii')} {rank}"
+                  for tok, rank in sorted(self.ranks.items(), key=lambda kv: kv[1])]
+        return "\n".join(lines) + "\n"
+
+    def save(self, path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(self._serialize())
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+    @classmethod
+    def load(cls, path):
+        fix = f"retrain it with `python bpe.py --out={path}` or restore a good copy"
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                content = f.read()
+        except FileNotFoundError:
+            raise SystemExit(f"error: tokenizer file {path} does not exist; train one with "
+                             f"`python bpe.py --out={path}`") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: cannot read tokenizer file {path} ({e}); {fix}") from None
+        try:
+            if not content.endswith("\n"):
+                raise ValueError("it does not end with a newline (truncated?)")
+            header_line, *lines = content[:-1].split("\n")
+            header = json.loads(header_line)
+            if header.get("format") != FORMAT or header.get("version") != VERSION:
+                raise ValueError(f"its header is not {FORMAT} version {VERSION}")
+            if len(lines) != header["n_ranks"]:
+                raise ValueError(f"header says {header['n_ranks']} tokens, file has {len(lines)} (truncated?)")
+            ranks = {}
+            for line in lines:
+                b64, rank = line.split(" ")
+                ranks[base64.b64decode(b64, validate=True)] = int(rank)
+            if len(ranks) != len(lines) or sorted(ranks.values()) != [int(l.split(" ")[1]) for l in lines]:
+                raise ValueError("its tokens or ranks are duplicated or out of order")
+            tok = cls(ranks, header["pattern"], header["special_tokens"])
+        except (ValueError, KeyError, TypeError, AttributeError, base64.binascii.Error) as e:
+            raise SystemExit(f"error: tokenizer file {path} is corrupt: {e}; {fix}") from None
+        return tok
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def _count_chunks(job):
+    """Worker: split a batch of documents into chunks and count each distinct chunk."""
+    pattern, special_pattern, docs = job
+    split = regex.compile(pattern).findall  # regex caches compiled patterns, so this is cheap per batch
+    counts = Counter()
+    n_chars = 0
+    for doc in docs:
+        # special tokens are never learned from: cut them out of the training text
+        for piece in (regex.split(special_pattern, doc) if special_pattern else (doc,)):
+            counts.update(split(piece))
+            n_chars += len(piece)
+    if sum(len(chunk) * n for chunk, n in counts.items()) != n_chars:
+        raise SystemExit(f"error: the pattern {pattern!r} does not match every character of the text, so "
+                         "some text would be lost; add a catch-all alternative such as |\\s+|.")
+    return counts
+
+
+def _batches(texts, chars_per_batch=1 << 20):
+    batch, size = [], 0
+    for text in texts:
+        check_utf8(text)
+        batch.append(text)
+        size += len(text)
+        if size >= chars_per_batch:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def count_chunks(texts, pattern, special_tokens):
+    """Counter {chunk bytes: count} over all documents, split in parallel processes."""
+    special_pattern = "|".join(regex.escape(s) for s in special_tokens)
+    jobs = ((pattern, special_pattern, batch) for batch in _batches(texts))
+    n_procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    first = next(jobs, None)
+    second = next(jobs, None)
+    counts = Counter()
+    if second is None or n_procs == 1:  # a small corpus: starting processes would cost more than it saves
+        for job in filter(None, [first, second]):
+            counts.update(_count_chunks(job))
+        for job in jobs:
+            counts.update(_count_chunks(job))
+    else:
+        with multiprocessing.get_context("fork").Pool(n_procs) as pool:
+            for c in pool.imap_unordered(_count_chunks, _chain([first, second], jobs)):
+                counts.update(c)
+    return {chunk.encode("utf-8"): n for chunk, n in counts.items()}
+
+
+def _chain(head, tail):
+    yield from head
+    yield from tail
+
+
+def merge_word(word, a, b, t):
+    """Replace every (a, b) in word with t, left to right."""
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if i < n - 1 and word[i] == a and word[i + 1] == b:
+            out.append(t)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS, verbose=False):
+    """Learn a byte-level BPE with exactly `vocab_size` ids: 256 bytes + merges + special tokens (last)."""
+    special_tokens = list(special_tokens)
+    n_ranks = vocab_size - len(special_tokens)
+    if n_ranks < 256:
+        raise SystemExit(f"error: vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "
+                         f"{len(special_tokens)} special tokens, so use at least {256 + len(special_tokens)}")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise SystemExit(f"error: special tokens {special_tokens} contain duplicates; list each once")
+    t0 = time.time()
+    chunks = sorted(count_chunks(texts, pattern, special_tokens).items())  # sorted: deterministic order
+    # Only chunks of 2+ bytes can hold a pair. words[w] is chunk w as a list of token ids.
+    words = [list(chunk) for chunk, _ in chunks if len(chunk) > 1]
+    freqs = [n for chunk, n in chunks if len(chunk) > 1]
+    del chunks
+    if verbose:
+        print(f"split the corpus into {len(words):,} distinct chunks in {time.time() - t0:.1f}s", file=sys.stderr)
+
+    pair_counts = defaultdict(int)  # (left id, right id) -> occurrences in the corpus
+    where = defaultdict(list)  # (left id, right id) -> indices of words that contain it (may be stale)
+    for w, word in enumerate(words):
+        f = freqs[w]
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] += f
+            where[pair].append(w)
+    # heap of (-count, pair): the top is the most frequent pair, smallest ids first on ties. Counts only
+    # go down after a pair appears, so an entry may be stale (too high): it is fixed when it surfaces.
+    heap = [(-n, pair) for pair, n in pair_counts.items()]
+    heapq.heapify(heap)
+
+    vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+    ranks = {tok: i for i, tok in enumerate(vocab)}  # bytes -> id (the rank is the id)
+    t1, last_print, n_merges = time.time(), 0.0, n_ranks - 256
+    while len(ranks) < n_ranks:
+        if not heap:
+            raise SystemExit(f"error: the corpus has no pairs left to merge after {len(ranks)} tokens, so it "
+                             f"cannot fill vocab_size={vocab_size}; use more text or a vocab_size of at most "
+                             f"{len(ranks) + len(special_tokens)}")
+        neg, pair = heapq.heappop(heap)
+        n = pair_counts[pair]
+        if n != -neg:  # stale entry: put it back with its true count
+            if n > 0:
+                heapq.heappush(heap, (-n, pair))
+            continue
+        a, b = pair
+        new_bytes = vocab[a] + vocab[b]
+        # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"): reuse the existing token then,
+        # since a tiktoken vocabulary maps each byte string to one rank (HF tokenizers does the same).
+        t = ranks.get(new_bytes)
+        if t is None:
+            t = ranks[new_bytes] = len(vocab)
+            vocab.append(new_bytes)
+        touched = set()
+        for w in where.pop(pair):
+            word = words[w]
+            new = merge_word(word, a, b, t)
+            if len(new) == len(word):
+                continue  # stale index entry: this word no longer has the pair (or was already done)
+            f = freqs[w]
+            for p in zip(word, word[1:]):
+                pair_counts[p] -= f
+            for p in zip(new, new[1:]):
+                pair_counts[p] += f
+                if p[0] == t or p[1] == t:
+                    where[p].append(w)
+                    touched.add(p)
+            words[w] = new
+        for p in touched:  # new pairs (with t) enter the heap with their full count
+            heapq.heappush(heap, (-pair_counts[p], p))
+        if verbose and (time.time() - last_print > 0.5 or len(ranks) == n_ranks):
+            last_print = time.time()
+            done = len(ranks) - 256
+            rate = done / max(last_print - t1, 1e-9)
+            print(f"\rmerges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | ETA {(n_merges - done) / max(rate, 1e-9):.0f}s ",
+                  end="", file=sys.stderr, flush=True)
+    if verbose:
+        print(f"\ntrained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+    specials = {s: n_ranks + i for i, s in enumerate(special_tokens)}
+    return Tokenizer(ranks, pattern, specials)
+
+
+def encode_reference(tok, text):
+    """The textbook BPE encoder, in pure Python: gives the same ids as tok.enc (tiktoken), only slower."""
+    check_utf8(text)
+    ids = []
+    for chunk in regex.findall(tok.pattern, text):
+        chunk = chunk.encode("utf-8")
+        if chunk in tok.ranks:  # a whole chunk that is a token is taken as is (tiktoken does the same)
+            ids.append(tok.ranks[chunk])
+            continue
+        parts = [bytes([b]) for b in chunk]
+        while len(parts) > 1:
+            # merge the adjacent pair whose concatenation has the lowest rank (leftmost on ties)
+            merged = [tok.ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
+            best = min((r, i) for i, r in enumerate(merged) if r is not None) if any(
+                r is not None for r in merged) else None
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids.extend(tok.ranks[p] for p in parts)
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+
+def corpus_files(path=""):
+    """Sorted .py/.txt/.md files under path (a file or directory); "" = the standard library's .py files."""
+    if not path:
+        root = sysconfig.get_paths()["stdlib"]
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d.split(os.sep)
+                      for f in fs if f.endswith(".py"))
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: input {path} does not exist; pass --input=a file or directory of text")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".py", ".txt", ".md")))
+    if not files:
+        raise SystemExit(f"error: no .py/.txt/.md files under {path}; pass --input=a file or directory of text")
+    return files
+
+
+def read_text(path):
+    with open(path, encoding="utf-8", errors="replace") as f:  # a stray non-UTF-8 byte becomes U+FFFD
+        return f.read()
+
+
+if __name__ == "__main__":
+    from configurator import configure
+
+    configure(globals())
+    files = corpus_files(input)
+    n_held = int(len(files) * holdout) if len(files) > 1 else 0
+    train_files, held_files = files[:len(files) - n_held], files[len(files) - n_held:]
+    pat = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}.get(pattern, pattern)
+    t0 = time.time()
+    tok = train(map(read_text, train_files), vocab_size, pattern=pat, verbose=True)
+    seconds = time.time() - t0
+    tok.save(out)
+    summary = f"trained on {len(train_files)} files in {seconds:.1f}s | vocab_size {tok.vocab_size:,} | saved {out}"
+    if held_files:
+        held = [read_text(f) for f in held_files]
+        n_tokens = sum(map(len, tok.encode_ordinary_batch(held)))
+        summary += f" | {sum(len(t.encode()) for t in held) / n_tokens:.3f} bytes/token on {len(held)} held-out files"
+    print(summary)

@@ -1,0 +1,23 @@
+# GPT-2 small (124M) with the batch and schedule of the GPT-2 reproduction (~0.5M tokens per step),
+# for a node of 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+# On fewer GPUs the same global batch is kept through gradient accumulation (40 must divide by the GPUs).
+out_dir = "out/gpt2_124m"
+dataset = "tinystories"
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+dropout = 0.0
+bias = True
+batch_size = 12
+gradient_accumulation_steps = 40   # 12 x 1024 x 40 = 491,520 tokens per step
+learning_rate = 6e-4
+max_iters = 600000
+lr_decay_iters = 600000
+warmup_iters = 2000
+min_lr = 6e-5
+weight_decay = 0.1
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+compile = True

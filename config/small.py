@@ -1,0 +1,20 @@
+# A small GPT on the default corpus (the Python stdlib), sized to train in ~5 minutes on a 2-core CPU.
+# python prepare.py && python train.py config/small.py && python sample.py --out_dir=out/small
+out_dir = "out/small"
+dataset = "stdlib"
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+dropout = 0.0
+bias = False
+batch_size = 16
+gradient_accumulation_steps = 1
+learning_rate = 2e-3
+max_iters = 1500
+lr_decay_iters = 1500
+warmup_iters = 50
+min_lr = 2e-4
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
