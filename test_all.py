@@ -102,6 +102,45 @@ def test_download_from_url_is_cached_and_checksummed(tmp_path):
     assert not os.path.exists(dest)
     with pytest.raises(SystemExit, match="cannot download"):
         prepare.download((tmp_path / "missing.txt").as_uri(), str(tmp_path / "cache" / "missing.txt"))
+
+def test_download_resumes_a_partial_file_with_an_http_range_request(tmp_path):
+    import http.server
+    import threading
+    import prepare
+    payload = os.urandom(300_000)
+    ranges = []
+
+    class RangeHandler(http.server.BaseHTTPRequestHandler):  # a minimal server that honours "Range: bytes=N-"
+        def do_GET(self):
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            ranges.append(start)
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = str(tmp_path / "big.bin")
+        with open(dest + ".part", "wb") as f:  # an earlier download died a third of the way through
+            f.write(payload[:100_000])
+        prepare.download(f"http://127.0.0.1:{server.server_port}/big.bin", dest, size=len(payload))
+    finally:
+        server.shutdown()
+    assert ranges == [100_000] and open(dest, "rb").read() == payload
+
+
+def test_prepare_reuses_a_given_tokenizer(tiny_data, tmp_path):
+    data_root, name, _ = tiny_data
+    tok_file = os.path.join(data_root, name, "tokenizer.bpe")
+    run("prepare.py", f"--input={os.path.dirname(data_root)}/corpus", f"--data_root={tmp_path}", "--dataset=again",
+        f"--tokenizer={tok_file}", "--val_fraction=0.2")
+    meta = json.load(open(tmp_path / "again" / "meta.json"))
+    assert meta["tokenizer_hash"] == json.load(open(os.path.join(data_root, name, "meta.json")))["tokenizer_hash"]
 # ==== end prepare.py ====
 
 # ==== model.py ====
@@ -170,6 +209,25 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_dat
     a, b = final_params(tmp_path / "single"), final_params(tmp_path / "ddp")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+def test_epochs_deal_every_window_once_and_ranks_never_overlap(tiny_data):
+    from train import Batches, TokenWindows, split_paths
+    from prepare import load_meta
+    data_root, name, _ = tiny_data
+    data_dir = os.path.join(data_root, name)
+    ds = TokenWindows(split_paths(data_dir, load_meta(data_dir), "train"), block_size=8)
+    seen = []
+    for rank in range(2):
+        b = Batches(ds, 3, rank, 2, seed=0)
+        seen.append(torch.cat([b.order[i * 3:(i + 1) * 3] for i in range(b.per_epoch)]).tolist())
+        x, y = next(b)
+        assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    assert not set(seen[0]) & set(seen[1])                       # no window on both ranks
+    assert len(set(seen[0])) == len(seen[0])                     # no window twice: no replacement
+    assert len(seen[0]) + len(seen[1]) >= len(ds) - 2 * 3 * 2   # all but the ragged tail of the epoch
+    fresh, resumed = Batches(ds, 3, 0, 2, seed=0, epoch=1), Batches(ds, 3, 0, 2, seed=0, epoch=1, pos=1)
+    next(fresh)
+    assert torch.equal(next(fresh)[0], next(resumed)[0])  # a saved position picks up the very next batch
 # ==== end train.py ====
 
 # ==== train.py (scale) ====
