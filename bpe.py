@@ -12,6 +12,8 @@ corpus and settings give the same tokenizer file, byte for byte, on any machine.
 
 Encoding goes through a `tiktoken.Encoding` built from the learned ranks (same Rust core as GPT-4's
 tokenizer); `encode_reference` is the textbook merge loop in pure Python, for reading and for tests.
+Every str round-trips (decode(encode(s)) == s) except one with lone surrogates, which has no UTF-8 bytes:
+that raises ValueError (tiktoken alone would silently turn it into U+FFFD).
 
 File format (human-readable, like tiktoken's own files): one JSON header line (format, version, pattern,
 special tokens, number of ranks), then one line per token: `<base64 of its bytes> <rank>`.
@@ -20,8 +22,10 @@ Run:  python bpe.py --input=PATH --vocab_size=32000 --out=tok.bpe
       (PATH: a file or a directory of .txt/.md/.py files; empty: the Python standard library sources)
 """
 import base64
+import contextlib
 import hashlib
 import heapq
+import itertools
 import json
 import multiprocessing
 import os
@@ -64,6 +68,8 @@ def check_utf8(text):
 
 
 class Tokenizer:
+    """ranks: {token bytes: id}, lower id = merged earlier; special_tokens: {str: id}. Encoding is tiktoken's."""
+
     def __init__(self, ranks, pattern, special_tokens):
         if any(bytes([b]) not in ranks for b in range(256)):
             raise ValueError("ranks must contain all 256 single bytes, or some text could not be encoded")
@@ -89,11 +95,13 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def encode_ordinary_batch(self, texts, num_threads=8):
+        texts = list(texts)  # (a generator would be used up by the check)
         for text in texts:
             check_utf8(text)
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
 
     def encode_batch(self, texts, num_threads=8, allowed_special=frozenset(), disallowed_special="all"):
+        texts = list(texts)
         for text in texts:
             check_utf8(text)
         return self.enc.encode_batch(texts, num_threads=num_threads, allowed_special=allowed_special,
@@ -122,15 +130,17 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        fix = f"retrain it with `python bpe.py --out={path}` or restore a good copy"
+        fix = f"retrain it (python bpe.py --out={path}, or rerun prepare.py for a data set) or restore a good copy"
         try:
             with open(path, encoding="utf-8", newline="") as f:
                 content = f.read()
         except FileNotFoundError:
             raise SystemExit(f"error: tokenizer file {path} does not exist; train one with "
                              f"`python bpe.py --out={path}`") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read tokenizer file {path} ({e}); {fix}") from None
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: tokenizer file {path} is corrupt: it is not UTF-8 text; {fix}") from None
+        except OSError as e:
+            raise SystemExit(f"error: cannot read tokenizer file {path} ({e})") from None
         try:
             if not content.endswith("\n"):
                 raise ValueError("it does not end with a newline (truncated?)")
@@ -140,14 +150,13 @@ class Tokenizer:
                 raise ValueError(f"its header is not {FORMAT} version {VERSION}")
             if len(lines) != header["n_ranks"]:
                 raise ValueError(f"header says {header['n_ranks']} tokens, file has {len(lines)} (truncated?)")
-            ranks = {}
-            for line in lines:
-                b64, rank = line.split(" ")
-                ranks[base64.b64decode(b64, validate=True)] = int(rank)
-            if len(ranks) != len(lines) or sorted(ranks.values()) != [int(l.split(" ")[1]) for l in lines]:
-                raise ValueError("its tokens or ranks are duplicated or out of order")
+            items = [line.split(" ") for line in lines]
+            ranks = {base64.b64decode(b64, validate=True): int(rank) for b64, rank in items}
+            in_file = [int(rank) for _, rank in items]
+            if len(ranks) != len(items) or in_file != sorted(set(in_file)):
+                raise ValueError("its tokens or ranks are repeated or out of order")
             tok = cls(ranks, header["pattern"], header["special_tokens"])
-        except (ValueError, KeyError, TypeError, AttributeError, base64.binascii.Error) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # (binascii and JSON errors are ValueErrors)
             raise SystemExit(f"error: tokenizer file {path} is corrupt: {e}; {fix}") from None
         return tok
 
@@ -160,23 +169,21 @@ def _count_chunks(job):
     """Worker: split a batch of documents into chunks and count each distinct chunk."""
     pattern, special_pattern, docs = job
     split = regex.compile(pattern).findall  # regex caches compiled patterns, so this is cheap per batch
-    counts = Counter()
-    n_chars = 0
+    counts, n_chars = Counter(), 0
     for doc in docs:
+        if not isinstance(doc, str):
+            raise TypeError(f"train() wants str documents, got {type(doc).__name__}; decode bytes first")
+        check_utf8(doc)
         # special tokens are never learned from: cut them out of the training text
         for piece in (regex.split(special_pattern, doc) if special_pattern else (doc,)):
             counts.update(split(piece))
             n_chars += len(piece)
-    if sum(len(chunk) * n for chunk, n in counts.items()) != n_chars:
-        raise SystemExit(f"error: the pattern {pattern!r} does not match every character of the text, so "
-                         "some text would be lost; add a catch-all alternative such as |\\s+|.")
-    return counts
+    return counts, n_chars
 
 
-def _batches(texts, chars_per_batch=1 << 20):
+def _batches(texts, chars_per_batch):
     batch, size = [], 0
     for text in texts:
-        check_utf8(text)
         batch.append(text)
         size += len(text)
         if size >= chars_per_batch:
@@ -186,46 +193,29 @@ def _batches(texts, chars_per_batch=1 << 20):
         yield batch
 
 
-def count_chunks(texts, pattern, special_tokens):
-    """Counter {chunk bytes: count} over all documents, split in parallel processes."""
+def count_chunks(texts, pattern, special_tokens, chars_per_batch=1 << 20):
+    """{chunk bytes: count} over all documents; batches of ~1M characters are split in parallel processes."""
     special_pattern = "|".join(regex.escape(s) for s in special_tokens)
-    jobs = ((pattern, special_pattern, batch) for batch in _batches(texts))
+    jobs = ((pattern, special_pattern, batch) for batch in _batches(texts, chars_per_batch))
+    head = list(itertools.islice(jobs, 2))
+    jobs = itertools.chain(head, jobs)
     n_procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    first = next(jobs, None)
-    second = next(jobs, None)
-    counts = Counter()
-    if second is None or n_procs == 1:  # a small corpus: starting processes would cost more than it saves
-        for job in filter(None, [first, second]):
-            counts.update(_count_chunks(job))
-        for job in jobs:
-            counts.update(_count_chunks(job))
-    else:
-        with multiprocessing.get_context("fork").Pool(n_procs) as pool:
-            for c in pool.imap_unordered(_count_chunks, _chain([first, second], jobs)):
-                counts.update(c)
+    counts, n_chars = Counter(), 0
+    parallel = len(head) > 1 and n_procs > 1  # for one batch, starting processes costs more than it saves
+    with multiprocessing.Pool(n_procs) if parallel else contextlib.nullcontext() as pool:
+        for c, n in (pool.imap_unordered if parallel else map)(_count_chunks, jobs):
+            counts.update(c)
+            n_chars += n
+    if sum(len(chunk) * n for chunk, n in counts.items()) != n_chars:
+        raise SystemExit(f"error: the pattern {pattern!r} does not match every character of the text, so "
+                         "some text would be lost; add a catch-all alternative such as |\\s+|.")
     return {chunk.encode("utf-8"): n for chunk, n in counts.items()}
-
-
-def _chain(head, tail):
-    yield from head
-    yield from tail
-
-
-def merge_word(word, a, b, t):
-    """Replace every (a, b) in word with t, left to right."""
-    out, i, n = [], 0, len(word)
-    while i < n:
-        if i < n - 1 and word[i] == a and word[i + 1] == b:
-            out.append(t)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return out
 
 
 def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS, verbose=False):
     """Learn a byte-level BPE with exactly `vocab_size` ids: 256 bytes + merges + special tokens (last)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("train() wants an iterable of documents, not one string: wrap it in a list")
     special_tokens = list(special_tokens)
     n_ranks = vocab_size - len(special_tokens)
     if n_ranks < 256:
@@ -233,24 +223,33 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
                          f"{len(special_tokens)} special tokens, so use at least {256 + len(special_tokens)}")
     if len(set(special_tokens)) != len(special_tokens):
         raise SystemExit(f"error: special tokens {special_tokens} contain duplicates; list each once")
+    try:  # check the pattern before the long part: the training splits with `regex`, encoding with tiktoken
+        regex.compile(pattern)
+        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={bytes([0]): 0}, special_tokens={})
+    except Exception as e:
+        raise SystemExit(f"error: bad pattern {pattern!r} ({e}); fix the regex or use a built-in one (gpt4, gpt2)") from None
     t0 = time.time()
     chunks = sorted(count_chunks(texts, pattern, special_tokens).items())  # sorted: deterministic order
-    # Only chunks of 2+ bytes can hold a pair. words[w] is chunk w as a list of token ids.
-    words = [list(chunk) for chunk, _ in chunks if len(chunk) > 1]
+    # Only chunks of 2+ bytes can hold a pair. Each chunk becomes a str whose characters are token ids
+    # (chr(id); bytes decode to latin-1 as chr(byte)). Then a merge is word.replace(pair, chr(new_id)), which
+    # runs in C and follows BPE's rule exactly (left to right, non-overlapping), a pair is a 2-char str, and
+    # comparing pairs as strs compares (left id, right id).
+    words = [chunk.decode("latin-1") for chunk, _ in chunks if len(chunk) > 1]
     freqs = [n for chunk, n in chunks if len(chunk) > 1]
     del chunks
     if verbose:
         print(f"split the corpus into {len(words):,} distinct chunks in {time.time() - t0:.1f}s", file=sys.stderr)
 
-    pair_counts = defaultdict(int)  # (left id, right id) -> occurrences in the corpus
-    where = defaultdict(list)  # (left id, right id) -> indices of words that contain it (may be stale)
+    pair_counts = defaultdict(int)  # pair -> occurrences in the corpus
+    where = defaultdict(list)  # pair -> indices of words that contain it (may be stale or repeated)
     for w, word in enumerate(words):
         f = freqs[w]
-        for pair in zip(word, word[1:]):
+        for i in range(len(word) - 1):
+            pair = word[i:i + 2]
             pair_counts[pair] += f
             where[pair].append(w)
-    # heap of (-count, pair): the top is the most frequent pair, smallest ids first on ties. Counts only
-    # go down after a pair appears, so an entry may be stale (too high): it is fixed when it surfaces.
+    # heap of (-count, pair): the top is the most frequent pair, smallest ids first on ties. A pair's count
+    # only goes down once it exists, so an entry may be stale (too high): it is fixed when it surfaces.
     heap = [(-n, pair) for pair, n in pair_counts.items()]
     heapq.heapify(heap)
 
@@ -268,37 +267,46 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
             if n > 0:
                 heapq.heappush(heap, (-n, pair))
             continue
-        a, b = pair
-        new_bytes = vocab[a] + vocab[b]
+        new_bytes = vocab[ord(pair[0])] + vocab[ord(pair[1])]
         # Two different pairs can spell the same bytes ("ab"+"c", "a"+"bc"): reuse the existing token then,
         # since a tiktoken vocabulary maps each byte string to one rank (HF tokenizers does the same).
-        t = ranks.get(new_bytes)
-        if t is None:
-            t = ranks[new_bytes] = len(vocab)
+        if new_bytes not in ranks:
+            ranks[new_bytes] = len(vocab)
             vocab.append(new_bytes)
+        t = chr(ranks[new_bytes])
         touched = set()
         for w in where.pop(pair):
             word = words[w]
-            new = merge_word(word, a, b, t)
-            if len(new) == len(word):
-                continue  # stale index entry: this word no longer has the pair (or was already done)
+            if pair not in word:
+                continue  # stale index entry: this word was already rewritten
+            new = words[w] = word.replace(pair, t)
             f = freqs[w]
-            for p in zip(word, word[1:]):
-                pair_counts[p] -= f
-            for p in zip(new, new[1:]):
+            if len(new) == len(word) - 1:  # fast path, most words: one occurrence, only its neighbours change
+                i = word.find(pair)
+                pair_counts[pair] -= f
+                new_pairs = []
+                if i > 0:
+                    pair_counts[word[i - 1:i + 1]] -= f
+                    new_pairs.append(new[i - 1:i + 1])
+                if i + 2 < len(word):
+                    pair_counts[word[i + 1:i + 3]] -= f
+                    new_pairs.append(new[i:i + 2])
+            else:  # general case: the counts change by (pairs of new word) - (pairs of old word)
+                for i in range(len(word) - 1):
+                    pair_counts[word[i:i + 2]] -= f
+                new_pairs = [new[i:i + 2] for i in range(len(new) - 1)]
+            for p in new_pairs:
                 pair_counts[p] += f
-                if p[0] == t or p[1] == t:
+                if t in p:
                     where[p].append(w)
                     touched.add(p)
-            words[w] = new
-        for p in touched:  # new pairs (with t) enter the heap with their full count
+        for p in touched:  # the pairs with t enter the heap with their full count
             heapq.heappush(heap, (-pair_counts[p], p))
         if verbose and (time.time() - last_print > 0.5 or len(ranks) == n_ranks):
-            last_print = time.time()
-            done = len(ranks) - 256
-            rate = done / max(last_print - t1, 1e-9)
-            print(f"\rmerges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | ETA {(n_merges - done) / max(rate, 1e-9):.0f}s ",
-                  end="", file=sys.stderr, flush=True)
+            last_print, done = time.time(), len(ranks) - 256
+            rate = done / (last_print - t1 + 1e-9)
+            print(f"\rmerges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | "
+                  f"ETA {(n_merges - done) / (rate + 1e-9):.0f}s ", end="", file=sys.stderr, flush=True)
     if verbose:
         print(f"\ntrained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
     specials = {s: n_ranks + i for i, s in enumerate(special_tokens)}
@@ -315,14 +323,13 @@ def encode_reference(tok, text):
             ids.append(tok.ranks[chunk])
             continue
         parts = [bytes([b]) for b in chunk]
-        while len(parts) > 1:
-            # merge the adjacent pair whose concatenation has the lowest rank (leftmost on ties)
-            merged = [tok.ranks.get(parts[i] + parts[i + 1]) for i in range(len(parts) - 1)]
-            best = min((r, i) for i, r in enumerate(merged) if r is not None) if any(
-                r is not None for r in merged) else None
-            if best is None:
+        while True:
+            # merge the adjacent pair whose concatenation is the token of lowest rank, leftmost on ties
+            candidates = [(tok.ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
+                          if parts[i] + parts[i + 1] in tok.ranks]
+            if not candidates:
                 break
-            i = best[1]
+            _, i = min(candidates)
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
         ids.extend(tok.ranks[p] for p in parts)
     return ids

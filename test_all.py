@@ -15,6 +15,192 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 # ==== bpe.py ====
+import base64
+import hashlib
+import random
+import string as string_module
+import textwrap
+
+import tiktoken
+
+import bpe
+
+# A small multilingual corpus: a few stdlib modules plus text in other scripts, so merges of multi-byte
+# characters get learned too.
+BPE_CORPUS = [open(m.__file__, encoding="utf-8").read() for m in (textwrap, string_module, json.encoder)] + [
+    "Grüße aus Köln! Ça va très bien. 東京は日本の首都です。 Привет, мир! שלום עולם مرحبا بالعالم 🎉🎉 👍🏽 " * 20]
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return bpe.train(BPE_CORPUS, 1000)
+
+
+def random_unicode(rng, max_len=40):
+    """Text from a mix of hard cases: any code point (no surrogates), emoji with modifiers and joiners, CJK,
+    combining marks, right-to-left scripts and marks, control characters, whitespace runs, digits, contractions."""
+    pools = ["abcXYZ hello world", "0123456789", " \t\n\r\x0b\x0c\u00a0\u2028\u3000", "éüñßøÅ", "東京日本語한국어中文",
+             "😀🎉👍🏽👨\u200d👩\u200d👧🇩🇪", "e\u0301a\u0308\u20dd\u0338", "שלום مرحبا\u200f\u200e\u202e",
+             "\x00\x01\x1b\x7f\x85", "'s'S'll'VE're", "<|endoftext|>", "!?.,;:(){}[]-_=+*/\\\"'#@$%^&~`"]
+    out = []
+    for _ in range(rng.randint(0, max_len)):
+        if rng.random() < 0.2:
+            c = rng.randint(0, 0x10FFFF)
+            out.append(chr(c) if not 0xD800 <= c <= 0xDFFF else "x")
+        else:
+            out.append(rng.choice(rng.choice(pools)))
+    return "".join(out)
+
+
+ADVERSARIAL = ["", " ", "\n", "a", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "ab" * 50, " " * 100, "\n" * 50,
+               "\r\n\r\n  \r\n\t\t\n", "   x   y\n\n\n   ", "1234567890123", "'s's's'S'LL", "naïve café",
+               "\u0000\u0001", "🎉" * 30, "😀👍🏽" * 10, "e\u0301\u0301\u0301", "العربية", "<|endoftext|> <|user|>",
+               "def f(x):\n    return x  # comment\n", "\u00a0\u00a0 \u3000\u2028", "x" * 2000, "é" * 1000]
+
+
+def test_bpe_known_answer_aaabdaaabac_worked_by_hand():
+    # "aaabdaaabac" is one chunk. Pair counts: aa 4, ab 2, bd 1, da 1, ba 1, ac 1 -> merge aa = 256.
+    # Left to right, "aaab" becomes [aa, a, b]: now Z=aa, text Z a b d Z a b a c; pairs (Z,a) 2 and (a,b) 2
+    # tie, and the smaller pair of ids wins: (97, 98) < (256, 97), so ab = 257. Then (Z, ab) 2 -> aaab = 258.
+    tok = bpe.train(["aaabdaaabac"], 256 + 3 + len(bpe.SPECIAL_TOKENS))
+    learned = sorted(tok.ranks.items(), key=lambda kv: kv[1])[256:]
+    assert learned == [(b"aa", 256), (b"ab", 257), (b"aaab", 258)]
+    assert tok.encode("aaabdaaabac") == [258, ord("d"), 258, ord("a"), ord("c")]
+    assert bpe.encode_reference(tok, "aaabdaaabac") == [258, ord("d"), 258, ord("a"), ord("c")]
+
+
+def test_bpe_vocab_size_is_exact_with_special_tokens_last(bpe_tok):
+    assert bpe_tok.vocab_size == 1000 and len(bpe_tok.ranks) == 1000 - len(bpe.SPECIAL_TOKENS)
+    assert sorted(bpe_tok.ranks.values()) == list(range(1000 - len(bpe.SPECIAL_TOKENS)))
+    assert list(bpe_tok.special_tokens) == bpe.SPECIAL_TOKENS
+    assert list(bpe_tok.special_tokens.values()) == list(range(995, 1000)) and bpe_tok.eot == 995
+    assert bpe_tok.enc.n_vocab == 1000
+    smallest = bpe.train(BPE_CORPUS[:1], 256 + 2, special_tokens=["<|endoftext|>", "<|pad|>"])
+    assert smallest.vocab_size == 258 and smallest.eot == 256
+    no_specials = bpe.train(BPE_CORPUS[:1], 300, special_tokens=[])
+    assert no_specials.vocab_size == 300 and no_specials.eot is None
+
+
+def test_bpe_impossible_vocab_sizes_are_clear_errors():
+    with pytest.raises(SystemExit, match="error: vocab_size=260 is too small"):
+        bpe.train(["hello"], 260)
+    with pytest.raises(SystemExit, match="error: the corpus has no pairs left.*at most 265"):
+        bpe.train(["hello"], 5000)  # 5 bytes in one chunk allow exactly 4 merges: 256 + 4 + 5 specials = 265
+
+
+def test_bpe_roundtrip_random_unicode_fuzz(bpe_tok):
+    rng = random.Random(1234)
+    texts = [random_unicode(rng) for _ in range(2000)] + ADVERSARIAL
+    for text in texts:
+        assert bpe_tok.decode(bpe_tok.encode_ordinary(text)) == text
+        assert bpe_tok.decode_bytes(bpe_tok.encode(text, disallowed_special=())) == text.encode("utf-8")
+    assert [bpe_tok.decode(ids) for ids in bpe_tok.encode_ordinary_batch(texts)] == texts
+
+
+@pytest.mark.parametrize("pattern", [bpe.GPT4_PATTERN, bpe.GPT2_PATTERN], ids=["gpt4", "gpt2"])
+def test_bpe_reference_encoder_matches_tiktoken_ids(pattern, bpe_tok):
+    tok = bpe_tok if pattern == bpe.GPT4_PATTERN else bpe.train(BPE_CORPUS, 700, pattern=pattern)
+    rng = random.Random(99)
+    texts = [random_unicode(rng, 80) for _ in range(1000)] + ADVERSARIAL + [BPE_CORPUS[0][:5000], BPE_CORPUS[-1]]
+    for text in texts:
+        assert bpe.encode_reference(tok, text) == tok.encode_ordinary(text), repr(text)
+
+
+def test_bpe_special_tokens_follow_tiktoken_allowed_disallowed_rules(bpe_tok):
+    bare = tiktoken.Encoding("bare", pat_str=bpe_tok.pattern, mergeable_ranks=bpe_tok.ranks,
+                             special_tokens=bpe_tok.special_tokens)
+    text = "hi<|endoftext|>there<|user|>"
+    with pytest.raises(ValueError, match="disallowed special token"):
+        bpe_tok.encode(text)  # by default every special token is disallowed: data can't inject them
+    all_ids = bpe_tok.encode(text, allowed_special="all")
+    assert all_ids == bare.encode(text, allowed_special="all")
+    assert all_ids.count(bpe_tok.eot) == 1 and bpe_tok.special_tokens["<|user|>"] == all_ids[-1]
+    only_eot = bpe_tok.encode("hi<|endoftext|>there<|user|>", allowed_special={"<|endoftext|>"}, disallowed_special=())
+    assert bpe_tok.eot in only_eot and bpe_tok.special_tokens["<|user|>"] not in only_eot
+    as_text = bpe_tok.encode(text, disallowed_special=())
+    assert as_text == bpe_tok.encode_ordinary(text) == bare.encode_ordinary(text)
+    assert not set(as_text) & set(bpe_tok.special_tokens.values())
+    assert bpe_tok.decode(all_ids) == bpe_tok.decode(as_text) == text
+    assert bpe_tok.encode_batch([text, "x"], allowed_special="all") == [all_ids, bpe_tok.encode("x")]
+    with pytest.raises(ValueError):
+        bpe_tok.encode_batch(["ok", text])
+
+
+def test_bpe_special_tokens_in_training_text_are_not_learned():
+    tok = bpe.train(["<|endoftext|>" * 50 + "ab"], 256 + 1 + len(bpe.SPECIAL_TOKENS))
+    assert sorted(tok.ranks.items(), key=lambda kv: kv[1])[256:] == [(b"ab", 256)]
+
+
+def test_bpe_training_is_deterministic_byte_identical_file(tmp_path, bpe_tok):
+    again = bpe.train(iter(BPE_CORPUS), 1000)  # a generator this time
+    bpe_tok.save(tmp_path / "a.bpe")
+    again.save(tmp_path / "b.bpe")
+    assert (tmp_path / "a.bpe").read_bytes() == (tmp_path / "b.bpe").read_bytes()
+    assert again.hash == bpe_tok.hash
+
+
+def test_bpe_parallel_chunk_counting_equals_serial():
+    serial = bpe.count_chunks(BPE_CORPUS, bpe.GPT4_PATTERN, bpe.SPECIAL_TOKENS)
+    parallel = bpe.count_chunks(BPE_CORPUS, bpe.GPT4_PATTERN, bpe.SPECIAL_TOKENS, chars_per_batch=10_000)
+    assert parallel == serial
+
+
+def test_bpe_save_load_roundtrip_is_identical(tmp_path, bpe_tok):
+    path = tmp_path / "tok.bpe"
+    bpe_tok.save(path)
+    loaded = bpe.Tokenizer.load(path)
+    assert (loaded.ranks, loaded.pattern, loaded.special_tokens) == (bpe_tok.ranks, bpe_tok.pattern, bpe_tok.special_tokens)
+    assert loaded.hash == bpe_tok.hash == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert loaded.encode("héllo wörld 🎉") == bpe_tok.encode("héllo wörld 🎉")
+    header = json.loads(path.read_text().split("\n")[0])  # human-inspectable: a JSON header, then base64 + rank
+    assert header["format"] == "scratchlm-bpe" and header["n_ranks"] == 995
+    b64, rank = path.read_text().split("\n")[257].split(" ")
+    assert rank == "256" and bpe_tok.ranks[base64.b64decode(b64)] == 256
+    assert [p.name for p in tmp_path.iterdir()] == ["tok.bpe"]  # the temporary file of the atomic save is gone
+
+
+def test_bpe_corrupt_truncated_or_missing_file_is_a_clear_error(tmp_path, bpe_tok):
+    path = tmp_path / "tok.bpe"
+    bpe_tok.save(path)
+    good = path.read_bytes()
+    lines = good.split(b"\n")
+    swapped = lines[:300] + [lines[301], lines[300]] + lines[302:]
+    cases = {"half": good[:len(good) // 2], "last byte": good[:-1], "last line": b"\n".join(lines[:-2]) + b"\n",
+             "header": b"{not json\n" + b"\n".join(lines[1:]), "bad base64": good.replace(lines[300], b"@@@ 299"),
+             "empty": b"", "binary": bytes(range(256)), "ranks out of order": b"\n".join(swapped)}
+    for name, content in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(SystemExit, match=r"^error: tokenizer file .*tok\.bpe is corrupt: .*; retrain it") as e:
+            bpe.Tokenizer.load(path)
+        assert "\n" not in str(e.value), name
+    with pytest.raises(SystemExit, match=r"^error: tokenizer file .*missing\.bpe does not exist"):
+        bpe.Tokenizer.load(tmp_path / "missing.bpe")
+
+
+def test_bpe_lone_surrogate_is_a_clear_error(bpe_tok):
+    for call in (bpe_tok.encode, bpe_tok.encode_ordinary, lambda t: bpe_tok.encode_batch([t]),
+                 lambda t: bpe_tok.encode_ordinary_batch([t]), lambda t: bpe.train([t], 300)):
+        with pytest.raises(ValueError, match="lone surrogate '\\\\udcff' at index 3"):
+            call("abc\udcffdef")
+
+
+def test_bpe_bad_patterns_are_clear_errors():
+    with pytest.raises(SystemExit, match="does not match every character"):
+        bpe.train(["hello, world"], 300, pattern=r"\w+")  # would silently drop ", "
+    with pytest.raises(SystemExit, match="^error: bad pattern"):
+        bpe.train(["hello, world"], 300, pattern=r"(\w+")
+
+
+def test_bpe_cli_trains_saves_and_summarises(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for i, text in enumerate(BPE_CORPUS):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "tok.bpe"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bpe.py"), f"--input={tmp_path / 'corpus'}",
+                        "--vocab_size=400", f"--out={out}", "--holdout=0.25"], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 0, r.stderr
+    assert "vocab_size 400" in r.stdout and "bytes/token" in r.stdout and "merges/s" in r.stderr
+    assert bpe.Tokenizer.load(out).vocab_size == 400
 # ==== end bpe.py ====
 
 # ==== configurator.py ====
