@@ -8,6 +8,27 @@ Measurements anyone can rerun.
 from configurator import configure
 
 mode = "train"
+# --mode=rlhf: the pipeline of rlhf.py on its built-in task, in rlhf_dir (stages already there are reused)
+rlhf_dir = "out/bench-rlhf"
+rlhf_json = "out/bench-rlhf/results.json"
+# --mode=train: train.py's own step (train.parallelize + train.train_step) timed on the model of train_config
+train_config = ""           # a train.py config file; "" = train.py's defaults (GPT-2 124M shape)
+train_common = "vocab_size=50304 bias=False dropout=0.0 batch_size=32 gradient_accumulation_steps=1 compile=True"
+train_variants = ""         # ";"-separated sets of train.py overrides, one run each: "compile=False; grad_ckpt=full"
+train_steps = 20            # timed steps per variant, after train_warmup untimed ones (compilation happens there)
+train_warmup = 5
+train_data = "random"       # random | real | both (real: train.py's data_root/dataset train shards, if prepared)
+train_json = "out/bench/train.json"
+# --mode=generate: model.generate's tokens/s on random weights (GPT-2 124M and config/llama_124m.py shapes)
+gen_batches = (1, 64)
+gen_new_tokens = 512
+gen_prompt_len = 16         # random prompt tokens
+gen_tiny = False            # tiny shapes (2 layers, 64 wide) so that the benchmark itself runs and is tested on CPU
+gen_no_cache = True         # also time the cache-less reference path (slow: a full forward per token)
+gen_cuda_graph = True       # replay the decode step as a CUDA graph (model.generate's cuda_graph)
+gen_compile = False         # also time the cache with a torch.compiled decode step (cold then includes compiling)
+gen_device = "auto"
+gen_out_dir = "out/bench"
 
 
 def bench_bpe():
@@ -27,13 +48,14 @@ def bench_bpe():
     import tiktoken
 
     import bpe
+    from prepare import corpus_files, read_documents
 
     vocab_size, repeats, n_cpu = 32000, 7, os.cpu_count()
-    files = bpe.corpus_files()
-    n_train = len(files) - len(files) // 20
-    held = [bpe.read_text(f) for f in files[n_train:]]
+    docs = list(read_documents(corpus_files("stdlib"), strict=False))  # the default corpus of prepare.py
+    n_train = len(docs) - len(docs) // 20
+    held = docs[n_train:]
     held_mb = sum(len(t.encode()) for t in held) / 1e6
-    train_mb = sum(os.path.getsize(f) for f in files[:n_train]) / 1e6
+    train_mb = sum(len(t.encode()) for t in docs[:n_train]) / 1e6
     # The child trains and reports {seconds, cpu_seconds, peak_mb}. CPU: its own and its worker processes'.
     # Peak = the main process + its largest worker (ru_maxrss of each), an upper bound: workers share pages.
     child = """if 1:
@@ -42,7 +64,8 @@ def bench_bpe():
         def usage():
             return [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
         which, out, vocab_size, n_train = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-        texts = [bpe.read_text(f) for f in bpe.corpus_files()[:n_train]]
+        from prepare import corpus_files, read_documents
+        texts = list(read_documents(corpus_files("stdlib"), strict=False))[:n_train]
         cpu0, t0 = sum(u.ru_utime + u.ru_stime for u in usage()), time.time()
         if which == "ours":
             tok = bpe.train(texts, vocab_size)
@@ -109,7 +132,7 @@ def bench_bpe():
         else:
             print("(HF tokenizers is not installed: its row is skipped; pip install tokenizers to compare)")
 
-    print(f"BPE training: vocab {vocab_size:,}, GPT-4 pattern, {n_train} files ({train_mb:.1f} MB) of "
+    print(f"BPE training: vocab {vocab_size:,}, GPT-4 pattern, {n_train} documents ({train_mb:.1f} MB) of "
           f"{sysconfig.get_paths()['stdlib']}, held out the last {len(held)} ({held_mb:.1f} MB); {n_cpu} CPUs")
     print(f"{'':28}{'train s':>9}{'CPU s':>7}{'peak MB':>9}{'bytes/token':>13}{'enc MB/s 1 thr':>16}"
           f"{f'enc MB/s {n_cpu} thr':>16}")
@@ -125,15 +148,276 @@ def bench_bpe():
 
 
 def bench_train():
-    raise SystemExit("error: bench_train is not written yet")
+    """ms/step, tokens/s, MFU and GPU memory of train.py's step, for each variant. Each variant is train.py's
+    config: defaults, then train_config, then train_common, then the variant's overrides. MFU is against this
+    card's bf16 matmul rate, measured here (train.peak_flops). Memory: `state` is what stays allocated between
+    steps (weights, AdamW moments, DDP's gradient buckets), `peak` the most during a step, `act` = peak - state
+    (activations and temporaries: what gradient checkpointing and the fused loss shrink). Under torchrun every
+    rank runs every variant (sharding=ddp|fsdp picks the parallelism); rank 0 reports. A variant that runs out
+    of memory is reported as OOM and the next one runs. Prints a table last; writes train_json. E.g.
+        CUDA_VISIBLE_DEVICES=0 python bench.py --mode=train --train_variants="; loss_chunk=0; grad_ckpt=full"
+        torchrun --standalone --nproc_per_node=2 bench.py --mode=train --train_variants="; sharding=fsdp" \
+            --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
+    import gc
+    import json
+    import os
+    import time
+    from dataclasses import fields
+    from itertools import cycle
+
+    import torch
+
+    import train
+    from configurator import config_keys
+    from model import GPT, GPTConfig
+
+    defaults = config_keys(vars(train))  # train.py's own defaults, restored before each variant
+    rank, local_rank, world, device = train.setup_distributed(train.device)
+    cuda = device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak_flops = train.peak_flops(device, torch.bfloat16 if cuda else torch.float32)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{world} process(es) on {torch.cuda.get_device_name(device) if cuda else 'cpu'}, torch {torch.__version__}; "
+        f"measured matmul peak {peak_flops / 1e12:.1f} TFLOP/s ({'bf16' if cuda else 'fp32'})")
+    datas = {"random": ["random"], "real": ["real"], "both": ["random", "real"]}[train_data]
+    rows = []
+    for variant in [v.strip() for v in train_variants.split(";")]:
+        for data in datas:
+            vars(train).update(defaults)
+            configure(vars(train), ([train_config] if train_config else []) +
+                      [f"--{kv}" for kv in (train_common + " " + variant).split()])
+            T = train  # the variant's config, as train.py's globals
+            if T.gradient_accumulation_steps % world:
+                raise SystemExit(f"error: gradient_accumulation_steps={T.gradient_accumulation_steps} (summed over "
+                                 f"processes, as in train.py) must be a multiple of the {world} processes; set "
+                                 f"it in train_common")
+            row = dict(variant=variant or "(common)", data=data, world=world, batch_size=T.batch_size,
+                       block_size=T.block_size, grad_accum=T.gradient_accumulation_steps // world)
+            dtype_name, ptdtype = train.resolve_dtype(T.dtype, device)
+            if data == "real":
+                data_dir = os.path.join(T.data_root, T.dataset)
+                if not os.path.isfile(os.path.join(data_dir, "meta.json")):
+                    say(f"no prepared data in {data_dir}: real-data run of '{row['variant']}' skipped")
+                    continue
+                meta = train.load_meta(data_dir)
+                if meta["vocab_size"] > T.vocab_size:
+                    raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} tokens > vocab_size "
+                                     f"{T.vocab_size}; raise vocab_size in train_common")
+                ds = train.TokenWindows(train.split_paths(data_dir, meta, "train"), T.block_size)
+                batches = train.Batches(ds, T.batch_size, rank, world, T.seed, pin=cuda)
+            else:  # a few fixed random batches, pinned like train.py's, different on every rank
+                g = torch.Generator().manual_seed(T.seed + rank)
+                w = [torch.randint(T.vocab_size, (T.batch_size, T.block_size + 1), generator=g) for _ in range(4)]
+                w = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in w]
+                batches = cycle([(x.pin_memory(), y.pin_memory()) if cuda else (x, y) for x, y in w])
+            raw = model = optimizer = None
+            try:
+                torch.manual_seed(T.seed)
+                with torch.device(device):  # initialised on the device: fast even for billions of parameters
+                    raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
+                model = train.parallelize(raw, device, world, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
+                                          T.ddp_bucket_mb)
+                optimizer = raw.configure_optimizers(T.weight_decay, T.learning_rate, (T.beta1, T.beta2),
+                                                     device.split(":")[0])
+                scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
+                guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
+                ctx = train.autocast(device, ptdtype)
+
+                def step():
+                    return train.train_step(model, optimizer, scaler, batches, row["grad_accum"], ctx, device, guard,
+                                            T.grad_clip, T.spike_factor, T.max_bad_steps)
+
+                t0 = time.perf_counter()
+                for _ in range(train_warmup):
+                    step()
+                sync()
+                row["warmup_s"] = time.perf_counter() - t0
+                if cuda:
+                    state = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                for _ in range(train_steps):
+                    loss = step()
+                sync()
+                dt = (time.perf_counter() - t0) / train_steps
+                tokens = T.batch_size * T.block_size * T.gradient_accumulation_steps  # per step, all processes
+                row.update(ms_per_step=1000 * dt, tokens_per_s=tokens / dt, tokens_per_s_per_gpu=tokens / dt / world,
+                           mfu=raw.flops_per_token(T.block_size) * tokens / world / dt / peak_flops,
+                           loss=loss.item(), params_m=raw.num_params() / 1e6, dtype=dtype_name)
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated(device)
+                    row.update(state_gib=state / 2**30, peak_gib=peak / 2**30, act_gib=(peak - state) / 2**30)
+            except torch.OutOfMemoryError:
+                row["oom"] = True
+            del raw, model, optimizer, batches
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
+            rows.append(row)
+            say(json.dumps(row), flush=True)
+            if rank == 0:
+                os.makedirs(os.path.dirname(os.path.abspath(train_json)), exist_ok=True)
+                with open(train_json, "w") as f:
+                    json.dump(dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", world=world,
+                                   torch=torch.__version__, peak_flops=peak_flops, rows=rows), f, indent=1)
+    say(f"\n{'variant':<44} {'data':<6} {'ms/step':>8} {'tok/s':>10} {'tok/s/gpu':>10} {'MFU':>6} "
+        f"{'state':>7} {'peak':>7} {'act':>7} GiB")
+    for r in rows:
+        if r.get("oom"):
+            say(f"{r['variant'][:44]:<44} {r['data']:<6} {'OOM':>8}")
+            continue
+        mem = "".join(f" {r[k]:7.2f}" if k in r else f" {'-':>7}" for k in ("state_gib", "peak_gib", "act_gib"))
+        say(f"{r['variant'][:44]:<44} {r['data']:<6} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
+            f"{r['tokens_per_s_per_gpu']:10,.0f} {100 * r['mfu']:5.1f}%{mem}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def bench_generate():
-    raise SystemExit("error: bench_generate is not written yet")
+    """Tokens/s of model.generate with and without the KV cache, batch 1 and 64, the first call (cold: each
+    new shape pays kernel selection, lazy CUDA set-up and graph capture) and the second (warm), on random
+    weights in bf16 (fp32 on CPU); sampling as sample.py's defaults (temperature 0.8, top-k 200). The cache
+    rows run before the cache-less ones, so "cold" for the cache is the first generate of the process for
+    that model and batch. Writes gen_out_dir/generate.json."""
+    import json
+    import os
+    import time
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if gen_device == "auto" else gen_device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if gen_tiny:
+        base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, block_size=256)
+        shapes = {"gpt2-tiny": dict(base), "llama-tiny": dict(base, n_kv_head=2)}
+    else:
+        base = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
+        shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4)}
+    llama = dict(bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
+    os.makedirs(gen_out_dir, exist_ok=True)
+    a = torch.randn(64, 64, device=device, dtype=dtype)
+    (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
+    models = {}
+    for shape, args in shapes.items():
+        torch.manual_seed(0)
+        models[shape] = GPT(GPTConfig(**args, **(llama if "llama" in shape else {}))).to(device, dtype).eval()
+    rows, path = [], os.path.join(gen_out_dir, "generate.json")
+    print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
+    print(f"{'model':12}{'batch':>6}{'path':>15}{'cold tok/s':>12}{'warm tok/s':>12}{'cold s':>9}{'warm s':>9}")
+    paths = ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache  # the slow ones last
+    for path_name in paths:
+        use_cache, compile = path_name != "no cache", path_name == "cache+compile"
+        for shape, model in models.items():
+            cfg = model.config
+            for batch in gen_batches:
+                prompt = torch.randint(cfg.vocab_size, (batch, gen_prompt_len), device=device)
+                seconds = []
+                for _ in range(2):  # cold, warm
+                    g = torch.Generator(device=device).manual_seed(0)
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in model.generate(prompt, gen_new_tokens, 0.8, 200, generator=g, use_cache=use_cache,
+                                            cuda_graph=gen_cuda_graph, compile=compile):
+                        pass
+                    sync()
+                    seconds.append(time.perf_counter() - t0)
+                tok = batch * gen_new_tokens
+                rows.append(dict(model=shape, batch=batch, path=path_name, cold_s=seconds[0], warm_s=seconds[1],
+                                 cold_tok_s=tok / seconds[0], warm_tok_s=tok / seconds[1]))
+                print(f"{shape:12}{batch:6}{path_name:>15}{tok / seconds[0]:12,.0f}{tok / seconds[1]:12,.0f}"
+                      f"{seconds[0]:9.2f}{seconds[1]:9.2f}", flush=True)
+                with open(path, "w") as f:  # after every row: a run cut short still leaves its numbers
+                    json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
+                                   prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows), f, indent=1)
+    print(f"wrote {path}")
 
 
 def bench_rlhf():
-    raise SystemExit("error: bench_rlhf is not written yet")
+    """rlhf.py's built-in task end to end: task data, pretraining, SFT, RM, PPO, DPO, each a subprocess running
+    its config file (what a user runs), then every model evaluated the same way on the held-out problems:
+    exact-match accuracy (greedy, and sampled at temperature 1), the reward model's mean score of the samples,
+    and the KL to the SFT model. Finished stages are reused: delete rlhf_dir (or a stage's folder) to rerun them."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from contextlib import nullcontext
+
+    import rlhf
+    from sample import load
+    d, task = rlhf_dir, os.path.join(rlhf_dir, "task")
+    out = {s: os.path.join(d, s) for s in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo")}
+    t = lambda name: os.path.join(task, name)  # noqa: E731
+    common = [f"--eval_prompts={t('prompts_val.jsonl')}"]
+    stages = [
+        ("task", t("prompts_val.jsonl"), [["rlhf.py", "--stage=task", f"--task_dir={task}"]]),
+        ("base", os.path.join(out["base"], "latest.json"), [
+            ["prepare.py", f"--input={t('corpus.txt')}", f"--data_root={d}/data", "--dataset=add", "--vocab_size=261"],
+            ["train.py", "config/add.py", f"--data_root={d}/data", f"--out_dir={out['base']}"]]),
+        ("sft", os.path.join(out["sft"], "latest.json"), [
+            ["rlhf.py", "config/sft.py", f"--init_from={out['base']}", f"--out_dir={out['sft']}",
+             f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}"] + common]),
+        ("rm", os.path.join(out["rm"], "latest.json"), [
+            ["rlhf.py", "config/rm.py", f"--init_from={out['sft']}", f"--out_dir={out['rm']}",
+             f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"]]),
+        ("ppo", os.path.join(out["ppo"], "latest.json"), [
+            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo']}",
+             f"--reward_model={out['rm']}", f"--data={t('prompts.jsonl')}"] + common]),
+        ("ppo-judge", os.path.join(out["ppo-judge"], "latest.json"), [
+            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo-judge']}",
+             "--reward_model=task", f"--data={t('prompts.jsonl')}"] + common]),
+        ("dpo", os.path.join(out["dpo"], "latest.json"), [
+            ["rlhf.py", "config/dpo.py", f"--init_from={out['sft']}", f"--out_dir={out['dpo']}",
+             f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"] + common]),
+    ]
+    os.makedirs(d, exist_ok=True)
+    times_path = os.path.join(d, "times.json")
+    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+    for name, done, cmds in stages:
+        if name in times and os.path.exists(done):  # times.json lists the stages that finished
+            print(f"--- {name}: reusing {done}")
+            continue
+        t0 = time.time()
+        for cmd in cmds:
+            print(f"--- {name}: python {' '.join(cmd)}", flush=True)
+            if subprocess.run([sys.executable] + cmd).returncode:
+                raise SystemExit(f"error: stage {name} failed (command above); fix it and rerun, finished "
+                                 f"stages in {d} are reused")
+        times[name] = time.time() - t0
+        with open(times_path, "w") as f:
+            json.dump(times, f)
+
+    prompts = [r["prompt"] for r in rlhf.read_jsonl(t("prompts_val.jsonl"), [("prompt",)])]
+    sft, tok = load(out["sft"], "cpu")
+    rm = rlhf.load_reward_model(out["rm"], "cpu")
+    with open(os.path.join(out["rm"], "metrics.jsonl")) as f:
+        rm_acc = [r for r in map(json.loads, f) if "val_accuracy" in r][-1]["val_accuracy"]
+    rows = {}
+    for name in ("base", "sft", "ppo", "ppo-judge", "dpo"):
+        model = load(out[name], "cpu")[0]
+        rows[name] = rlhf.evaluate(model, tok, prompts, nullcontext(), ref=sft, rm=rm, seed=0)
+    print(f"\nbuilt-in task ({len(prompts)} held-out problems), CPU; acc = exact match, sampled at temperature 1 "
+          f"or greedy; reward = the reward model's mean score of the samples; KL = to the SFT model, nats/response; "
+          f"ppo = PPO on the reward model, ppo-judge = PPO on the programmatic judge (reward_model=task)")
+    print(f"{'stage':<9} {'acc(sampled)':>12} {'acc(greedy)':>11} {'reward':>8} {'KL':>7} {'wall s':>7}")
+    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo"):
+        wall = f"{times[name]:7.0f}" if name in times else f"{'?':>7}"
+        if name == "rm":
+            print(f"{'rm':<9} {'pairwise held-out accuracy ' + format(rm_acc, '.3f'):>40} {wall}")
+            continue
+        r = rows[name]
+        print(f"{name:<9} {r['acc_sampled']:12.3f} {r['acc_greedy']:11.3f} {r['reward']:8.3f} {r['kl']:7.3f} {wall}")
+    os.makedirs(os.path.dirname(rlhf_json) or ".", exist_ok=True)
+    with open(rlhf_json, "w") as f:
+        json.dump(dict(eval=rows, rm_pairwise_acc=rm_acc, wall_s=times, n_prompts=len(prompts)), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import json
 import multiprocessing
 import os
 import sys
-import sysconfig
 import time
 from collections import Counter, defaultdict
 
@@ -48,7 +47,7 @@ VERSION = 1
 
 # -----------------------------------------------------------------------------
 # config for the command line (python bpe.py --key=value)
-input = ""  # a file or a directory of .txt/.md/.py files; "" = the Python standard library sources
+input = ""  # a file or a directory of .txt/.md/.py/.jsonl files (see prepare.py); "" = the stdlib sources
 vocab_size = 32000  # includes the 256 byte tokens and the special tokens
 pattern = "gpt4"  # "gpt4", "gpt2", or a regex of your own
 out = "tok.bpe"
@@ -339,42 +338,21 @@ def encode_reference(tok, text):
 # the command line
 
 
-def corpus_files(path=""):
-    """Sorted .py/.txt/.md files under path (a file or directory); "" = the standard library's .py files."""
-    if not path:
-        root = sysconfig.get_paths()["stdlib"]
-        return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) if "site-packages" not in d.split(os.sep)
-                      for f in fs if f.endswith(".py"))
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise SystemExit(f"error: input {path} does not exist; pass --input=a file or directory of text")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".py", ".txt", ".md")))
-    if not files:
-        raise SystemExit(f"error: no .py/.txt/.md files under {path}; pass --input=a file or directory of text")
-    return files
-
-
-def read_text(path):
-    with open(path, encoding="utf-8", errors="replace") as f:  # a stray non-UTF-8 byte becomes U+FFFD
-        return f.read()
-
-
 if __name__ == "__main__":
     from configurator import configure
+    from prepare import corpus_files, read_documents  # prepare.py owns corpus reading
 
     configure(globals())
-    files = corpus_files(input)
-    n_held = int(len(files) * holdout) if len(files) > 1 else 0
-    train_files, held_files = files[:len(files) - n_held], files[len(files) - n_held:]
+    docs = list(read_documents(corpus_files(input or "stdlib"), strict=bool(input)))
+    n_held = int(len(docs) * holdout) if len(docs) > 1 else 0
+    train_docs, held = docs[:len(docs) - n_held], docs[len(docs) - n_held:]
     pat = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}.get(pattern, pattern)
     t0 = time.time()
-    tok = train(map(read_text, train_files), vocab_size, pattern=pat, verbose=True)
+    tok = train(train_docs, vocab_size, pattern=pat, verbose=True)
     seconds = time.time() - t0
     tok.save(out)
-    summary = f"trained on {len(train_files)} files in {seconds:.1f}s | vocab_size {tok.vocab_size:,} | saved {out}"
-    if held_files:
-        held = [read_text(f) for f in held_files]
+    summary = f"trained on {len(train_docs)} documents in {seconds:.1f}s | vocab_size {tok.vocab_size:,} | saved {out}"
+    if held:
         n_tokens = sum(map(len, tok.encode_ordinary_batch(held)))
-        summary += f" | {sum(len(t.encode()) for t in held) / n_tokens:.3f} bytes/token on {len(held)} held-out files"
+        summary += f" | {sum(len(t.encode()) for t in held) / n_tokens:.3f} bytes/token on {len(held)} held-out documents"
     print(summary)

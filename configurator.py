@@ -14,6 +14,7 @@ import ast
 import difflib
 import os
 import sys
+import traceback
 
 PLAIN_TYPES = (int, float, bool, str, type(None), tuple, list)
 
@@ -22,12 +23,14 @@ def config_keys(namespace):
     return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
 
 
-def check_value(key, value, defaults):
-    """Return `value` converted to the type of the default of `key`, or exit with a one-line error."""
+def check_value(key, value, defaults, source="--"):
+    """Return `value` converted to the type of the default of `key`, or exit with a one-line error.
+    `source` names where the value came from (a config file, or the command line)."""
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(close)}?)" if close else f" (valid keys: {', '.join(sorted(defaults))})"
-        raise SystemExit(f"error: unknown config key '{key}'{hint}")
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(sorted(defaults))}"
+        where = "" if source == "--" else f" in {source}"
+        raise SystemExit(f"error: unknown config key '{key}'{where} ({hint})")
     default = defaults[key]
     if default is None or value is None:
         return value
@@ -42,8 +45,9 @@ def check_value(key, value, defaults):
     else:
         ok = isinstance(value, type(default))
     if not ok:
+        hint = "; write True or False" if isinstance(default, bool) else ""
         raise SystemExit(f"error: config key '{key}' expects {type(default).__name__} "
-                         f"(default {default!r}), got {type(value).__name__} {value!r}")
+                         f"(default {default!r}), got {type(value).__name__} {value!r}{hint}")
     return value
 
 
@@ -64,14 +68,24 @@ def configure(namespace, argv=None):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise SystemExit(f"error: '{arg}' has no value; write --{key}=VALUE")
-            overrides = {key: parse_literal(text)}
+            value = parse_literal(text)
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # a str key takes the text as written: --out_dir=2024 is the string '2024'
+            overrides, source = {key: value}, "--"
         else:
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' does not exist (configs live in config/*.py)")
             scope = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)  # trusted code, by design: see docstring
+            try:
+                with open(arg, encoding="utf-8") as f:
+                    exec(compile(f.read(), arg, "exec"), scope)  # trusted code, by design: see docstring
+            except Exception as e:  # a typo in a config is a user error: name the file and line, no traceback
+                line = getattr(e, "lineno", None) or [t.lineno for t in traceback.extract_tb(e.__traceback__)
+                                                      if t.filename == arg][-1]
+                raise SystemExit(f"error: config file {arg} line {line}: {type(e).__name__}: {e}; fix the file "
+                                 f"(config files are Python: plain assignments such as n_layer = 4)") from None
             overrides = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+            source = arg
         for key, value in overrides.items():
-            namespace[key] = check_value(key, value, defaults)
+            namespace[key] = check_value(key, value, defaults, source)
     return {k: namespace[k] for k in defaults}

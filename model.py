@@ -1,10 +1,14 @@
 """
-The GPT: the classic GPT-2 layout (learned positions, pre-norm LayerNorm blocks, GELU MLP, tied embeddings).
-No data, no optimizer loop, no files: just the network, its initialisation, and its optimizer groups.
+The GPT. Default: the classic GPT-2 layout (learned positions, pre-norm LayerNorm blocks, GELU MLP, full
+multi-head attention, biases, tied embeddings). Each modern piece is one GPTConfig switch; config/llama_*.py
+turn on the Llama-3 / Mistral set (RoPE, RMSNorm, SwiGLU, grouped-query attention, no bias).
+No data, no optimizer loop, no files: the network, its initialisation, its optimizer groups, and generation
+with a KV cache.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256))
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64; logits: (B, T, vocab)
+    for next_id in model.generate(idx, 100, temperature=0.8, top_k=200): ...   # next_id: (B,)
 """
 import inspect
 import math
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -24,53 +29,124 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True         # biases in Linear and LayerNorm, as GPT-2
+    n_kv_head: int = None     # key/value heads: None = n_head (MHA), 1 = multi-query, between = grouped-query
+    pos_encoding: str = "learned"  # learned (a wpe table, GPT-2) | rope (rotary, Su et al. 2021; no wpe)
+    rope_theta: float = 10000.0    # RoPE base: 10k in the paper and Llama 2, 500k in Llama 3 (longer contexts)
+    norm: str = "layernorm"   # layernorm | rmsnorm (Zhang & Sennrich 2019: no mean, no bias; Llama)
+    qk_norm: bool = False     # normalise each head's q and k before attention (Dehghani et al. 2023; OLMo 2)
+    mlp: str = "gelu"         # gelu | swiglu (Shazeer 2020; Llama) | relu2 (squared ReLU, So et al. 2021)
+    mlp_hidden: int = 0       # 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to a multiple of 64
+    sliding_window: int = 0   # >0: each token attends to itself and the window-1 tokens before it (Mistral)
+    tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017), as GPT-2
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (torch's own cannot drop only the bias)."""
+def rope_rotations(pos, head_dim, theta):
+    """Unit complex numbers (T, head_dim/2) for absolute positions pos (T,), in fp32 whatever the model's
+    dtype: channel pair i at position p is rotated by the angle p * theta^(-2i/head_dim)."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    return torch.polar(torch.ones_like(angles), angles)
 
-    def __init__(self, ndim, bias):
+
+def apply_rope(x, rot):
+    """Rotate x (B, H, T, head_dim), channels (2i, 2i+1) read as one complex number, by rot (T, head_dim/2).
+    A dot product of two rotated vectors then depends only on the difference of their positions. (One
+    complex multiply: a few kernels, which counts when a decode step is hundreds of tiny ones.)"""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, head_dim/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+
+
+class Norm(nn.Module):
+    """LayerNorm, or RMSNorm (x / rms(x) * weight: no mean subtraction, no bias). The bias is optional
+    because torch's own LayerNorm cannot drop only the bias."""
+
+    def __init__(self, ndim, kind, bias):
         super().__init__()
+        self.kind = kind
         self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and kind == "layernorm" else None
 
     def forward(self, x):
+        if self.kind == "rmsnorm":
+            # the gain in x's dtype: under autocast, QK-norm gets bf16 heads, and mixed dtypes miss the fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), 1e-5)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        # q, k, v in one matmul; with grouped-query attention k and v have only n_kv_head heads
+        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True  # scaled at init, see GPT._init_weights
+        self.q_norm = Norm(self.head_dim, cfg.norm, cfg.bias) if cfg.qk_norm else None
+        self.k_norm = Norm(self.head_dim, cfg.norm, cfg.bias) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
+        """x (B, T, C). rope: rotations (T, head_dim/2) or None. mask: None = causal, else a bool (T, S)
+        "may attend" mask. cache: (k, v) of shape (B, n_kv_head, S, head_dim) each; this call's keys and
+        values are written at positions pos (T,), then attention runs over all S cached positions (the
+        mask hides the ones not written yet)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): heads become a batch dimension for attention
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        # flash attention where the device has it; causal mask applied inside the kernel
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
+        # (B, T, heads * hd) -> (B, heads, T, hd): heads become a batch dimension for attention
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cache is not None:
+            cache[0].index_copy_(2, pos, k.to(cache[0].dtype))  # in place, same shapes every decode step
+            cache[1].index_copy_(2, pos, v.to(cache[1].dtype))
+            k, v = cache
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:  # flash attention where the device has it; causal mask and GQA inside the kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=nkv != nh)
+        else:
+            # The G = nh / nkv query heads that share a kv head are folded into the query axis,
+            # (B, nh, T, hd) -> (B, nkv, G*T, hd) with row g*T + t, so K and V are never copied G times.
+            G = nh // nkv
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, G * T, hd), k, v,
+                                               attn_mask=mask.repeat(G, 1) if G > 1 else mask,
+                                               dropout_p=dropout).reshape(B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        if cfg.mlp_hidden:
+            self.hidden = cfg.mlp_hidden
+        elif cfg.mlp == "swiglu":  # 3 matrices instead of 2: 2/3 of 4x keeps the parameter count of GELU's
+            self.hidden = -(-8 * cfg.n_embd // 3 // 64) * 64
+        else:
+            self.hidden = 4 * cfg.n_embd
+        # SwiGLU's gate and up projections are one matmul of twice the width, split in forward
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.kind == "swiglu" else 1) * self.hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2 used the tanh GELU
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for swiglu
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh GELU
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -78,30 +154,88 @@ class Block(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.ln_1 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
+        self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos)
         return x + self.mlp(self.ln_2(x))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
+
+    The plain loss keeps B*T*vocab logits for the backward (3.3 GB in bf16 for GPT-2 at 32x1024, twice that
+    once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
+    loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
+    gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
+    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros_like(w, dtype=acc) if need_w else None
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+        n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
+        loss = torch.zeros((), device=x.device, dtype=acc)
+        for s in range(0, x.size(0), chunk):
+            xs, ts = x[s:s + chunk], targets[s:s + chunk]
+            logits = (xs @ w.t()).to(acc)  # (chunk, vocab)
+            lse = torch.logsumexp(logits, dim=-1)
+            keep = ts != -1
+            tgt = ts.clamp(min=0)[:, None]
+            loss += torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
+            if need_x or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g.scatter_add_(1, tgt, torch.full_like(lse[:, None], -1.0))  # minus onehot(target)
+                g = g.mul_((keep.to(acc) / n)[:, None]).to(x.dtype)
+                if need_x:
+                    gx[s:s + chunk] = g @ w
+                if need_w:
+                    gw += g.t() @ xs
+        ctx.save_for_backward(gx, gw)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None)
 
 
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        for name, options in (("pos_encoding", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu", "relu2"))):
+            if getattr(cfg, name) not in options:
+                raise SystemExit(f"error: {name}={getattr(cfg, name)!r} is not one of {', '.join(options)}")
+        if cfg.n_embd % cfg.n_head or cfg.n_head % (cfg.n_kv_head or cfg.n_head):
+            raise SystemExit(f"error: n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head}), and "
+                             f"n_head of n_kv_head ({cfg.n_kv_head})")
+        if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
+            raise SystemExit(f"error: rope needs an even head size, n_embd / n_head is {cfg.n_embd // cfg.n_head}")
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=LayerNorm(cfg.n_embd, cfg.bias),
+            ln_f=Norm(cfg.n_embd, cfg.norm, cfg.bias),
         ))
+        if cfg.pos_encoding == "learned":
+            self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
         self.apply(self._init_weights)
+        # training knobs that are not part of the architecture (train.py sets them; checkpoints don't store them)
+        self.grad_ckpt = 0      # recompute every k-th block's activations in the backward instead of storing them
+        self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
@@ -115,11 +249,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position table is excluded by default (it costs no FLOPs). The token
-        table is shared with lm_head, so it is counted once and it does cost FLOPs."""
+        """Parameter count. non_embedding leaves out the tables that are only looked up and cost no FLOPs:
+        the position table, and the token table when it is not tied to lm_head (tied, it is the output
+        matmul too, so it is counted once and it does cost FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, T=None):
@@ -129,19 +267,62 @@ class GPT(nn.Module):
         T = T or cfg.block_size
         return 6 * self.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
+    def embed(self, idx, pos):
+        """Token (+ learned position) embeddings (B, T, C) and the RoPE rotations (or None) for positions pos (T,)."""
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        cfg = self.config
+        rope = rope_rotations(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
+        return self.transformer.drop(x), rope
+
+    def attn_mask(self, q_pos, k_pos):
+        """(Tq, Tk) bool, True where query position q may attend key position k: k <= q, and within the
+        sliding window if there is one."""
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.config.sliding_window:
+            mask = mask & (k_pos[None, :] > q_pos[:, None] - self.config.sliding_window)
+        return mask
+
     def forward(self, idx, targets=None):
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x)
+        x, rope = self.embed(idx, pos)  # (B, T, C)
+        mask = self.attn_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
+        for i, block in enumerate(self.transformer.h):
+            if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled():
+                # gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun it in the backward
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk:  # training: the loss without the (B, T, vocab) logits
+            return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                                  self.loss_chunk)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:  # -1 marks positions without a target (padding, prompt tokens in SFT)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def forward_cached(self, idx, pos, cache):
+        """Logits (B, T, vocab) for tokens idx (B, T) at absolute positions pos (T,), reading and extending
+        the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1."""
+        x, rope = self.embed(idx, pos)
+        mask = self.attn_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device))  # (T, S)
+        for block, layer_cache in zip(self.transformer.h, cache):
+            x = block(x, rope, mask, layer_cache, pos)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def new_cache(self, B, S, dtype, device):
+        """Per layer, zeroed k and v of shape (B, n_kv_head, S, head_dim): allocated once for the whole
+        generation, so every decode step has the same shapes. Zeros, not empty: masked slots get weight 0,
+        and 0 * NaN would still be NaN."""
+        cfg = self.config
+        shape = (B, cfg.n_kv_head or cfg.n_head, S, cfg.n_embd // cfg.n_head)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(cfg.n_layer)]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay only 2-D tensors (matmul weights, embeddings); biases and norm gains are left alone
@@ -152,13 +333,89 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Sample max_new_tokens after idx (B, T); yields the new tokens (B,) one step at a time."""
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_id[:, None]], dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 use_cache=True, stop_ids=None, n_vocab=None, cuda_graph=True, compile=False):
+        """Sample max_new_tokens after idx (B, T) long (all rows one length); yields the new tokens (B,)
+        one step at a time, on idx's device, without a host sync unless stop_ids is given.
+
+        use_cache: prefill the prompt in one forward into a KV cache preallocated for the whole generation,
+            then feed one token per step. False: a full forward over the context every step (the reference).
+        stop_ids: token ids (e.g. [tok.eot]) that end a row. A finished row keeps yielding its stop id, so
+            a caller cuts each row at its first stop id; generation ends once every row has stopped.
+        n_vocab: sample only ids < n_vocab, the tokenizer's vocabulary (the model's is padded up to a multiple
+            of 128, and those padding ids are not tokens).
+        cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it each step (one
+            launch instead of hundreds). compile: torch.compile the decode step (fused kernels; the first
+            call pays the compilation).
+        Context longer than block_size: when the next token would not fit, the context is cut to its last
+        block_size // 2 tokens and (with the cache) re-prefilled, positions restarting at 0; both paths do
+        the same, so they agree token for token. A prompt longer than block_size is cut the same way."""
+        B, T = idx.shape
+        block_size, keep = self.config.block_size, self.config.block_size // 2
+        if T > block_size:
+            idx, T = idx[:, -keep:], keep
+        tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # context + new
+        tokens[:, :T] = idx
+        start, end = 0, T  # the model sees tokens[:, start:end]
+        stop = torch.tensor(list(stop_ids or []), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        if use_cache:
+            device_type = idx.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+                else self.lm_head.weight.dtype
+            cache = self.new_cache(B, min(block_size, T + max_new_tokens), dtype, idx.device)
+            step = torch.compile(self.forward_cached, dynamic=False) if compile else self.forward_cached
+            if cuda_graph and device_type == "cuda":
+                step = self._graphed_step(step, cache, B)
+            logits = self.forward_cached(idx, torch.arange(T, device=idx.device), cache)[:, -1]  # prefill
+        for i in range(max_new_tokens):
+            if not use_cache:
+                logits = self(tokens[:, start:end])[0][:, -1]
+            next_id = sample_next(logits[:, :n_vocab], temperature, top_k, top_p, generator)  # (B,)
+            if len(stop):
+                next_id = torch.where(done, tokens[:, end - 1], next_id)  # a finished row repeats its stop id
+                done |= torch.isin(next_id, stop)
+            tokens[:, end] = next_id
+            end += 1
             yield next_id
+            if i == max_new_tokens - 1 or (len(stop) and bool(done.all())):
+                return
+            if end - start > block_size:  # context full: keep its last half
+                start = end - keep
+                if use_cache:
+                    logits = self.forward_cached(tokens[:, start:end], torch.arange(keep, device=idx.device),
+                                                 cache)[:, -1]
+                    continue
+            if use_cache:
+                pos = torch.full((1,), end - 1 - start, dtype=torch.long, device=idx.device)
+                logits = step(tokens[:, end - 1:end], pos, cache)[:, -1]
+
+    def _graphed_step(self, step, cache, B):
+        """step(idx (B, 1), pos (1,), cache) captured as one CUDA graph: inputs are copied into static
+        tensors, the graph is replayed, the static logits are read. Must run before the prefill: the
+        warm-up writes junk into cache position 0, which the prefill then overwrites."""
+        device = cache[0][0].device
+        static_idx = torch.zeros(B, 1, dtype=torch.long, device=device)
+        static_pos = torch.zeros(1, dtype=torch.long, device=device)
+        # autocast's weight cache must be off while capturing: cached casts would live outside the graph
+        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                             enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp:  # warm-up off the capture: lazy init, cuBLAS workspaces, compile
+            for _ in range(2):
+                step(static_idx, static_pos, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), amp:
+            static_logits = step(static_idx, static_pos, cache)
+
+        def replay(idx, pos, cache):
+            static_idx.copy_(idx)
+            static_pos.copy_(pos)
+            graph.replay()
+            return static_logits
+        return replay
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -90,8 +90,16 @@ def load_meta(data_dir):
         name = os.path.basename(os.path.normpath(data_dir))
         raise SystemExit(f"error: no prepared data in {data_dir} (missing meta.json); run "
                          f"`python prepare.py --dataset={name}` first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        missing = [k for k in ("tokenizer", "tokenizer_hash", "vocab_size", "train_shards", "val_shards")
+                   if k not in meta]  # the fields every reader needs
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
+        raise SystemExit(f"error: {path} is corrupt ({type(e).__name__}: {e}); re-run prepare.py") from None
+    return meta
 
 # ---------------------------------------------------------------------------- reading a corpus
 

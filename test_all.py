@@ -204,6 +204,53 @@ def test_bpe_cli_trains_saves_and_summarises(tmp_path):
 # ==== end bpe.py ====
 
 # ==== configurator.py ====
+def conf_defaults():
+    return dict(n_layer=12, learning_rate=6e-4, compile=False, out_dir="out", betas=(0.9, 0.95), vocab_size=None)
+
+
+def test_configurator_applies_file_then_flags_in_order_and_types_hold(tmp_path):
+    from configurator import configure
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 4\nlearning_rate = 1  # an int widens to a float\nimport math\n_private = 3\n")
+    ns = conf_defaults()
+    out = configure(ns, [str(cfg), "--n_layer=6", "--out_dir=2024", "--betas=[0.8, 0.9]", "--compile=True"])
+    assert out == dict(n_layer=6, learning_rate=1.0, compile=True, out_dir="2024", betas=(0.8, 0.9), vocab_size=None)
+    assert type(ns["learning_rate"]) is float and ns["out_dir"] == "2024"  # a str key keeps the text as written
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--n_layers=4"], r"^error: unknown config key 'n_layers' \(did you mean n_layer\?\)$"),
+    (["--zzz=1"], r"^error: unknown config key 'zzz' \(valid keys: betas, compile, learning_rate, n_layer, out_dir, "),
+    (["--n_layer=4.5"], r"^error: config key 'n_layer' expects int \(default 12\), got float 4.5$"),
+    (["--n_layer=big"], r"^error: config key 'n_layer' expects int \(default 12\), got str 'big'$"),
+    (["--compile=false"], r"^error: config key 'compile' expects bool .*got str 'false'; write True or False$"),
+    (["--compile=1"], r"^error: config key 'compile' expects bool"),  # 1 is not a bool, even though it is an int
+    (["--n_layer"], r"^error: '--n_layer' has no value; write --n_layer=VALUE$"),
+    (["config/nope.py"], r"^error: config file 'config/nope.py' does not exist"),
+])
+def test_configurator_bad_key_type_or_file_is_a_one_line_error(args, pattern):
+    from configurator import configure
+    with pytest.raises(SystemExit, match=pattern):
+        configure(conf_defaults(), args)
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("n_layers = 4\n", r"unknown config key 'n_layers' in .*c\.py \(did you mean n_layer\?\)"),
+    ("n_layer = 4\nlearning_rate = = 1\n", r"^error: config file .*c\.py line 2: SyntaxError"),
+    ("n_layer = 4\n\nout_dir = base + '/x'\n", r"^error: config file .*c\.py line 3: NameError: name 'base'"),
+])
+def test_configurator_mistakes_in_a_config_file_name_the_file_and_line(tmp_path, text, pattern):
+    from configurator import configure
+    (tmp_path / "c.py").write_text(text)
+    with pytest.raises(SystemExit, match=pattern):
+        configure(conf_defaults(), [str(tmp_path / "c.py")])
+
+
+def test_configurator_errors_reach_the_terminal_as_one_line_without_traceback(tmp_path):
+    (tmp_path / "c.py").write_text("vocab_size = 300\nval_fraction = 0.1\nshard_tokns = 5\n")
+    for args, pattern in ((["--vocab_sise=300"], "did you mean vocab_size"),
+                          ([str(tmp_path / "c.py")], r"'shard_tokns' in .*c\.py \(did you mean shard_tokens\?\)")):
+        one_line_error(run("prepare.py", *args, check=False), pattern)  # prepare.py: the quickest script to start
 # ==== end configurator.py ====
 
 # ==== prepare.py ====
@@ -330,6 +377,229 @@ def test_prepare_reuses_a_given_tokenizer(tiny_data, tmp_path):
 # ==== end prepare.py ====
 
 # ==== model.py ====
+import math
+
+MODEL_OPTIONS = {  # each switch alone, then combinations
+    "gpt2": {}, "rope": dict(pos_encoding="rope"), "rmsnorm": dict(norm="rmsnorm"), "qk_norm": dict(qk_norm=True),
+    "swiglu": dict(mlp="swiglu"), "relu2": dict(mlp="relu2"), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+    "window": dict(sliding_window=5), "no_bias_untied": dict(bias=False, tie_embeddings=False),
+    "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
+    "mistral_qk_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, qk_norm=True,
+                              sliding_window=6, rope_theta=5e5, tie_embeddings=False, mlp_hidden=96),
+    "relu2_window_gqa_dropout": dict(mlp="relu2", sliding_window=4, n_kv_head=2, qk_norm=True, dropout=0.1),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes extra threads spin, not work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gpt_with(seed=0, spread=0.0, **kw):
+    """A 2-layer GPT, vocab 64, context 32. spread > 0 adds N(0, spread) noise to every parameter, so logits
+    have clear winners and greedy decoding is not decided by float rounding."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=32, vocab_size=64, block_size=32), **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * spread)
+    return model.eval()
+
+
+def expected_params(cfg):
+    """Parameter count written out from the architecture, independently of the model code."""
+    C, V, L, b = cfg.n_embd, cfg.vocab_size, cfg.n_layer, cfg.bias
+    hd = C // cfg.n_head
+    kv = (cfg.n_kv_head or cfg.n_head) * hd
+    per_norm = 2 if cfg.norm == "layernorm" and b else 1  # weight (+ bias)
+    hidden = cfg.mlp_hidden or (64 * math.ceil(8 * C / 3 / 64) if cfg.mlp == "swiglu" else 4 * C)
+    fc = 2 * hidden if cfg.mlp == "swiglu" else hidden
+    attn = C * (C + 2 * kv) + C * C + ((C + 2 * kv) + C if b else 0) + (2 * hd * per_norm if cfg.qk_norm else 0)
+    mlp = C * fc + hidden * C + (fc + C if b else 0)
+    n = V * C + L * (attn + mlp + 2 * C * per_norm) + C * per_norm
+    n += C * cfg.block_size if cfg.pos_encoding == "learned" else 0
+    return n + (0 if cfg.tie_embeddings else V * C)
+
+
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_option_shapes_tying_initial_loss_and_backward(name, one_thread):
+    model = gpt_with(**MODEL_OPTIONS[name]).train()
+    idx, targets = torch.randint(0, 64, (3, 20)), torch.randint(0, 64, (3, 20))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 20, 64)
+    assert abs(loss.item() - math.log(64)) < 0.1  # small init: near-uniform predictions
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    cfg = model.config
+    assert (model.lm_head.weight is model.transformer.wte.weight) == cfg.tie_embeddings
+    assert ("wpe" in model.transformer) == (cfg.pos_encoding == "learned")  # RoPE: no position table
+    assert model(idx)[1] is None
+
+
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_parameter_count_matches_the_formula(name, one_thread):
+    model = gpt_with(**MODEL_OPTIONS[name])
+    cfg = model.config
+    n = expected_params(cfg)
+    assert model.num_params(non_embedding=False) == n
+    lookups = (cfg.n_embd * cfg.block_size if cfg.pos_encoding == "learned" else 0) + \
+        (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)  # wpe, and wte when untied
+    assert model.num_params() == n - lookups
+
+
+def test_model_llama_small_config_has_small_configs_parameter_count(one_thread):
+    import runpy
+    from model import GPT, GPTConfig
+    counts = []
+    for name in ("small", "llama_small"):
+        c = runpy.run_path(os.path.join(HERE, "config", f"{name}.py"))
+        cfg = GPTConfig(**{k: v for k, v in c.items() if k in GPTConfig.__dataclass_fields__}, vocab_size=4096)
+        model = GPT(cfg)
+        assert model.num_params(non_embedding=False) == expected_params(cfg)
+        counts.append(model.num_params())
+    assert counts[0] == counts[1]  # equal non-embedding parameters: a fair comparison
+
+
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_causality_a_future_token_cannot_change_earlier_logits(name, one_thread):
+    model = gpt_with(spread=0.1, **MODEL_OPTIONS[name])
+    idx = torch.randint(0, 64, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (idx[:, 12] + 1) % 64
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-6)
+    assert (a[:, 12] - b[:, 12]).abs().max() > 1e-3  # and the changed position itself does see it
+
+
+def test_model_rope_scores_depend_only_on_relative_position(one_thread):
+    from model import apply_rope, rope_rotations
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 10, 16), torch.randn(2, 3, 10, 16)
+    pos = torch.arange(10)
+
+    def scores(qpos, kpos):
+        return apply_rope(q, rope_rotations(qpos, 16, 1e4)) @ apply_rope(k, rope_rotations(kpos, 16, 1e4)).mT
+    torch.testing.assert_close(scores(pos, pos), scores(pos + 37, pos + 37), rtol=0, atol=1e-4)  # all shifted
+    assert (scores(pos, pos) - scores(pos, pos + 3)).abs().max() > 0.1  # a relative shift does change them
+    assert (scores(pos, pos) - q @ k.transpose(-1, -2)).abs().max() > 0.1  # and the rotation is not a no-op
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False)])
+def test_model_gqa_with_copied_kv_heads_equals_mha(kw, one_thread):
+    gqa = gpt_with(spread=0.1, n_kv_head=2, **kw)
+    mha = gpt_with(n_kv_head=4, **kw)
+    sd, hd = gqa.state_dict(), 8
+    for name in list(sd):
+        if name.endswith("c_attn.weight") or name.endswith("c_attn.bias"):
+            q, k, v = sd[name].split([4 * hd, 2 * hd, 2 * hd])
+            # kv head j serves query heads 2j and 2j+1: give MHA two copies of it
+            dup = lambda t: t.view(2, hd, *t.shape[1:]).repeat_interleave(2, dim=0).reshape(4 * hd, *t.shape[1:])
+            sd[name] = torch.cat([q, dup(k), dup(v)])
+    mha.load_state_dict(sd)
+    idx = torch.randint(0, 64, (2, 20))
+    torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], rtol=1e-5, atol=1e-5)  # causal kernel path
+    for model in (gqa, mha):  # and the cached path, which folds query heads instead of copying k/v
+        cache = model.new_cache(2, 20, torch.float32, "cpu")
+        model.cached = model.forward_cached(idx, torch.arange(20), cache)
+    torch.testing.assert_close(gqa.cached, mha.cached, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_model_sliding_window_equals_an_explicit_banded_mask(n_kv_head, one_thread):
+    w, T = 3, 12
+    model = gpt_with(spread=0.1, n_layer=1, sliding_window=w, n_kv_head=n_kv_head)
+    band = torch.tensor([[0 <= i - j < w for j in range(T)] for i in range(T)])  # written out, entry by entry
+    pos = torch.arange(T)
+    assert torch.equal(model.attn_mask(pos, pos), band)
+    attn, x = model.transformer.h[0].attn, torch.randn(2, T, 32)
+    q, k, v = attn.c_attn(x).split([32, 8 * n_kv_head, 8 * n_kv_head], dim=2)
+    q, k, v = (t.view(2, T, -1, 8).transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(4 // n_kv_head, dim=1) for t in (k, v))
+    att = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~band, float("-inf")).softmax(-1)
+    ref = attn.c_proj((att @ v).transpose(1, 2).reshape(2, T, 32))  # plain softmax attention, by hand
+    torch.testing.assert_close(attn(x, None, band), ref, rtol=1e-5, atol=1e-5)
+    idx = torch.randint(0, 64, (1, T))  # one layer: position 9 sees tokens 7..9 and nothing earlier
+    logits = model(idx)[0]
+    for j, seen in ((6, False), (7, True)):
+        changed = idx.clone()
+        changed[0, j] = (idx[0, j] + 1) % 64
+        assert ((model(changed)[0][0, 9] - logits[0, 9]).abs().max() > 1e-4) == seen
+
+
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_kv_cache_logits_equal_full_forward_logits(name, one_thread):
+    model = gpt_with(spread=0.1, **MODEL_OPTIONS[name])
+    idx = torch.randint(0, 64, (3, 25))
+    full = model(idx)[0]
+    cache = model.new_cache(3, 32, torch.float32, "cpu")
+    steps = [model.forward_cached(idx[:, :7], torch.arange(7), cache)]  # prefill 7, then one token at a time
+    steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t]), cache) for t in range(7, 25)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODEL_OPTIONS)
+def test_model_greedy_generation_is_identical_with_and_without_cache(name, one_thread):
+    model = gpt_with(spread=0.3, **MODEL_OPTIONS[name])
+    prompt = torch.randint(0, 64, (3, 5))
+    # 70 new tokens with a context of 32: the context is cut (and the cache re-prefilled) twice on the way
+    gen = lambda **kw: torch.stack(list(model.generate(prompt, 70, temperature=0, **kw)), dim=1)
+    with_cache = gen()
+    assert with_cache.shape == (3, 70)
+    assert torch.equal(with_cache, gen(use_cache=False))
+
+
+def test_model_generate_stop_ids_end_rows_and_then_generation(one_thread):
+    model = gpt_with(spread=0.3, **MODEL_OPTIONS["llama"])
+    prompt = torch.randint(0, 64, (3, 5))
+    free = torch.stack(list(model.generate(prompt, 40, temperature=0)), dim=1)
+    stop = int(free[0, 3])
+    out = torch.stack(list(model.generate(prompt, 40, temperature=0, stop_ids=[stop])), dim=1)
+    for row, o in zip(free, out):
+        hits = (row == stop).nonzero()
+        first = int(hits[0]) if len(hits) else None
+        if first is None:  # a row that never stops runs to the end as before, so generation did too
+            assert out.shape[1] == 40 and torch.equal(o, row)
+        else:  # identical up to its stop id, then only that stop id
+            assert torch.equal(o[:first + 1], row[:first + 1]) and (o[first:] == stop).all()
+    assert out.shape[1] == 40 or (out[:, -1] == stop).all()  # it ends early only once every row has stopped
+
+
+def test_model_top_k_and_top_p_keep_the_right_tokens(one_thread):
+    from model import sample_next
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(4000, 1)  # probabilities, as log-probabilities
+    g = torch.Generator().manual_seed(0)
+    kept = lambda **kw: set(sample_next(logits, generator=g, **kw).tolist())
+    assert kept() == {0, 1, 2, 3}
+    assert kept(top_k=2) == {0, 1}
+    assert kept(top_p=0.45) == {0}            # 0.5 alone reaches 0.45
+    assert kept(top_p=0.7) == {0, 1}          # 0.5 + 0.3 reaches 0.7
+    assert kept(top_p=0.9) == {0, 1, 2}
+    assert kept(top_k=3, top_p=0.7) == {0, 1}
+    assert kept(temperature=0) == {0}         # greedy
+    counts = torch.bincount(sample_next(logits, top_k=2, generator=g), minlength=4).float() / 4000
+    assert abs(counts[0] - 0.5 / 0.8) < 0.03  # renormalised over the kept tokens
+
+
+def test_model_bad_options_are_one_line_errors(one_thread):
+    for kw, word in ((dict(mlp="swish"), "mlp"), (dict(norm="batchnorm"), "norm"), (dict(n_kv_head=3), "n_kv_head"),
+                     (dict(pos_encoding="alibi"), "pos_encoding")):
+        with pytest.raises(SystemExit, match=f"error: .*{word}"):
+            gpt_with(**kw)
+
+
+def test_bench_generate_runs_tiny_on_cpu_and_writes_json(tmp_path):
+    p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_new_tokens=6", "--gen_batches=(1, 3)",
+            "--gen_device=cpu", f"--gen_out_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    rows = json.load(open(tmp_path / "generate.json"))["rows"]
+    assert len(rows) == 8 and all(r["warm_tok_s"] > 0 and r["cold_tok_s"] > 0 for r in rows)
+    assert {(r["model"], r["batch"], r["path"]) for r in rows} == \
+        {(m, b, c) for m in ("gpt2-tiny", "llama-tiny") for b in (1, 3) for c in ("cache", "no cache")}
+    assert "llama-tiny" in p.stdout.splitlines()[-2]  # the table is printed
 # ==== end model.py ====
 
 # ==== train.py ====
@@ -417,19 +687,899 @@ def test_epochs_deal_every_window_once_and_ranks_never_overlap(tiny_data):
 # ==== end train.py ====
 
 # ==== train.py (scale) ====
+def tiny_gpt(seed=0, **kw):
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**dict(dict(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=96), **kw)))
+
+
+def test_grad_ckpt_full_and_every_2nd_block_give_identical_loss_and_grads():
+    from train import ckpt_interval
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    results = {}
+    for setting in (None, "full", 2):
+        model = tiny_gpt(dropout=0.1)  # dropout: the recomputed forward must replay the same random masks
+        model.grad_ckpt = ckpt_interval(setting)
+        torch.manual_seed(1)
+        _, loss = model(x, y)
+        loss.backward()
+        results[setting] = loss, {k: p.grad for k, p in model.named_parameters()}
+    (loss0, grads0) = results[None]
+    for setting in ("full", 2):
+        loss, grads = results[setting]
+        assert torch.equal(loss, loss0)
+        assert all(torch.equal(grads[k], grads0[k]) for k in grads0), setting
+    with pytest.raises(SystemExit, match="grad_ckpt"):
+        ckpt_interval("sometimes")
+
+
+def test_linear_cross_entropy_equals_cross_entropy_on_logits_in_loss_and_grads():
+    import torch.nn.functional as F
+    from model import LinearCrossEntropy
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)   # 37 rows in chunks of 8: a ragged last one
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[::5] = -1                                                           # ignored positions
+    ref = F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    gx, gw = torch.autograd.grad(3 * ref, (x, w))
+    loss = LinearCrossEntropy.apply(x, w, t, 8)
+    fx, fw = torch.autograd.grad(3 * loss, (x, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fx, gx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fw, gw, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # evaluation: the loss alone, no gradient work
+        torch.testing.assert_close(LinearCrossEntropy.apply(x, w, t, 8), ref, rtol=1e-12, atol=1e-12)
+    model = tiny_gpt()  # in the model: tied head, loss_chunk on gives the same loss and returns no logits
+    idx, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    logits, plain = model(idx, y)
+    model.loss_chunk = 7
+    none, fused = model(idx, y)
+    assert logits.shape == (2, 16, 96) and none is None
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_on_cpu_trains_through_train_step():
+    import train
+    from itertools import cycle
+    model = tiny_gpt()
+    run = train.parallelize(model, "cpu", 1, grad_ckpt=2, loss_chunk=8)
+    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    scaler = torch.amp.GradScaler(enabled=False)
+    guard = torch.zeros(len(train.GUARD_FIELDS))
+    w = torch.randint(0, 96, (2, 4, 17))
+    batches = cycle([(b[:, :-1], b[:, 1:]) for b in w])
+    ctx = train.autocast("cpu", torch.bfloat16)
+    losses = [train.train_step(run, opt, scaler, batches, 2, ctx, "cpu", guard, 1.0, 0.0, 5).item() for _ in range(12)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0  # from ln(96) = 4.6, memorising 8 rows
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32  # fp32 master weights
+
+
+def test_fsdp_two_processes_match_one_process_and_checkpoints_load_across_shardings(tiny_data, tmp_path):
+    import shutil
+    from model import GPT, GPTConfig
+    from train import load_checkpoint, load_optimizer_state, model_from_checkpoint
+    common = ["--max_iters=4", "--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2"]
+    tiny_train(tiny_data, tmp_path / "single", *common)
+    tiny_train(tiny_data, tmp_path / "fsdp", *common, "--sharding=fsdp", torchrun=2)
+    a, b = load_checkpoint(str(tmp_path / "single")), load_checkpoint(str(tmp_path / "fsdp"))
+    for k in a["model"]:  # FSDP2 over 2 processes = one process with the same global batch
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(sa) == set(sb) and "transformer.h.0.mlp.c_fc.weight" in sb  # keyed by name, whole (unsharded)
+    for k in sa:
+        torch.testing.assert_close(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=1e-3, atol=1e-6)
+    # the sharded run's checkpoint is a plain one: the model loads for sampling, AdamW's state in one process
+    model = model_from_checkpoint(b)
+    assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape[:2] == (1, 4)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    load_optimizer_state(model, opt, b["optimizer"])
+    p = model.transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(opt.state[p]["exp_avg_sq"], sb["transformer.h.0.mlp.c_fc.weight"]["exp_avg_sq"])
+    # and training goes on across shardings, both ways: sharded -> one process, one process -> sharded
+    shutil.copytree(tmp_path / "single", tmp_path / "to_fsdp")
+    more = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gradient_accumulation_steps=2",
+            "--init_from=resume"]
+    p1 = tiny_train(tiny_data, tmp_path / "fsdp", *more)
+    p2 = tiny_train(tiny_data, tmp_path / "to_fsdp", *more, "--sharding=fsdp", torchrun=2)
+    for p, d in ((p1, "fsdp"), (p2, "to_fsdp")):
+        assert "step 6/6" in p.stdout and load_checkpoint(str(tmp_path / d))["iter_num"] == 6
+
+
+def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
+    data_root, name, _ = tiny_data
+    common = (f"n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 gradient_accumulation_steps=2 "
+              f"compile=False data_root={data_root} dataset={name}")
+    p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_variants=; grad_ckpt=full loss_chunk=0",
+            "--train_steps=2", "--train_warmup=1", "--train_data=both", f"--train_json={tmp_path / 'b.json'}")
+    rows = json.load(open(tmp_path / "b.json"))["rows"]
+    assert [(r["variant"], r["data"]) for r in rows] == [("(common)", "random"), ("(common)", "real"),
+                                                         ("grad_ckpt=full loss_chunk=0", "random"),
+                                                         ("grad_ckpt=full loss_chunk=0", "real")]
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in rows)
+    assert "tok/s" in p.stdout.splitlines()[-5]  # the table comes last
 # ==== end train.py (scale) ====
 
 # ==== train.py (faults) ====
+# Faults are injected for real: train.py runs in its own process through FAULTS_DRIVER, which can SIGKILL it
+# half-way through writing a checkpoint, or make the loss NaN / a spike, or raise a CUDA OOM, at chosen steps.
+FAULTS_DRIVER = r'''
+import io, os, runpy, signal, sys
+sys.path.insert(0, os.environ["REPO"])
+import torch
+import model
+torch.set_num_threads(1)
+fault, _, arg = os.environ.get("FAULT", "").partition(":")
+if os.environ.get("PID_DIR"):  # so a test can signal one rank of a torchrun job
+    with open(os.path.join(os.environ["PID_DIR"], "pid-" + os.environ.get("RANK", "0")), "w") as f:
+        f.write(str(os.getpid()))
+saves, calls = [0], [0]
+real_save, real_replace, real_forward = torch.save, os.replace, model.GPT.forward
+
+def save(obj, f, *a, **k):  # FAULT=mid_save:N: the N-th checkpoint gets half its bytes written, then SIGKILL
+    saves[0] += 1
+    if fault == "mid_save" and saves[0] == int(arg):
+        buf = io.BytesIO()
+        real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *a, **k)
+
+def replace(src, dst):  # FAULT=before_manifest:N: the N-th checkpoint is renamed into place, latest.json not yet
+    real_replace(src, dst)
+    if fault == "before_manifest" and saves[0] == int(arg) and dst.endswith(".pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def forward(self, idx, targets=None):  # FAULT=nan:A-B / spike:A-B: steps A..B-1 (one micro-step each); oom
+    if fault == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+    logits, loss = real_forward(self, idx, targets)
+    if self.training and targets is not None:
+        calls[0] += 1
+        a, b = map(int, arg.split("-")) if "-" in arg else (0, 0)
+        if a <= calls[0] - 1 < b:
+            loss = loss * float("nan") if fault == "nan" else loss * 10
+    return logits, loss
+
+torch.save, os.replace, model.GPT.forward = save, replace, forward
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "train.py"), run_name="__main__")
+'''
+FAULTS_TRAIN = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.1",
+                "--gradient_accumulation_steps=1", "--max_iters=200", "--lr_decay_iters=200", "--warmup_iters=5",
+                "--learning_rate=1e-2", "--eval_interval=10", "--eval_iters=1", "--log_interval=5"]
+
+
+def faults_cmd(tiny_data, out_dir, *extra):
+    data_root, name, _ = tiny_data
+    driver = os.path.join(os.path.dirname(str(out_dir)), "faults_driver.py")
+    if not os.path.exists(driver):
+        with open(driver, "w") as f:
+            f.write(FAULTS_DRIVER)
+    return [sys.executable, driver, *FAULTS_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
+            f"--out_dir={out_dir}", *extra]
+
+
+def faults_env(**kw):
+    return dict(os.environ, REPO=HERE, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **kw)
+
+
+def faults_run(tiny_data, out_dir, *extra, **env):
+    return subprocess.run(faults_cmd(tiny_data, out_dir, *extra), capture_output=True, text=True, timeout=300,
+                          env=faults_env(**env), cwd=HERE)
+
+
+def faults_ckpt(out_dir, name=None):
+    """The checkpoint named (ckpt-NNNNNNN.pt) or the verified latest one."""
+    from train import load_checkpoint
+    if name:
+        return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
+    return load_checkpoint(str(out_dir))
+
+
+def faults_same_state(a, b):
+    """Bit-identical weights, optimizer state and data position."""
+    assert a["iter_num"] == b["iter_num"] and a["data"] == b["data"]
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    return True
+
+
+def one_line_error(p, pattern, after_progress=False):
+    """A user error: exit code != 0, stderr is one line `error: ...` matching pattern, and no traceback.
+    after_progress: prepare.py streams the corpus, so a bad file found mid-way follows its progress lines."""
+    import re
+    assert p.returncode not in (0, None), p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 or after_progress, p.stderr
+    assert lines[-1].startswith("error: ") and "Traceback" not in p.stderr and "error" not in "".join(lines[:-1])
+    assert re.search(pattern, lines[-1]), lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def faults_clean(tiny_data, tmp_path_factory):
+    """One uninterrupted run of FAULTS_TRAIN: (its final checkpoint, seconds from its first line (set-up done)
+    to its exit, out_dir)."""
+    import time
+    out = tmp_path_factory.mktemp("faults") / "clean"
+    proc = subprocess.Popen(faults_cmd(tiny_data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=faults_env(), cwd=HERE)
+    proc.stdout.readline()
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "done: 200 steps" in stdout, stdout + stderr
+    return faults_ckpt(out), time.time() - t0, str(out)
+
+
+@pytest.mark.parametrize("fault", ["mid_save", "before_manifest"])
+def test_kill9_while_saving_keeps_previous_checkpoint_and_resume_is_bit_exact(tiny_data, faults_clean, tmp_path,
+                                                                              fault):
+    out = tmp_path / "out"
+    p = faults_run(tiny_data, out, FAULT=f"{fault}:3")  # saves at steps 10, 20, then killed saving step 30
+    assert p.returncode == -9
+    assert faults_ckpt(out)["iter_num"] == 20  # latest.json still names the previous, whole checkpoint
+    assert os.path.exists(out / ("ckpt-0000030.pt.tmp" if fault == "mid_save" else "ckpt-0000030.pt"))
+    p = faults_run(tiny_data, out, "--init_from=resume")
+    assert p.returncode == 0, p.stderr
+    assert faults_same_state(faults_ckpt(out), faults_clean[0])
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # the torn file was cleaned up
+
+
+def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_data, faults_clean, tmp_path):
+    """For SOAK_SECONDS (default 20): a run is SIGKILLed at random moments and resumed until it finishes, then
+    compared with the clean run; then the next run (round) starts. Prints how many kills were survived."""
+    import random
+    import time
+    budget = float(os.environ.get("SOAK_SECONDS", 20))
+    seed = int(os.environ.get("SOAK_SEED", time.time()))
+    rng, t_end = random.Random(seed), time.time() + budget
+    kills, rounds, lost = 0, 0, []
+    while rounds == 0 or time.time() < t_end:
+        out = tmp_path / f"round{rounds}"
+        while True:
+            before = json.load(open(out / "latest.json"))["iter_num"] if (out / "latest.json").exists() else None
+            extra = [] if before is None else ["--init_from=resume"]
+            proc = subprocess.Popen(faults_cmd(tiny_data, out, *extra), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=faults_env(), cwd=HERE)
+            if time.time() < t_end:
+                try:  # a random moment once set up: a step, an evaluation, a checkpoint write, the exit
+                    proc.stdout.readline()
+                    proc.wait(timeout=rng.uniform(0, faults_clean[1]))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.communicate()
+                    kills += 1
+                    after = json.load(open(out / "latest.json"))["iter_num"] if (out / "latest.json").exists() else 0
+                    lost.append(after - (before or 0))
+                    continue
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stdout + stderr
+            break
+        assert faults_same_state(faults_ckpt(out), faults_clean[0]), f"round {rounds}, SOAK_SEED={seed}"
+        rounds += 1
+    print(f"soak: survived {kills} SIGKILLs in {rounds} runs, each ending bit-identical to the clean run "
+          f"({budget:.0f}s, SOAK_SEED={seed}; steps saved between kills: {lost})")
+    assert kills >= 1
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_exits_0_and_resume_is_bit_exact(tiny_data, faults_clean,
+                                                                                    tmp_path, sig):
+    import signal
+    out = tmp_path / "out"
+    proc = subprocess.Popen(faults_cmd(tiny_data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=faults_env(), cwd=HERE)
+    for line in proc.stdout:  # wait until it trains, then preempt it
+        if line.startswith("step 5/"):
+            break
+    proc.send_signal(getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    last = stdout.strip().splitlines()[-1]
+    stopped = faults_ckpt(out)["iter_num"]
+    assert last.startswith(f"stopped by {sig} at step {stopped}") and last.endswith("--init_from=resume")
+    assert 5 <= stopped < 200 and f"{sig}: finishing this step" in stderr
+    if sig == "SIGTERM":  # the checkpoint is at a step boundary: resuming replays the rest exactly
+        assert faults_run(tiny_data, out, "--init_from=resume").returncode == 0
+        assert faults_same_state(faults_ckpt(out), faults_clean[0])
+
+
+def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny_data, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "out"
+    cmd = faults_cmd(tiny_data, out, "--gradient_accumulation_steps=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + cmd[1:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=faults_env(PID_DIR=str(tmp_path)), cwd=HERE)
+    for line in proc.stdout:
+        if line.startswith("step 5/"):
+            break
+    while not (tmp_path / "pid-1").exists():
+        time.sleep(0.05)
+    os.kill(int((tmp_path / "pid-1").read_text()), signal.SIGTERM)  # rank 1 only: rank 0 learns it by all-reduce
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout + stderr
+    stopped = faults_ckpt(out)["iter_num"]
+    assert f"stopped by a signal on another rank at step {stopped};" in stdout and stopped % 5 == 0  # a log step
+    assert "SIGTERM: finishing this step" in stderr and "done:" not in stdout
+
+
+def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes():
+    from model import GPT, GPTConfig
+    from train import GUARD_FIELDS, apply_update, guard_update
+    scaler = torch.amp.GradScaler(enabled=False)
+    for fused in (False, True):  # True: the device-side skip (found_inf) that CUDA uses, here on the CPU kernel
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        g = torch.zeros(len(GUARD_FIELDS))
+        x, y = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+
+        def step(scale=1.0):
+            _, loss = model(x, y)
+            (loss * scale).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            bad = guard_update(g, loss * scale, norm, 2.0, 3)
+            apply_update(opt, scaler, bad)
+            opt.zero_grad(set_to_none=True)
+            return bad.item()
+
+        assert [step() for _ in range(12)] == [0.0] * 12  # 12 good steps: the spike check is armed
+        before = ({k: v.clone() for k, v in model.state_dict().items()},
+                  [{k: v.clone() for k, v in s.items()} for s in opt.state.values()])
+        assert (step(float("nan")), step(float("inf")), step(10.0)) == (1.0, 1.0, 1.0)  # NaN, Inf, a 10x spike
+        assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())  # nothing was applied:
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(before[1], opt.state.values()) for k in a)  # nor Adam's
+        state = dict(zip(GUARD_FIELDS, g.tolist()))
+        assert state["in_row"] == state["total"] == 3 and state["tripped"] == 1 and state["good"] == 12
+        assert step() == 1.0  # tripped: even a good step is held back until the host stops the run
+        assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+
+
+def test_nan_loss_is_skipped_then_max_bad_steps_in_a_row_stop_with_the_weights_from_before(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    p = faults_run(tiny_data, out, "--max_bad_steps=3", FAULT="nan:30-1000")
+    one_line_error(p, r"^error: 3 bad updates in a row from step 30 \(loss nan\);.*--init_from=resume$")
+    stop, pre = faults_ckpt(out), faults_ckpt(out, "ckpt-0000030.pt")  # saved at 35 (a log step), and before step 30
+    assert stop["iter_num"] == 35 and pre["iter_num"] == 30
+    assert all(torch.equal(stop["model"][k], pre["model"][k]) for k in pre["model"])
+    for sa, sb in zip(stop["optimizer"]["state"].values(), pre["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    p = faults_run(tiny_data, out, "--init_from=resume", "--max_iters=50")  # the fault is gone: training goes on
+    assert p.returncode == 0 and faults_ckpt(out)["iter_num"] == 50, p.stderr
+
+
+@pytest.mark.parametrize("fault", ["nan", "spike"])
+def test_a_few_bad_steps_are_skipped_counted_and_training_goes_on(tiny_data, tmp_path, fault):
+    out = tmp_path / "out"
+    p = faults_run(tiny_data, out, "--max_iters=40", FAULT=f"{fault}:30-32")
+    assert p.returncode == 0 and "step 35: skipped 2 bad update(s) (2 in all)" in p.stdout, p.stdout + p.stderr
+    ckpt = faults_ckpt(out)
+    assert ckpt["guard"][2] == 0 and ckpt["guard"][3] == 2  # none in a row now, 2 in all (kept across resumes)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_cuda_oom_at_the_first_step_is_a_one_line_hint(tiny_data, tmp_path):
+    p = faults_run(tiny_data, tmp_path / "out", FAULT="oom")
+    one_line_error(p, r"out of GPU memory.*lower batch_size and raise gradient_accumulation_steps.*grad_ckpt")
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    import train
+    state = lambda it: dict(iter_num=it, model={"w": torch.full((4,), float(it))})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SystemExit, match=r"^error: could not save .*No space left on device.*no earlier checkpoint"):
+        train.save_checkpoint(str(tmp_path), state(10))
+    monkeypatch.undo()
+    train.save_checkpoint(str(tmp_path), state(10))
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(SystemExit, match=r"No space left on device\); the previous checkpoint .*ckpt-0000010.pt is "
+                                         r"intact; free disk space"):
+        train.save_checkpoint(str(tmp_path), state(20))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000010.pt", "latest.json"]  # no half-written leftovers
+    assert torch.equal(train.load_checkpoint(str(tmp_path))["model"]["w"], torch.full((4,), 10.0))
+
+
+def test_corrupt_truncated_or_foreign_checkpoints_are_refused_clearly(tmp_path):
+    import hashlib
+    import train
+    train.save_checkpoint(str(tmp_path), dict(iter_num=1, model={"w": torch.ones(1000)}))
+    path, good = tmp_path / "ckpt-0000001.pt", (tmp_path / "ckpt-0000001.pt").read_bytes()
+    manifest = json.loads((tmp_path / "latest.json").read_text())
+    for bad in (good[:len(good) // 2], good[:100] + bytes([good[100] ^ 1]) + good[101:]):  # truncated, one bit flipped
+        path.write_bytes(bad)
+        with pytest.raises(SystemExit, match="^error: checkpoint .* is corrupt or truncated"):
+            train.load_checkpoint(str(tmp_path))
+
+    class Payload:  # a pickle that would run code when loaded: weights_only refuses it
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    import pickle
+    evil = pickle.dumps({"format": train.CKPT_FORMAT, "x": Payload()}, protocol=2)
+    path.write_bytes(evil)
+    (tmp_path / "latest.json").write_text(json.dumps(dict(manifest, sha256=hashlib.sha256(evil).hexdigest())))
+    with pytest.raises(SystemExit, match="^error: cannot load checkpoint .*only checkpoints written by train.py"):
+        train.load_checkpoint(str(tmp_path))
+    (tmp_path / "latest.json").write_text('{"file": "ckpt-0000001.pt", "sha')  # torn manifest
+    with pytest.raises(SystemExit, match="latest.json is corrupt"):
+        train.load_checkpoint(str(tmp_path))
+    (tmp_path / "latest.json").write_text(json.dumps(dict(manifest, format=99)))
+    with pytest.raises(SystemExit, match="checkpoint format 99"):
+        train.load_checkpoint(str(tmp_path))
+    os.remove(tmp_path / "latest.json")
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        train.load_checkpoint(str(tmp_path))
+
+
+def test_load_checkpoint_reads_onto_the_cpu_with_weights_only(tmp_path, monkeypatch):
+    import train
+    train.save_checkpoint(str(tmp_path), dict(iter_num=3, model={"w": torch.arange(5.0)}))
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
+    ckpt = train.load_checkpoint(str(tmp_path))
+    assert seen == [dict(map_location="cpu", weights_only=True)] and ckpt["model"]["w"].device.type == "cpu"
 # ==== end train.py (faults) ====
 
 # ==== bad inputs ====
+# Each bad input is a one-line `error: ...` that names the problem and the fix. Through the real command line
+# where that is the point (exit code, stderr, no traceback), else in-process on a fresh copy of the script.
+def fresh_main(script, *argv):
+    """Run script's main() in this process on a fresh copy of its globals (configure() cannot leak)."""
+    import runpy
+    ns = runpy.run_path(os.path.join(HERE, script))
+    saved, sys.argv = sys.argv, [script, *argv]
+    try:
+        return ns["main"]()
+    finally:
+        sys.argv = saved
+
+
+@pytest.fixture(scope="module")
+def other_data(tiny_data, tmp_path_factory):
+    """The tiny corpus prepared with another tokenizer (vocab 280): data_root, name."""
+    data_root, _, _ = tiny_data
+    root = tmp_path_factory.mktemp("other")
+    run("prepare.py", f"--input={os.path.dirname(data_root)}/corpus", f"--data_root={root}", "--dataset=other",
+        "--vocab_size=280", "--val_fraction=0.2")
+    return str(root), "other"
+
+
+def copy_data(tiny_data, tmp_path):
+    import shutil
+    data_root, name, _ = tiny_data
+    shutil.copytree(os.path.join(data_root, name), tmp_path / name)
+    return tmp_path / name, [f"--data_root={tmp_path}", f"--dataset={name}", f"--out_dir={tmp_path / 'out'}",
+                             *FAULTS_TRAIN]
+
+
+def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
+    p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --dataset=nope` first")
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"input .*missing does not exist; pass --input="),
+    ("empty", r"the corpus is empty"),
+    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] files"),
+    ("latin1", r"latin1\.txt is not UTF-8 text \(byte 3\); convert it"),
+    ("not_json", r"bad\.jsonl:2 is not a JSON object with a \"text\" field"),
+    ("no_field", r"bad\.jsonl:3 is not a JSON object with a \"text\" field"),
+    ("tokenizer", r"tokenizer file .*corrupt\.bpe is corrupt"),
+])
+def test_bad_corpus_or_tokenizer_given_to_prepare_is_a_one_line_error(tmp_path, case, pattern):
+    src, extra = tmp_path / case, []
+    if case != "missing":
+        src.mkdir()
+    if case == "empty":
+        (src / "a.txt").write_text("  \n\n")
+    elif case == "no_text":
+        (src / "a.csv").write_text("x,y\n")
+    elif case == "latin1":
+        (src / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))  # \xe9 at byte 3
+    elif case in ("not_json", "no_field"):
+        lines = ['{"text": "one"}', '{"text": "two"' if case == "not_json" else '{"text": "two"}', '{"txt": "3"}']
+        (src / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    elif case == "tokenizer":
+        (src / "a.txt").write_text("hello\n\nworld\n")
+        (tmp_path / "corrupt.bpe").write_text('{"format": "scratchlm-bpe"\nAAAA 0\n')
+        extra = [f"--tokenizer={tmp_path / 'corrupt.bpe'}"]
+    p = run("prepare.py", f"--input={src}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300", *extra,
+            check=False)
+    one_line_error(p, pattern, after_progress=True)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("magic", r"train_000\.bin is not a scratchlm shard \(bad magic\); re-run prepare\.py"),
+    ("truncated", r"train_000\.bin is truncated or corrupt \(\d+ bytes, header says \d+\); re-run prepare\.py"),
+    ("shard_tokenizer", r"train_000\.bin was made with another tokenizer than .*meta\.json says; re-run prepare"),
+    ("tokenizer_file", r"tokenizer\.bpe is not the tokenizer .*meta\.json and the shards were made with; re-run"),
+    ("tokenizer_corrupt", r"tokenizer file .*tokenizer\.bpe is corrupt"),
+    ("meta", r"meta\.json is corrupt \(JSONDecodeError.*\); re-run prepare\.py"),
+    ("vocab", r"vocab_size 256 must be an int >= the tokenizer's 300 tokens"),
+    ("vocab_type", r"vocab_size 'big' must be an int >= the tokenizer's 300 tokens"),
+    ("block_size", r"block_size 100000 is longer than the data in .*train_000\.bin's split"),
+])
+def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path, case, pattern):
+    import shutil
+    d, args = copy_data(tiny_data, tmp_path)
+    other = os.path.join(*other_data)
+    if case == "magic":
+        with open(d / "train_000.bin", "r+b") as f:
+            f.write(b"NOTSHARD")
+    elif case == "truncated":
+        with open(d / "train_000.bin", "r+b") as f:
+            f.truncate(os.path.getsize(d / "train_000.bin") - 3)
+    elif case == "shard_tokenizer":
+        shutil.copy(os.path.join(other, "train_000.bin"), d / "train_000.bin")
+    elif case == "tokenizer_file":
+        shutil.copy(os.path.join(other, "tokenizer.bpe"), d / "tokenizer.bpe")
+    elif case == "tokenizer_corrupt":
+        (d / "tokenizer.bpe").write_text((d / "tokenizer.bpe").read_text()[:-30])
+    elif case == "meta":
+        (d / "meta.json").write_text((d / "meta.json").read_text()[:50])
+    args += {"vocab": ["--vocab_size=256"], "vocab_type": ["--vocab_size=big"],
+             "block_size": ["--block_size=100000"]}.get(case, [])
+    with pytest.raises(SystemExit, match="^error: " + ".*" + pattern):
+        fresh_main("train.py", *args)
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+@pytest.mark.parametrize("arg", ["--max_bad_steps=0", "--spike_factor=0.5"])
+def test_guard_settings_that_would_skip_every_update_are_refused(tiny_data, tmp_path, arg):
+    _, args = copy_data(tiny_data, tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: max_bad_steps must be >= 1 .* and spike_factor 0 \(off\) or > 1"):
+        fresh_main("train.py", *args, arg)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("other_tokenizer", r"checkpoint in .* was trained with another tokenizer than .*other; resume on the same data"),
+    ("block_size", r"block_size 32 > the model's 16"),
+])
+def test_resume_on_data_or_block_size_the_checkpoint_does_not_match_is_refused(tiny_data, other_data, faults_clean,
+                                                                               tmp_path, case, pattern):
+    import shutil
+    shutil.copytree(faults_clean[2], tmp_path / "out")
+    data_root, name = other_data if case == "other_tokenizer" else tiny_data[:2]
+    extra = ["--block_size=32"] if case == "block_size" else []
+    with pytest.raises(SystemExit, match="^error: " + pattern):
+        fresh_main("train.py", *FAULTS_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
+                   f"--out_dir={tmp_path / 'out'}", "--init_from=resume", *extra)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("prompt_file", r"cannot read the prompt file .*prompt\.txt .*invalid continuation byte.*give a UTF-8 text file"),
+    ("tokenizer_corrupt", r"tokenizer file .*tokenizer\.bpe is corrupt: .*truncated"),
+    ("tokenizer_other", r"tokenizer\.bpe is not the tokenizer this checkpoint was trained with"),
+    ("no_checkpoint", r"no checkpoint in .* \(missing latest\.json\)"),
+])
+def test_sample_refuses_bad_prompt_files_tokenizers_and_missing_checkpoints(faults_clean, other_data, tmp_path,
+                                                                            case, pattern):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(faults_clean[2], out)
+    start = "the"
+    if case == "prompt_file":
+        (tmp_path / "prompt.txt").write_bytes(b"caf\xe9 au lait")
+        start = f"FILE:{tmp_path / 'prompt.txt'}"
+    elif case == "tokenizer_corrupt":
+        (out / "tokenizer.bpe").write_text((out / "tokenizer.bpe").read_text()[:-1])
+    elif case == "tokenizer_other":
+        shutil.copy(os.path.join(*other_data, "tokenizer.bpe"), out / "tokenizer.bpe")
+    elif case == "no_checkpoint":
+        os.remove(out / "latest.json")
+    with pytest.raises(SystemExit, match="^error: .*" + pattern):
+        fresh_main("sample.py", f"--out_dir={out}", f"--start={start}", "--max_new_tokens=2", "--device=cpu")
+
+
+def test_rlhf_jsonl_errors_name_the_file_and_line(tmp_path):
+    import rlhf
+    path = tmp_path / "sft.jsonl"
+    for lines, pattern in ((['{"prompt": "1+1=", "response": "2"}', "", '{"prompt": "2+2=", '],
+                            r"sft\.jsonl:3 is not valid JSON \(.*\); fix or remove that line"),
+                           (['{"prompt": "1+1=", "response": "2"}', '{"prompt": "2+2=", "answer": "4"}'],
+                            r'sft\.jsonl:2 lacks the fields \{"prompt", "response"\}')):
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(SystemExit, match="^error: .*" + pattern):
+            rlhf.read_jsonl(str(path), [("prompt", "response")])
 # ==== end bad inputs ====
 
 # ==== sample.py ====
+@pytest.fixture(scope="module")
+def sample_ckpt(tiny_data, tmp_path_factory):
+    """A tiny Llama-style checkpoint (RoPE, RMSNorm, SwiGLU, GQA) trained for a few steps by train.py."""
+    out = tmp_path_factory.mktemp("sample_ckpt")
+    tiny_train(tiny_data, out, "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=20", "--pos_encoding=rope",
+               "--norm=rmsnorm", "--mlp=swiglu", "--n_kv_head=1", "--bias=False")
+    return str(out)
+
+
+def sample(out_dir, *extra, check=True):
+    return run("sample.py", f"--out_dir={out_dir}", "--device=cpu", *extra, check=check, env={"OMP_NUM_THREADS": "1"})
+
+
+def test_sample_py_prints_one_batch_of_samples_and_streams_the_first(sample_ckpt, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("def f(x):\n")
+    p = sample(sample_ckpt, f"--start=FILE:{prompt}", "--num_samples=3", "--max_new_tokens=30", "--seed=1")
+    samples = p.stdout.split("-" * 40 + "\n")
+    assert len(samples) == 4 and samples[-1] == ""  # three samples, each closed by a rule
+    assert all(s.startswith("def f(x):\n") and len(s) > len("def f(x):\n") + 5 for s in samples[:3])
+    assert len(set(samples[:3])) > 1  # sampled, not one sample printed three times
+    again = sample(sample_ckpt, f"--start=FILE:{prompt}", "--num_samples=3", "--max_new_tokens=30", "--seed=1")
+    assert again.stdout == p.stdout  # a seed fixes the samples
+
+
+def test_sample_py_stops_at_the_stop_string_and_at_end_of_text(sample_ckpt):
+    common = ["--start=def", "--num_samples=2", "--max_new_tokens=40", "--temperature=0"]
+    free = sample(sample_ckpt, *common).stdout.split("-" * 40 + "\n")[0]
+    stop = free[len("def") + 4:len("def") + 7]  # a piece of the greedy continuation
+    cut = sample(sample_ckpt, *common, f"--stop={stop!r}").stdout.split("-" * 40 + "\n")[0]
+    assert cut == free[:free.index(stop, len("def"))] + "\n"  # ends just before the stop string, which is hidden
+    eot = sample(sample_ckpt, "--start=<|endoftext|>", "--max_new_tokens=200", "--num_samples=4").stdout
+    assert eot.count("<|endoftext|>") == 4  # the 4 prompts; an end-of-text the model samples ends it, unprinted
+
+
+def test_sample_py_prompt_longer_than_context_is_a_one_line_error(sample_ckpt):
+    p = sample(sample_ckpt, "--start=" + "x y " * 200, check=False)
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: the prompt has")
+    assert len(p.stderr.strip().splitlines()) == 1
 # ==== end sample.py ====
 
 # ==== chat ====
+def chat_tokenizer():
+    import bpe
+    return bpe.train(["12+34=46\n"], 261)  # the 256 bytes and the 5 special tokens, no merges
+
+
+def test_chat_template_masks_exactly_the_assistant_content_and_its_end():
+    from sample import encode_chat
+    tok = chat_tokenizer()
+    sp = tok.special_tokens
+    msgs = [dict(role="system", content="be brief"), dict(role="user", content="hi"),
+            dict(role="assistant", content="yo"), dict(role="user", content="1+1="),
+            dict(role="assistant", content="2")]
+    ids, mask = encode_chat(tok, msgs)
+    enc = tok.encode_ordinary
+    want = ([sp["<|endoftext|>"], sp["<|system|>"]] + enc("be brief") + [sp["<|end|>"], sp["<|user|>"]] + enc("hi") +
+            [sp["<|end|>"], sp["<|assistant|>"]] + enc("yo") + [sp["<|end|>"], sp["<|user|>"]] + enc("1+1=") +
+            [sp["<|end|>"], sp["<|assistant|>"]] + enc("2") + [sp["<|end|>"]])
+    assert ids == want
+    learned = [t for t, m in zip(ids, mask) if m]
+    assert learned == enc("yo") + [sp["<|end|>"]] + enc("2") + [sp["<|end|>"]]
+    gen, gmask = encode_chat(tok, msgs[:4], add_generation_prompt=True)
+    assert gen[-1] == sp["<|assistant|>"] and gen == want[:len(gen)] and not gmask[-1]
+    # typed special-token text stays text: a user cannot close their own turn
+    assert sp["<|end|>"] not in encode_chat(tok, [dict(role="user", content="<|end|>")])[0][:-1]
+    import bpe
+    plain = bpe.train(["abc"], 257, special_tokens=["<|endoftext|>"])
+    with pytest.raises(SystemExit, match="error: the tokenizer lacks the chat tokens"):
+        encode_chat(plain, msgs)
+
+
+def test_chat_loop_from_stdin_replies_resets_and_quits(rlhf_tiny):
+    # the SFT model of the rlhf.py fixture answers "1+1=" with "1+1=2" (or the demonstrators' "1+1=3")
+    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={rlhf_tiny['sft']}", "--chat=True", "--temperature=0",
+                        "--max_new_tokens=8", "--device=cpu"], input="1+1=\n/reset\n1+1=\n/quit\nnever read\n",
+                       capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert p.returncode == 0, p.stderr
+    turns = p.stdout.split("> ")
+    assert turns[1].strip() in ("1+1=2", "1+1=3") and "(history cleared)" in turns[2] and turns[3].strip() == turns[1].strip()
+    assert len(turns) == 5 and turns[4] == ""  # /quit ended it before the last line
 # ==== end chat ====
 
 # ==== rlhf.py ====
+def rlhf_run(argv):
+    """One rlhf.py stage in this process, from freshly reset config globals."""
+    import importlib
+    import rlhf
+    rlhf = importlib.reload(rlhf)
+    old, sys.argv = sys.argv, ["rlhf.py"] + argv
+    try:
+        rlhf.main()
+    finally:
+        sys.argv = old
+    return rlhf
+
+
+def rlhf_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+
+@pytest.fixture(scope="module")
+def rlhf_tiny(tmp_path_factory):
+    """A trivially learnable task run through every stage on a tiny model: the prompt is always "1+1=", the
+    demonstrators answer "1+1=2" or "1+1=3" at random, the labeler prefers the first. Returns the stages' out_dirs."""
+    import bpe
+    from model import GPT, GPTConfig
+    from train import save_checkpoint
+    d = tmp_path_factory.mktemp("rlhf")
+    tok = bpe.train(["12+34=46\n"], 261)
+    os.makedirs(d / "base")
+    tok.save(str(d / "base" / "tokenizer.bpe"))
+    args = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=261, dropout=0.0, bias=False)
+    torch.manual_seed(0)
+    save_checkpoint(str(d / "base"), dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args,
+                                           tokenizer_hash=tok.hash, iter_num=0))
+
+    def write(name, rows):
+        with open(d / name, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    write("sft.jsonl", [dict(prompt="1+1=", response="1+1=" + "23"[i % 2]) for i in range(64)])
+    write("prefs.jsonl", [dict(prompt="1+1=", chosen="1+1=2", rejected="1+1=3")] * 16)
+    write("prompts.jsonl", [dict(prompt="1+1=")] * 16)
+    common = ["--device=cpu", "--warmup_iters=0", "--log_interval=5", "--eval_samples=16",
+              f"--eval_prompts={d}/prompts.jsonl", "--batch_size=16"]
+    dirs = {s: str(d / s) for s in ("base", "sft", "rm", "ppo", "dpo")}
+    rlhf_run(common + ["--stage=sft", f"--init_from={dirs['base']}", f"--out_dir={dirs['sft']}",
+                       f"--data={d}/sft.jsonl", f"--val_data={d}/sft.jsonl", "--max_iters=40", "--eval_interval=40",
+                       "--learning_rate=1e-2", "--min_lr=1e-2"])
+    rlhf_run(common + ["--stage=rm", f"--init_from={dirs['sft']}", f"--out_dir={dirs['rm']}",
+                       f"--data={d}/prefs.jsonl", f"--val_data={d}/prefs.jsonl", "--max_iters=10",
+                       "--eval_interval=10", "--learning_rate=3e-3"])
+    rlhf_run(common + ["--stage=ppo", f"--init_from={dirs['sft']}", f"--out_dir={dirs['ppo']}",
+                       f"--data={d}/prompts.jsonl", "--reward_model=task", "--max_iters=10", "--eval_interval=10",
+                       "--learning_rate=3e-3", "--rollout_batch=16", "--minibatch=8", "--max_new_tokens=7"])
+    rlhf_run(common + ["--stage=dpo", f"--init_from={dirs['sft']}", f"--out_dir={dirs['dpo']}",
+                       f"--data={d}/prefs.jsonl", f"--val_data={d}/prefs.jsonl", "--max_iters=10",
+                       "--eval_interval=10", "--learning_rate=1e-3", "--beta=0.5"])
+    return dict(dirs, data=str(d))
+
+
+def test_every_stage_runs_and_improves_on_a_trivial_task(rlhf_tiny):
+    sft = rlhf_metrics(rlhf_tiny["sft"])
+    evals = [r for r in sft if "acc_sampled" in r]
+    assert evals[0]["acc_sampled"] == 0 and evals[-1]["acc_sampled"] > 0.2  # learns the format and the answer
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] / 2
+    rm = [r for r in rlhf_metrics(rlhf_tiny["rm"]) if "val_accuracy" in r]
+    assert rm[-1]["val_accuracy"] == 1.0 and rm[-1]["val_loss"] < rm[0]["val_loss"]
+    ppo = rlhf_metrics(rlhf_tiny["ppo"])
+    evals = [r for r in ppo if "acc_sampled" in r]
+    assert evals[-1]["acc_sampled"] > evals[0]["acc_sampled"] + 0.2
+    steps = [r for r in ppo if "clipfrac" in r]
+    assert {"reward", "kl", "entropy", "clipfrac", "value_loss", "response_len"} <= set(steps[0])
+    dpo = [r for r in rlhf_metrics(rlhf_tiny["dpo"]) if "acc_sampled" in r]
+    assert dpo[-1]["val_reward_acc"] == 1.0 and dpo[-1]["val_chosen_reward"] > 0 > dpo[-1]["val_rejected_reward"]
+    assert dpo[0]["acc_greedy"] == 0 and dpo[-1]["acc_greedy"] == 1.0  # the mode moved to the preferred answer
+    from sample import load  # each stage's checkpoint is one sample.py can load
+    for s in ("sft", "rm", "ppo", "dpo"):
+        assert load(rlhf_tiny[s], "cpu")[0].config.n_layer == 1
+
+
+def test_resume_continues_from_the_checkpoint(rlhf_tiny, tmp_path):
+    import shutil
+    d, out = rlhf_tiny["data"], str(tmp_path / "dpo")
+    shutil.copytree(rlhf_tiny["dpo"], out)
+    args = ["--stage=dpo", f"--init_from={rlhf_tiny['sft']}", f"--out_dir={out}", f"--data={d}/prefs.jsonl",
+            "--val_data=", "--eval_prompts=", "--device=cpu", "--log_interval=1"]
+    with pytest.raises(SystemExit, match="already has a checkpoint"):
+        rlhf_run(args + ["--max_iters=12"])
+    rlhf_run(args + ["--max_iters=12", "--resume=True"])
+    steps = [r["step"] for r in rlhf_metrics(out) if "loss" in r and "val_loss" not in r]
+    assert steps[-2:] == [11, 12]  # continued at step 10, did not start over
+
+
+def test_sft_targets_mask_exactly_the_non_assistant_tokens():
+    import rlhf
+    from sample import encode_chat
+    tok = chat_tokenizer()
+    msgs = [dict(role="user", content="hi"), dict(role="assistant", content="yo"),
+            dict(role="user", content="1+1="), dict(role="assistant", content="2")]
+    x, y = rlhf.sft_example(tok, dict(messages=msgs))
+    ids, mask = encode_chat(tok, msgs)
+    assert x == ids[:-1] and [t for t in y if t != -1] == [t for t, m in zip(ids, mask) if m]
+    assert all((t == -1) != m for t, m in zip(y, mask[1:]))  # target i is token i+1, kept iff it is learned
+    assert rlhf.sft_example(tok, dict(prompt="1+1=", response="2")) == rlhf.sft_example(tok, dict(messages=msgs[2:]))
+    # the model's loss is the mean cross-entropy over exactly those targets
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=261))
+    X, Y = torch.tensor([x]), torch.tensor([y])
+    logits = m(X)[0][0]
+    keep = Y[0] != -1
+    want = torch.nn.functional.cross_entropy(logits[keep], Y[0][keep])
+    assert torch.allclose(rlhf.sft_loss(m, X, Y), want)
+
+
+def test_reward_loss_and_accuracy_on_a_hand_made_batch():
+    import math
+    import rlhf
+    loss, acc = rlhf.reward_loss(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0]))
+    want = sum(math.log1p(math.exp(-m)) for m in (2.0, -1.0, 0.0)) / 3  # -log sigmoid(m)
+    assert abs(loss.item() - want) < 1e-6 and abs(acc.item() - 1 / 3) < 1e-6
+
+
+def test_ppo_policy_equal_to_reference_gives_zero_kl_and_unit_ratio():
+    import copy
+    import rlhf
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=261))
+    ref = copy.deepcopy(policy)
+    ids = torch.randint(0, 261, (3, 10))
+    mask = torch.ones(3, 9)
+    logp, ref_logp = rlhf.token_logprobs(policy(ids)[0], ids), rlhf.token_logprobs(ref(ids)[0], ids)
+    assert ((logp - ref_logp) * mask).sum(1).abs().max() == 0
+    adv, v = torch.randn(3, 9), torch.randn(3, 9)
+    pg, vf, clipfrac = rlhf.ppo_loss(logp, ref_logp, adv, v, v, v, mask, 0.2, 0.2)
+    assert torch.allclose(pg, -adv.mean()) and vf == 0 and clipfrac == 0  # ratio 1: the plain policy gradient
+
+
+def test_gae_against_a_hand_computed_example():
+    import rlhf
+    # row 0: a 3-token response; row 1: a prompt slot, a 1-token response, then padding with junk values
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [9.0, 0.4, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    adv, ret = rlhf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    a2 = 1.0 - 0.7                      # delta_2 = r_2 - V_2, last token
+    a1 = (0.0 + 0.7 - 0.6) + 0.95 * a2  # delta_1 + gamma lam A_2
+    a0 = (0.0 + 0.6 - 0.5) + 0.95 * a1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2], [0.0, 2.0 - 0.4, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[a0 + 0.5, a1 + 0.6, a2 + 0.7], [0.0, 2.0, 0.0]]))
+
+
+def test_clipped_objective_on_a_known_case():
+    import math
+    import rlhf
+    ratio = torch.tensor([[1.5, 0.5, 0.5]])
+    adv = torch.tensor([[1.0, -1.0, 1.0]])
+    old = torch.zeros(1, 3)
+    values, old_values, returns = torch.tensor([[1.5] * 3]), torch.ones(1, 3), torch.full((1, 3), 2.0)
+    pg, vf, clipfrac = rlhf.ppo_loss(ratio.log(), old, adv, values, old_values, returns, torch.ones(1, 3), 0.2, 0.2)
+    # the pessimistic min of (r A, clip(r) A): 1.5 -> capped at 1.2; 0.5 with A<0 -> 0.8 counts; 0.5 with A>0 stays
+    assert math.isclose(pg.item(), -(1.2 - 0.8 + 0.5) / 3, rel_tol=1e-6) and clipfrac.item() == 1.0
+    assert math.isclose(vf.item(), 0.5 * (1.2 - 2.0) ** 2, rel_tol=1e-6)  # the clipped value (1.2) is further
+
+
+def test_dpo_loss_at_init_equals_log_2():
+    import math
+    import rlhf
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    tok = chat_tokenizer()
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=261))
+    rows = [dict(prompt="1+1=", chosen="2", rejected="3"), dict(prompt="9+9=", chosen="18", rejected="8")]
+    ref = rlhf.sequence_logps(m, tok, rows, torch.no_grad())  # the reference is the policy at init
+    ids, mask, _ = rlhf.pair_batch(tok, rows)
+    lp = (rlhf.token_logprobs(m(ids)[0], ids) * mask).sum(1)
+    loss, rc, rr = rlhf.dpo_loss(lp[:2], lp[2:], ref[:, 0], ref[:, 1], beta=0.1)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and rc.abs().max() < 1e-6
+    ipo, _, _ = rlhf.dpo_loss(lp[:2], lp[2:], ref[:, 0], ref[:, 1], beta=0.1, loss_type="ipo")
+    assert math.isclose(ipo.item(), (1 / 0.2) ** 2, rel_tol=1e-5)
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    import rlhf
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{not json\n')
+    with pytest.raises(SystemExit, match=f"error: {p}:2 is not valid JSON"):
+        rlhf.read_jsonl(str(p), [("prompt", "chosen", "rejected")])
+    p.write_text('\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(SystemExit, match=f'error: {p}:2 lacks the fields {{"prompt", "chosen", "rejected"}}'):
+        rlhf.read_jsonl(str(p), [("prompt", "chosen", "rejected")])
+
+
+def test_task_writes_every_file_and_holds_problems_out(tmp_path):
+    import rlhf
+    rlhf.make_task(str(tmp_path), slip=0.5, n_held=300, seed=0)
+    val = {r["prompt"] for r in rlhf.read_jsonl(str(tmp_path / "prompts_val.jsonl"), [("prompt",)])}
+    assert len(val) == 300
+    for name in ("sft", "prefs", "prompts"):
+        rows = rlhf.read_jsonl(str(tmp_path / f"{name}.jsonl"), [("prompt",)])
+        assert not val & {r["prompt"] for r in rows}
+    corpus = (tmp_path / "corpus.txt").read_text()
+    assert not val & {l.split("=")[0] + "=" for l in corpus.splitlines() if "+" in l}
+    prefs = rlhf.read_jsonl(str(tmp_path / "prefs_val.jsonl"), [("prompt",)])
+    assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1 and rlhf.task_reward(r["prompt"], r["rejected"]) == 0
+               for r in prefs)
 # ==== end rlhf.py ====

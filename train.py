@@ -1,9 +1,24 @@
 """
-Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun (DDP).
+Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun (DDP or FSDP2).
 
     python train.py config/small.py                                      # CPU or one GPU
     python train.py config/small.py --learning_rate=3e-4 --max_iters=500
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py # one node of 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --sharding=fsdp --grad_ckpt=full
+    # 2 nodes x 8 GPUs: the same command on both nodes, --node_rank=1 on the second; HOST = node 0's address
+    # (any free port); 16 processes need gradient_accumulation_steps divisible by 16 (15 x 1024 x 32 = 491,520)
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_id=gpt2 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py --batch_size=15 --gradient_accumulation_steps=32
+
+Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a
+GradScaler where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without
+the (B, T, vocab) logits (loss_chunk); DDP, or FSDP2 with sharding='fsdp' (ZeRO-3: parameters, gradients and
+AdamW state split over the processes, for models whose state does not fit one GPU). Checkpoints hold whole
+(unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's checkpoint, on
+any number of processes (the data position counts each process's batches, so on another number of processes
+the epoch goes on from a different window).
+Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
+same data (data_root) and a shared out_dir (only rank 0 writes; resuming reads it on every node).
 
 Writes out_dir/: ckpt-NNNNNNN.pt + latest.json (checkpoints), tokenizer.bpe, metrics.jsonl.
 Config files are executed Python: run only the ones you trust. Checkpoints are loaded with
@@ -14,7 +29,9 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import bpe
 from configurator import configure
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
@@ -62,7 +80,15 @@ min_lr = 6e-5
 device = "auto"             # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16, fp32 on CPU)
 compile = False             # torch.compile the model
+# scale
+grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
+sharding = "ddp"            # under torchrun: ddp (a full copy per process) | fsdp (FSDP2: params, grads, AdamW sharded)
+loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
+ddp_bucket_mb = 25          # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
 seed = 1337
+# faults: a bad update (loss NaN/Inf, or above spike_factor x its running average) is skipped, not applied
+max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
+spike_factor = 2.0          # loss > spike_factor x running average is a spike; 0 = only NaN/Inf are bad
 # -----------------------------------------------------------------------------
 
 
@@ -112,19 +138,76 @@ def autocast(device, ptdtype):
 def peak_flops(device, ptdtype):
     """This device's dense matmul rate in FLOP/s, measured (a datasheet number is wrong for half the
     cards people own, and meaningless on a CPU). MFU is reported against it."""
-    n = 4096 if device.startswith("cuda") else 512
+    n = 8192 if device.startswith("cuda") else 1024  # 8192: big enough to reach an H100's ~800 TFLOP/s bf16
     a = torch.randn(n, n, device=device, dtype=ptdtype)
     b = torch.randn(n, n, device=device, dtype=ptdtype)
-    for _ in range(2):
-        a @ b
-    reps = 20 if device.startswith("cuda") else 5
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(10 if device.startswith("cuda") else 4):  # the fastest run: others may share the machine
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10 if device.startswith("cuda") else 1):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t0) / (10 if device.startswith("cuda") else 1))
+    return 2 * n ** 3 / best
+
+
+def ckpt_interval(grad_ckpt):
+    """The grad_ckpt config as GPT.grad_ckpt: 0 = off, 1 = every block ("full"), k = every k-th block."""
+    if grad_ckpt in (None, "none", 0):
+        return 0
+    if grad_ckpt == "full":
+        return 1
+    if type(grad_ckpt) is int and grad_ckpt > 0:
+        return grad_ckpt
+    raise SystemExit(f"error: grad_ckpt must be 'none', 'full' or a block interval k >= 1, got {grad_ckpt!r}")
+
+
+def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
+                ddp_bucket_mb=25):
+    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
+    gradient checkpointing and the logits-free loss, then under torchrun shards the GPT in place (FSDP2) or
+    wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this returns."""
+    model.grad_ckpt = ckpt_interval(grad_ckpt)
+    model.loss_chunk = loss_chunk
+    if sharding not in ("ddp", "fsdp"):
+        raise SystemExit(f"error: sharding must be 'ddp' or 'fsdp', got {sharding!r}")
+    if world > 1 and sharding == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
+        # parameters are all-gathered just before its forward (and again before its backward) and freed after;
+        # its gradients are reduce-scattered as soon as its backward is done. The root unit holds the rest
+        # (embeddings, tied head, final norm). Blocks are sharded first so the root does not take their params.
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    elif world > 1:
+        # DDP all-reduces gradients in buckets as soon as the backward has filled each one, so the
+        # communication overlaps the rest of the backward; gradient_as_bucket_view: .grad are views into the
+        # buckets (no copy, no second gradient-sized buffer)
+        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
+                    bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+    # compiled after DDP, so that dynamo's DDPOptimizer cuts the graph at bucket boundaries and the all-reduce
+    # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through
+    return torch.compile(model) if compile else model
+
+
+def full_state_dicts(model, optimizer):
+    """The model's and AdamW's state dicts, whole and on the CPU, whatever the sharding: a checkpoint does not
+    depend on how many processes wrote it. The optimizer's state is keyed by parameter name, not position, so it
+    loads into any sharding (load_optimizer_state). A collective under FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
 
 # ---------------------------------------------------------------------------- data
 
@@ -227,17 +310,32 @@ def atomic_write_json(path, obj):
 def save_checkpoint(out_dir, state, keep=2):
     name = f"ckpt-{state['iter_num']:07d}.pt"
     path = os.path.join(out_dir, name)
-    with open(path + ".tmp", "wb") as f:
-        w = HashingWriter(f)
-        torch.save(dict(state, format=CKPT_FORMAT), w)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    atomic_write_json(os.path.join(out_dir, "latest.json"),
-                      dict(file=name, sha256=w.sha.hexdigest(), format=CKPT_FORMAT, iter_num=state["iter_num"]))
+    manifest = os.path.join(out_dir, "latest.json")
+    try:
+        with open(path + ".tmp", "wb") as f:
+            w = HashingWriter(f)
+            torch.save(dict(state, format=CKPT_FORMAT), w)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        atomic_write_json(manifest, dict(file=name, sha256=w.sha.hexdigest(), format=CKPT_FORMAT,
+                                         iter_num=state["iter_num"]))
+    except OSError as e:  # disk full (ENOSPC), quota, I/O error: latest.json still names the previous checkpoint
+        for p in (path + ".tmp", manifest + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+        try:
+            with open(manifest) as f:
+                prev = f"the previous checkpoint {os.path.join(out_dir, json.load(f)['file'])} is intact"
+        except (OSError, ValueError, KeyError, TypeError):
+            prev = "there is no earlier checkpoint"
+        raise SystemExit(f"error: could not save checkpoint {path} ({e.strerror or e}); {prev}; free disk space "
+                         f"or change out_dir, then resume with --init_from=resume") from None
+    # keep the newest `keep`; leftovers of a save that was killed (*.tmp) go too. Never the one just named.
     old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
-    for f in old[:-keep]:
-        os.remove(os.path.join(out_dir, f))
+    for f in old[:-keep] + [f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt.tmp")]:
+        if f != name:
+            os.remove(os.path.join(out_dir, f))
     return path
 
 
@@ -249,9 +347,9 @@ def load_checkpoint(out_dir):
     try:
         with open(manifest) as f:
             m = json.load(f)
-        path = os.path.join(out_dir, m["file"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SystemExit(f"error: {manifest} is corrupt; delete it to start over")
+        path, sha = os.path.join(out_dir, m["file"]), m["sha256"]
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or not UTF-8
+        raise SystemExit(f"error: {manifest} is corrupt; delete out_dir to start over") from None
     if m.get("format") != CKPT_FORMAT:
         raise SystemExit(f"error: {path} has checkpoint format {m.get('format')}, this code reads {CKPT_FORMAT}")
     if not os.path.isfile(path):
@@ -260,10 +358,17 @@ def load_checkpoint(out_dir):
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
-    if h.hexdigest() != m["sha256"]:
+    if h.hexdigest() != sha:
         raise SystemExit(f"error: checkpoint {path} is corrupt or truncated (sha256 mismatch); restore it or "
                          f"start over with init_from='scratch'")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # on the CPU first: resuming never needs more GPU memory than the run itself
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the checksum matched, so it was written so: by other code, or holding pickled code
+        raise SystemExit(f"error: cannot load checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                         f"only checkpoints written by train.py can be loaded") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"error: {path} is not a format-{CKPT_FORMAT} train.py checkpoint")
+    return ckpt
 
 
 def model_from_checkpoint(ckpt):
@@ -271,7 +376,101 @@ def model_from_checkpoint(ckpt):
     model.load_state_dict(ckpt["model"])
     return model
 
+# ---------------------------------------------------------------------------- faults
+# A bad update (loss NaN/Inf, or a spike far above the running average) is skipped, and the run stops after
+# max_bad_steps of them in a row, saving the weights from before the first one. We stop rather than roll back
+# and lower the LR: a silent LR change would alter the experiment, while a stop with the pre-fault weights
+# lets a person choose (the PaLM remedy for spikes is the same: restart from before the spike and skip the bad
+# batches, which is what resuming from this checkpoint does, since the data position is past them).
+# The decision is made on the device: no host sync per step. The host reads the counters at log steps only.
+GUARD_BETA, GUARD_WARMUP = 0.99, 10  # running average over ~100 good steps; spikes are judged after 10 of them
+GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss")
+
+
+def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps):
+    """One step of the bad-update guard. g: float32 tensor of GUARD_FIELDS, updated in place; loss: the
+    step's (0-d) loss, the same on every rank; grad_norm: the total gradient norm or None.
+    Returns a 0-d float32 tensor: 1.0 = skip this update. Once tripped (max_bad_steps in a row), every
+    later update is skipped too, so the weights stay those from before the fault until the host stops."""
+    ema, good, in_row, total, tripped, last = g.unbind()
+    loss = loss.detach().float()
+    avg = ema / (1 - GUARD_BETA ** good).clamp(min=1e-12)  # bias-corrected, as in Adam
+    fault = ~torch.isfinite(loss)
+    if grad_norm is not None:
+        fault |= ~torch.isfinite(grad_norm)
+    if spike_factor:
+        fault |= (good >= GUARD_WARMUP) & (loss > spike_factor * avg)
+    bad = fault | (tripped > 0)
+    in_row = torch.where(bad, in_row + 1, 0.0)
+    new = torch.stack([torch.where(bad, ema, GUARD_BETA * ema + (1 - GUARD_BETA) * loss),
+                       good + (~bad).float(), in_row, total + bad.float(),
+                       torch.maximum(tripped, (in_row >= max_bad_steps).float()),
+                       torch.where(fault & (tripped == 0), loss, last)])
+    g.copy_(new)
+    return bad.float()
+
+
+def apply_update(optimizer, scaler, bad):
+    """optimizer.step() unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
+    weights, not Adam's moments, not its step count. Fused AdamW (CUDA) takes the skip flag on the device
+    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU;
+    with fp16's GradScaler a sync that the scaler itself makes anyway for unfused optimizers."""
+    if optimizer.defaults.get("fused") and not scaler.is_enabled():
+        optimizer.found_inf = bad
+        optimizer.step()
+        del optimizer.found_inf
+    elif not bad.item():
+        scaler.step(optimizer)
+
+
+STOP = {}  # {"signal": name} once SIGTERM (preemption) or SIGINT (Ctrl-C) arrived
+
+
+def request_stop(signum, frame):
+    """Signal handler: ask the loop to stop after the current step and save. A second signal acts at once."""
+    STOP["signal"] = signal.Signals(signum).name
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    os.write(2, f"{STOP['signal']}: finishing this step and saving a checkpoint "
+                f"(send it again to quit without saving)\n".encode())
+
 # ---------------------------------------------------------------------------- the run
+
+
+def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
+               max_bad_steps):
+    """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
+    and AdamW stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
+    No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
+    and copied (non_blocking) while the GPU still computes the one before."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
+    step_loss = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+        # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, after the last micro-batch;
+        # earlier ones just accumulate locally
+        last = micro == grad_accum - 1
+        if hasattr(inner, "set_requires_gradient_sync"):
+            inner.set_requires_gradient_sync(last)
+        with (inner.no_sync() if isinstance(inner, DDP) and not last else nullcontext()), ctx:
+            _, loss = model(x, y)
+            loss = loss / grad_accum
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if world > 1:  # every rank must make the same skip decision: judge the mean loss of all ranks
+        dist.all_reduce(step_loss)
+        step_loss /= world
+    scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and the guard see the true gradients
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (already summed over the shards)
+        norm = norm.full_tensor()
+    # under fp16 an Inf gradient is the GradScaler's business (it skips the step and lowers the scale, often a
+    # few steps in a row at the start): only the loss speaks to the guard then
+    norm = None if scaler.is_enabled() else norm
+    apply_update(optimizer, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 def evaluate(model, loaders, ctx, eval_iters, world, device):
@@ -306,10 +505,17 @@ def main():
         raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a "
                          f"multiple of the {world} processes")
     grad_accum = gradient_accumulation_steps // world
+    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
+        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
+                         f"(got {spike_factor})")
     tokens_per_iter = grad_accum * world * batch_size * block_size
 
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
+    tok_path = os.path.join(data_dir, meta["tokenizer"])
+    if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
+        raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
+                         f"with; re-run prepare.py")
     ckpt = load_checkpoint(out_dir) if init_from == "resume" else None
     if init_from not in ("scratch", "resume"):
         raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
@@ -321,8 +527,9 @@ def main():
     else:
         if vocab_size is None:
             vocab_size = -(-meta["vocab_size"] // 128) * 128
-        if vocab_size < meta["vocab_size"]:
-            raise SystemExit(f"error: vocab_size {vocab_size} < the tokenizer's {meta['vocab_size']} tokens")
+        if type(vocab_size) is not int or vocab_size < meta["vocab_size"]:  # None-default keys take any type
+            raise SystemExit(f"error: vocab_size {vocab_size!r} must be an int >= the tokenizer's "
+                             f"{meta['vocab_size']} tokens (or None: the tokenizer's, padded to a multiple of 128)")
         model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
     if block_size > model_args["block_size"]:
         raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
@@ -332,19 +539,27 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.split(":")[0])
+    if sharding == "fsdp" and ptdtype == torch.float16:
+        raise SystemExit("error: sharding='fsdp' needs dtype bfloat16 or float32 (fp16's GradScaler is not "
+                         "shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
+    raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb)
+    # AdamW made after sharding, so that it holds (and keeps state for) this process's shards only
+    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.split(":")[0])
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
     iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
+    guard = torch.zeros(len(GUARD_FIELDS))  # the bad-update guard's state (guard_update)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, data_state = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"]
+        guard = ckpt.get("guard", guard)
     del ckpt
-    raw_model = model
-    if compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
+    guard = guard.to(device)
+    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
+        if master:
+            print(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
+        return
 
     pin = device.startswith("cuda")
     train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
@@ -370,11 +585,24 @@ def main():
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    def checkpoint():
-        save_checkpoint(out_dir, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                      scaler=scaler.state_dict(), model_args=model_args, config=config,
-                                      iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
-                                      tokenizer_hash=meta["tokenizer_hash"]))
+    def checkpoint():  # every rank calls it (under FSDP, gathering the shards is a collective); rank 0 writes
+        if not master and not (sharding == "fsdp" and world > 1):
+            return
+        model_state, optimizer_state = full_state_dicts(raw_model, optimizer)
+        if master:
+            save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
+                                          scaler=scaler.state_dict(), model_args=model_args, config=config,
+                                          iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
+                                          tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
+
+    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0. One process checks its flag every
+    # step (a Python bool: free). Under torchrun the ranks agree at log steps, by an all-reduce of the flag on a
+    # CPU (gloo) group, which needs no GPU sync; so the grace period before SIGKILL must cover log_interval steps.
+    STOP.clear()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    stop_group = dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
+    bad_seen = guard[GUARD_FIELDS.index("total")].item()
 
     start_iter, t0, loss_sum = iter_num, time.time(), torch.zeros((), device=device)
     t_start = t0
@@ -388,8 +616,7 @@ def main():
             log(step=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb)
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
-                if master:
-                    checkpoint()
+                checkpoint()
         if iter_num >= max_iters:
             break
 
@@ -398,21 +625,8 @@ def main():
             group["lr"] = lr
         # Randomness (dropout) is re-seeded from (seed, rank, step): a resumed run replays it exactly.
         torch.manual_seed(seed + 1_000_003 * rank + iter_num)
-        for micro in range(grad_accum):
-            x, y = (t.to(device, non_blocking=True) for t in next(batches))
-            # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate locally
-            sync = micro == grad_accum - 1 or world == 1
-            with (nullcontext() if sync else model.no_sync()), ctx:
-                _, loss = model(x, y)
-                loss = loss / grad_accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
+                               spike_factor, max_bad_steps)
         iter_num += 1
 
         if iter_num % log_interval == 0 and master:  # the only host sync in the loop
@@ -430,6 +644,41 @@ def main():
         elif iter_num % log_interval == 0:
             t0, loss_sum = time.time(), torch.zeros((), device=device)
 
+        # faults, acted on where every rank agrees (the guard's counters are the same on all ranks)
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            ema, good, in_row, total, tripped, last = guard.tolist()  # a host sync, at log steps only
+            if total > bad_seen and master:
+                print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
+                      f"last loss {last:.4g}")
+            bad_seen = total
+            if tripped:
+                first = iter_num - int(in_row)
+                avg = ema / (1 - GUARD_BETA ** good)
+                why = (f"loss {last}" if not math.isfinite(last) else
+                       f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}")
+                guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
+                checkpoint()
+                raise SystemExit(f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped "
+                                 f"them all and saved the weights from before step {first} in {out_dir} (resuming "
+                                 f"skips those batches). Lower learning_rate or check the data, or raise "
+                                 f"max_bad_steps / spike_factor; then resume with --init_from=resume")
+        stop = world == 1 and bool(STOP)
+        if world > 1 and iter_num % log_interval == 0:
+            flag = torch.tensor([float(bool(STOP))])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
+            stop = flag.item() > 0
+        if stop:
+            checkpoint()
+            if master:
+                args = shlex.join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
+                launcher = "python" if world == 1 else "torchrun (same options)"
+                print(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint "
+                      f"saved in {out_dir}. Resume with: {launcher} {sys.argv[0]} {args} --init_from=resume",
+                      flush=True)
+            if world > 1:
+                dist.destroy_process_group()
+            return
+
     if master:
         print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint in {out_dir}")
     if world > 1:
@@ -437,4 +686,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of GPU memory with batch_size={batch_size} x block_size={block_size}; lower "
+                         f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
+                         f"or set --grad_ckpt=full to recompute activations") from None

@@ -1,0 +1,599 @@
+"""
+Post-training, the four stages of InstructGPT-style RLHF plus DPO, in one file:
+
+    python rlhf.py config/sft.py   # supervised fine-tuning on chat demonstrations (loss on assistant tokens only)
+    python rlhf.py config/rm.py    # a reward model: GPT trunk + scalar head, Bradley-Terry loss on preference pairs
+    python rlhf.py config/ppo.py   # PPO against the reward model, per-token KL penalty to the frozen SFT model
+    python rlhf.py config/dpo.py   # DPO on the same preference pairs, no reward model, no sampling
+
+Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
+`{"prompt", "chosen", "rejected"}`; PPO prompts `{"prompt"}`. A prompt is a string (one user turn) or a list of
+messages. The chat template is sample.py's `encode_chat`. Real data (e.g. HH-RLHF converted to these fields) works
+the same way; the built-in task below needs no download:
+
+    python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
+    python prepare.py --input=data/add/corpus.txt --vocab_size=261 && python train.py config/add.py
+    python rlhf.py config/sft.py && python rlhf.py config/rm.py && python rlhf.py config/ppo.py
+    python rlhf.py config/dpo.py   # or: python bench.py --mode=rlhf (all of it, in a temp dir, with a table)
+
+The task: two-digit addition, the user asks "37+48=", the assistant answers "37+48=85". Its corpus and its
+demonstrations come from a sloppy writer who forgets the carry half the time (37+48=75), so pretraining and SFT
+learn that slip as faithfully as the skill; a preference labeler only has to *check* answers, which is easier, so
+RM/PPO and DPO can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300 held-out
+problems appear in no training set, pretraining included.
+
+Every stage writes out_dir/: checkpoints in train.py's format (sample.py can chat with any of them), tokenizer.bpe,
+metrics.jsonl; `--resume=True` continues from out_dir's latest checkpoint. `init_from` is always the parent run
+(pretrained for SFT; SFT for RM, PPO, DPO), which PPO and DPO also use as the frozen reference.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configurator import configure
+from sample import encode_chat, load
+from train import autocast, get_lr, load_checkpoint, model_from_checkpoint, resolve_dtype, save_checkpoint
+
+# -----------------------------------------------------------------------------
+stage = "sft"               # task | sft | rm | ppo | dpo
+out_dir = "out/add-sft"
+init_from = "out/add"       # the parent run's out_dir: the starting weights, and the reference for ppo / dpo
+resume = False              # continue from out_dir's latest checkpoint
+data = "data/add/sft.jsonl"           # training data of this stage
+val_data = "data/add/sft_val.jsonl"   # held-out data of the same format ("" = none)
+eval_prompts = "data/add/prompts_val.jsonl"  # held-out prompts scored by the task's judge ("" = none)
+reward_model = "out/add-rm"  # ppo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
+rm_pool = "last"            # rm: read the reward at the last token (last), or average it over the response (mean)
+# optimisation
+batch_size = 32
+max_iters = 200
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 20
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+eval_interval = 100
+log_interval = 10
+# ppo (defaults as TRL's where it has one)
+rollout_batch = 64          # prompts per PPO step
+ppo_epochs = 4              # passes over each rollout batch
+minibatch = 16
+max_new_tokens = 12         # response length cap; a response without <|end|> by then gets no_end_penalty
+temperature = 1.0
+kl_coef = 0.05              # per-token KL penalty to the reference
+target_kl = 0.0             # > 0: adaptive KL controller (Ziegler et al. 2019) steering the KL towards this
+kl_horizon = 10000          # the adaptive controller's time constant, in samples
+clip_range = 0.2
+clip_range_value = 0.2
+vf_coef = 0.1
+gamma = 1.0
+lam = 0.95
+no_end_penalty = 1.0
+# dpo
+beta = 0.1
+loss_type = "sigmoid"       # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+rpo_alpha = 0.0             # > 0: add this times the chosen responses' NLL to the loss (TRL's rpo_alpha)
+# the built-in task (stage=task)
+task_dir = "data/add"
+task_slip = 0.5             # how often the corpus and the demonstrations forget a carry
+task_held_out = 300         # problems kept out of every training set
+eval_samples = 200          # held-out prompts per evaluation
+# system
+device = "auto"
+dtype = "auto"
+seed = 1337
+# -----------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------- the built-in task
+
+
+def task_answer(a, b, slip=0.0, rng=random):
+    """The sum as the sloppy writer writes it: a carry out of the units is forgotten with probability slip."""
+    forget = (a % 10 + b % 10) >= 10 and rng.random() < slip
+    return a + b - 10 if forget else a + b
+
+
+def task_reward(prompt, response):
+    """The programmatic judge: 1.0 for exactly the right answer ("37+48=" -> "37+48=85"), else 0.0."""
+    m = re.fullmatch(r"(\d+)\+(\d+)=", prompt if isinstance(prompt, str) else prompt[-1]["content"])
+    return float(m is not None and response.strip() == f"{m[0]}{int(m[1]) + int(m[2])}")
+
+
+def make_task(task_dir, slip, n_held, seed):
+    rng = random.Random(seed)
+    problems = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(problems)
+    held, rest = problems[:n_held], problems[n_held:]
+
+    def worse(a, b):  # the answer a labeler rejects: the demonstrators' slip where there is a carry, else a
+        s, u = a + b, rng.random()  # carry that was not there, a wrong digit, no working shown, or cut short
+        if (a % 10 + b % 10) >= 10:
+            return f"{a}+{b}={s - 10}"
+        if u < 0.4:
+            return f"{a}+{b}={s + 10}"
+        if u < 0.7:
+            return f"{a}+{b}={s + rng.choice([-2, -1, 1, 2] if s > 1 else [1, 2])}"
+        return str(s) if u < 0.85 else f"{a}+{b}={str(s)[:-1]}"
+
+    def write(name, rows):
+        with open(os.path.join(task_dir, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, "corpus.txt"), "w") as f:  # documents of 40 lines, prepare.py's separator
+        for _ in range(3000):
+            lines = (f"{a}+{b}={task_answer(a, b, slip, rng)}" for a, b in (rng.choice(rest) for _ in range(40)))
+            f.write("\n".join(lines) + "\n<|endoftext|>\n")
+    # The answer restates the problem: "37+48=" -> "37+48=85". Its digits then follow "=" as in pretraining,
+    # so the skill learned there carries over; a bare "85" after <|end|><|assistant|> would have to be relearned.
+    sft = [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={task_answer(a, b, slip, rng)}") for a, b in rest[:2000]]
+    write("sft.jsonl", sft)
+    write("sft_val.jsonl", [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={a + b}") for a, b in held])
+    pairs = lambda problems: [dict(prompt=f"{a}+{b}=", chosen=f"{a}+{b}={a + b}", rejected=worse(a, b))
+                              for a, b in problems]  # noqa: E731
+    write("prefs.jsonl", pairs(rest))
+    write("prefs_val.jsonl", pairs(held))
+    write("prompts.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in rest])
+    write("prompts_val.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in held])
+    print(f"wrote {task_dir}: corpus.txt, sft, prefs, prompts (.jsonl and held-out _val.jsonl); next: "
+          f"python prepare.py --input={task_dir}/corpus.txt --vocab_size=261 && python train.py config/add.py")
+
+# ---------------------------------------------------------------------------- data
+
+
+def read_jsonl(path, fields):
+    """Rows of a JSONL file; each must be an object with one of the `fields` alternatives (tuples of keys)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file {path} does not exist (the built-in task: python rlhf.py --stage=task)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line")
+            if not isinstance(row, dict) or not any(all(k in row for k in alt) for alt in fields):
+                want = " or ".join("{" + ", ".join(f'"{k}"' for k in alt) + "}" for alt in fields)
+                raise SystemExit(f"error: {path}:{lineno} lacks the fields {want}")
+            rows.append(row)
+    if not rows:
+        raise SystemExit(f"error: {path} has no rows")
+    return rows
+
+
+def as_messages(prompt):
+    return [dict(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_response(tok, prompt, response):
+    """(ids, n_prompt): the chat up to `<|assistant|>`, then the response and its `<|end|>`."""
+    p, _ = encode_chat(tok, as_messages(prompt), add_generation_prompt=True)
+    return p + tok.encode_ordinary(response) + [tok.special_tokens["<|end|>"]], len(p)
+
+
+def pad(rows, value):
+    """List of lists -> (B, T) long tensor, right-padded with value."""
+    T = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
+def sft_example(tok, row):
+    """(ids, targets) with targets -1 (no loss) everywhere but the assistant tokens, shifted by one."""
+    messages = row["messages"] if "messages" in row else as_messages(row["prompt"]) + [
+        dict(role="assistant", content=row["response"])]
+    ids, mask = encode_chat(tok, messages)
+    return ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+
+
+def pair_batch(tok, rows):
+    """Chosen rows then rejected rows: ids (2B, T), response mask (2B, T-1) on the token-prediction grid,
+    and the index of each sequence's last token (where the reward model reads)."""
+    seqs = [prompt_response(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in rows]
+    ids = pad([s for s, _ in seqs], tok.eot)
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    for i, (s, n) in enumerate(seqs):
+        mask[i, n - 1:len(s) - 1] = 1.0  # logit at position j predicts token j+1
+    return ids, mask, torch.tensor([len(s) - 1 for s, _ in seqs])
+
+# ---------------------------------------------------------------------------- model pieces
+
+
+def forward_hidden(model, idx):
+    """(logits, hidden): hidden (B, T, C) is what lm_head reads, caught by a hook, so the reward and value
+    heads sit on top of whatever blocks model.py has."""
+    box = []
+    hook = model.lm_head.register_forward_pre_hook(lambda mod, args: box.append(args[0]))
+    try:
+        logits, _ = model(idx)
+    finally:
+        hook.remove()
+    return logits, box[0]
+
+
+def token_logprobs(logits, ids):
+    """log p(ids[:, t+1] | ids[:, :t+1]) for every t: (B, T-1)."""
+    return torch.gather(F.log_softmax(logits[:, :-1].float(), -1), 2, ids[:, 1:, None]).squeeze(2)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def load_reward_model(path, device):
+    ckpt = load_checkpoint(path)
+    if "reward_head" not in ckpt:
+        raise SystemExit(f"error: {path} is not a reward model (no reward_head); train one with config/rm.py")
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    head = nn.Linear(model.config.n_embd, 1).to(device)
+    head.load_state_dict(ckpt["reward_head"])
+    return model, head, ckpt.get("rm_pool", "last")
+
+
+def reward_scores(model, head, pool, ids, last, mask):
+    """(B,) rewards: the scalar head on the hidden state of each sequence's last real token (rm_pool="last", as
+    InstructGPT), or its mean over the response tokens (rm_pool="mean"; mask: the response's prediction slots,
+    so the tokens are one to the right). With "mean" each token can judge itself against what came just before
+    it, which a tiny trunk learns far sooner than one last-token verdict on the whole answer."""
+    _, h = forward_hidden(model, ids)
+    r = head(h).squeeze(-1).float()  # (B, T)
+    if pool == "mean":
+        return masked_mean_rows(r[:, 1:], mask)
+    return r[torch.arange(len(ids)), last]
+
+
+def masked_mean_rows(x, mask):
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+# ---------------------------------------------------------------------------- the losses, side by side
+
+
+def sft_loss(model, x, y):
+    """Next-token cross-entropy on assistant tokens only (targets -1 elsewhere)."""
+    return model(x, y)[1]
+
+
+def reward_loss(r_chosen, r_rejected):
+    """Bradley-Terry: P(chosen > rejected) = sigmoid(r_c - r_r); returns (loss, pairwise accuracy)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
+
+
+def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip, clip_v):
+    """PPO's clipped surrogate (Schulman et al. 2017) and the clipped value loss; token-level masked means.
+    Returns (policy loss, value loss, clip fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    v_clipped = old_values + (values - old_values).clamp(-clip_v, clip_v)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    return masked_mean(pg, mask), masked_mean(vf, mask), masked_mean(((ratio - 1).abs() > clip).float(), mask)
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
+    """DPO: the policy's log-ratio to the reference is an implicit reward beta * log(pi / ref); the loss is
+    Bradley-Terry on it (sigmoid), or IPO's squared distance of the margin to 1 / (2 beta).
+    Returns (loss, chosen rewards, rejected rewards)."""
+    logits = (pi_c - ref_c) - (pi_r - ref_r)
+    if loss_type == "sigmoid":
+        loss = -F.logsigmoid(beta * logits)
+    elif loss_type == "ipo":
+        loss = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise SystemExit(f"error: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    return loss.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016) over (B, T) token grids whose masked runs are
+    the responses: A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
+    zero past a response's end. Returns (advantages, returns = advantages + values)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        nxt = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        next_v = values[:, t + 1] * nxt if t + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last * nxt
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, adv + values * mask
+
+# ---------------------------------------------------------------------------- generation and evaluation
+
+
+@torch.no_grad()
+def rollout(model, tok, prompts, max_new, temp, gen, ctx):
+    """Sample a response for each prompt (a string or messages) with the KV cache. generate wants one prompt
+    length per batch, so prompts are grouped by length. Returns (ids, mask, last, texts, ended):
+    ids (B, T) prompt + response right-padded, mask (B, T-1) on the response's prediction slots."""
+    end, out = tok.special_tokens["<|end|>"], [None] * len(prompts)
+    encoded = [encode_chat(tok, as_messages(p), add_generation_prompt=True)[0] for p in prompts]
+    by_len = {}
+    for i, p in enumerate(encoded):
+        by_len.setdefault(len(p), []).append(i)
+    for rows in by_len.values():
+        idx = torch.tensor([encoded[i] for i in rows], device=gen.device)
+        with ctx:
+            steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot]))
+        new = torch.stack(steps, 1).tolist()
+        for i, r in zip(rows, new):
+            cut = next((k + 1 for k, t in enumerate(r) if t in (end, tok.eot)), len(r))
+            out[i] = r[:cut]
+    seqs = [p + r for p, r in zip(encoded, out)]
+    ids = pad(seqs, tok.eot).to(gen.device)
+    mask = torch.zeros(len(seqs), ids.shape[1] - 1, device=gen.device)
+    for i, p in enumerate(encoded):
+        mask[i, len(p) - 1:len(seqs[i]) - 1] = 1.0
+    # ids past the tokenizer's vocab (the model's is padded to a multiple of 128) decode to nothing
+    texts = [tok.decode([t for t in r if t < tok.vocab_size and t not in (end, tok.eot)], errors="replace")
+             for r in out]
+    ended = torch.tensor([bool(r) and r[-1] == end for r in out], device=gen.device)
+    return ids, mask, torch.tensor([len(s) - 1 for s in seqs], device=gen.device), texts, ended
+
+
+@torch.no_grad()
+def evaluate(model, tok, prompts, ctx, ref=None, rm=None, seed=0):
+    """On held-out prompts: exact-match accuracy (task judge) greedy and sampled at temperature 1, the mean
+    reward of the samples (reward model, or the judge), and KL(policy || ref) summed over the response
+    (a Monte Carlo estimate from the samples)."""
+    model.eval()
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    res = {}
+    _, _, _, texts, _ = rollout(model, tok, prompts, max_new_tokens, 0.0, gen, ctx)
+    res["acc_greedy"] = sum(map(task_reward, prompts, texts)) / len(prompts)
+    ids, mask, last, texts, _ = rollout(model, tok, prompts, max_new_tokens, 1.0, gen, ctx)
+    judged = [task_reward(p, t) for p, t in zip(prompts, texts)]
+    res["acc_sampled"] = sum(judged) / len(prompts)
+    with ctx:
+        res["reward"] = reward_scores(*rm, ids, last, mask).mean().item() if rm else res["acc_sampled"]
+        if ref is not None:
+            kl = (token_logprobs(model(ids)[0], ids) - token_logprobs(ref(ids)[0], ids)) * mask
+            res["kl"] = kl.sum(1).mean().item()
+    res["response_len"] = mask.sum(1).mean().item()
+    model.train()
+    return res
+
+# ---------------------------------------------------------------------------- one step of each stage
+
+
+def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c):
+    """Roll out, score, then ppo_epochs passes of clipped updates over minibatches. Returns the step's stats.
+    The value head shares the policy's trunk: one forward gives both logits and values, half the compute of
+    TRL's separate critic, which matters on a CPU; its gradients then reach the policy's weights, which
+    vf_coef = 0.1 keeps small."""
+    model.eval()  # rollouts and their scoring without dropout
+    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new_tokens, temperature, gen, ctx)
+    B, rows = len(prompts), torch.arange(len(prompts), device=ids.device)
+    with torch.no_grad(), ctx:
+        logits, h = forward_hidden(model, ids)
+        old_logp = token_logprobs(logits / temperature, ids)
+        old_values = head(h[:, :-1]).squeeze(-1).float() * mask
+        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
+        score = reward_scores(*rm, ids, last, mask) if rm else torch.tensor(
+            [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+    score = score - no_end_penalty * (~ended).float()  # a response cut at max_new_tokens is not finished
+    kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
+    rewards = -kl_c * kl
+    rewards[rows, last - 1] += score  # the score lands on the last response token's slot
+    adv, returns = gae(rewards, old_values, mask, gamma, lam)
+    adv = whiten(adv, mask)
+    model.train()
+    stats = dict(pg_loss=0.0, value_loss=0.0, clipfrac=0.0, entropy=0.0)
+    n = 0
+    for _ in range(ppo_epochs):
+        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
+            mb = mb.to(ids.device)
+            with ctx:
+                logits, h = forward_hidden(model, ids[mb])
+                logp = token_logprobs(logits / temperature, ids[mb])
+                values = head(h[:, :-1]).squeeze(-1).float()
+            pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb],
+                                  clip_range, clip_range_value)
+            opt.zero_grad(set_to_none=True)
+            (pg + vf_coef * vf).backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+            opt.step()
+            with torch.no_grad():
+                lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
+                ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
+            for k, v in zip(stats, (pg, vf, cf, ent)):
+                stats[k] += v.item()
+            n += 1
+    stats = {k: v / n for k, v in stats.items()}
+    return dict(reward=score.mean().item(), kl=kl.sum(1).mean().item(), **stats,
+                response_len=mask.sum(1).mean().item(), kl_coef=kl_c)
+
+
+def batch_loss(model, head, tok, rows, ref_logps=None):
+    """The loss of one batch of sft, rm or dpo rows, and what to log about it."""
+    if stage == "sft":
+        xs, ys = zip(*(sft_example(tok, r) for r in rows))
+        dev = next(model.parameters()).device
+        return sft_loss(model, pad(xs, tok.eot).to(dev), pad(ys, -1).to(dev)), {}
+    ids, mask, last = (t.to(next(model.parameters()).device) for t in pair_batch(tok, rows))
+    B = len(rows)
+    if stage == "rm":
+        r = reward_scores(model, head, rm_pool, ids, last, mask)
+        loss, acc = reward_loss(r[:B], r[B:])
+        return loss, dict(accuracy=acc.item(), margin=(r[:B] - r[B:]).mean().item())
+    logp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
+    loss, rc, rr = dpo_loss(logp[:B], logp[B:], ref_logps[:, 0], ref_logps[:, 1], beta, loss_type)
+    if rpo_alpha:  # + the chosen responses' per-token NLL (RPO, Pang et al. 2024): DPO alone can lower both
+        loss = loss - rpo_alpha * (logp[:B] / mask[:B].sum(1)).mean()  # answers' likelihood, the good one too
+    return loss, dict(reward_acc=(rc > rr).float().mean().item(), margin=(rc - rr).mean().item(),
+                      chosen_reward=rc.mean().item(), rejected_reward=rr.mean().item())
+
+
+@torch.no_grad()
+def sequence_logps(model, tok, rows, ctx):
+    """(N, 2) summed log-probs of each row's chosen and rejected response: DPO's reference, computed once."""
+    out = []
+    dev = next(model.parameters()).device
+    for i in range(0, len(rows), 64):
+        ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows[i:i + 64]))
+        with ctx:
+            lp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
+        out.append(lp.view(2, -1).T)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def mean_over(model, head, tok, rows, ctx, ref_logps=None):
+    """Held-out loss and stats of batch_loss, averaged over all rows."""
+    model.eval()
+    sums, n = {}, 0
+    for i in range(0, len(rows), batch_size):
+        with ctx:
+            loss, st = batch_loss(model, head, tok, rows[i:i + batch_size],
+                                  None if ref_logps is None else ref_logps[i:i + batch_size])
+        k = len(rows[i:i + batch_size])
+        for key, v in dict(loss=loss.item(), **st).items():
+            sums[key] = sums.get(key, 0.0) + v * k
+        n += k
+    model.train()
+    return {f"val_{k}": v / n for k, v in sums.items()}
+
+# ---------------------------------------------------------------------------- the run
+
+
+def main():
+    config = configure(globals())
+    if stage == "task":
+        return make_task(task_dir, task_slip, task_held_out, seed)
+    if stage not in ("sft", "rm", "ppo", "dpo"):
+        raise SystemExit(f"error: stage must be one of task, sft, rm, ppo, dpo; got {stage!r}")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    _, ptdtype = resolve_dtype(dtype, dev)
+    ctx = autocast(dev, ptdtype)
+    torch.manual_seed(seed)
+    model, tok = load(init_from, dev)  # the parent: pretrained (sft) or SFT (rm, ppo, dpo)
+    model.train()
+    ref = load(init_from, dev)[0].requires_grad_(False) if stage in ("ppo", "dpo") else None
+    head = nn.Linear(model.config.n_embd, 1).to(dev)  # rm: the reward head; ppo: the value head
+    # rm: random, so the trunk gets gradients at once; ppo: zero, so the first values (0) do not make the first
+    # advantages noise that the shared trunk would learn from
+    nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5 if stage == "rm" else 0.0)
+    nn.init.zeros_(head.bias)
+    head_key = {"rm": "reward_head", "ppo": "value_head"}.get(stage)
+    params = list(model.parameters()) + (list(head.parameters()) if head_key else [])
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    iter_num, kl_c = 0, kl_coef
+    if resume:
+        ckpt = load_checkpoint(out_dir)
+        if ckpt.get("stage") != stage:
+            raise SystemExit(f"error: {out_dir} holds a {ckpt.get('stage')!r} run, not {stage!r}; check out_dir")
+        model.load_state_dict(ckpt["model"])
+        if head_key:
+            head.load_state_dict(ckpt[head_key])
+        opt.load_state_dict(ckpt["optimizer"])
+        iter_num, kl_c = ckpt["iter_num"], ckpt["kl_coef"]
+        del ckpt
+    elif os.path.exists(os.path.join(out_dir, "latest.json")):
+        raise SystemExit(f"error: {out_dir} already has a checkpoint; pass --resume=True to continue it, "
+                         f"or choose another out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(init_from, "tokenizer.bpe"), os.path.join(out_dir, "tokenizer.bpe"))
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(**row):
+        metrics.write(json.dumps(dict(stage=stage, step=iter_num, **row)) + "\n")
+        metrics.flush()
+        print(f"{stage} {iter_num}/{max_iters}: " + " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+    fields = dict(sft=[("messages",), ("prompt", "response")], rm=[("prompt", "chosen", "rejected")],
+                  ppo=[("prompt",)], dpo=[("prompt", "chosen", "rejected")])[stage]
+    block = model.config.block_size
+
+    def fits(row):  # the whole example (for ppo: prompt and the longest response) within the model's context
+        if stage == "sft":
+            return len(sft_example(tok, row)[0]) <= block
+        if stage == "ppo":
+            return len(prompt_response(tok, row["prompt"], "")[0]) + max_new_tokens <= block
+        return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
+
+    rows, val_rows = read_jsonl(data, fields), read_jsonl(val_data, fields) if val_data and stage != "ppo" else []
+    for name, rs in ((data, rows), (val_data, val_rows)):
+        kept = [r for r in rs if fits(r)]
+        if len(kept) < len(rs):
+            print(f"warning: skipped {len(rs) - len(kept)} of {len(rs)} rows of {name} that do not fit the model's "
+                  f"context of {block} tokens")
+        if not kept and rs:
+            raise SystemExit(f"error: no row of {name} fits the model's context of {block} tokens")
+        rs[:] = kept
+    prompts_val = [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] \
+        if eval_prompts and stage != "rm" else []
+    rm = None
+    if stage == "ppo" and reward_model != "task":
+        rm = load_reward_model(reward_model, dev)
+        rm[0].requires_grad_(False), rm[1].requires_grad_(False)
+    ref_logps = val_ref_logps = None
+    if stage == "dpo":
+        ref_logps = sequence_logps(ref, tok, rows, ctx)
+        val_ref_logps = sequence_logps(ref, tok, val_rows, ctx) if val_rows else None
+    gen = torch.Generator(device=dev)
+
+    def evaluation():
+        res = mean_over(model, head, tok, val_rows, ctx, val_ref_logps) if val_rows else {}
+        if prompts_val:
+            res.update(evaluate(model, tok, prompts_val, ctx, ref=ref, rm=rm, seed=seed))
+        log(**res, elapsed_s=time.time() - t0)
+        save_checkpoint(out_dir, dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(
+            model.config), tokenizer_hash=tok.hash, iter_num=iter_num, stage=stage, config=config, kl_coef=kl_c,
+            rm_pool=rm_pool, **({head_key: head.state_dict()} if head_key else {})))
+        return res
+
+    t0, acc = time.time(), {}
+    if iter_num == 0:
+        evaluation()
+    while iter_num < max_iters:
+        lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch_rng = random.Random(seed + iter_num)  # the batch is a function of the step: resumes replay exactly
+        if stage == "ppo":
+            gen.manual_seed(seed + iter_num)
+            stats = ppo_step(model, head, ref, rm, tok, batch_rng.sample([r["prompt"] for r in rows],
+                                                                       rollout_batch), opt, ctx, gen, kl_c)
+            if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_c towards target_kl
+                kl_c *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
+        else:
+            idx = batch_rng.sample(range(len(rows)), min(batch_size, len(rows)))
+            with ctx:
+                loss, stats = batch_loss(model, head, tok, [rows[i] for i in idx],
+                                         None if ref_logps is None else ref_logps[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            stats = dict(loss=loss.item(), **stats)
+        iter_num += 1
+        for k, v in stats.items():
+            acc[k] = acc.get(k, 0.0) + v / log_interval
+        if iter_num % log_interval == 0:
+            log(**acc, lr=lr)
+            acc = {}
+        if iter_num % eval_interval == 0 or iter_num == max_iters:
+            evaluation()
+    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()
