@@ -12,7 +12,7 @@ messages. The chat template is sample.py's `encode_chat`. Real data (e.g. HH-RLH
 the same way; the built-in task below needs no download:
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
-    python prepare.py --input=data/add/corpus.txt --vocab_size=261 && python train.py config/add.py
+    python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
     python rlhf.py config/sft.py && python rlhf.py config/rm.py && python rlhf.py config/ppo.py
     python rlhf.py config/dpo.py   # or: python bench.py --mode=rlhf (all of it, in a temp dir, with a table)
 
@@ -51,7 +51,6 @@ data = "data/add/sft.jsonl"           # training data of this stage
 val_data = "data/add/sft_val.jsonl"   # held-out data of the same format ("" = none)
 eval_prompts = "data/add/prompts_val.jsonl"  # held-out prompts scored by the task's judge ("" = none)
 reward_model = "out/add-rm"  # ppo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
-rm_pool = "last"            # rm: read the reward at the last token (last), or average it over the response (mean)
 # optimisation
 batch_size = 32
 max_iters = 200
@@ -68,7 +67,7 @@ log_interval = 10
 rollout_batch = 64          # prompts per PPO step
 ppo_epochs = 4              # passes over each rollout batch
 minibatch = 16
-max_new_tokens = 12         # response length cap; a response without <|end|> by then gets no_end_penalty
+max_new_tokens = 12         # response length cap; a response without <|end|> by then scores no_end_score
 temperature = 1.0
 kl_coef = 0.05              # per-token KL penalty to the reference
 target_kl = 0.0             # > 0: adaptive KL controller (Ziegler et al. 2019) steering the KL towards this
@@ -78,7 +77,8 @@ clip_range_value = 0.2
 vf_coef = 0.1
 gamma = 1.0
 lam = 0.95
-no_end_penalty = 1.0
+rm_baseline = True          # subtract the reward of the reference's greedy answer to the same prompt
+no_end_score = -3.0         # the score of an unfinished response: the reward model's means nothing on such text
 # dpo
 beta = 0.1
 loss_type = "sigmoid"       # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
@@ -116,13 +116,15 @@ def make_task(task_dir, slip, n_held, seed):
     held, rest = problems[:n_held], problems[n_held:]
 
     def worse(a, b):  # the answer a labeler rejects: the demonstrators' slip where there is a carry, else a
-        s, u = a + b, rng.random()  # carry that was not there, a wrong digit, no working shown, or cut short
-        if (a % 10 + b % 10) >= 10:
+        s, u = a + b, rng.random()  # carry that was not there, a wrong digit, a digit too many, no working
+        if (a % 10 + b % 10) >= 10:  # shown, or cut short
             return f"{a}+{b}={s - 10}"
-        if u < 0.4:
+        if u < 0.3:
             return f"{a}+{b}={s + 10}"
-        if u < 0.7:
+        if u < 0.55:
             return f"{a}+{b}={s + rng.choice([-2, -1, 1, 2] if s > 1 else [1, 2])}"
+        if u < 0.7:
+            return f"{a}+{b}={s}{rng.randrange(10)}"
         return str(s) if u < 0.85 else f"{a}+{b}={str(s)[:-1]}"
 
     def write(name, rows):
@@ -144,8 +146,8 @@ def make_task(task_dir, slip, n_held, seed):
     write("prefs_val.jsonl", pairs(held))
     write("prompts.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in rest])
     write("prompts_val.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in held])
-    print(f"wrote {task_dir}: corpus.txt, sft, prefs, prompts (.jsonl and held-out _val.jsonl); next: "
-          f"python prepare.py --input={task_dir}/corpus.txt --vocab_size=261 && python train.py config/add.py")
+    print(f"wrote {task_dir}: corpus.txt, sft, prefs, prompts (.jsonl and held-out _val.jsonl); next: python "
+          f"prepare.py --input={task_dir}/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py")
 
 # ---------------------------------------------------------------------------- data
 
@@ -243,23 +245,20 @@ def load_reward_model(path, device):
     model = model_from_checkpoint(ckpt).to(device).eval()
     head = nn.Linear(model.config.n_embd, 1).to(device)
     head.load_state_dict(ckpt["reward_head"])
-    return model, head, ckpt.get("rm_pool", "last")
+    # normalised so the scores of held-out answers have mean 0 and std 1: PPO's KL coefficient (and TRL's default
+    # of 0.05) assumes rewards of about unit scale; a raw Bradley-Terry head's scale is arbitrary (margins of 20
+    # here), which lets the policy buy reward with any amount of KL and exploit the model off its data
+    mean, std = ckpt.get("reward_stats", (0.0, 1.0))
+    with torch.no_grad():
+        head.weight /= std
+        head.bias.sub_(mean).div_(std)
+    return model, head
 
 
-def reward_scores(model, head, pool, ids, last, mask):
-    """(B,) rewards: the scalar head on the hidden state of each sequence's last real token (rm_pool="last", as
-    InstructGPT), or its mean over the response tokens (rm_pool="mean"; mask: the response's prediction slots,
-    so the tokens are one to the right). With "mean" each token can judge itself against what came just before
-    it, which a tiny trunk learns far sooner than one last-token verdict on the whole answer."""
+def reward_scores(model, head, ids, last):
+    """(B,) rewards: the scalar head on the hidden state of each sequence's last real token (its <|end|>)."""
     _, h = forward_hidden(model, ids)
-    r = head(h).squeeze(-1).float()  # (B, T)
-    if pool == "mean":
-        return masked_mean_rows(r[:, 1:], mask)
-    return r[torch.arange(len(ids)), last]
-
-
-def masked_mean_rows(x, mask):
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return head(h[torch.arange(len(ids)), last]).squeeze(-1).float()
 
 # ---------------------------------------------------------------------------- the losses, side by side
 
@@ -356,11 +355,13 @@ def evaluate(model, tok, prompts, ctx, ref=None, rm=None, seed=0):
     res = {}
     _, _, _, texts, _ = rollout(model, tok, prompts, max_new_tokens, 0.0, gen, ctx)
     res["acc_greedy"] = sum(map(task_reward, prompts, texts)) / len(prompts)
-    ids, mask, last, texts, _ = rollout(model, tok, prompts, max_new_tokens, 1.0, gen, ctx)
-    judged = [task_reward(p, t) for p, t in zip(prompts, texts)]
-    res["acc_sampled"] = sum(judged) / len(prompts)
+    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new_tokens, 1.0, gen, ctx)
+    res["acc_sampled"] = sum(map(task_reward, prompts, texts)) / len(prompts)
     with ctx:
-        res["reward"] = reward_scores(*rm, ids, last, mask).mean().item() if rm else res["acc_sampled"]
+        if rm:
+            res["reward"] = torch.where(ended, reward_scores(*rm, ids, last), no_end_score).mean().item()
+        else:
+            res["reward"] = res["acc_sampled"]
         if ref is not None:
             kl = (token_logprobs(model(ids)[0], ids) - token_logprobs(ref(ids)[0], ids)) * mask
             res["kl"] = kl.sum(1).mean().item()
@@ -384,9 +385,15 @@ def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c):
         old_logp = token_logprobs(logits / temperature, ids)
         old_values = head(h[:, :-1]).squeeze(-1).float() * mask
         ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
-        score = reward_scores(*rm, ids, last, mask) if rm else torch.tensor(
+        score = reward_scores(*rm, ids, last) if rm else torch.tensor(
             [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
-    score = score - no_end_penalty * (~ended).float()  # a response cut at max_new_tokens is not finished
+        if rm and rm_baseline:
+            # Bradley-Terry fixes rewards only up to a constant per prompt, and here that constant varies more
+            # between prompts than right and wrong answers differ: the reward model's score of the reference
+            # model's greedy answer to the same prompt is subtracted (a baseline: the optimal policy is the same)
+            ref_ids, _, ref_last, _, _ = rollout(ref, tok, prompts, max_new_tokens, 0.0, gen, ctx)
+            score = score - reward_scores(*rm, ref_ids, ref_last)
+    score = torch.where(ended, score, torch.full_like(score, no_end_score))
     kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
     rewards = -kl_c * kl
     rewards[rows, last - 1] += score  # the score lands on the last response token's slot
@@ -429,9 +436,10 @@ def batch_loss(model, head, tok, rows, ref_logps=None):
     ids, mask, last = (t.to(next(model.parameters()).device) for t in pair_batch(tok, rows))
     B = len(rows)
     if stage == "rm":
-        r = reward_scores(model, head, rm_pool, ids, last, mask)
+        r = reward_scores(model, head, ids, last)
         loss, acc = reward_loss(r[:B], r[B:])
-        return loss, dict(accuracy=acc.item(), margin=(r[:B] - r[B:]).mean().item())
+        return loss, dict(accuracy=acc.item(), margin=(r[:B] - r[B:]).mean().item(), reward_mean=r.mean().item(),
+                          reward_sq=(r ** 2).mean().item())
     logp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
     loss, rc, rr = dpo_loss(logp[:B], logp[B:], ref_logps[:, 0], ref_logps[:, 1], beta, loss_type)
     if rpo_alpha:  # + the chosen responses' per-token NLL (RPO, Pang et al. 2024): DPO alone can lower both
@@ -521,9 +529,10 @@ def main():
                   ppo=[("prompt",)], dpo=[("prompt", "chosen", "rejected")])[stage]
     block = model.config.block_size
 
-    def fits(row):  # the whole example (for ppo: prompt and the longest response) within the model's context
-        if stage == "sft":
-            return len(sft_example(tok, row)[0]) <= block
+    def fits(row):  # the whole example (for ppo: prompt and the longest response) in the model's context
+        if stage == "sft":  # ... and, for sft, some assistant tokens to learn
+            x, y = sft_example(tok, row)
+            return len(x) <= block and any(t != -1 for t in y)
         if stage == "ppo":
             return len(prompt_response(tok, row["prompt"], "")[0]) + max_new_tokens <= block
         return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
@@ -533,7 +542,7 @@ def main():
         kept = [r for r in rs if fits(r)]
         if len(kept) < len(rs):
             print(f"warning: skipped {len(rs) - len(kept)} of {len(rs)} rows of {name} that do not fit the model's "
-                  f"context of {block} tokens")
+                  f"context of {block} tokens (or have no assistant turn to learn)")
         if not kept and rs:
             raise SystemExit(f"error: no row of {name} fits the model's context of {block} tokens")
         rs[:] = kept
@@ -542,7 +551,8 @@ def main():
     rm = None
     if stage == "ppo" and reward_model != "task":
         rm = load_reward_model(reward_model, dev)
-        rm[0].requires_grad_(False), rm[1].requires_grad_(False)
+        for m in rm:
+            m.requires_grad_(False)
     ref_logps = val_ref_logps = None
     if stage == "dpo":
         ref_logps = sequence_logps(ref, tok, rows, ctx)
@@ -554,9 +564,14 @@ def main():
         if prompts_val:
             res.update(evaluate(model, tok, prompts_val, ctx, ref=ref, rm=rm, seed=seed))
         log(**res, elapsed_s=time.time() - t0)
+        extra = {head_key: head.state_dict()} if head_key else {}
+        if stage == "rm":  # the mean and std of the scores, which load_reward_model normalises away
+            s = res if val_rows else mean_over(model, head, tok, rows[:256], ctx)
+            m = s["val_reward_mean"]
+            extra["reward_stats"] = (m, max(s["val_reward_sq"] - m * m, 1e-8) ** 0.5)
         save_checkpoint(out_dir, dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(
             model.config), tokenizer_hash=tok.hash, iter_num=iter_num, stage=stage, config=config, kl_coef=kl_c,
-            rm_pool=rm_pool, **({head_key: head.state_dict()} if head_key else {})))
+            **extra))
         return res
 
     t0, acc = time.time(), {}

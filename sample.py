@@ -112,12 +112,11 @@ def chat_loop(model, tok, device, ptdtype):
         reply = []
         with autocast(device, ptdtype):
             for next_id in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature,
-                                          top_k or None, top_p, generator=g, stop_ids=[end, tok.eot]):
+                                          top_k or None, top_p, generator=g, stop_ids=[end, tok.eot],
+                                          n_vocab=tok.vocab_size):
                 t = next_id.item()
                 if t in (end, tok.eot):
                     break
-                if t >= tok.vocab_size:  # an id of the model's padded vocab that no text maps to
-                    continue
                 reply.append(t)
                 sys.stdout.write(utf8.decode(tok.decode_bytes([t])))
                 sys.stdout.flush()

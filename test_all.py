@@ -503,10 +503,9 @@ def test_model_gqa_with_copied_kv_heads_equals_mha(kw, one_thread):
     mha.load_state_dict(sd)
     idx = torch.randint(0, 64, (2, 20))
     torch.testing.assert_close(gqa(idx)[0], mha(idx)[0], rtol=1e-5, atol=1e-5)  # causal kernel path
-    for model in (gqa, mha):  # and the cached path, which folds query heads instead of copying k/v
-        cache = model.new_cache(2, 20, torch.float32, "cpu")
-        model.cached = model.forward_cached(idx, torch.arange(20), cache)
-    torch.testing.assert_close(gqa.cached, mha.cached, rtol=1e-5, atol=1e-5)
+    # and the cached path, which folds query heads into the query axis instead of copying k/v
+    a, b = (m.forward_cached(idx, torch.arange(20), m.new_cache(2, 20, torch.float32, "cpu")) for m in (gqa, mha))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])
@@ -1372,7 +1371,8 @@ def test_chat_loop_from_stdin_replies_resets_and_quits(rlhf_tiny):
                        capture_output=True, text=True, cwd=HERE, timeout=60)
     assert p.returncode == 0, p.stderr
     turns = p.stdout.split("> ")
-    assert turns[1].strip() in ("1+1=2", "1+1=3") and "(history cleared)" in turns[2] and turns[3].strip() == turns[1].strip()
+    assert turns[1].strip() in ("1+1=2", "1+1=3") and "(history cleared)" in turns[2]
+    assert turns[3].strip() == turns[1].strip()  # greedy, and the history was reset: the same reply
     assert len(turns) == 5 and turns[4] == ""  # /quit ended it before the last line
 # ==== end chat ====
 
@@ -1429,6 +1429,9 @@ def rlhf_tiny(tmp_path_factory):
     rlhf_run(common + ["--stage=ppo", f"--init_from={dirs['sft']}", f"--out_dir={dirs['ppo']}",
                        f"--data={d}/prompts.jsonl", "--reward_model=task", "--max_iters=10", "--eval_interval=10",
                        "--learning_rate=3e-3", "--rollout_batch=16", "--minibatch=8", "--max_new_tokens=7"])
+    rlhf_run(common + ["--stage=ppo", f"--init_from={dirs['sft']}", f"--out_dir={d}/ppo-rm",  # the reward model's path
+                       f"--data={d}/prompts.jsonl", f"--reward_model={dirs['rm']}", "--max_iters=2", "--log_interval=1",
+                       "--rollout_batch=8", "--minibatch=4", "--max_new_tokens=7"])
     rlhf_run(common + ["--stage=dpo", f"--init_from={dirs['sft']}", f"--out_dir={dirs['dpo']}",
                        f"--data={d}/prefs.jsonl", f"--val_data={d}/prefs.jsonl", "--max_iters=10",
                        "--eval_interval=10", "--learning_rate=1e-3", "--beta=0.5"])
@@ -1436,6 +1439,7 @@ def rlhf_tiny(tmp_path_factory):
 
 
 def test_every_stage_runs_and_improves_on_a_trivial_task(rlhf_tiny):
+    import math
     sft = rlhf_metrics(rlhf_tiny["sft"])
     evals = [r for r in sft if "acc_sampled" in r]
     assert evals[0]["acc_sampled"] == 0 and evals[-1]["acc_sampled"] > 0.2  # learns the format and the answer
@@ -1447,12 +1451,26 @@ def test_every_stage_runs_and_improves_on_a_trivial_task(rlhf_tiny):
     assert evals[-1]["acc_sampled"] > evals[0]["acc_sampled"] + 0.2
     steps = [r for r in ppo if "clipfrac" in r]
     assert {"reward", "kl", "entropy", "clipfrac", "value_loss", "response_len"} <= set(steps[0])
+    ppo_rm = [r for r in rlhf_metrics(os.path.join(rlhf_tiny["data"], "ppo-rm")) if "clipfrac" in r]
+    assert len(ppo_rm) == 2 and all(math.isfinite(r["reward"]) and math.isfinite(r["kl"]) for r in ppo_rm)
     dpo = [r for r in rlhf_metrics(rlhf_tiny["dpo"]) if "acc_sampled" in r]
     assert dpo[-1]["val_reward_acc"] == 1.0 and dpo[-1]["val_chosen_reward"] > 0 > dpo[-1]["val_rejected_reward"]
     assert dpo[0]["acc_greedy"] == 0 and dpo[-1]["acc_greedy"] == 1.0  # the mode moved to the preferred answer
     from sample import load  # each stage's checkpoint is one sample.py can load
     for s in ("sft", "rm", "ppo", "dpo"):
         assert load(rlhf_tiny[s], "cpu")[0].config.n_layer == 1
+
+
+def test_reward_model_scores_are_normalised_on_held_out_pairs(rlhf_tiny):
+    import rlhf
+    from sample import load
+    model, head = rlhf.load_reward_model(rlhf_tiny["rm"], "cpu")
+    tok = load(rlhf_tiny["rm"], "cpu")[1]
+    ids, _, last = rlhf.pair_batch(tok, rlhf.read_jsonl(os.path.join(rlhf_tiny["data"], "prefs.jsonl"), [("prompt",)]))
+    with torch.no_grad():
+        r = rlhf.reward_scores(model, head, ids, last)
+    assert abs(r.mean().item()) < 1e-3 and abs(r.std(unbiased=False).item() - 1) < 1e-3
+    assert (r[:16] > r[16:]).all()  # and the chosen answer still wins
 
 
 def test_resume_continues_from_the_checkpoint(rlhf_tiny, tmp_path):

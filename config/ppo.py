@@ -12,6 +12,7 @@ minibatch = 16
 learning_rate = 1e-4
 min_lr = 1e-5
 warmup_iters = 5
+kl_coef = 0.2              # TRL: 0.05; on the built-in task the policy exploits the reward model at 0.05
 max_new_tokens = 10
 eval_interval = 20
 log_interval = 5
