@@ -686,10 +686,9 @@ def test_epochs_deal_every_window_once_and_ranks_never_overlap(tiny_data):
 # ==== end train.py ====
 
 # ==== train.py (scale) ====
-def tiny_gpt(seed=0, **kw):
-    from model import GPT, GPTConfig
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**dict(dict(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=96), **kw)))
+def tiny_gpt(**kw):
+    """A 4-layer GPT in training mode (gpt_with's, deeper, so that every-k-th-block checkpointing differs)."""
+    return gpt_with(**{**dict(n_layer=4, n_head=2, block_size=16, vocab_size=96), **kw}).train()
 
 
 def test_grad_ckpt_full_and_every_2nd_block_give_identical_loss_and_grads():
