@@ -1005,16 +1005,17 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny_dat
     assert "SIGTERM: finishing this step" in stderr and "done:" not in stdout
 
 
-def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes():
+@pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())  # cuda: on a GPU machine
+def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device):
     from model import GPT, GPTConfig
     from train import GUARD_FIELDS, apply_update, guard_update
     scaler = torch.amp.GradScaler(enabled=False)
-    for fused in (False, True):  # True: the device-side skip (found_inf) that CUDA uses, here on the CPU kernel
+    for fused in (False, True):  # True: the device-side skip (found_inf) that CUDA uses (on CPU: the CPU kernel)
         torch.manual_seed(0)
-        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-        g = torch.zeros(len(GUARD_FIELDS))
-        x, y = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+        g = torch.zeros(len(GUARD_FIELDS), device=device)
+        x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
 
         def step(scale=1.0):
             _, loss = model(x, y)
