@@ -343,7 +343,9 @@ def bench_rlhf():
     """rlhf.py's built-in task end to end: task data, pretraining, SFT, RM, PPO, DPO, each a subprocess running
     its config file (what a user runs), then every model evaluated the same way on the held-out problems:
     exact-match accuracy (greedy, and sampled at temperature 1), the reward model's mean score of the samples,
-    and the KL to the SFT model. Finished stages are reused: delete rlhf_dir (or a stage's folder) to rerun them."""
+    and the KL to the SFT model. Besides the offline pairs' RM, the InstructGPT way: the SFT model's own samples
+    labelled by the judge (label), an RM on those + the offline pairs (rm-onpol), PPO on it (ppo-onpol).
+    Finished stages are reused: delete rlhf_dir (or a stage's folder) to rerun them."""
     import json
     import os
     import subprocess
@@ -351,10 +353,12 @@ def bench_rlhf():
     import time
     from contextlib import nullcontext
 
+    import torch
+
     import rlhf
     from sample import load
     d, task = rlhf_dir, os.path.join(rlhf_dir, "task")
-    out = {s: os.path.join(d, s) for s in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo")}
+    out = {s: os.path.join(d, s) for s in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol")}
     t = lambda name: os.path.join(task, name)  # noqa: E731
     common = [f"--eval_prompts={t('prompts_val.jsonl')}"]
     stages = [
@@ -377,6 +381,15 @@ def bench_rlhf():
         ("dpo", os.path.join(out["dpo"], "latest.json"), [
             ["rlhf.py", "config/dpo.py", f"--init_from={out['sft']}", f"--out_dir={out['dpo']}",
              f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"] + common]),
+        ("label", t("prefs_sft_val.jsonl"), [
+            ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", f"--data={t('prompts.jsonl')}",
+             f"--label_out={t('prefs_sft.jsonl')}"]]),
+        ("rm-onpol", os.path.join(out["rm-onpol"], "latest.json"), [  # config/rm.py's mix, in the temp dir
+            ["rlhf.py", "config/rm.py", f"--init_from={out['sft']}", f"--out_dir={out['rm-onpol']}",
+             f"--data={t('prefs.jsonl')},{t('prefs_sft.jsonl')}", f"--val_data={t('prefs_sft_val.jsonl')}"]]),
+        ("ppo-onpol", os.path.join(out["ppo-onpol"], "latest.json"), [
+            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo-onpol']}",
+             f"--reward_model={out['rm-onpol']}", f"--data={t('prompts.jsonl')}"] + common]),
     ]
     os.makedirs(d, exist_ok=True)
     times_path = os.path.join(d, "times.json")
@@ -398,20 +411,34 @@ def bench_rlhf():
     prompts = [r["prompt"] for r in rlhf.read_jsonl(t("prompts_val.jsonl"), [("prompt",)])]
     sft, tok = load(out["sft"], "cpu")
     rm = rlhf.load_reward_model(out["rm"], "cpu")
-    with open(os.path.join(out["rm"], "metrics.jsonl")) as f:
-        rm_acc = [r for r in map(json.loads, f) if "val_accuracy" in r][-1]["val_accuracy"]
+
+    def pairwise(rm, path):  # a reward model's pairwise accuracy on a file of held-out pairs
+        pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
+        ids, _, last = rlhf.pair_batch(tok, pairs)
+        with torch.no_grad():
+            r = rlhf.reward_scores(*rm, ids, last)
+        return (r[:len(pairs)] > r[len(pairs):]).float().mean().item()
+    # each RM on the offline held-out pairs and on the SFT model's own held-out samples (on-policy)
+    rm_acc = {name: {"offline": pairwise(m, t("prefs_val.jsonl")), "on-policy": pairwise(m, t("prefs_sft_val.jsonl"))}
+              for name, m in (("rm", rm), ("rm-onpol", rlhf.load_reward_model(out["rm-onpol"], "cpu")))}
     rows = {}
-    for name in ("base", "sft", "ppo", "ppo-judge", "dpo"):
+    for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "ppo-onpol"):
         model = load(out[name], "cpu")[0]
         rows[name] = rlhf.evaluate(model, tok, prompts, nullcontext(), ref=sft, rm=rm, seed=0)
     print(f"\nbuilt-in task ({len(prompts)} held-out problems), CPU; acc = exact match, sampled at temperature 1 "
           f"or greedy; reward = the reward model's mean score of the samples; KL = to the SFT model, nats/response; "
-          f"ppo = PPO on the reward model, ppo-judge = PPO on the programmatic judge (reward_model=task)")
+          f"ppo = PPO on the reward model, ppo-judge = PPO on the programmatic judge (reward_model=task); "
+          f"rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO on it")
     print(f"{'stage':<9} {'acc(sampled)':>12} {'acc(greedy)':>11} {'reward':>8} {'KL':>7} {'wall s':>7}")
-    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo"):
+    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "label", "rm-onpol", "ppo-onpol"):
         wall = f"{times[name]:7.0f}" if name in times else f"{'?':>7}"
-        if name == "rm":
-            print(f"{'rm':<9} {'pairwise held-out accuracy ' + format(rm_acc, '.3f'):>40} {wall}")
+        if name in rm_acc:
+            acc = f"pairwise acc offline {rm_acc[name]['offline']:.3f}, on-policy {rm_acc[name]['on-policy']:.3f}"
+            print(f"{name:<9} {acc:>40} {wall}")
+            continue
+        if name == "label":
+            n = sum(1 for _ in open(t("prefs_sft.jsonl")))
+            print(f"{'label':<9} {format(n, 'd') + ' on-policy pairs (prefs_sft.jsonl)':>40} {wall}")
             continue
         r = rows[name]
         print(f"{name:<9} {r['acc_sampled']:12.3f} {r['acc_greedy']:11.3f} {r['reward']:8.3f} {r['kl']:7.3f} {wall}")

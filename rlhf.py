@@ -2,6 +2,7 @@
 Post-training, the four stages of InstructGPT-style RLHF plus DPO, in one file:
 
     python rlhf.py config/sft.py   # supervised fine-tuning on chat demonstrations (loss on assistant tokens only)
+    python rlhf.py config/label.py # on-policy preference pairs: the SFT model's samples, compared by a labeler
     python rlhf.py config/rm.py    # a reward model: GPT trunk + scalar head, Bradley-Terry loss on preference pairs
     python rlhf.py config/ppo.py   # PPO against the reward model, per-token KL penalty to the frozen SFT model
     python rlhf.py config/dpo.py   # DPO on the same preference pairs, no reward model, no sampling
@@ -13,18 +14,22 @@ the same way; the built-in task below needs no download:
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
-    python rlhf.py config/sft.py && python rlhf.py config/rm.py && python rlhf.py config/ppo.py
+    python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py
+    python rlhf.py config/ppo.py
     python rlhf.py config/dpo.py   # or: python bench.py --mode=rlhf (all of it, in a temp dir, with a table)
 
 The task: two-digit addition, the user asks "37+48=", the assistant answers "37+48=85". Its corpus and its
 demonstrations come from a sloppy writer who forgets the carry half the time (37+48=75), so pretraining and SFT
 learn that slip as faithfully as the skill; a preference labeler only has to *check* answers, which is easier, so
 RM/PPO and DPO can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300 held-out
-problems appear in no training set, pretraining included.
+problems appear in no training set, pretraining included. The task's offline pairs reject one writer's guesses at
+wrong answers; an RM trained only on them ranks the SFT model's own right and wrong samples barely above chance,
+and PPO on it gains nothing. So, as InstructGPT did, the label stage samples the SFT model and has a labeler (the
+task's judge, standing in for a human) compare its answers; config/rm.py trains on both kinds of pairs.
 
 Every stage writes out_dir/: checkpoints in train.py's format (sample.py can chat with any of them), tokenizer.bpe,
 metrics.jsonl; `--resume=True` continues from out_dir's latest checkpoint. `init_from` is always the parent run
-(pretrained for SFT; SFT for RM, PPO, DPO), which PPO and DPO also use as the frozen reference.
+(pretrained for SFT; SFT for label, RM, PPO, DPO), which PPO and DPO also use as the frozen reference.
 """
 import json
 import os
@@ -43,12 +48,13 @@ from sample import encode_chat, load
 from train import autocast, get_lr, load_checkpoint, model_from_checkpoint, resolve_dtype, save_checkpoint
 
 # -----------------------------------------------------------------------------
-stage = "sft"               # task | sft | rm | ppo | dpo
+stage = "sft"               # task | sft | label | rm | ppo | dpo
 out_dir = "out/add-sft"
 init_from = "out/add"       # the parent run's out_dir: the starting weights, and the reference for ppo / dpo
 resume = False              # continue from out_dir's latest checkpoint
-data = "data/add/sft.jsonl"           # training data of this stage
+data = "data/add/sft.jsonl"           # training data of this stage; a,b,...: several files, concatenated
 val_data = "data/add/sft_val.jsonl"   # held-out data of the same format ("" = none)
+drop_val_prompts = False    # drop training rows whose prompt is in val_data: a mix of files then cannot leak them
 eval_prompts = "data/add/prompts_val.jsonl"  # held-out prompts scored by the task's judge ("" = none)
 reward_model = "out/add-rm"  # ppo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
 # optimisation
@@ -83,6 +89,11 @@ no_end_score = -3.0         # the score of an unfinished response: the reward mo
 beta = 0.1
 loss_type = "sigmoid"       # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
 rpo_alpha = 0.0             # > 0: add this times the chosen responses' NLL to the loss (TRL's rpo_alpha)
+# label: on-policy preference pairs, the policy's own samples compared by the task's judge
+label_out = "data/add/prefs_sft.jsonl"  # the pairs; held-out pairs (disjoint prompts) go to ..._val.jsonl
+label_prompts = 2000        # prompts of `data` to sample for the training pairs
+label_val_prompts = 300     # further prompts, none of them among those, for the held-out pairs
+label_samples = 8           # responses per prompt (InstructGPT showed labelers K = 4..9)
 # the built-in task (stage=task)
 task_dir = "data/add"
 task_slip = 0.5             # how often the corpus and the demonstrations forget a carry
@@ -477,6 +488,47 @@ def mean_over(model, head, tok, rows, ctx, ref_logps=None):
     model.train()
     return {f"val_{k}": v / n for k, v in sums.items()}
 
+# ---------------------------------------------------------------------------- on-policy comparisons
+
+
+@torch.no_grad()
+def label_pairs(model, tok, prompts, ctx, gen, k, judge=task_reward):
+    """InstructGPT's comparison data: k samples per prompt from the policy, and the labeler (here the task's judge,
+    standing in for a human) prefers a correct answer to each distinct wrong one. The offline rejected answers
+    are one writer's guesses at the mistakes; these are the policy's actual ones, the answers PPO will see.
+    Prompts with no correct or no wrong sample give no pair: a labeler only compares, it writes no answer."""
+    model.eval()
+    pairs = []
+    for i in range(0, len(prompts), 64):
+        batch = prompts[i:i + 64]
+        _, _, _, texts, ended = rollout(model, tok, [p for p in batch for _ in range(k)], max_new_tokens,
+                                        temperature, gen, ctx)
+        for j, p in enumerate(batch):  # unfinished samples are left out: PPO scores them no_end_score anyway
+            done = [t for t, e in zip(texts[j * k:(j + 1) * k], ended[j * k:(j + 1) * k].tolist()) if e]
+            good = [t for t in done if judge(p, t)]
+            bad = dict.fromkeys(t for t in done if not judge(p, t))
+            pairs += [dict(prompt=p, chosen=good[0], rejected=t) for t in bad] if good else []
+    return pairs
+
+
+def label(model, tok, prompts, ctx, gen):
+    """The label stage: on-policy pairs of label_prompts prompts to label_out, and of label_val_prompts other
+    prompts to its _val twin (`data` holds training prompts only, so the eval problems stay out of both)."""
+    random.Random(seed).shuffle(prompts)
+    if label_prompts + label_val_prompts > len(prompts):
+        raise SystemExit(f"error: label_prompts + label_val_prompts = {label_prompts + label_val_prompts} but "
+                         f"{data} has {len(prompts)} prompts; lower them")
+    val_out = re.sub(r"(\.jsonl)?$", "_val.jsonl", label_out, count=1)
+    os.makedirs(os.path.dirname(label_out) or ".", exist_ok=True)
+    for path, ps in ((label_out, prompts[:label_prompts]), (val_out, prompts[len(prompts) - label_val_prompts:])):
+        t0 = time.time()
+        pairs = label_pairs(model, tok, ps, ctx, gen, label_samples)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in pairs)
+        n = len({r["prompt"] for r in pairs})
+        print(f"wrote {path}: {len(pairs)} pairs from {len(ps)} prompts x {label_samples} samples ({n} prompts with "
+              f"a right and a wrong answer) in {time.time() - t0:.0f}s")
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -484,13 +536,16 @@ def main():
     config = configure(globals())
     if stage == "task":
         return make_task(task_dir, task_slip, task_held_out, seed)
-    if stage not in ("sft", "rm", "ppo", "dpo"):
-        raise SystemExit(f"error: stage must be one of task, sft, rm, ppo, dpo; got {stage!r}")
+    if stage not in ("sft", "label", "rm", "ppo", "dpo"):
+        raise SystemExit(f"error: stage must be one of task, sft, label, rm, ppo, dpo; got {stage!r}")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     _, ptdtype = resolve_dtype(dtype, dev)
     ctx = autocast(dev, ptdtype)
     torch.manual_seed(seed)
-    model, tok = load(init_from, dev)  # the parent: pretrained (sft) or SFT (rm, ppo, dpo)
+    model, tok = load(init_from, dev)  # the parent: pretrained (sft) or SFT (label, rm, ppo, dpo)
+    if stage == "label":
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        return label(model, tok, [r["prompt"] for r in read_jsonl(data, [("prompt",)])], ctx, gen)
     model.train()
     ref = load(init_from, dev)[0].requires_grad_(False) if stage in ("ppo", "dpo") else None
     head = nn.Linear(model.config.n_embd, 1).to(dev)  # rm: the reward head; ppo: the value head
@@ -537,7 +592,13 @@ def main():
             return len(prompt_response(tok, row["prompt"], "")[0]) + max_new_tokens <= block
         return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
 
-    rows, val_rows = read_jsonl(data, fields), read_jsonl(val_data, fields) if val_data and stage != "ppo" else []
+    rows = [r for path in data.split(",") for r in read_jsonl(path, fields)]
+    val_paths = val_data.split(",") if val_data and stage != "ppo" else []
+    val_rows = [r for path in val_paths for r in read_jsonl(path, fields)]
+    if drop_val_prompts:
+        held, n = {json.dumps(r.get("prompt")) for r in val_rows}, len(rows)
+        rows[:] = [r for r in rows if json.dumps(r.get("prompt")) not in held]
+        print(f"dropped {n - len(rows)} training rows whose prompt is in {val_data}")
     for name, rs in ((data, rows), (val_data, val_rows)):
         kept = [r for r in rs if fits(r)]
         if len(kept) < len(rs):

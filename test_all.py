@@ -1461,6 +1461,21 @@ def test_every_stage_runs_and_improves_on_a_trivial_task(rlhf_tiny):
         assert load(rlhf_tiny[s], "cpu")[0].config.n_layer == 1
 
 
+def test_label_writes_on_policy_pairs_with_chosen_judged_right_and_rejected_wrong(rlhf_tiny):
+    import rlhf
+    d = rlhf_tiny["data"]  # the tiny SFT model answers "1+1=2" or "1+1=3": both kinds turn up in 8 samples
+    rlhf_run(["--stage=label", "--device=cpu", f"--init_from={rlhf_tiny['sft']}", f"--data={d}/prompts.jsonl",
+              f"--label_out={d}/prefs_sft.jsonl", "--label_prompts=8", "--label_val_prompts=4", "--max_new_tokens=7"])
+    for name, n_prompts in (("prefs_sft.jsonl", 8), ("prefs_sft_val.jsonl", 4)):
+        pairs = rlhf.read_jsonl(os.path.join(d, name), [("prompt", "chosen", "rejected")])
+        assert 0 < len(pairs) <= n_prompts * 7  # at most k - 1 wrong answers per prompt
+        assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1.0 for r in pairs)
+        assert all(rlhf.task_reward(r["prompt"], r["rejected"]) == 0.0 for r in pairs)
+    with pytest.raises(SystemExit, match="label_prompts"):  # more prompts asked for than the file has
+        rlhf_run(["--stage=label", "--device=cpu", f"--init_from={rlhf_tiny['sft']}", f"--data={d}/prompts.jsonl",
+                  f"--label_out={d}/x.jsonl", "--label_prompts=16"])
+
+
 def test_reward_model_scores_are_normalised_on_held_out_pairs(rlhf_tiny):
     import rlhf
     from sample import load
