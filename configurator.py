@@ -6,7 +6,8 @@ A script's config is its module-level globals of plain types (int, float, bool, 
     python train.py config/small.py --learning_rate=3e-4 --compile=False
 - a bare argument is a config file: Python that is executed, its assignments become overrides
   (config files are code: run only the ones you trust);
-- `--key=value` sets one key; the value is parsed as a Python literal, and kept as a string if it is not one.
+- `--key=value` sets one key; the value is parsed as a Python literal, and kept as a string if it is not one;
+  a bare `--key` sets a bool key to True.
 Every key must already exist in the script and keep its type (an int may widen to a float); anything else
 is a one-line error that names the key and the closest valid ones.
 """
@@ -66,7 +67,9 @@ def configure(namespace, argv=None):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
-            if not eq:
+            if not eq and isinstance(defaults.get(key), bool):
+                text = "True"  # a bare --flag switches a bool key on: python sample.py --chat
+            elif not eq:
                 raise SystemExit(f"error: '{arg}' has no value; write --{key}=VALUE")
             value = parse_literal(text)
             if isinstance(defaults.get(key), str) and not isinstance(value, str):

@@ -213,7 +213,7 @@ def test_configurator_applies_file_then_flags_in_order_and_types_hold(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("n_layer = 4\nlearning_rate = 1  # an int widens to a float\nimport math\n_private = 3\n")
     ns = conf_defaults()
-    out = configure(ns, [str(cfg), "--n_layer=6", "--out_dir=2024", "--betas=[0.8, 0.9]", "--compile=True"])
+    out = configure(ns, [str(cfg), "--n_layer=6", "--out_dir=2024", "--betas=[0.8, 0.9]", "--compile"])
     assert out == dict(n_layer=6, learning_rate=1.0, compile=True, out_dir="2024", betas=(0.8, 0.9), vocab_size=None)
     assert type(ns["learning_rate"]) is float and ns["out_dir"] == "2024"  # a str key keeps the text as written
 
