@@ -46,7 +46,7 @@ def load(out_dir, device):
     return model, tok
 
 
-# ==== chat ====
+# ---------------------------------------------------------------------------- chat
 # The chat template: a conversation is rendered as
 #     <|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|><|user|>...
 # The leading <|endoftext|> starts a fresh document, as every pretraining document does. Contents are encoded
@@ -122,7 +122,6 @@ def chat_loop(model, tok, device, ptdtype):
                 sys.stdout.flush()
         print(utf8.decode(b"", final=True), flush=True)
         history.append(dict(role="assistant", content=tok.decode(reply, errors="replace")))
-# ==== end chat ====
 
 
 def main():
