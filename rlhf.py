@@ -168,18 +168,22 @@ def read_jsonl(path, fields):
     if not os.path.isfile(path):
         raise SystemExit(f"error: data file {path} does not exist (the built-in task: python rlhf.py --stage=task)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line")
-            if not isinstance(row, dict) or not any(all(k in row for k in alt) for alt in fields):
-                want = " or ".join("{" + ", ".join(f'"{k}"' for k in alt) + "}" for alt in fields)
-                raise SystemExit(f"error: {path}:{lineno} lacks the fields {want}")
-            rows.append(row)
+    try:
+        with open(path, "rb") as f:  # decoded whole, so a bad byte's offset is its offset in the file
+            lines = f.read().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start}); convert it, e.g. `iconv -t utf-8`")
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line")
+        if not isinstance(row, dict) or not any(all(k in row for k in alt) for alt in fields):
+            want = " or ".join("{" + ", ".join(f'"{k}"' for k in alt) + "}" for alt in fields)
+            raise SystemExit(f"error: {path}:{lineno} lacks the fields {want}")
+        rows.append(row)
     if not rows:
         raise SystemExit(f"error: {path} has no rows")
     return rows

@@ -1289,6 +1289,9 @@ def test_rlhf_jsonl_errors_name_the_file_and_line(tmp_path):
         path.write_text("\n".join(lines) + "\n")
         with pytest.raises(SystemExit, match="^error: .*" + pattern):
             rlhf.read_jsonl(str(path), [("prompt", "response")])
+    path.write_bytes(b'{"prompt": "caf\xe9", "response": "2"}\n')  # latin-1, not UTF-8
+    with pytest.raises(SystemExit, match=r"^error: .*sft\.jsonl is not UTF-8 text \(byte 15\)"):
+        rlhf.read_jsonl(str(path), [("prompt", "response")])
 # ==== end bad inputs ====
 
 # ==== sample.py ====
