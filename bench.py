@@ -271,8 +271,7 @@ def bench_train():
         mem = "".join(f" {r[k]:7.2f}" if k in r else f" {'-':>7}" for k in ("state_gib", "peak_gib", "act_gib"))
         say(f"{r['variant'][:44]:<44} {r['data']:<6} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{r['tokens_per_s_per_gpu']:10,.0f} {100 * r['mfu']:5.1f}%{mem}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    train.leave_process_group(world)
 
 
 def bench_generate():

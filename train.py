@@ -119,6 +119,14 @@ def setup_distributed(device="auto"):
     return rank, local_rank, world, device
 
 
+def leave_process_group(world):
+    """Under torchrun: wait for every rank (rank 0 may still be writing a checkpoint), then tear down. A rank
+    that tears gloo down while another still talks to it can abort at exit ("terminate called...")."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def resolve_dtype(dtype, device):
     if dtype == "auto":
         if device.startswith("cuda"):
@@ -676,14 +684,12 @@ def main():
                 print(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint "
                       f"saved in {out_dir}. Resume with: {launcher} {sys.argv[0]} {args} --init_from=resume",
                       flush=True)
-            if world > 1:
-                dist.destroy_process_group()
+            leave_process_group(world)
             return
 
     if master:
         print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint in {out_dir}")
-    if world > 1:
-        dist.destroy_process_group()
+    leave_process_group(world)
 
 
 if __name__ == "__main__":
