@@ -24,6 +24,7 @@ Writes out_dir/: ckpt-NNNNNNN.pt + latest.json (checkpoints), tokenizer.bpe, met
 Config files are executed Python: run only the ones you trust. Checkpoints are loaded with
 weights_only=True, so a checkpoint can never run code.
 """
+import gc
 import hashlib
 import json
 import math
@@ -695,6 +696,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+        # DDP/FSDP wrappers sit in reference cycles that keep the process group's C++ objects alive until
+        # interpreter shutdown, where gloo can abort ("terminate called without an active exception"): free them now
+        gc.collect()
     except torch.OutOfMemoryError:
         raise SystemExit(f"error: out of GPU memory with batch_size={batch_size} x block_size={block_size}; lower "
                          f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
