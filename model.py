@@ -49,11 +49,11 @@ def rope_rotations(pos, head_dim, theta):
 
 
 def apply_rope(x, rot):
-    """Rotate x (B, H, T, head_dim), channels (2i, 2i+1) read as one complex number, by rot (T, head_dim/2).
+    """Rotate x (B, T, heads, head_dim), channels (2i, 2i+1) read as one complex number, by rot (T, head_dim/2).
     A dot product of two rotated vectors then depends only on the difference of their positions. (One
     complex multiply: a few kernels, which counts when a decode step is hundreds of tiny ones.)"""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, T, head_dim/2) complex
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2) complex
+    return torch.view_as_real(xc * rot[:, None]).flatten(-2).type_as(x)
 
 
 class Norm(nn.Module):
@@ -88,21 +88,22 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None, pos=None):
-        """x (B, T, C). rope: rotations (T, head_dim/2) or None. mask: None = causal, else a bool (T, S)
-        "may attend" mask. cache: (k, v) of shape (B, n_kv_head, S, head_dim) each; this call's keys and
-        values are written at positions pos (T,), then attention runs over all S cached positions (the
-        mask hides the ones not written yet)."""
+        """x (B, T, C). rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
+        attend" mask, bool or additive, for the G = n_head / n_kv_head query heads that share a kv head: row
+        g*T + t is query t's (GPT.sdpa_mask makes it). cache: (k, v) of shape (B, n_kv_head, S, head_dim) each;
+        this call's keys and values are written at positions pos (T,), then attention runs over all S cached
+        positions (the mask hides the ones not written yet)."""
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=2)
-        # (B, T, heads * hd) -> (B, heads, T, hd): heads become a batch dimension for attention
-        q = q.view(B, T, nh, hd).transpose(1, 2)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)  # (B, T, heads, hd): the q heads, k heads, v heads
+        qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
+        if rope is not None:  # q and k rotated together: one set of kernels, not two
+            qk = apply_rope(qk, rope)
+        # (B, T, heads, hd) -> (B, heads, T, hd): heads become a batch dimension for attention
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)
+        v = v.transpose(1, 2)
         if cache is not None:
             cache[0].index_copy_(2, pos, k.to(cache[0].dtype))  # in place, same shapes every decode step
             cache[1].index_copy_(2, pos, v.to(cache[1].dtype))
@@ -113,9 +114,7 @@ class CausalSelfAttention(nn.Module):
         else:
             # The G = nh / nkv query heads that share a kv head are folded into the query axis,
             # (B, nh, T, hd) -> (B, nkv, G*T, hd) with row g*T + t, so K and V are never copied G times.
-            G = nh // nkv
-            y = F.scaled_dot_product_attention(q.reshape(B, nkv, G * T, hd), k, v,
-                                               attn_mask=mask.repeat(G, 1) if G > 1 else mask,
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, -1, hd), k, v, attn_mask=mask,
                                                dropout_p=dropout).reshape(B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -164,6 +163,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@torch.compiler.disable
+def checkpointed(block, *args):
+    """Gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun the block in the backward.
+    Never inside a torch.compile graph (a graph break here): traced into one, the checkpoint is only a hint,
+    and the partitioner kept most of the activations anyway. train.parallelize compiles such blocks alone."""
+    return checkpoint(block, *args, use_reentrant=False)
+
+
+def chunk_loss(xs, w, ts, n, need_grad):
+    """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
+    need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
+    acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
+    logits = (xs @ w.t()).to(acc)  # (c, vocab)
+    lse = torch.logsumexp(logits, dim=-1)
+    keep = ts != -1
+    tgt = ts.clamp(min=0)[:, None]
+    loss = torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
+    if not need_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp().scatter_add(1, tgt, torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+    return loss, (g * (keep.to(acc) / n)[:, None]).to(xs.dtype)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
 
@@ -171,41 +193,42 @@ class LinearCrossEntropy(torch.autograd.Function):
     once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
     loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
     gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
-    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64."""
+    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
+    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python, so
+    that a compiler never sees them all at once and plans their buffers side by side."""
 
     @staticmethod
-    def forward(ctx, x, w, targets, chunk):
+    def forward(ctx, x, w, targets, chunk, step=chunk_loss):
         need_x, need_w = ctx.needs_input_grad[:2]
-        acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
         gx = torch.empty_like(x) if need_x else None
-        gw = torch.zeros_like(w, dtype=acc) if need_w else None
+        gw = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if need_w else None
         if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
             dt = torch.get_autocast_dtype(x.device.type)
             x, w = x.to(dt), w.to(dt)
         n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
-        loss = torch.zeros((), device=x.device, dtype=acc)
+        loss = 0.0
         for s in range(0, x.size(0), chunk):
-            xs, ts = x[s:s + chunk], targets[s:s + chunk]
-            logits = (xs @ w.t()).to(acc)  # (chunk, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            keep = ts != -1
-            tgt = ts.clamp(min=0)[:, None]
-            loss += torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
-            if need_x or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g.scatter_add_(1, tgt, torch.full_like(lse[:, None], -1.0))  # minus onehot(target)
-                g = g.mul_((keep.to(acc) / n)[:, None]).to(x.dtype)
-                if need_x:
-                    gx[s:s + chunk] = g @ w
-                if need_w:
-                    gw += g.t() @ xs
+            xs = x[s:s + chunk]
+            chunk_sum, g = step(xs, w, targets[s:s + chunk], n, need_x or need_w)
+            loss = loss + chunk_sum
+            if need_x:
+                gx[s:s + chunk] = g @ w
+            if need_w:
+                gw += g.t() @ xs
         ctx.save_for_backward(gx, gw)
         return loss / n
 
     @staticmethod
     def backward(ctx, grad):
         gx, gw = ctx.saved_tensors
-        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None)
+        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None, None)
+
+
+@torch.compiler.disable
+def fused_loss(x, w, targets, chunk, step):
+    """LinearCrossEntropy, always run by Python (a graph break under torch.compile): traced whole into the
+    model's graph, its unrolled chunks held ~6 GiB more (GPT-2, 32x1024, H100) than when run one by one."""
+    return LinearCrossEntropy.apply(x, w, targets, chunk, step)
 
 
 class GPT(nn.Module):
@@ -236,6 +259,7 @@ class GPT(nn.Module):
         # training knobs that are not part of the architecture (train.py sets them; checkpoints don't store them)
         self.grad_ckpt = 0      # recompute every k-th block's activations in the backward instead of storing them
         self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
+        self.loss_step = chunk_loss  # or its torch.compile
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
@@ -284,22 +308,31 @@ class GPT(nn.Module):
             mask = mask & (k_pos[None, :] > q_pos[:, None] - self.config.sliding_window)
         return mask
 
+    def sdpa_mask(self, q_pos, k_pos, dtype=None):
+        """attn_mask as the attention layers take it, made once per forward rather than in every layer:
+        repeated for the G query heads that share a kv head, (G*Tq, Tk), and additive (0 / -inf) in dtype if
+        given (SDPA would otherwise convert a bool mask in each layer: a kernel per layer per decode step)."""
+        mask = self.attn_mask(q_pos, k_pos)
+        if dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        cfg = self.config
+        return mask.repeat(cfg.n_head // (cfg.n_kv_head or cfg.n_head), 1)
+
     def forward(self, idx, targets=None):
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(T, device=idx.device)
         x, rope = self.embed(idx, pos)  # (B, T, C)
-        mask = self.attn_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
+        mask = self.sdpa_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
         for i, block in enumerate(self.transformer.h):
             if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled():
-                # gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun it in the backward
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpointed(block, x, rope, mask)
             else:
                 x = block(x, rope, mask)
         x = self.transformer.ln_f(x)
         if targets is not None and self.loss_chunk:  # training: the loss without the (B, T, vocab) logits
-            return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                                  self.loss_chunk)
+            return None, fused_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk,
+                                    self.loss_step)
         logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:  # -1 marks positions without a target (padding, prompt tokens in SFT)
@@ -310,7 +343,7 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) for tokens idx (B, T) at absolute positions pos (T,), reading and extending
         the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1."""
         x, rope = self.embed(idx, pos)
-        mask = self.attn_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device))  # (T, S)
+        mask = self.sdpa_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device), cache[0][0].dtype)
         for block, layer_cache in zip(self.transformer.h, cache):
             x = block(x, rope, mask, layer_cache, pos)
         return self.lm_head(self.transformer.ln_f(x))
@@ -423,14 +456,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    ids = None  # with top_k, the vocabulary ids of the candidates (B, k); None = all of the vocabulary
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # sample among the k best only: softmax and draw over (B, k), not the whole vocabulary (at batch 1
+        # the vocabulary-wide ops cost more than the decode step's matmuls). topk returns them sorted.
+        logits, ids = torch.topk(logits, min(top_k, logits.size(-1)))
     if top_p is not None and top_p < 1.0:
         # nucleus (Holtzman et al. 2019): keep the smallest set of tokens whose probability sums to top_p
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # drop a token once the ones before it reach top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if ids is None:
+            logits, ids = torch.sort(logits, descending=True)
+        probs = logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # drop a token once the ones before it reach top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(1, choice)).squeeze(1)

@@ -45,7 +45,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from configurator import configure
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, chunk_loss
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
@@ -181,8 +181,14 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this returns."""
     model.grad_ckpt = ckpt_interval(grad_ckpt)
     model.loss_chunk = loss_chunk
+    if compile and loss_chunk:  # the chunked loss runs outside the model's graph (model.fused_loss)
+        model.loss_step = torch.compile(chunk_loss, dynamic=False)
     if sharding not in ("ddp", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp' or 'fsdp', got {sharding!r}")
+    if compile and model.grad_ckpt:
+        # checkpointed blocks run outside the model's graph (model.checkpointed), so each is compiled on its own
+        for block in model.transformer.h:
+            block.compile()
     if world > 1 and sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
         # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
