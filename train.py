@@ -192,6 +192,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
             block.compile()
         model.loss_step = torch.compile(chunk_loss, dynamic=False)
         compile = False
+        if model.grad_ckpt and torch.cuda.is_available():
+            torch.cuda.init()  # the first compile touches CUDA, which checkpoint forbids inside its forward
     if world > 1 and sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
         # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
