@@ -413,9 +413,9 @@ def bench_rlhf():
 
     def pairwise(rm, path):  # a reward model's pairwise accuracy on a file of held-out pairs
         pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
-        ids, _, last = rlhf.pair_batch(tok, pairs)
+        ids, mask, last = rlhf.pair_batch(tok, pairs)
         with torch.no_grad():
-            r = rlhf.reward_scores(*rm, ids, last)
+            r = rlhf.reward_scores(*rm, ids, mask, last)
         return (r[:len(pairs)] > r[len(pairs):]).float().mean().item()
     # each RM on the offline held-out pairs and on the SFT model's own held-out samples (on-policy)
     rm_acc = {name: {"offline": pairwise(m, t("prefs_val.jsonl")), "on-policy": pairwise(m, t("prefs_sft_val.jsonl"))}

@@ -1508,11 +1508,11 @@ def test_label_writes_on_policy_pairs_with_chosen_judged_right_and_rejected_wron
 def test_reward_model_scores_are_normalised_on_held_out_pairs(rlhf_tiny):
     import rlhf
     from sample import load
-    model, head = rlhf.load_reward_model(rlhf_tiny["rm"], "cpu")
+    rm = rlhf.load_reward_model(rlhf_tiny["rm"], "cpu")
     tok = load(rlhf_tiny["rm"], "cpu")[1]
-    ids, _, last = rlhf.pair_batch(tok, rlhf.read_jsonl(os.path.join(rlhf_tiny["data"], "prefs.jsonl"), [("prompt",)]))
+    ids, mask, last = rlhf.pair_batch(tok, rlhf.read_jsonl(os.path.join(rlhf_tiny["data"], "prefs.jsonl"), [("prompt",)]))
     with torch.no_grad():
-        r = rlhf.reward_scores(model, head, ids, last)
+        r = rlhf.reward_scores(*rm, ids, mask, last)
     assert abs(r.mean().item()) < 1e-3 and abs(r.std(unbiased=False).item() - 1) < 1e-3
     assert (r[:16] > r[16:]).all()  # and the chosen answer still wins
 
@@ -1618,6 +1618,24 @@ def test_dpo_loss_at_init_equals_log_2():
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6) and rc.abs().max() < 1e-6
     ipo, _, _ = rlhf.dpo_loss(lp[:2], lp[2:], ref[:, 0], ref[:, 1], beta=0.1, loss_type="ipo")
     assert math.isclose(ipo.item(), (1 / 0.2) ** 2, rel_tol=1e-5)
+
+
+def test_mean_pooled_reward_averages_the_head_over_the_response_tokens_only():
+    import rlhf
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    tok = chat_tokenizer()
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=261)).eval()
+    head = torch.nn.Linear(32, 1)
+    rows = [dict(prompt="1+1=", chosen="1+1=2", rejected="1+1=23"), dict(prompt="9+9=", chosen="18", rejected="8")]
+    ids, mask, last = rlhf.pair_batch(tok, rows)  # padded: the sequences differ in length
+    with torch.no_grad():
+        r = rlhf.reward_scores(m, head, "mean", ids, mask, last)
+        h = rlhf.forward_hidden(m, ids)[1]
+        for i, (p, resp) in enumerate([(x["prompt"], x[k]) for k in ("chosen", "rejected") for x in rows]):
+            seq, n = rlhf.prompt_response(tok, p, resp)  # the response's tokens and its <|end|>: seq[n:]
+            assert torch.isclose(r[i], head(h[i, n:len(seq)]).mean(), atol=1e-5)
+        assert torch.allclose(rlhf.reward_scores(m, head, "last", ids, mask, last), head(h[range(4), last])[:, 0])
 
 
 def test_bad_jsonl_names_file_and_line(tmp_path):
