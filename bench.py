@@ -409,7 +409,7 @@ def bench_rlhf():
 
     prompts = [r["prompt"] for r in rlhf.read_jsonl(t("prompts_val.jsonl"), [("prompt",)])]
     sft, tok = load(out["sft"], "cpu")
-    rm = rlhf.load_reward_model(out["rm"], "cpu")
+    rms = {name: rlhf.load_reward_model(out[name], "cpu") for name in ("rm", "rm-onpol")}
 
     def pairwise(rm, path):  # a reward model's pairwise accuracy on a file of held-out pairs
         pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
@@ -419,14 +419,14 @@ def bench_rlhf():
         return (r[:len(pairs)] > r[len(pairs):]).float().mean().item()
     # each RM on the offline held-out pairs and on the SFT model's own held-out samples (on-policy)
     rm_acc = {name: {"offline": pairwise(m, t("prefs_val.jsonl")), "on-policy": pairwise(m, t("prefs_sft_val.jsonl"))}
-              for name, m in (("rm", rm), ("rm-onpol", rlhf.load_reward_model(out["rm-onpol"], "cpu")))}
+              for name, m in rms.items()}
     rows = {}
     for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "ppo-onpol"):
         model = load(out[name], "cpu")[0]
-        rows[name] = rlhf.evaluate(model, tok, prompts, nullcontext(), ref=sft, rm=rm, seed=0)
+        rows[name] = rlhf.evaluate(model, tok, prompts, nullcontext(), ref=sft, rm=rms["rm-onpol"], seed=0)
     print(f"\nbuilt-in task ({len(prompts)} held-out problems), CPU; acc = exact match, sampled at temperature 1 "
-          f"or greedy; reward = the reward model's mean score of the samples; KL = to the SFT model, nats/response; "
-          f"ppo = PPO on the reward model, ppo-judge = PPO on the programmatic judge (reward_model=task); "
+          f"or greedy; reward = the samples' mean score by config/rm.py's reward model (rm-onpol); KL = to the SFT "
+          f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge = PPO on the programmatic judge; "
           f"rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO on it")
     print(f"{'stage':<9} {'acc(sampled)':>12} {'acc(greedy)':>11} {'reward':>8} {'KL':>7} {'wall s':>7}")
     for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "label", "rm-onpol", "ppo-onpol"):
