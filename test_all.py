@@ -737,6 +737,28 @@ def test_grad_ckpt_under_compile_keeps_as_little_as_eager_with_the_same_grads():
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_training_step_makes_no_zero_gradient_for_the_logits():
+    """A compiled model gives each returned tensor that needs grad a zero gradient in the backward: for the
+    logits a (B, T, vocab) fill per step (3.3 GB, ~1 ms at GPT-2 32x1024 on an H200). With targets the model
+    returns them detached, so the compiled backward fills nothing of their shape, and the grads are eager's."""
+    from torch.profiler import profile
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    compiled = torch.compile(model)
+    for _ in range(2):  # compile, then the run we look at
+        with profile(record_shapes=True) as prof:
+            logits, loss = compiled(x, y)
+            loss.backward()
+    grads = [p.grad.clone() / 2 for p in model.parameters()]
+    filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
+    assert not logits.requires_grad and [3, 16, 96] not in filled
+    model.zero_grad()
+    model(x, y)[1].backward()
+    for g, g0 in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
 def test_linear_cross_entropy_equals_cross_entropy_on_logits_in_loss_and_grads():
     import torch.nn.functional as F
     from model import LinearCrossEntropy
