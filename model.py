@@ -163,6 +163,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def logits_loss(logits, targets):
+    """Mean cross-entropy, in fp32, of logits (..., vocab) against targets (...); -1 marks positions without a
+    target (padding, prompt tokens in SFT)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 def chunk_loss(xs, w, ts, n, need_grad):
     """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
     need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
@@ -245,6 +251,7 @@ class GPT(nn.Module):
         self.grad_ckpt = 0      # recompute every k-th block's activations in the backward instead of storing them
         self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
         self.loss_step = chunk_loss  # or its torch.compile
+        self.logits_loss = logits_loss  # or its torch.compile
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
@@ -322,8 +329,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
-        # -1 marks positions without a target (padding, prompt tokens in SFT)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = self.logits_loss(logits, targets)
         # With targets the loss is what trains, and the logits come back detached: a compiled model gives every
         # returned tensor that needs grad a zero gradient in the backward (GPT-2 at 32x1024: a 3.3 GB fill, ~1 ms)
         return logits.detach(), loss

@@ -737,6 +737,25 @@ def test_grad_ckpt_under_compile_keeps_as_little_as_eager_with_the_same_grads():
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
 
 
+def test_grad_ckpt_under_compile_with_plain_logits_keeps_no_fp32_copy_of_them():
+    """With loss_chunk=0 the loss on the logits is compiled on its own too. Run eagerly between compiled blocks it
+    kept fp32 log-probabilities of the bf16 logits (GPT-2 32x1024, H100: 22.8 GiB, more than with no checkpoints)."""
+    from train import parallelize
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    saved, losses = {}, {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = parallelize(tiny_gpt(), "cpu", 1, compile, "full", loss_chunk=0)
+        saved[compile] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved[compile].append(t.nbytes) or t, lambda t: t):
+            with torch.autocast("cpu", torch.bfloat16):
+                _, losses[compile] = model(x, y)
+        losses[compile].backward()
+    fp32_logits = 3 * 16 * 96 * 4
+    assert sum(saved[True]) + fp32_logits <= sum(saved[False])
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-3)
+
+
 def test_compiled_training_step_makes_no_zero_gradient_for_the_logits():
     """A compiled model gives each returned tensor that needs grad a zero gradient in the backward: for the
     logits a (B, T, vocab) fill per step (3.3 GB, ~1 ms at GPT-2 32x1024 on an H200). With targets the model
