@@ -19,6 +19,7 @@ train_steps = 20            # timed steps per variant, after train_warmup untime
 train_warmup = 5
 train_data = "random"       # random | real | both (real: train.py's data_root/dataset train shards, if prepared)
 train_json = "out/bench/train.json"
+train_alone = True          # under torchrun: time each variant on every GPU alone first, for a scaling column
 # --mode=generate: model.generate's tokens/s on random weights (GPT-2 124M and config/llama_124m.py shapes)
 gen_batches = (1, 64)
 gen_new_tokens = 512
@@ -153,19 +154,23 @@ def bench_train():
     card's bf16 matmul rate, measured here (train.peak_flops). Memory: `state` is what stays allocated between
     steps (weights, AdamW moments, DDP's gradient buckets), `peak` the most during a step, `act` = peak - state
     (activations and temporaries: what gradient checkpointing and the fused loss shrink). Under torchrun every
-    rank runs every variant (sharding=ddp|fsdp picks the parallelism); rank 0 reports. A variant that runs out
-    of memory is reported as OOM and the next one runs. Prints a table last; writes train_json. E.g.
+    rank runs every variant (sharding=ddp|fsdp picks the parallelism); rank 0 reports. With train_alone, each
+    rank first runs the variant alone on its GPU (all at once), and `scaling` = world x their mean step time / the
+    joint step time (2.0x for two GPUs is perfect). A variant that runs out of memory is reported as OOM and the
+    next one runs. Prints a table last; writes train_json. E.g.
         CUDA_VISIBLE_DEVICES=0 python bench.py --mode=train --train_variants="; loss_chunk=0; grad_ckpt=full"
         torchrun --standalone --nproc_per_node=2 bench.py --mode=train --train_variants="; sharding=fsdp" \
             --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
     import gc
     import json
+    import math
     import os
     import time
     from dataclasses import fields
     from itertools import cycle
 
     import torch
+    import torch.distributed as dist
 
     import train
     from configurator import config_keys
@@ -211,50 +216,65 @@ def bench_train():
                 w = [torch.randint(T.vocab_size, (T.batch_size, T.block_size + 1), generator=g) for _ in range(4)]
                 w = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in w]
                 batches = cycle([(x.pin_memory(), y.pin_memory()) if cuda else (x, y) for x, y in w])
-            raw = model = optimizer = None
-            try:
-                torch.manual_seed(T.seed)
-                with torch.device(device):  # initialised on the device: fast even for billions of parameters
-                    raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
-                model = train.parallelize(raw, device, world, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                          T.ddp_bucket_mb)
-                optimizer = raw.configure_optimizers(T.weight_decay, T.learning_rate, (T.beta1, T.beta2),
-                                                     device.split(":")[0])
-                scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
-                guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
-                ctx = train.autocast(device, ptdtype)
+            def measure(w):  # the variant's figures with w processes training together (1: this one alone)
+                raw = model = optimizer = None
+                out = {}
+                try:
+                    torch.manual_seed(T.seed)
+                    with torch.device(device):  # initialised on the device: fast even for billions of parameters
+                        raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
+                    model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
+                                              T.ddp_bucket_mb)
+                    optimizer = raw.configure_optimizers(T.weight_decay, T.learning_rate, (T.beta1, T.beta2),
+                                                         device.split(":")[0])
+                    scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
+                    guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
+                    ctx = train.autocast(device, ptdtype)
 
-                def step():
-                    return train.train_step(model, optimizer, scaler, batches, row["grad_accum"], ctx, device, guard,
-                                            T.grad_clip, T.spike_factor, T.max_bad_steps)
+                    def step():
+                        return train.train_step(model, optimizer, scaler, batches, row["grad_accum"], ctx, device,
+                                                guard, T.grad_clip, T.spike_factor, T.max_bad_steps, world=w)
 
-                t0 = time.perf_counter()
-                for _ in range(train_warmup):
-                    step()
-                sync()
-                row["warmup_s"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    for _ in range(train_warmup):
+                        step()
+                    sync()
+                    out["warmup_s"] = time.perf_counter() - t0
+                    if cuda:
+                        state = torch.cuda.memory_allocated(device)
+                        torch.cuda.reset_peak_memory_stats(device)
+                    t0 = time.perf_counter()
+                    for _ in range(train_steps):
+                        loss = step()
+                    sync()
+                    dt = (time.perf_counter() - t0) / train_steps
+                    tokens = T.batch_size * T.block_size * row["grad_accum"] * w  # per step, all w processes
+                    out.update(ms_per_step=1000 * dt, tokens_per_s=tokens / dt, tokens_per_s_per_gpu=tokens / dt / w,
+                               mfu=raw.flops_per_token(T.block_size) * tokens / w / dt / peak_flops,
+                               loss=loss.item(), params_m=raw.num_params() / 1e6, dtype=dtype_name)
+                    if cuda:
+                        peak = torch.cuda.max_memory_allocated(device)
+                        out.update(state_gib=state / 2**30, peak_gib=peak / 2**30, act_gib=(peak - state) / 2**30)
+                except torch.OutOfMemoryError:
+                    out["oom"] = True
+                del raw, model, optimizer
+                gc.collect()
                 if cuda:
-                    state = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                for _ in range(train_steps):
-                    loss = step()
-                sync()
-                dt = (time.perf_counter() - t0) / train_steps
-                tokens = T.batch_size * T.block_size * T.gradient_accumulation_steps  # per step, all processes
-                row.update(ms_per_step=1000 * dt, tokens_per_s=tokens / dt, tokens_per_s_per_gpu=tokens / dt / world,
-                           mfu=raw.flops_per_token(T.block_size) * tokens / world / dt / peak_flops,
-                           loss=loss.item(), params_m=raw.num_params() / 1e6, dtype=dtype_name)
-                if cuda:
-                    peak = torch.cuda.max_memory_allocated(device)
-                    row.update(state_gib=state / 2**30, peak_gib=peak / 2**30, act_gib=(peak - state) / 2**30)
-            except torch.OutOfMemoryError:
-                row["oom"] = True
-            del raw, model, optimizer, batches
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            torch._dynamo.reset()
+                    torch.cuda.empty_cache()
+                torch._dynamo.reset()
+                return out
+
+            if world > 1 and train_alone:
+                # the scaling column's baseline: first every process trains the variant alone (no DDP, no FSDP), all
+                # at the same time, each on its own GPU; scaling = world x their mean step time / the joint one's
+                alone = torch.zeros(world, dtype=torch.float64, device=device)
+                alone[rank] = measure(1).get("ms_per_step", math.nan)
+                dist.all_reduce(alone)
+                row["alone_ms"] = alone.tolist()
+            row.update(measure(world))
+            if "alone_ms" in row and "ms_per_step" in row:
+                row["scaling"] = sum(row["alone_ms"]) / row["ms_per_step"]
+            del batches
             rows.append(row)
             say(json.dumps(row), flush=True)
             if rank == 0:
@@ -263,14 +283,16 @@ def bench_train():
                     json.dump(dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", world=world,
                                    torch=torch.__version__, peak_flops=peak_flops, rows=rows), f, indent=1)
     say(f"\n{'variant':<44} {'data':<6} {'ms/step':>8} {'tok/s':>10} {'tok/s/gpu':>10} {'MFU':>6} "
-        f"{'state':>7} {'peak':>7} {'act':>7} GiB")
+        f"{'state':>7} {'peak':>7} {'act':>7} GiB" + ("  scaling (ms alone)" if world > 1 and train_alone else ""))
     for r in rows:
         if r.get("oom"):
             say(f"{r['variant'][:44]:<44} {r['data']:<6} {'OOM':>8}")
             continue
         mem = "".join(f" {r[k]:7.2f}" if k in r else f" {'-':>7}" for k in ("state_gib", "peak_gib", "act_gib"))
+        alone = (f"  {r['scaling']:.3f}x ({', '.join(f'{t:.1f}' for t in r['alone_ms'])})"
+                 if "scaling" in r else "")
         say(f"{r['variant'][:44]:<44} {r['data']:<6} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
-            f"{r['tokens_per_s_per_gpu']:10,.0f} {100 * r['mfu']:5.1f}%{mem}")
+            f"{r['tokens_per_s_per_gpu']:10,.0f} {100 * r['mfu']:5.1f}%{mem}{alone}")
     train.leave_process_group(world)
 
 

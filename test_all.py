@@ -862,6 +862,17 @@ def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
                                                          ("grad_ckpt=full loss_chunk=0", "real")]
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in rows)
     assert "tok/s" in p.stdout.splitlines()[-5]  # the table comes last
+
+
+def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_path):
+    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 gradient_accumulation_steps=2"
+    p = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench.py", "--mode=train",
+            f"--train_common={common}", "--train_steps=3", "--train_warmup=1", f"--train_json={tmp_path / 'b.json'}",
+            env={"OMP_NUM_THREADS": "1"})
+    (row,) = json.load(open(tmp_path / "b.json"))["rows"]
+    assert row["world"] == 2 and len(row["alone_ms"]) == 2 and min(row["alone_ms"]) > 0
+    assert row["scaling"] == pytest.approx(sum(row["alone_ms"]) / row["ms_per_step"])
+    assert f"{row['scaling']:.3f}x" in p.stdout.splitlines()[-1]
 # ==== end train.py (scale) ====
 
 # ==== train.py (faults) ====

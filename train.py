@@ -465,12 +465,12 @@ def request_stop(signum, frame):
 
 
 def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
-               max_bad_steps):
+               max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
     and AdamW stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
     No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
     and copied (non_blocking) while the GPU still computes the one before."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
     inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
