@@ -7,7 +7,7 @@ with a KV cache.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256))
-    logits, loss = model(idx, targets)      # idx, targets: (B, T) int64; logits: (B, T, vocab)
+    logits, loss = model(idx, targets)      # idx, targets: (B, T) int64; logits: (B, T, vocab), detached if targets
     for next_id in model.generate(idx, 100, temperature=0.8, top_k=200): ...   # next_id: (B,)
 """
 import inspect
