@@ -21,4 +21,4 @@ eval_interval = 1000
 eval_iters = 200
 log_interval = 10
 compile = True
-loss_chunk = 0                     # plain logits: 5% faster on an H100 at this shape; 4096 saves 8 GiB
+loss_chunk = 0                     # plain logits: 6% faster on an H100 at this shape (64.2 vs 68.5 ms); 4096 saves 4.9 GiB
