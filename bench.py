@@ -224,7 +224,7 @@ def bench_train():
                     with torch.device(device):  # initialised on the device: fast even for billions of parameters
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                              T.ddp_bucket_mb)
+                                              T.ddp_bucket_mb, T.fp8)
                     optimizer = raw.configure_optimizers(T.weight_decay, T.learning_rate, (T.beta1, T.beta2),
                                                          device.split(":")[0])
                     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)

@@ -819,6 +819,53 @@ def test_bf16_autocast_on_cpu_trains_through_train_step():
     assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32  # fp32 master weights
 
 
+def test_fp8_matmul_is_exact_on_its_fp8_operands_and_close_to_the_real_product():
+    from model import Float8Matmul, scaled_mm, to_fp8
+    x = torch.randn(64, 32, requires_grad=True)
+    w = (0.02 * torch.randn(48, 32)).requires_grad_()
+    g = 1e-4 * torch.randn(64, 48)                     # a gradient's scale: far below e5m2's range without scaling
+    y = Float8Matmul.apply(x, w, torch.float32)
+    y.backward(g)
+    (x8, sx), (w8, sw), (g8, sg) = to_fp8(x, torch.float8_e4m3fn), to_fp8(w, torch.float8_e4m3fn), to_fp8(g, torch.float8_e5m2)
+    assert x8.float().abs().max() == 448 and g8.float().abs().max() == 57344  # the largest magnitude on fp8's max
+    xd, wd, gd = (t.double() * s.double() for t, s in ((x8, sx), (w8, sw), (g8, sg)))
+    for got, want in ((y, xd @ wd.t()), (x.grad, gd @ wd), (w.grad, gd.t() @ xd)):   # fp64 on the same fp8 values
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    X, W, G = x.detach().double(), w.detach().double(), g.double()
+    assert rel(y, X @ W.t()) < 0.06 and rel(x.grad, G @ W) < 0.1 and rel(w.grad, G.t() @ X) < 0.1  # fp8's rounding
+    # the CPU's fp32 emulation gives what torch's own (slow) fp8 matmul gives
+    torch.testing.assert_close(scaled_mm(g8, w8.t().contiguous().t(), sg, sw, torch.float32),
+                               torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw,
+                                                out_dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply():
+    import train
+    from model import Linear
+    x = torch.randint(0, 96, (16, 17))
+    x[:, 8:] = x[:, :9]                                # a repeat: something to learn beyond unigram counts
+    losses = {}
+    for fp8 in ("none", "all"):
+        torch.manual_seed(0)
+        model = tiny_gpt(bias=False)
+        run = train.parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8)
+        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+        for _ in range(40):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = run(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[fp8] = loss.item()
+        assert all(m.fp8 == (fp8 == "all") for m in model.modules() if isinstance(m, Linear))
+    assert losses["none"] < 3.0 and abs(losses["all"] - losses["none"]) < 0.05 * losses["none"]  # from ln(96) = 4.6
+    with pytest.raises(SystemExit, match="fp8='head' needs loss_chunk=0"):
+        train.parallelize(tiny_gpt(), "cpu", 1, loss_chunk=8, fp8="head")
+    with pytest.raises(SystemExit, match="fp8 must be 'none', 'head' or 'all'"):
+        train.parallelize(tiny_gpt(), "cpu", 1, fp8=True)
+
+
 def test_fsdp_two_processes_match_one_process_and_checkpoints_load_across_shardings(tiny_data, tmp_path):
     import shutil
     from model import GPT, GPTConfig

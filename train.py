@@ -12,11 +12,12 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a
 GradScaler where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without
-the (B, T, vocab) logits (loss_chunk); DDP, or FSDP2 with sharding='fsdp' (ZeRO-3: parameters, gradients and
-AdamW state split over the processes, for models whose state does not fit one GPU). Checkpoints hold whole
-(unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's checkpoint, on
-any number of processes (the data position counts each process's batches, so on another number of processes
-the epoch goes on from a different window).
+the (B, T, vocab) logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs
+(fp8); DDP, or FSDP2 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split over the
+processes, for models whose state does not fit one GPU). Checkpoints hold whole (unsharded) state dicts
+whatever the sharding: any run resumes (or samples) from any other's checkpoint, on any number of processes
+(the data position counts each process's batches, so on another number of processes the epoch goes on from a
+different window).
 Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
 same data (data_root) and a shared out_dir (only rank 0 writes; resuming reads it on every node).
 
@@ -45,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from configurator import configure
-from model import GPT, GPTConfig, chunk_loss, logits_loss
+from model import GPT, GPTConfig, Linear, chunk_loss, logits_loss
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
@@ -86,6 +87,7 @@ grad_ckpt = None            # recompute activations in the backward: None/"none"
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | fsdp (FSDP2: params, grads, AdamW sharded)
 loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
 ddp_bucket_mb = 100         # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
+fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
 seed = 1337
 # faults: a bad update (loss NaN/Inf, or above spike_factor x its running average) is skipped, not applied
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
@@ -175,7 +177,7 @@ def ckpt_interval(grad_ckpt):
 
 
 def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
-                ddp_bucket_mb=100):
+                ddp_bucket_mb=100, fp8="none"):
     """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
     gradient checkpointing and the logits-free loss, then under torchrun shards the GPT in place (FSDP2) or
     wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this returns."""
@@ -183,6 +185,17 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     model.loss_chunk = loss_chunk
     if sharding not in ("ddp", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp' or 'fsdp', got {sharding!r}")
+    if fp8 not in ("none", "head", "all"):
+        raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
+    if fp8 == "head" and loss_chunk:
+        raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight itself)")
+    if fp8 != "none" and device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
+        raise SystemExit(f"error: fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+: H100, L40, "
+                         f"RTX 4090); {torch.cuda.get_device_name(device)} has none. Set fp8='none'")
+    if fp8 != "none":  # (on the CPU, model.scaled_mm emulates the fp8 matmuls in fp32: for tests)
+        for m in [model.lm_head] if fp8 == "head" else model.modules():
+            if isinstance(m, Linear):
+                m.fp8 = True
     if compile and device.startswith("cuda"):
         import torch._inductor.config as inductor
         # search each generated Triton kernel's block sizes: GPT-2 compiles ~100 s longer, and a step is 0.75 ms
@@ -571,7 +584,7 @@ def main():
         raise SystemExit("error: sharding='fsdp' needs dtype bfloat16 or float32 (fp16's GradScaler is not "
                          "shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
     raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb)
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8)
     # AdamW made after sharding, so that it holds (and keeps state for) this process's shards only
     optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.split(":")[0])
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
