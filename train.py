@@ -179,8 +179,9 @@ def ckpt_interval(grad_ckpt):
 def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
                 ddp_bucket_mb=100, fp8="none"):
     """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
-    gradient checkpointing and the logits-free loss, then under torchrun shards the GPT in place (FSDP2) or
-    wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this returns."""
+    gradient checkpointing, the logits-free loss and fp8 matmuls, then under torchrun shards the GPT in place
+    (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this
+    returns."""
     model.grad_ckpt = ckpt_interval(grad_ckpt)
     model.loss_chunk = loss_chunk
     if sharding not in ("ddp", "fsdp"):
@@ -188,10 +189,12 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     if fp8 not in ("none", "head", "all"):
         raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
     if fp8 == "head" and loss_chunk:
-        raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight itself)")
-    if fp8 != "none" and device.startswith("cuda") and torch.cuda.get_device_capability(device) < (8, 9):
-        raise SystemExit(f"error: fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+: H100, L40, "
-                         f"RTX 4090); {torch.cuda.get_device_name(device)} has none. Set fp8='none'")
+        raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
+                         "itself)")
+    if fp8 != "none" and device != "cpu" and not (device.startswith("cuda") and
+                                                  torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: H100, "
+                         f"L40, RTX 4090), and {device} has none; set fp8='none'")
     if fp8 != "none":  # (on the CPU, model.scaled_mm emulates the fp8 matmuls in fp32: for tests)
         for m in [model.lm_head] if fp8 == "head" else model.modules():
             if isinstance(m, Linear):
