@@ -865,6 +865,8 @@ def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply(
         train.parallelize(tiny_gpt(), "cpu", 1, loss_chunk=8, fp8="head")
     with pytest.raises(SystemExit, match="fp8 must be 'none', 'head' or 'all'"):
         train.parallelize(tiny_gpt(), "cpu", 1, fp8=True)
+    with pytest.raises(SystemExit, match="fp8 needs an NVIDIA GPU with fp8 tensor cores"):
+        train.parallelize(tiny_gpt(), "mps", 1, loss_chunk=0, fp8="head")
 
 
 def test_fsdp_two_processes_match_one_process_and_checkpoints_load_across_shardings(tiny_data, tmp_path):
