@@ -193,11 +193,10 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     if fp8 == "head" and loss_chunk:
         raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
                          "itself)")
-    if fp8 != "none" and device != "cpu" and not (device.startswith("cuda") and
-                                                  torch.cuda.get_device_capability(device) >= (8, 9)):
-        raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: H100, "
-                         f"L40, RTX 4090), and {device} has none; set fp8='none'")
     if fp8 != "none":  # (on the CPU, model.scaled_mm emulates the fp8 matmuls in fp32: for tests)
+        if device != "cpu" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
+            raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
+                             f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
         for m in [model.lm_head] if fp8 == "head" else model.modules():
             if isinstance(m, Linear):
                 m.fp8 = True
