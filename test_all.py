@@ -841,13 +841,33 @@ def test_fp8_matmul_is_exact_on_its_fp8_operands_and_close_to_the_real_product()
                                                 out_dtype=torch.float32), rtol=1e-5, atol=1e-6)
 
 
+def test_fp8_head_loss_gives_the_cross_entropy_and_its_gradients_without_an_amax_pass():
+    from model import Float8LinearCrossEntropy, to_fp8
+    x = torch.randn(64, 32, requires_grad=True)
+    w = (0.3 * torch.randn(80, 32)).requires_grad_()
+    t = torch.randint(0, 80, (64,))
+    t[::7] = -1                                        # positions without a target
+    loss, logits = Float8LinearCrossEntropy.apply(x, w, t, torch.float32)
+    assert not logits.requires_grad
+    (-2.5 * loss).backward()                           # any upstream gradient, negative included
+    (x8, sx), (w8, sw) = to_fp8(x, torch.float8_e4m3fn), to_fp8(w, torch.float8_e4m3fn)
+    xd, wd = x8.double() * sx.double(), w8.double() * sw.double()
+    torch.testing.assert_close(logits.double(), xd @ wd.t(), rtol=1e-5, atol=1e-5)
+    want_loss = torch.nn.functional.cross_entropy(xd @ wd.t(), t, ignore_index=-1)  # fp64, same fp8 operands
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    X, W = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (-2.5 * torch.nn.functional.cross_entropy(X @ W.t(), t, ignore_index=-1)).backward()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    assert rel(x.grad, X.grad) < 0.1 and rel(w.grad, W.grad) < 0.1   # fp8's rounding, not a wrong scale or sign
+
+
 def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply():
     import train
     from model import Linear
     x = torch.randint(0, 96, (16, 17))
     x[:, 8:] = x[:, :9]                                # a repeat: something to learn beyond unigram counts
     losses = {}
-    for fp8 in ("none", "all"):
+    for fp8 in ("none", "head", "all"):
         torch.manual_seed(0)
         model = tiny_gpt(bias=False)
         run = train.parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8)
@@ -859,8 +879,9 @@ def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply(
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[fp8] = loss.item()
-        assert all(m.fp8 == (fp8 == "all") for m in model.modules() if isinstance(m, Linear))
-    assert losses["none"] < 3.0 and abs(losses["all"] - losses["none"]) < 0.05 * losses["none"]  # from ln(96) = 4.6
+        assert model.lm_head.fp8 == (fp8 != "none") and model.transformer.h[0].mlp.c_fc.fp8 == (fp8 == "all")
+    assert losses["none"] < 3.0  # from ln(96) = 4.6
+    assert all(abs(losses[f] - losses["none"]) < 0.05 * losses["none"] for f in ("head", "all"))
     with pytest.raises(SystemExit, match="fp8='head' needs loss_chunk=0"):
         train.parallelize(tiny_gpt(), "cpu", 1, loss_chunk=8, fp8="head")
     with pytest.raises(SystemExit, match="fp8 must be 'none', 'head' or 'all'"):
