@@ -154,6 +154,11 @@ class Float8LinearCrossEntropy(torch.autograd.Function):
         return *fp8_grads(g8, grad.abs() / (n * fmax), x8, w8, sx, sw, ctx.dtypes), None, None
 
 
+def fp8_logits_loss(x, w, targets, dtype):
+    """Float8LinearCrossEntropy as a plain function, which the compiler traces (or compiles on its own)."""
+    return Float8LinearCrossEntropy.apply(x, w, targets, dtype)
+
+
 class Linear(nn.Linear):
     """nn.Linear. With fp8 set (train.py's fp8 option), its matmul runs through Float8Matmul while training,
     where every dimension is a multiple of 16 (the fp8 kernels' rule); evaluation stays in bf16."""
@@ -353,7 +358,7 @@ class GPT(nn.Module):
         self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
         self.loss_step = chunk_loss  # or its torch.compile
         self.logits_loss = logits_loss  # or its torch.compile
-        self.fp8_loss = Float8LinearCrossEntropy.apply  # or its torch.compile
+        self.fp8_loss = fp8_logits_loss  # or its torch.compile
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)

@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from configurator import configure
-from model import GPT, GPTConfig, Float8LinearCrossEntropy, Linear, chunk_loss, logits_loss
+from model import GPT, GPTConfig, Linear, chunk_loss, fp8_logits_loss, logits_loss
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
             block.compile()
         model.loss_step = torch.compile(chunk_loss, dynamic=False)
         model.logits_loss = torch.compile(logits_loss, dynamic=False)
-        model.fp8_loss = torch.compile(Float8LinearCrossEntropy.apply, dynamic=False)
+        model.fp8_loss = torch.compile(fp8_logits_loss, dynamic=False)
         compile = False
         if model.grad_ckpt and torch.cuda.is_available():
             torch.cuda.init()  # the first compile touches CUDA, which checkpoint forbids inside its forward
