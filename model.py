@@ -155,7 +155,8 @@ class Float8LinearCrossEntropy(torch.autograd.Function):
 
 
 def fp8_logits_loss(x, w, targets, dtype):
-    """Float8LinearCrossEntropy as a plain function, which the compiler traces (or compiles on its own)."""
+    """Float8LinearCrossEntropy as a plain function: GPT keeps it as self.fp8_loss (train.parallelize may swap in
+    its torch.compile), and a Function's own .apply kept there broke torch 2.11's graph (112 ms/step, not 58.5)."""
     return Float8LinearCrossEntropy.apply(x, w, targets, dtype)
 
 
