@@ -434,8 +434,9 @@ class GPT(nn.Module):
         if targets is not None and self.loss_chunk:  # training: the loss without the (B, T, vocab) logits
             return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                                   self.loss_chunk, self.loss_step)
+        # fp8 lm_head while training: the head and the loss in one Function, which scales the gradient for free
         dt = self.lm_head.fp8_dtype(x) if targets is not None else None
-        if dt is not None:  # fp8='head' while training: lm_head and the loss in one Function, which scales the gradient for free
+        if dt is not None:
             loss, logits = self.fp8_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), dt)
             return logits.view(B, T, -1), loss
         logits = self.lm_head(x)  # (B, T, vocab)
