@@ -225,8 +225,8 @@ def bench_train():
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
                                               T.ddp_bucket_mb, T.fp8)
-                    optimizer = raw.configure_optimizers(T.weight_decay, T.learning_rate, (T.beta1, T.beta2),
-                                                         device.split(":")[0])
+                    optimizer = train.make_optimizer(raw, w, T.sharding, T.weight_decay, T.learning_rate,
+                                                     (T.beta1, T.beta2), device)
                     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
                     guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
                     ctx = train.autocast(device, ptdtype)

@@ -905,15 +905,21 @@ def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply(
         train.parallelize(tiny_gpt(), "mps", 1, loss_chunk=0, fp8="head")
 
 
-def test_fsdp_two_processes_match_one_process_and_checkpoints_load_across_shardings(tiny_data, tmp_path):
+@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
+def test_sharded_two_processes_match_one_process_and_checkpoints_load_across_shardings(sharding, tiny_data,
+                                                                                    tmp_path):
     import shutil
     from model import GPT, GPTConfig
     from train import load_checkpoint, load_optimizer_state, model_from_checkpoint
     common = ["--max_iters=4", "--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2"]
     tiny_train(tiny_data, tmp_path / "single", *common)
-    tiny_train(tiny_data, tmp_path / "fsdp", *common, "--sharding=fsdp", torchrun=2)
-    a, b = load_checkpoint(str(tmp_path / "single")), load_checkpoint(str(tmp_path / "fsdp"))
-    for k in a["model"]:  # FSDP2 over 2 processes = one process with the same global batch
+    p = tiny_train(tiny_data, tmp_path / "sharded", *common, f"--sharding={sharding}", torchrun=2)
+    if sharding == "zero1":  # each of the 2 processes keeps AdamW's moments for about half of the parameters
+        import re
+        mine, total = re.search(r"zero1: AdamW state for ([\d,]+) of the ([\d,]+)", p.stdout).groups()
+        assert 0.4 < int(mine.replace(",", "")) / int(total.replace(",", "")) < 0.6
+    a, b = load_checkpoint(str(tmp_path / "single")), load_checkpoint(str(tmp_path / "sharded"))
+    for k in a["model"]:  # FSDP2 or ZeRO-1 over 2 processes = one process with the same global batch
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert set(sa) == set(sb) and "transformer.h.0.mlp.c_fc.weight" in sb  # keyed by name, whole (unsharded)
@@ -927,12 +933,12 @@ def test_fsdp_two_processes_match_one_process_and_checkpoints_load_across_shardi
     p = model.transformer.h[0].mlp.c_fc.weight
     assert torch.equal(opt.state[p]["exp_avg_sq"], sb["transformer.h.0.mlp.c_fc.weight"]["exp_avg_sq"])
     # and training goes on across shardings, both ways: sharded -> one process, one process -> sharded
-    shutil.copytree(tmp_path / "single", tmp_path / "to_fsdp")
+    shutil.copytree(tmp_path / "single", tmp_path / "to_sharded")
     more = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gradient_accumulation_steps=2",
             "--init_from=resume"]
-    p1 = tiny_train(tiny_data, tmp_path / "fsdp", *more)
-    p2 = tiny_train(tiny_data, tmp_path / "to_fsdp", *more, "--sharding=fsdp", torchrun=2)
-    for p, d in ((p1, "fsdp"), (p2, "to_fsdp")):
+    p1 = tiny_train(tiny_data, tmp_path / "sharded", *more)
+    p2 = tiny_train(tiny_data, tmp_path / "to_sharded", *more, f"--sharding={sharding}", torchrun=2)
+    for p, d in ((p1, "sharded"), (p2, "to_sharded")):
         assert "step 6/6" in p.stdout and load_checkpoint(str(tmp_path / d))["iter_num"] == 6
 
 
@@ -1170,14 +1176,20 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny_dat
 
 
 @pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())  # cuda: on a GPU machine
-def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device):
+def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
     from model import GPT, GPTConfig
     from train import GUARD_FIELDS, apply_update, guard_update
     scaler = torch.amp.GradScaler(enabled=False)
-    for fused in (False, True):  # True: the device-side skip (found_inf) that CUDA uses (on CPU: the CPU kernel)
+    # fused: the device-side skip (found_inf) that CUDA uses (on CPU: the CPU kernel); zero: that AdamW inside ZeRO-1
+    for fused, zero in [(False, False), (True, False)] + [(True, True)] * (device == "cpu"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        if zero:  # a one-process group is enough to build it
+            dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)
         g = torch.zeros(len(GUARD_FIELDS), device=device)
         x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
 
@@ -1191,15 +1203,18 @@ def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device):
             return bad.item()
 
         assert [step() for _ in range(12)] == [0.0] * 12  # 12 good steps: the spike check is armed
+        adam = getattr(opt, "optim", opt).state
         before = ({k: v.clone() for k, v in model.state_dict().items()},
-                  [{k: v.clone() for k, v in s.items()} for s in opt.state.values()])
+                  [{k: v.clone() for k, v in s.items()} for s in adam.values()])
         assert (step(float("nan")), step(float("inf")), step(10.0)) == (1.0, 1.0, 1.0)  # NaN, Inf, a 10x spike
         assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())  # nothing was applied:
-        assert all(torch.equal(a[k], b[k]) for a, b in zip(before[1], opt.state.values()) for k in a)  # nor Adam's
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(before[1], adam.values()) for k in a)  # nor Adam's
         state = dict(zip(GUARD_FIELDS, g.tolist()))
         assert state["in_row"] == state["total"] == 3 and state["tripped"] == 1 and state["good"] == 12
         assert step() == 1.0  # tripped: even a good step is held back until the host stops the run
         assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+        if zero:
+            dist.destroy_process_group()
 
 
 def test_nan_loss_is_skipped_then_max_bad_steps_in_a_row_stop_with_the_weights_from_before(tiny_data, tmp_path):

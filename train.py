@@ -10,14 +10,14 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_id=gpt2 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py --batch_size=15 --gradient_accumulation_steps=32
 
-Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a
-GradScaler where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without
-the (B, T, vocab) logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs
-(fp8); DDP, or FSDP2 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split over the
-processes, for models whose state does not fit one GPU). Checkpoints hold whole (unsharded) state dicts
-whatever the sharding: any run resumes (or samples) from any other's checkpoint, on any number of processes
-(the data position counts each process's batches, so on another number of processes the epoch goes on from a
-different window).
+Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
+where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
+logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs (fp8); DDP; DDP with
+AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2 with sharding='fsdp' (ZeRO-3:
+parameters, gradients and AdamW state split, for models whose state does not fit one GPU). Checkpoints hold whole
+(unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's checkpoint, on any
+number of processes (the data position counts each process's batches, so on another number of processes the epoch
+goes on from a different window).
 Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
 same data (data_root) and a shared out_dir (only rank 0 writes; resuming reads it on every node).
 
@@ -84,7 +84,8 @@ dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on
 compile = False             # torch.compile the model
 # scale
 grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
-sharding = "ddp"            # under torchrun: ddp (a full copy per process) | fsdp (FSDP2: params, grads, AdamW sharded)
+sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
+                            # fsdp (FSDP2: params, grads, AdamW state sharded)
 loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
 ddp_bucket_mb = 100         # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
 fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
@@ -184,8 +185,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     returns."""
     model.grad_ckpt = ckpt_interval(grad_ckpt)
     model.loss_chunk = loss_chunk
-    if sharding not in ("ddp", "fsdp"):
-        raise SystemExit(f"error: sharding must be 'ddp' or 'fsdp', got {sharding!r}")
+    if sharding not in ("ddp", "zero1", "fsdp"):
+        raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
     if fp8 not in ("none", "head", "all"):
         raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
     # fp8 inside the chunked loss was tried, and was slower: 67.8 ms/step at loss_chunk=16384 and 69.2 at 4096,
@@ -228,7 +229,7 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    elif world > 1:
+    elif world > 1:  # ddp, zero1
         # DDP all-reduces gradients in buckets as soon as the backward has filled each one, so the
         # communication overlaps the rest of the backward; gradient_as_bucket_view: .grad are views into the
         # buckets (no copy, no second gradient-sized buffer)
@@ -239,20 +240,51 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     return torch.compile(model) if compile else model
 
 
+def make_optimizer(model, world, sharding, weight_decay, learning_rate, betas, device):
+    """AdamW over the GPT's parameters: made after FSDP2 sharded them, it holds this process's shards only. With
+    sharding='zero1' (ZeRO stage 1, Rajbhandari et al. 2020) each process keeps whole weights and gradients, as
+    under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them."""
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
+    if world > 1 and sharding == "zero1":
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
+        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
+                                            **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
+    return optimizer
+
+
+def zero_names(model, optimizer):
+    """The parameter names in the order ZeRO numbers them in its state dicts (that of its param_groups)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
 def full_state_dicts(model, optimizer):
     """The model's and AdamW's state dicts, whole and on the CPU, whatever the sharding: a checkpoint does not
     depend on how many processes wrote it. The optimizer's state is keyed by parameter name, not position, so it
-    loads into any sharding (load_optimizer_state). A collective under FSDP: every rank must call it."""
+    loads into any sharding (load_optimizer_state). A collective under FSDP and ZeRO: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    if not hasattr(optimizer, "consolidate_state_dict"):  # all but ZeroRedundancyOptimizer
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
+    sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
+    names = zero_names(model, optimizer)
+    state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
+    return get_model_state_dict(model, options=opts), dict(state=state, param_groups=groups)
 
 
 def load_optimizer_state(model, optimizer, state):
-    """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT)."""
+    """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT), or into
+    ZeRO, which keeps its rank's part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    if not hasattr(optimizer, "consolidate_state_dict"):  # all but ZeroRedundancyOptimizer
+        return set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
+    optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
+                                   param_groups=[dict(g, params=[index[n] for n in g["params"]])
+                                                 for g in state["param_groups"]]))
 
 
 # ---------------------------------------------------------------------------- data
@@ -461,10 +493,11 @@ def apply_update(optimizer, scaler, bad):
     weights, not Adam's moments, not its step count. Fused AdamW (CUDA) takes the skip flag on the device
     (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU;
     with fp16's GradScaler a sync that the scaler itself makes anyway for unfused optimizers."""
-    if optimizer.defaults.get("fused") and not scaler.is_enabled():
-        optimizer.found_inf = bad
+    inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
+    if inner.defaults.get("fused") and not scaler.is_enabled():
+        inner.found_inf = bad
         optimizer.step()
-        del optimizer.found_inf
+        del inner.found_inf
     elif not bad.item():
         scaler.step(optimizer)
 
@@ -585,13 +618,12 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device)
-    if sharding == "fsdp" and ptdtype == torch.float16:
-        raise SystemExit("error: sharding='fsdp' needs dtype bfloat16 or float32 (fp16's GradScaler is not "
-                         "shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
+    if sharding != "ddp" and ptdtype == torch.float16:
+        raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
+                         f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
     raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
     model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8)
-    # AdamW made after sharding, so that it holds (and keeps state for) this process's shards only
-    optimizer = raw_model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.split(":")[0])
+    optimizer = make_optimizer(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device)
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
     iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
     guard = torch.zeros(len(GUARD_FIELDS))  # the bad-update guard's state (guard_update)
@@ -624,6 +656,10 @@ def main():
         shutil.copyfile(os.path.join(data_dir, meta["tokenizer"]), os.path.join(out_dir, "tokenizer.bpe"))
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
               f"{tokens_per_iter:,} tokens/step | {len(train_ds):,} train windows")
+        if hasattr(optimizer, "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
+            count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
+            print(f"zero1: AdamW state for {count(optimizer.optim.param_groups):,} of the "
+                  f"{count(optimizer.param_groups):,} parameters on this process")
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
     def log(**row):
@@ -632,7 +668,7 @@ def main():
             metrics.flush()
 
     def checkpoint():  # every rank calls it (under FSDP, gathering the shards is a collective); rank 0 writes
-        if not master and not (sharding == "fsdp" and world > 1):
+        if not master and not (sharding != "ddp" and world > 1):
             return
         model_state, optimizer_state = full_state_dicts(raw_model, optimizer)
         if master:
