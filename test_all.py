@@ -1411,6 +1411,14 @@ def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path
     assert not (tmp_path / "out" / "latest.json").exists()
 
 
+@pytest.mark.parametrize("args, pattern", [(["--sharding=zero3"], r"sharding must be 'ddp', 'zero1' or 'fsdp'"),
+                                           (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype")])
+def test_unknown_sharding_and_sharding_with_fp16_are_refused(tiny_data, tmp_path, args, pattern):
+    _, base = copy_data(tiny_data, tmp_path)
+    with pytest.raises(SystemExit, match="^error: " + pattern):
+        fresh_main("train.py", *base, *args)
+
+
 @pytest.mark.parametrize("arg", ["--max_bad_steps=0", "--spike_factor=0.5"])
 def test_guard_settings_that_would_skip_every_update_are_refused(tiny_data, tmp_path, arg):
     _, args = copy_data(tiny_data, tmp_path)
