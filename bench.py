@@ -154,12 +154,13 @@ def bench_train():
     card's bf16 matmul rate, measured here (train.peak_flops). Memory: `state` is what stays allocated between
     steps (weights, AdamW moments, DDP's gradient buckets), `peak` the most during a step, `act` = peak - state
     (activations and temporaries: what gradient checkpointing and the fused loss shrink). Under torchrun every
-    rank runs every variant (sharding=ddp|fsdp picks the parallelism); rank 0 reports. With train_alone, each
+    rank runs every variant (sharding=ddp|zero1|fsdp picks the parallelism); rank 0 reports. With train_alone, each
     rank first runs the variant alone on its GPU (all at once), and `scaling` = world x their mean step time / the
     joint step time (2.0x for two GPUs is perfect). A variant that runs out of memory is reported as OOM and the
     next one runs. Prints a table last; writes train_json. E.g.
         CUDA_VISIBLE_DEVICES=0 python bench.py --mode=train --train_variants="; loss_chunk=0; grad_ckpt=full"
-        torchrun --standalone --nproc_per_node=2 bench.py --mode=train --train_variants="; sharding=fsdp" \
+        torchrun --standalone --nproc_per_node=2 bench.py --mode=train \
+            --train_variants="; sharding=zero1; sharding=fsdp" \
             --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
     import gc
     import json
