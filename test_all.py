@@ -1176,7 +1176,7 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny_dat
 
 
 @pytest.mark.parametrize("device", ["cpu"] + ["cuda"] * torch.cuda.is_available())  # cuda: on a GPU machine
-def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, tmp_path):
+def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, tmp_path, request):
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from model import GPT, GPTConfig
@@ -1189,6 +1189,7 @@ def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, t
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
         if zero:  # a one-process group is enough to build it
             dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+            request.addfinalizer(dist.destroy_process_group)  # even if an assert below fails
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)
         g = torch.zeros(len(GUARD_FIELDS), device=device)
         x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
@@ -1213,8 +1214,6 @@ def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, t
         assert state["in_row"] == state["total"] == 3 and state["tripped"] == 1 and state["good"] == 12
         assert step() == 1.0  # tripped: even a good step is held back until the host stops the run
         assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
-        if zero:
-            dist.destroy_process_group()
 
 
 def test_nan_loss_is_skipped_then_max_bad_steps_in_a_row_stop_with_the_weights_from_before(tiny_data, tmp_path):
