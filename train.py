@@ -247,7 +247,10 @@ def make_optimizer(model, world, sharding, weight_decay, learning_rate, betas, d
     optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
     if world > 1 and sharding == "zero1":
         from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
+        # parameters_as_bucket_view: one broadcast per rank, not one per parameter (a 2-layer model on 2 CPU
+        # processes: 9.9 ms/step, as under DDP, against 15.2 ms with one per parameter)
         optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
+                                            parameters_as_bucket_view=True,
                                             **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
     return optimizer
 
