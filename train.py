@@ -268,14 +268,15 @@ def full_state_dicts(model, optimizer):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
     if not hasattr(optimizer, "consolidate_state_dict"):  # all but ZeroRedundancyOptimizer
-        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+        return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
     optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
     sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
     names = zero_names(model, optimizer)
     state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
-    return get_model_state_dict(model, options=opts), dict(state=state, param_groups=groups)
+    return model_state, dict(state=state, param_groups=groups)
 
 
 def load_optimizer_state(model, optimizer, state):
@@ -670,7 +671,7 @@ def main():
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    def checkpoint():  # every rank calls it (under FSDP, gathering the shards is a collective); rank 0 writes
+    def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
         if not master and not (sharding != "ddp" and world > 1):
             return
         model_state, optimizer_state = full_state_dicts(raw_model, optimizer)
