@@ -100,16 +100,22 @@ class Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, out_dtype):
-        x8, sx = to_fp8(x, torch.float8_e4m3fn)
-        w8, sw = to_fp8(w, torch.float8_e4m3fn)
+        y, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)
         ctx.save_for_backward(x8, w8, sx, sw)
         ctx.dtypes = x.dtype, w.dtype  # the gradients come back in these
-        return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True)
+        return y
 
     @staticmethod
     def backward(ctx, g):  # g: (N, M)
         x8, w8, sx, sw = ctx.saved_tensors
         return *fp8_grads(*to_fp8(g, torch.float8_e5m2), x8, w8, sx, sw, ctx.dtypes), None
+
+
+def fp8_forward(x, w, out_dtype):
+    """y = x @ w.T with both operands in e4m3, and those operands (x8, w8 and their scales) for the backward."""
+    x8, sx = to_fp8(x, torch.float8_e4m3fn)
+    w8, sw = to_fp8(w, torch.float8_e4m3fn)
+    return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True), x8, w8, sx, sw
 
 
 def fp8_grads(g8, sg, x8, w8, sx, sw, dtypes):
@@ -130,9 +136,7 @@ class Float8LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, targets, out_dtype):  # x: (N, C), w: (vocab, C), targets: (N,)
-        x8, sx = to_fp8(x, torch.float8_e4m3fn)
-        w8, sw = to_fp8(w, torch.float8_e4m3fn)
-        logits = scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True)  # (N, vocab)
+        logits, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)  # (N, vocab)
         lse = torch.logsumexp(logits.float(), dim=-1)
         keep = targets != -1
         tgt = targets.clamp(min=0)
