@@ -90,6 +90,20 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
     return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
+def fp8_forward(x, w, out_dtype):
+    """y = x @ w.T with both operands in e4m3, and those operands (x8, w8 and their scales) for the backward."""
+    x8, sx = to_fp8(x, torch.float8_e4m3fn)
+    w8, sw = to_fp8(w, torch.float8_e4m3fn)
+    return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True), x8, w8, sx, sw
+
+
+def fp8_grads(g8, sg, x8, w8, sx, sw, dtypes):
+    """The gradients of x and w for y = x @ w.T, from y's gradient g8 * sg (e5m2) and the fp8 operands."""
+    gx = scaled_mm(g8, w8.t().contiguous().t(), sg, sw, dtypes[0])
+    gw = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), sg, sx, dtypes[1])  # (M, N) @ (N, K)
+    return gx, gw
+
+
 class Float8Matmul(torch.autograd.Function):
     """x @ w.T for x (N, K) and w (M, K), with both operands and the output's gradient in 8-bit floats: e4m3
     (more precision) forward, e5m2 (more range) for the gradient (Micikevicius et al. 2022, "FP8 formats for
@@ -109,20 +123,6 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, g):  # g: (N, M)
         x8, w8, sx, sw = ctx.saved_tensors
         return *fp8_grads(*to_fp8(g, torch.float8_e5m2), x8, w8, sx, sw, ctx.dtypes), None
-
-
-def fp8_forward(x, w, out_dtype):
-    """y = x @ w.T with both operands in e4m3, and those operands (x8, w8 and their scales) for the backward."""
-    x8, sx = to_fp8(x, torch.float8_e4m3fn)
-    w8, sw = to_fp8(w, torch.float8_e4m3fn)
-    return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True), x8, w8, sx, sw
-
-
-def fp8_grads(g8, sg, x8, w8, sx, sw, dtypes):
-    """The gradients of x and w for y = x @ w.T, from y's gradient g8 * sg (e5m2) and the fp8 operands."""
-    gx = scaled_mm(g8, w8.t().contiguous().t(), sg, sw, dtypes[0])
-    gw = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), sg, sx, dtypes[1])  # (M, N) @ (N, K)
-    return gx, gw
 
 
 class Float8LinearCrossEntropy(torch.autograd.Function):

@@ -269,7 +269,7 @@ def full_state_dicts(model, optimizer):
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
-    if not hasattr(optimizer, "consolidate_state_dict"):  # all but ZeroRedundancyOptimizer
+    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
         return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
     optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
     sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
@@ -283,7 +283,7 @@ def load_optimizer_state(model, optimizer, state):
     """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT), or into
     ZeRO, which keeps its rank's part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    if not hasattr(optimizer, "consolidate_state_dict"):  # all but ZeroRedundancyOptimizer
+    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
         return set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
     optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
