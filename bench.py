@@ -225,7 +225,7 @@ def bench_train():
                     with torch.device(device):  # initialised on the device: fast even for billions of parameters
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                              T.ddp_bucket_mb, T.fp8)
+                                              T.ddp_bucket_mb, T.fp8, T.bf16_residual)
                     optimizer = train.make_optimizer(raw, w, T.sharding, T.weight_decay, T.learning_rate,
                                                      (T.beta1, T.beta2), device)
                     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)

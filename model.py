@@ -361,6 +361,7 @@ class GPT(nn.Module):
         # training knobs that are not part of the architecture (train.py sets them; checkpoints don't store them)
         self.grad_ckpt = 0      # recompute every k-th block's activations in the backward instead of storing them
         self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
+        self.residual_dtype = None  # torch.bfloat16: the residual stream between blocks in 16 bits, not fp32
         self.loss_step = chunk_loss  # or its torch.compile
         self.logits_loss = logits_loss  # or its torch.compile
         self.fp8_loss = fp8_logits_loss  # or its torch.compile
@@ -427,6 +428,8 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(T, device=idx.device)
         x, rope = self.embed(idx, pos)  # (B, T, C)
+        if self.residual_dtype is not None:  # (under autocast the blocks add bf16 outputs to it, as Megatron does)
+            x = x.to(self.residual_dtype)
         mask = self.sdpa_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
         for i, block in enumerate(self.transformer.h):
             if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled():

@@ -905,6 +905,29 @@ def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply(
         train.parallelize(tiny_gpt(), "mps", 1, loss_chunk=0, fp8="head")
 
 
+def test_bf16_residual_keeps_the_stream_between_blocks_in_bf16_and_trains_like_fp32():
+    import train
+    x = torch.randint(0, 96, (16, 17))
+    x[:, 8:] = x[:, :9]                                # a repeat: something to learn beyond unigram counts
+    losses, seen = {}, []
+    for bf16_residual in (False, True):
+        torch.manual_seed(0)
+        model = tiny_gpt(bias=False)
+        run = train.parallelize(model, "cpu", 1, compile=True, loss_chunk=0, bf16_residual=bf16_residual)
+        model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+        for _ in range(40):
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = run(x[:, :-1], x[:, 1:])[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses[bf16_residual] = loss.item()
+        assert seen[-1] == (torch.bfloat16 if bf16_residual else torch.float32)
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert losses[False] < 3.0 and abs(losses[True] - losses[False]) < 0.05 * losses[False]
+
+
 @pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
 def test_sharded_two_processes_match_one_process_and_checkpoints_load_across_shardings(sharding, tiny_data,
                                                                                     tmp_path):
@@ -1411,8 +1434,9 @@ def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path
 
 
 @pytest.mark.parametrize("args, pattern", [(["--sharding=zero3"], r"sharding must be 'ddp', 'zero1' or 'fsdp'"),
-                                           (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype")])
-def test_unknown_sharding_and_sharding_with_fp16_are_refused(tiny_data, tmp_path, args, pattern):
+                                           (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype"),
+                                           (["--bf16_residual=True"], r"bf16_residual needs dtype bfloat16 .* float32")])
+def test_unknown_sharding_sharding_with_fp16_and_a_bf16_residual_without_bf16_are_refused(tiny_data, tmp_path, args, pattern):
     _, base = copy_data(tiny_data, tmp_path)
     with pytest.raises(SystemExit, match="^error: " + pattern):
         fresh_main("train.py", *base, *args)

@@ -89,6 +89,7 @@ sharding = "ddp"            # under torchrun: ddp (a full copy per process) | ze
 loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
 ddp_bucket_mb = 100         # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
 fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
+bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
 # faults: a bad update (loss NaN/Inf, or above spike_factor x its running average) is skipped, not applied
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
@@ -178,13 +179,14 @@ def ckpt_interval(grad_ckpt):
 
 
 def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
-                ddp_bucket_mb=100, fp8="none"):
+                ddp_bucket_mb=100, fp8="none", bf16_residual=False):
     """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
     gradient checkpointing, the logits-free loss and fp8 matmuls, then under torchrun shards the GPT in place
     (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this
     returns."""
     model.grad_ckpt = ckpt_interval(grad_ckpt)
     model.loss_chunk = loss_chunk
+    model.residual_dtype = torch.bfloat16 if bf16_residual else None
     if sharding not in ("ddp", "zero1", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
     if fp8 not in ("none", "head", "all"):
@@ -626,7 +628,11 @@ def main():
         raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
                          f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
     raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8)
+    if bf16_residual and ptdtype != torch.bfloat16:
+        raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
+                         f"--dtype=bfloat16 or --bf16_residual=False")
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8,
+                        bf16_residual)
     optimizer = make_optimizer(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device)
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
     iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
