@@ -428,7 +428,7 @@ class GPT(nn.Module):
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(T, device=idx.device)
         x, rope = self.embed(idx, pos)  # (B, T, C)
-        if self.residual_dtype is not None:  # (under autocast the blocks add bf16 outputs to it, as Megatron does)
+        if self.residual_dtype is not None:  # bf16: LayerNorms and residual adds move half the bytes (Megatron's way)
             x = x.to(self.residual_dtype)
         mask = self.sdpa_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
         for i, block in enumerate(self.transformer.h):

@@ -12,12 +12,12 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs (fp8); DDP; DDP with
-AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2 with sharding='fsdp' (ZeRO-3:
-parameters, gradients and AdamW state split, for models whose state does not fit one GPU). Checkpoints hold whole
-(unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's checkpoint, on any
-number of processes (the data position counts each process's batches, so on another number of processes the epoch
-goes on from a different window).
+logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs (fp8); a bf16 residual
+stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
+with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
+GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
+other's checkpoint, on any number of processes (the data position counts each process's batches, so on another
+number of processes the epoch goes on from a different window).
 Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
 same data (data_root) and a shared out_dir (only rank 0 writes; resuming reads it on every node).
 
@@ -627,10 +627,10 @@ def main():
     if sharding != "ddp" and ptdtype == torch.float16:
         raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
                          f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
-    raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
     if bf16_residual and ptdtype != torch.bfloat16:
         raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
                          f"--dtype=bfloat16 or --bf16_residual=False")
+    raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
     model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8,
                         bf16_residual)
     optimizer = make_optimizer(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device)
