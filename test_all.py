@@ -876,24 +876,29 @@ def test_compiled_training_forward_and_backward_are_one_graph_with_the_fp8_head_
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, (fp8, dict(counters))
 
 
+def bf16_training_loss(model, run, steps=40):
+    """The last loss of `steps` AdamW steps of run (the step module for model) under CPU bf16 autocast, on one
+    fixed batch of 16 rows that repeat themselves halfway: something to learn beyond unigram counts."""
+    x = torch.randint(0, 96, (16, 17), generator=torch.Generator().manual_seed(0))
+    x[:, 8:] = x[:, :9]
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(steps):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = run(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply():
     import train
     from model import Linear
-    x = torch.randint(0, 96, (16, 17))
-    x[:, 8:] = x[:, :9]                                # a repeat: something to learn beyond unigram counts
     losses = {}
     for fp8 in ("none", "head", "all"):
         torch.manual_seed(0)
         model = tiny_gpt(bias=False)
-        run = train.parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8)
-        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
-        for _ in range(40):
-            with torch.autocast("cpu", torch.bfloat16):
-                loss = run(x[:, :-1], x[:, 1:])[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses[fp8] = loss.item()
+        losses[fp8] = bf16_training_loss(model, train.parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8))
         assert model.lm_head.fp8 == (fp8 != "none") and model.transformer.h[0].mlp.c_fc.fp8 == (fp8 == "all")
     assert losses["none"] < 3.0  # from ln(96) = 4.6
     assert all(abs(losses[f] - losses["none"]) < 0.05 * losses["none"] for f in ("head", "all"))
@@ -907,22 +912,13 @@ def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply(
 
 def test_bf16_residual_keeps_the_stream_between_blocks_in_bf16_and_trains_like_fp32():
     import train
-    x = torch.randint(0, 96, (16, 17))
-    x[:, 8:] = x[:, :9]                                # a repeat: something to learn beyond unigram counts
     losses, seen = {}, []
     for bf16_residual in (False, True):
         torch.manual_seed(0)
         model = tiny_gpt(bias=False)
         run = train.parallelize(model, "cpu", 1, compile=True, loss_chunk=0, bf16_residual=bf16_residual)
         model.transformer.h[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
-        opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
-        for _ in range(40):
-            with torch.autocast("cpu", torch.bfloat16):
-                loss = run(x[:, :-1], x[:, 1:])[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses[bf16_residual] = loss.item()
+        losses[bf16_residual] = bf16_training_loss(model, run)
         assert seen[-1] == (torch.bfloat16 if bf16_residual else torch.float32)
         assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     assert losses[False] < 3.0 and abs(losses[True] - losses[False]) < 0.05 * losses[False]
