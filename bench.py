@@ -201,6 +201,7 @@ def bench_train():
             row = dict(variant=variant or "(common)", data=data, world=world, batch_size=T.batch_size,
                        block_size=T.block_size, grad_accum=T.gradient_accumulation_steps // world)
             dtype_name, ptdtype = train.resolve_dtype(T.dtype, device)
+            train.check_precision(dtype_name, T.sharding, T.bf16_residual)
             if data == "real":
                 data_dir = os.path.join(T.data_root, T.dataset)
                 if not os.path.isfile(os.path.join(data_dir, "meta.json")):

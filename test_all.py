@@ -973,6 +973,9 @@ def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
                                                          ("grad_ckpt=full loss_chunk=0", "real")]
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in rows)
     assert "tok/s" in p.stdout.splitlines()[-5]  # the table comes last
+    p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_variants=bf16_residual=True",
+            check=False)
+    assert p.returncode and "error: bf16_residual needs dtype bfloat16" in p.stderr  # as train.py refuses it
 
 
 def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_path):

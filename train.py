@@ -141,6 +141,16 @@ def resolve_dtype(dtype, device):
     return dtype, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def check_precision(dtype_name, sharding, bf16_residual):
+    """Refuses the precision settings that cannot go together, naming the fix."""
+    if sharding != "ddp" and dtype_name == "float16":
+        raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
+                         f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
+    if bf16_residual and dtype_name != "bfloat16":
+        raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
+                         f"--dtype=bfloat16 or --bf16_residual=False")
+
+
 def autocast(device, ptdtype):
     """Mixed precision: weights and optimizer state stay fp32, matmuls run in ptdtype."""
     if ptdtype == torch.float32:
@@ -584,6 +594,7 @@ def main():
     rank, local_rank, world, device = setup_distributed(device)
     master = rank == 0
     dtype_name, ptdtype = resolve_dtype(dtype, device)
+    check_precision(dtype_name, sharding, bf16_residual)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
     torch.backends.cudnn.allow_tf32 = True
     if gradient_accumulation_steps % world:
@@ -624,12 +635,6 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device)
-    if sharding != "ddp" and ptdtype == torch.float16:
-        raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
-                         f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
-    if bf16_residual and ptdtype != torch.bfloat16:
-        raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
-                         f"--dtype=bfloat16 or --bf16_residual=False")
     raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
     model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8,
                         bf16_residual)
