@@ -1435,7 +1435,8 @@ def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path
 @pytest.mark.parametrize("args, pattern", [(["--sharding=zero3"], r"sharding must be 'ddp', 'zero1' or 'fsdp'"),
                                            (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype"),
                                            (["--bf16_residual=True"], r"bf16_residual needs dtype bfloat16 .* float32")])
-def test_unknown_sharding_sharding_with_fp16_and_a_bf16_residual_without_bf16_are_refused(tiny_data, tmp_path, args, pattern):
+def test_unknown_sharding_and_precision_settings_that_cannot_go_together_are_refused(tiny_data, tmp_path, args,
+                                                                                   pattern):
     _, base = copy_data(tiny_data, tmp_path)
     with pytest.raises(SystemExit, match="^error: " + pattern):
         fresh_main("train.py", *base, *args)

@@ -191,9 +191,9 @@ def ckpt_interval(grad_ckpt):
 def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
                 ddp_bucket_mb=100, fp8="none", bf16_residual=False):
     """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
-    gradient checkpointing, the logits-free loss and fp8 matmuls, then under torchrun shards the GPT in place
-    (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT itself, not from what this
-    returns."""
+    gradient checkpointing, the logits-free loss, fp8 matmuls and the bf16 residual stream, then under torchrun
+    shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT
+    itself, not from what this returns."""
     model.grad_ckpt = ckpt_interval(grad_ckpt)
     model.loss_chunk = loss_chunk
     model.residual_dtype = torch.bfloat16 if bf16_residual else None
