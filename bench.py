@@ -20,6 +20,7 @@ train_warmup = 5
 train_data = "random"       # random | real | both (real: train.py's data_root/dataset train shards, if prepared)
 train_json = "out/bench/train.json"
 train_alone = True          # under torchrun: time each variant on every GPU alone first, for a scaling column
+train_profile = 0           # > 0: then profile this many more steps and print where a step's time goes, by kernel
 # --mode=generate: model.generate's tokens/s on random weights (GPT-2 124M and config/llama_124m.py shapes)
 gen_batches = (1, 64)
 gen_new_tokens = 512
@@ -148,6 +149,38 @@ def bench_bpe():
               f"bytes/token {bpt_ours / bpt_hf - 1:+.2%}")
 
 
+# kinds of kernel, told apart by name: cuBLAS (nvjet, gemm, cutlass), cuDNN/flash attention, NCCL, fused AdamW,
+# and the compiler's own kernels (Triton on GPUs, C++ on CPUs: norms, activations, the loss, casts)
+KERNEL_KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
+                "attention": ("flash", "fmha", "sdpa", "attention"), "communication": ("nccl", "gloo"),
+                "optimizer": ("adam",), "compiled": ("triton", "cpp_fused")}
+
+
+def profile_steps(step, n, cuda):
+    """Where a step's time goes: n steps under torch.profiler, per step: the busy time and kernel count (on the
+    GPU; on the CPU, the ops' own time), the time of each kind in KERNEL_KINDS, and the 12 longest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        ops = [(e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    else:
+        ops = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    ops = [(name, count / n, us / n / 1000) for name, count, us in ops]  # per step, in ms
+    kinds = {}
+    for name, _, ms in ops:
+        kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0) + ms
+    return dict(busy_ms=sum(ms for *_, ms in ops), kernels=sum(c for _, c, _ in ops), unit="kernels" if cuda else "ops",
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                top=sorted(ops, key=lambda op: -op[2])[:12])
+
+
 def bench_train():
     """ms/step, tokens/s, MFU and GPU memory of train.py's step, for each variant. Each variant is train.py's
     config: defaults, then train_config, then train_common, then the variant's overrides. MFU is against this
@@ -251,12 +284,17 @@ def bench_train():
                     sync()
                     dt = (time.perf_counter() - t0) / train_steps
                     tokens = T.batch_size * T.block_size * row["grad_accum"] * w  # per step, all w processes
+                    # the guard skips AdamW on a bad update (non-finite loss or gradients, a loss spike): such a
+                    # step is not one of training, and is cheaper
                     out.update(ms_per_step=1000 * dt, tokens_per_s=tokens / dt, tokens_per_s_per_gpu=tokens / dt / w,
                                mfu=raw.flops_per_token(T.block_size) * tokens / w / dt / peak_flops,
-                               loss=loss.item(), params_m=raw.num_params() / 1e6, dtype=dtype_name)
+                               loss=loss.item(), params_m=raw.num_params() / 1e6, dtype=dtype_name,
+                               skipped=int(guard[train.GUARD_FIELDS.index("total")].item()))
                     if cuda:
                         peak = torch.cuda.max_memory_allocated(device)
                         out.update(state_gib=state / 2**30, peak_gib=peak / 2**30, act_gib=(peak - state) / 2**30)
+                    if train_profile:
+                        out["profile"] = profile_steps(step, train_profile, cuda)
                 except torch.OutOfMemoryError:
                     out["oom"] = True
                 del raw, model, optimizer
@@ -295,6 +333,19 @@ def bench_train():
                  if "scaling" in r else "")
         say(f"{r['variant'][:44]:<44} {r['data']:<6} {r['ms_per_step']:8.1f} {r['tokens_per_s']:10,.0f} "
             f"{r['tokens_per_s_per_gpu']:10,.0f} {100 * r['mfu']:5.1f}%{mem}{alone}")
+    for r in rows:
+        if r.get("skipped"):
+            say(f"warning: {r['variant']} ({r['data']}): the guard skipped {r['skipped']} of its "
+                f"{train_warmup + train_steps} updates as bad (non-finite loss or gradients, or a spike), so its time is "
+                f"not that of training")
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            say(f"\nwhere a step's time goes, {r['variant']} ({r['data']}): {p['busy_ms']:.1f} ms busy, "
+                f"{p['kernels']:.0f} {p['unit']}\n  " + ", ".join(f"{k} {ms:.2f} ms ({100 * ms / p['busy_ms']:.0f}%)"
+                                                          for k, ms in p["kinds"].items()))
+            for name, count, ms in p["top"]:
+                say(f"  {ms:8.3f} ms {count:5.0f}x  {name[:100]}")
     train.leave_process_group(world)
 
 

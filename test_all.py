@@ -978,6 +978,29 @@ def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
     assert p.returncode and "error: bf16_residual needs dtype bfloat16" in p.stderr  # as train.py refuses it
 
 
+def test_bench_train_flags_a_variant_whose_updates_the_guard_skipped(tmp_path):
+    # a skipped update leaves AdamW out of the step, so its time is not that of training: the bench must say so
+    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 compile=False"
+    p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_variants=; learning_rate=1e30 grad_clip=0",
+            "--train_steps=2", "--train_warmup=1", f"--train_json={tmp_path / 'b.json'}")
+    fine, diverged = json.load(open(tmp_path / "b.json"))["rows"]
+    assert fine["skipped"] == 0 and diverged["skipped"] >= 1 and not np.isfinite(diverged["loss"])
+    assert "warning: learning_rate=1e30 grad_clip=0 (random): the guard skipped" in p.stdout
+    assert "warning: (common)" not in p.stdout
+
+
+def test_bench_train_profile_splits_a_step_into_kinds_of_kernel(tmp_path):
+    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 compile=False"
+    p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_steps=2", "--train_warmup=1",
+            "--train_profile=2", f"--train_json={tmp_path / 'b.json'}")
+    prof = json.load(open(tmp_path / "b.json"))["rows"][0]["profile"]
+    assert prof["busy_ms"] > 0 and prof["kinds"]["matmul"] > 0 and prof["kinds"]["optimizer"] > 0
+    assert sum(prof["kinds"].values()) == pytest.approx(prof["busy_ms"])  # every op in exactly one kind
+    times = [ms for *_, ms in prof["top"]]
+    assert len(times) == 12 and times == sorted(times, reverse=True) and times[0] <= prof["busy_ms"]
+    assert "where a step's time goes" in p.stdout and "aten::mm" in p.stdout
+
+
 def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_path):
     common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 gradient_accumulation_steps=2"
     p = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench.py", "--mode=train",
@@ -1020,14 +1043,16 @@ def replace(src, dst):  # FAULT=before_manifest:N: the N-th checkpoint is rename
     if fault == "before_manifest" and saves[0] == int(arg) and dst.endswith(".pt"):
         os.kill(os.getpid(), signal.SIGKILL)
 
-def forward(self, idx, targets=None):  # FAULT=nan:A-B / spike:A-B: steps A..B-1 (one micro-step each); oom
+def forward(self, idx, targets=None):  # FAULT=nan:A-B / spike:A-B / gradnan:A-B: steps A..B-1 (1 micro-step each)
     if fault == "oom":
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
     logits, loss = real_forward(self, idx, targets)
     if self.training and targets is not None:
         calls[0] += 1
         a, b = map(int, arg.split("-")) if "-" in arg else (0, 0)
-        if a <= calls[0] - 1 < b:
+        if a <= calls[0] - 1 < b and fault == "gradnan":  # a finite loss whose gradients are NaN
+            loss.register_hook(lambda g: g * float("nan"))
+        elif a <= calls[0] - 1 < b:
             loss = loss * float("nan") if fault == "nan" else loss * 10
     return logits, loss
 
@@ -1249,6 +1274,12 @@ def test_nan_loss_is_skipped_then_max_bad_steps_in_a_row_stop_with_the_weights_f
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     p = faults_run(tiny_data, out, "--init_from=resume", "--max_iters=50")  # the fault is gone: training goes on
     assert p.returncode == 0 and faults_ckpt(out)["iter_num"] == 50, p.stderr
+
+
+def test_non_finite_gradients_from_the_first_step_stop_with_an_error_naming_them(tiny_data, tmp_path):
+    # the loss is finite: the error must not call it a spike (and there is no running average yet to compare with)
+    p = faults_run(tiny_data, tmp_path / "out", "--max_bad_steps=3", FAULT="gradnan:0-1000")
+    one_line_error(p, r"^error: 3 bad updates in a row from step 0 \(non-finite gradients at loss [0-9.]+\);")
 
 
 @pytest.mark.parametrize("fault", ["nan", "spike"])

@@ -750,9 +750,12 @@ def main():
             bad_seen = total
             if tripped:
                 first = iter_num - int(in_row)
-                avg = ema / (1 - GUARD_BETA ** good)
+                avg = ema / (1 - GUARD_BETA ** good) if good else math.nan
+                # guard_update's three faults; its ema and good stay put over bad steps, so avg is the one it used
                 why = (f"loss {last}" if not math.isfinite(last) else
-                       f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}")
+                       f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
+                       if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
+                       f"non-finite gradients at loss {last:.4g}")
                 guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
                 checkpoint()
                 raise SystemExit(f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped "
