@@ -861,6 +861,34 @@ def test_fp8_head_loss_gives_the_cross_entropy_and_its_gradients_without_an_amax
     assert rel(x.grad, X.grad) < 0.1 and rel(w.grad, W.grad) < 0.1   # fp8's rounding, not a wrong scale or sign
 
 
+def test_fp8_casts_have_no_float_min_or_max_which_triton_miscompiles_beside_transposed_fp8_stores():
+    # triton-lang/triton#11111: a float min/max in a kernel that also stores a transposed fp8 copy can corrupt that
+    # copy on GPUs (NaN lm_head gradients, seen at 32x1024). So the fp8 code clamps with where: check the traced ops
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from model import Float8LinearCrossEntropy, Float8Matmul
+
+    def step(x, w, t):
+        loss, _ = Float8LinearCrossEntropy.apply(x, w, t, torch.float32)
+        y = Float8Matmul.apply(x, w[:48], torch.float32)
+        return torch.autograd.grad(loss + y.square().mean(), (x, w))
+
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(80, 32, requires_grad=True)
+    ops = {str(n.target) for n in make_fx(step)(x, w, torch.randint(-1, 80, (64,))).graph.nodes}
+    assert not {o for o in ops if any(m in o for m in ("clamp", "maximum", "minimum"))}, ops
+    assert "aten.where.self" in ops and "aten._to_copy.default" in ops  # the trace did see the casts
+
+
+def test_fp8_head_keeps_no_16_or_32_bit_logits_for_the_backward():
+    # the gradient is made in the forward, in e5m2: the backward holds 1 byte per logit, not the 2-4 of the logits
+    from model import Float8LinearCrossEntropy
+    saved = []
+    x, w = torch.randn(64, 32, requires_grad=True), torch.randn(80, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, logits = Float8LinearCrossEntropy.apply(x, w, torch.randint(0, 80, (64,)), torch.bfloat16)
+    big = [t for t in saved if t.numel() == logits.numel()]
+    assert [t.dtype for t in big] == [torch.float8_e5m2]
+
+
 def test_compiled_training_forward_and_backward_are_one_graph_with_the_fp8_head_too():
     # a graph break runs the rest eagerly: an fp8 head that broke torch 2.11's graph took 112 ms/step, not 58.5
     import train
