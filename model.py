@@ -142,13 +142,14 @@ class Float8LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, targets, out_dtype):  # x: (N, C), w: (vocab, C), targets: (N,)
         logits, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)  # (N, vocab)
-        lse = torch.logsumexp(logits.float(), dim=-1)
+        lf = logits.float()  # the loss and its gradient in fp32
+        lse = torch.logsumexp(lf, dim=-1)
         keep = targets != -1
         tgt = torch.where(keep, targets, 0)  # not clamp: see to_fp8
         n = keep.sum()
-        loss = torch.where(keep, lse - logits.gather(1, tgt[:, None]).squeeze(1).float(), 0.0).sum() / n
+        loss = torch.where(keep, lse - lf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum() / n
         onehot = torch.arange(logits.size(1), device=logits.device) == tgt[:, None]
-        g = ((logits.float() - lse[:, None]).exp() - onehot.float()) * keep[:, None]  # (N, vocab), in [-1, 1]
+        g = ((lf - lse[:, None]).exp() - onehot.float()) * keep[:, None]  # (N, vocab), in [-1, 1]
         g8 = (g * torch.finfo(torch.float8_e5m2).max).to(torch.float8_e5m2)
         ctx.save_for_backward(x8, w8, sx, sw, g8, n)
         ctx.dtypes = x.dtype, w.dtype

@@ -1078,10 +1078,11 @@ def forward(self, idx, targets=None):  # FAULT=nan:A-B / spike:A-B / gradnan:A-B
     if self.training and targets is not None:
         calls[0] += 1
         a, b = map(int, arg.split("-")) if "-" in arg else (0, 0)
-        if a <= calls[0] - 1 < b and fault == "gradnan":  # a finite loss whose gradients are NaN
-            loss.register_hook(lambda g: g * float("nan"))
-        elif a <= calls[0] - 1 < b:
-            loss = loss * float("nan") if fault == "nan" else loss * 10
+        if a <= calls[0] - 1 < b:
+            if fault == "gradnan":  # a finite loss whose gradients are NaN
+                loss.register_hook(lambda g: g * float("nan"))
+            else:
+                loss = loss * float("nan") if fault == "nan" else loss * 10
     return logits, loss
 
 torch.save, os.replace, model.GPT.forward = save, replace, forward
