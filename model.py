@@ -10,6 +10,7 @@ with a KV cache.
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64; logits: (B, T, vocab), detached if targets
     for next_id in model.generate(idx, 100, temperature=0.8, top_k=200): ...   # next_id: (B,)
 """
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -75,15 +76,31 @@ class Norm(nn.Module):
 
 def to_fp8(t, dtype):
     """t in 8-bit floats with one fp32 scale for the whole tensor, chosen so that its largest magnitude lands on
-    dtype's largest finite value (tensorwise dynamic scaling). Returns the fp8 tensor and the inverse scale.
-    The clamps are written as `where`, not clamp/min/max: compiled, a float min/max (PTX min.NaN/max.NaN) in a
-    kernel that also writes a transposed fp8 copy makes Triton corrupt that copy, for some of the launch configs
-    inductor autotunes (triton-lang/triton#11111): the likely cause of the NaN lm_head gradients seen on GPUs."""
+    dtype's largest finite value (tensorwise dynamic scaling). Returns the fp8 tensor and the inverse scale."""
     fmax = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float()
-    scale = fmax / torch.where(amax > 1e-12, amax, 1e-12)
-    x = t.float() * scale
-    return torch.where(x > fmax, fmax, torch.where(x < -fmax, -fmax, x)).to(dtype), scale.reciprocal()
+    scale = fmax / t.detach().abs().amax().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+@torch.library.custom_op("scratchlm::fp8_t", mutates_args=())
+def fp8_t(t: torch.Tensor) -> torch.Tensor:
+    """t.t().contiguous() for a 2-D fp8 tensor, as an op the compiler cannot fuse into the kernel that made t.
+    Fused, that kernel stores each fp8 value twice, as is and transposed, and Triton 3.6 (torch 2.11) miscompiles
+    the transposed store for 97 of the 147 launch configs we tried on an H100 (the bug of triton-lang/triton
+    #11111). Inductor autotunes the config, so some compiles trained on NaN gradients (every update skipped)."""
+    if t.is_cuda:  # compiled on its own, a transpose is correct for every config, and 6x faster than torch's copy
+        return compiled_transpose()(t)
+    return t.t().clone(memory_format=torch.contiguous_format)
+
+
+@fp8_t.register_fake
+def _(t):
+    return t.new_empty(t.shape[1], t.shape[0])
+
+
+@functools.cache
+def compiled_transpose():
+    return torch.compile(lambda t: t.t().contiguous(), dynamic=True)
 
 
 def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
@@ -104,8 +121,8 @@ def fp8_forward(x, w, out_dtype):
 
 def fp8_grads(g8, sg, x8, w8, sx, sw, dtypes):
     """The gradients of x and w for y = x @ w.T, from y's gradient g8 * sg (e5m2) and the fp8 operands."""
-    gx = scaled_mm(g8, w8.t().contiguous().t(), sg, sw, dtypes[0])
-    gw = scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), sg, sx, dtypes[1])  # (M, N) @ (N, K)
+    gx = scaled_mm(g8, fp8_t(w8).t(), sg, sw, dtypes[0])
+    gw = scaled_mm(fp8_t(g8), fp8_t(x8).t(), sg, sx, dtypes[1])  # (M, N) @ (N, K)
     return gx, gw
 
 
@@ -145,7 +162,7 @@ class Float8LinearCrossEntropy(torch.autograd.Function):
         lf = logits.float()  # the loss and its gradient in fp32
         lse = torch.logsumexp(lf, dim=-1)
         keep = targets != -1
-        tgt = torch.where(keep, targets, 0)  # not clamp: see to_fp8
+        tgt = targets.clamp(min=0)
         n = keep.sum()
         loss = torch.where(keep, lse - lf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum() / n
         onehot = torch.arange(logits.size(1), device=logits.device) == tgt[:, None]
