@@ -88,7 +88,7 @@ def fp8_t(t: torch.Tensor) -> torch.Tensor:
     Fused, that kernel stores each fp8 value twice, as is and transposed, and Triton 3.6 (torch 2.11) miscompiles
     the transposed store for 97 of the 147 launch configs we tried on an H100 (the bug of triton-lang/triton
     #11111). Inductor autotunes the config, so some compiles trained on NaN gradients (every update skipped)."""
-    if t.is_cuda:  # compiled on its own, a transpose is correct for every config, and 6x faster than torch's copy
+    if t.is_cuda:  # compiled on its own (right in all 147 configs), 6x faster than torch's copy kernel
         return compiled_transpose()(t)
     return t.t().clone(memory_format=torch.contiguous_format)
 
