@@ -201,9 +201,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
     if fp8 not in ("none", "head", "all"):
         raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
-    # fp8 inside the chunked loss was tried, and was 9-11% slower than fp8 on plain logits (GPT-2 at 32x1024, H100;
-    # timed before the fp8 fix that README tells of: only the direction stands). So fp8 for the head needs plain
-    # logits.
+    # fp8 inside the chunked loss was tried, and was slower than fp8 on plain logits (GPT-2 at 32x1024, H100; timed
+    # before the fp8 fix that README tells of, so only the direction stands). So fp8 for the head needs plain logits.
     if fp8 == "head" and loss_chunk:
         raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
                          "itself)")
