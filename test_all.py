@@ -992,10 +992,13 @@ def test_sharded_two_processes_match_one_process_and_checkpoints_load_across_sha
         assert "step 6/6" in p.stdout and load_checkpoint(str(tmp_path / d))["iter_num"] == 6
 
 
+# bench.py's train_common for a model that it times in seconds on a CPU
+TINY_BENCH = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384"
+
+
 def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
     data_root, name, _ = tiny_data
-    common = (f"n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 gradient_accumulation_steps=2 "
-              f"compile=False data_root={data_root} dataset={name}")
+    common = f"{TINY_BENCH} gradient_accumulation_steps=2 compile=False data_root={data_root} dataset={name}"
     p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_variants=; grad_ckpt=full loss_chunk=0",
             "--train_steps=2", "--train_warmup=1", "--train_data=both", f"--train_json={tmp_path / 'b.json'}")
     rows = json.load(open(tmp_path / "b.json"))["rows"]
@@ -1011,7 +1014,7 @@ def test_bench_train_runs_variants_at_tiny_size_on_cpu(tiny_data, tmp_path):
 
 def test_bench_train_flags_a_variant_whose_updates_the_guard_skipped(tmp_path):
     # a skipped update leaves AdamW out of the step, so its time is not that of training: the bench must say so
-    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 compile=False"
+    common = f"{TINY_BENCH} compile=False"
     p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_variants=; learning_rate=1e30 grad_clip=0",
             "--train_steps=2", "--train_warmup=1", f"--train_json={tmp_path / 'b.json'}")
     fine, diverged = json.load(open(tmp_path / "b.json"))["rows"]
@@ -1021,7 +1024,7 @@ def test_bench_train_flags_a_variant_whose_updates_the_guard_skipped(tmp_path):
 
 
 def test_bench_train_profile_splits_a_step_into_kinds_of_kernel(tmp_path):
-    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 compile=False"
+    common = f"{TINY_BENCH} compile=False"
     p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_steps=2", "--train_warmup=1",
             "--train_profile=2", f"--train_json={tmp_path / 'b.json'}")
     prof = json.load(open(tmp_path / "b.json"))["rows"][0]["profile"]
@@ -1033,7 +1036,7 @@ def test_bench_train_profile_splits_a_step_into_kinds_of_kernel(tmp_path):
 
 
 def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_path):
-    common = "n_layer=2 n_head=2 n_embd=32 block_size=16 batch_size=4 vocab_size=384 gradient_accumulation_steps=2"
+    common = f"{TINY_BENCH} gradient_accumulation_steps=2"
     p = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench.py", "--mode=train",
             f"--train_common={common}", "--train_steps=3", "--train_warmup=1", f"--train_json={tmp_path / 'b.json'}",
             env={"OMP_NUM_THREADS": "1"})
