@@ -6,9 +6,9 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py # one node of 8 GPUs
     torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py --sharding=fsdp --grad_ckpt=full
     # 2 nodes x 8 GPUs: the same command on both nodes, --node_rank=1 on the second; HOST = node 0's address
-    # (any free port); 16 processes need gradient_accumulation_steps divisible by 16 (15 x 1024 x 32 = 491,520)
+    # (any free port); gradient_accumulation_steps must divide by the 16 processes (the recipe's 16 does)
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_id=gpt2 --rdzv_backend=c10d \
-        --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py --batch_size=15 --gradient_accumulation_steps=32
+        --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
