@@ -649,6 +649,14 @@ def test_training_lowers_val_loss_and_logs_metrics(tiny_data, tmp_path):
     assert os.path.exists(tmp_path / "tokenizer.bpe") and "step 30" in p.stdout
 
 
+def test_logged_step_rate_leaves_evaluation_out(tiny_data, tmp_path):
+    # the evaluation at step 8 (2 x 200 batches, some 100 steps' worth of time) falls in the window of steps 9-12
+    tiny_train(tiny_data, tmp_path, "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=8", "--eval_iters=200",
+               "--log_interval=4", "--gradient_accumulation_steps=1")
+    ms = {r["step"]: r["ms_per_step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r}
+    assert ms[12] < 5 * max(ms[4], ms[8]), ms
+
+
 def test_resume_is_bit_exact(tiny_data, tmp_path):
     common = ["--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1"]  # dropout: RNG replays too
     tiny_train(tiny_data, tmp_path / "once", *common)

@@ -705,6 +705,9 @@ def main():
     t_start = t0
     while True:
         if (iter_num % eval_interval == 0 and iter_num != start_iter) or iter_num == max_iters:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
+            t_eval = time.time()
             losses = evaluate(model, loaders, ctx, eval_iters, world, device)
             bpb = losses["val"] / math.log(2) / bytes_per_token
             if master:
@@ -714,6 +717,7 @@ def main():
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 checkpoint()
+            t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
         if iter_num >= max_iters:
             break
 
