@@ -9,7 +9,7 @@ Post-training, the four stages of InstructGPT-style RLHF plus DPO, in one file:
 
 Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
 `{"prompt", "chosen", "rejected"}`; PPO prompts `{"prompt"}`. A prompt is a string (one user turn) or a list of
-messages. The chat template is sample.py's `encode_chat`. Real data (e.g. HH-RLHF converted to these fields) works
+messages. The chat template is bpe.py's `encode_chat`. Real data (e.g. HH-RLHF converted to these fields) works
 the same way; the built-in task below needs no download:
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
@@ -45,8 +45,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import configure
-from sample import encode_chat, load
-from train import autocast, get_lr, load_checkpoint, model_from_checkpoint, resolve_dtype, save_checkpoint
+from bpe import encode_chat
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from sample import load
+from train import autocast, get_lr, resolve_dtype
 
 # -----------------------------------------------------------------------------
 stage = "sft"               # task | sft | label | rm | ppo | dpo

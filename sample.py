@@ -17,7 +17,9 @@ import torch
 
 import bpe
 from configurator import configure
-from train import load_checkpoint, model_from_checkpoint, resolve_dtype, autocast, setup_distributed
+from bpe import encode_chat
+from checkpoint import load_checkpoint, model_from_checkpoint
+from train import resolve_dtype, autocast, setup_distributed
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -47,35 +49,6 @@ def load(out_dir, device):
 
 
 # ---------------------------------------------------------------------------- chat
-# The chat template: a conversation is rendered as
-#     <|endoftext|><|system|>...<|end|><|user|>...<|end|><|assistant|>...<|end|><|user|>...
-# The leading <|endoftext|> starts a fresh document, as every pretraining document does. Contents are encoded
-# as ordinary text, so a user who types "<|end|>" gets those characters, never the control token.
-CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-
-
-def encode_chat(tok, messages, add_generation_prompt=False):
-    """messages [{"role": "system"|"user"|"assistant", "content": str}] -> (ids, mask). mask is True exactly on
-    the tokens SFT learns: each assistant content and its closing <|end|>. add_generation_prompt appends
-    <|assistant|>, where the model takes over."""
-    missing = [s for s in CHAT_TOKENS + ("<|endoftext|>",) if s not in tok.special_tokens]
-    if missing:
-        raise SystemExit(f"error: the tokenizer lacks the chat tokens {' '.join(missing)}; re-run prepare.py, "
-                         f"whose bpe.py tokenizers have them (see the note under chat_loop for an old tokenizer)")
-    sp = tok.special_tokens
-    ids, mask = [sp["<|endoftext|>"]], [False]
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise SystemExit(f"error: a chat message must be {{'role': system|user|assistant, 'content': str}}, "
-                             f"got {str(m)[:80]}")
-        body = tok.encode_ordinary(m["content"]) + [sp["<|end|>"]]
-        ids += [sp[f"<|{m['role']}|>"]] + body
-        mask += [False] + [m["role"] == "assistant"] * len(body)
-    if add_generation_prompt:
-        ids.append(sp["<|assistant|>"])
-        mask.append(False)
-    return ids, mask
 
 
 def chat_loop(model, tok, device, ptdtype):

@@ -612,7 +612,7 @@ def tiny_train(tiny_data, out_dir, *extra, torchrun=0, check=True):
 
 
 def final_params(out_dir):
-    from train import load_checkpoint
+    from checkpoint import load_checkpoint
     return load_checkpoint(str(out_dir))["model"]
 
 
@@ -968,7 +968,8 @@ def test_sharded_two_processes_match_one_process_and_checkpoints_load_across_sha
                                                                                     tmp_path):
     import shutil
     from model import GPT, GPTConfig
-    from train import load_checkpoint, load_optimizer_state, model_from_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from train import load_optimizer_state
     common = ["--max_iters=4", "--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2"]
     tiny_train(tiny_data, tmp_path / "single", *common)
     p = tiny_train(tiny_data, tmp_path / "sharded", *common, f"--sharding={sharding}", torchrun=2)
@@ -1129,7 +1130,7 @@ def faults_run(tiny_data, out_dir, *extra, **env):
 
 def faults_ckpt(out_dir, name=None):
     """The checkpoint named (ckpt-NNNNNNN.pt) or the verified latest one."""
-    from train import load_checkpoint
+    from checkpoint import load_checkpoint
     if name:
         return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
     return load_checkpoint(str(out_dir))
@@ -1342,63 +1343,63 @@ def test_cuda_oom_at_the_first_step_is_a_one_line_hint(tiny_data, tmp_path):
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
-    import train
+    import checkpoint
     state = lambda it: dict(iter_num=it, model={"w": torch.full((4,), float(it))})
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(SystemExit, match=r"^error: could not save .*No space left on device.*no earlier checkpoint"):
-        train.save_checkpoint(str(tmp_path), state(10))
+        checkpoint.save_checkpoint(str(tmp_path), state(10))
     monkeypatch.undo()
-    train.save_checkpoint(str(tmp_path), state(10))
+    checkpoint.save_checkpoint(str(tmp_path), state(10))
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(SystemExit, match=r"No space left on device\); the previous checkpoint .*ckpt-0000010.pt is "
                                          r"intact; free disk space"):
-        train.save_checkpoint(str(tmp_path), state(20))
+        checkpoint.save_checkpoint(str(tmp_path), state(20))
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000010.pt", "latest.json"]  # no half-written leftovers
-    assert torch.equal(train.load_checkpoint(str(tmp_path))["model"]["w"], torch.full((4,), 10.0))
+    assert torch.equal(checkpoint.load_checkpoint(str(tmp_path))["model"]["w"], torch.full((4,), 10.0))
 
 
 def test_corrupt_truncated_or_foreign_checkpoints_are_refused_clearly(tmp_path):
     import hashlib
-    import train
-    train.save_checkpoint(str(tmp_path), dict(iter_num=1, model={"w": torch.ones(1000)}))
+    import checkpoint
+    checkpoint.save_checkpoint(str(tmp_path), dict(iter_num=1, model={"w": torch.ones(1000)}))
     path, good = tmp_path / "ckpt-0000001.pt", (tmp_path / "ckpt-0000001.pt").read_bytes()
     manifest = json.loads((tmp_path / "latest.json").read_text())
     for bad in (good[:len(good) // 2], good[:100] + bytes([good[100] ^ 1]) + good[101:]):  # truncated, one bit flipped
         path.write_bytes(bad)
         with pytest.raises(SystemExit, match="^error: checkpoint .* is corrupt or truncated"):
-            train.load_checkpoint(str(tmp_path))
+            checkpoint.load_checkpoint(str(tmp_path))
 
     class Payload:  # a pickle that would run code when loaded: weights_only refuses it
         def __reduce__(self):
             return (os.system, ("echo pwned",))
     import pickle
-    evil = pickle.dumps({"format": train.CKPT_FORMAT, "x": Payload()}, protocol=2)
+    evil = pickle.dumps({"format": checkpoint.CKPT_FORMAT, "x": Payload()}, protocol=2)
     path.write_bytes(evil)
     (tmp_path / "latest.json").write_text(json.dumps(dict(manifest, sha256=hashlib.sha256(evil).hexdigest())))
     with pytest.raises(SystemExit, match="^error: cannot load checkpoint .*only checkpoints written by train.py"):
-        train.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     (tmp_path / "latest.json").write_text('{"file": "ckpt-0000001.pt", "sha')  # torn manifest
     with pytest.raises(SystemExit, match="latest.json is corrupt"):
-        train.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     (tmp_path / "latest.json").write_text(json.dumps(dict(manifest, format=99)))
     with pytest.raises(SystemExit, match="checkpoint format 99"):
-        train.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
     os.remove(tmp_path / "latest.json")
     with pytest.raises(SystemExit, match="no checkpoint in"):
-        train.load_checkpoint(str(tmp_path))
+        checkpoint.load_checkpoint(str(tmp_path))
 
 
 def test_load_checkpoint_reads_onto_the_cpu_with_weights_only(tmp_path, monkeypatch):
-    import train
-    train.save_checkpoint(str(tmp_path), dict(iter_num=3, model={"w": torch.arange(5.0)}))
+    import checkpoint
+    checkpoint.save_checkpoint(str(tmp_path), dict(iter_num=3, model={"w": torch.arange(5.0)}))
     seen = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k) or real(*a, **k))
-    ckpt = train.load_checkpoint(str(tmp_path))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path))
     assert seen == [dict(map_location="cpu", weights_only=True)] and ckpt["model"]["w"].device.type == "cpu"
 # ==== end train.py (faults) ====
 
@@ -1627,7 +1628,7 @@ def chat_tokenizer():
 
 
 def test_chat_template_masks_exactly_the_assistant_content_and_its_end():
-    from sample import encode_chat
+    from bpe import encode_chat
     tok = chat_tokenizer()
     sp = tok.special_tokens
     msgs = [dict(role="system", content="be brief"), dict(role="user", content="hi"),
@@ -1688,7 +1689,7 @@ def rlhf_tiny(tmp_path_factory):
     demonstrators answer "1+1=2" or "1+1=3" at random, the labeler prefers the first. Returns the stages' out_dirs."""
     import bpe
     from model import GPT, GPTConfig
-    from train import save_checkpoint
+    from checkpoint import save_checkpoint
     d = tmp_path_factory.mktemp("rlhf")
     tok = bpe.train(["12+34=46\n"], 261)
     os.makedirs(d / "base")
@@ -1790,7 +1791,7 @@ def test_resume_continues_from_the_checkpoint(rlhf_tiny, tmp_path):
 
 def test_sft_targets_mask_exactly_the_non_assistant_tokens():
     import rlhf
-    from sample import encode_chat
+    from bpe import encode_chat
     tok = chat_tokenizer()
     msgs = [dict(role="user", content="hi"), dict(role="assistant", content="yo"),
             dict(role="user", content="1+1="), dict(role="assistant", content="2")]

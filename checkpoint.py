@@ -1,0 +1,109 @@
+"""
+Checkpoint I/O shared by every script that reads or writes a model: train, sample, rlhf, eval, export, bench.
+
+out_dir/ckpt-NNNNNNN.pt are torch.save files; out_dir/latest.json names the newest complete one and its
+sha256. Each file is written under a temporary name, fsynced and renamed, and latest.json is replaced
+only after that: a kill at any moment leaves latest.json pointing at a whole, verified checkpoint.
+Loading verifies the checksum and uses torch.load(weights_only=True): a checkpoint can never run code.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+from model import GPT, GPTConfig
+
+CKPT_FORMAT = 1
+
+
+class HashingWriter:
+    """A file wrapper that hashes what torch.save writes, so the checksum costs no second read."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def atomic_write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(out_dir, state, keep=2):
+    name = f"ckpt-{state['iter_num']:07d}.pt"
+    path = os.path.join(out_dir, name)
+    manifest = os.path.join(out_dir, "latest.json")
+    try:
+        with open(path + ".tmp", "wb") as f:
+            w = HashingWriter(f)
+            torch.save(dict(state, format=CKPT_FORMAT), w)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        atomic_write_json(manifest, dict(file=name, sha256=w.sha.hexdigest(), format=CKPT_FORMAT,
+                                         iter_num=state["iter_num"]))
+    except OSError as e:  # disk full (ENOSPC), quota, I/O error: latest.json still names the previous checkpoint
+        for p in (path + ".tmp", manifest + ".tmp"):
+            if os.path.exists(p):
+                os.remove(p)
+        try:
+            with open(manifest) as f:
+                prev = f"the previous checkpoint {os.path.join(out_dir, json.load(f)['file'])} is intact"
+        except (OSError, ValueError, KeyError, TypeError):
+            prev = "there is no earlier checkpoint"
+        raise SystemExit(f"error: could not save checkpoint {path} ({e.strerror or e}); {prev}; free disk space "
+                         f"or change out_dir, then resume with --init_from=resume") from None
+    # keep the newest `keep`; leftovers of a save that was killed (*.tmp) go too. Never the one just named.
+    old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
+    for f in old[:-keep] + [f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt.tmp")]:
+        if f != name:
+            os.remove(os.path.join(out_dir, f))
+    return path
+
+
+def load_checkpoint(out_dir):
+    """The latest checkpoint of out_dir, verified, on the CPU (so resuming needs no extra GPU memory)."""
+    manifest = os.path.join(out_dir, "latest.json")
+    if not os.path.isfile(manifest):
+        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); train one with train.py")
+    try:
+        with open(manifest) as f:
+            m = json.load(f)
+        path, sha = os.path.join(out_dir, m["file"]), m["sha256"]
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or not UTF-8
+        raise SystemExit(f"error: {manifest} is corrupt; delete out_dir to start over") from None
+    if m.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"error: {path} has checkpoint format {m.get('format')}, this code reads {CKPT_FORMAT}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: checkpoint {path} named by {manifest} is missing")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    if h.hexdigest() != sha:
+        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated (sha256 mismatch); restore it or "
+                         f"start over with init_from='scratch'")
+    try:  # on the CPU first: resuming never needs more GPU memory than the run itself
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the checksum matched, so it was written so: by other code, or holding pickled code
+        raise SystemExit(f"error: cannot load checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                         f"only checkpoints written by train.py can be loaded") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"error: {path} is not a format-{CKPT_FORMAT} train.py checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model
