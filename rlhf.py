@@ -595,20 +595,25 @@ def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_o
     model.eval()
     prompts = [p for p in prompts for _ in range(group)]  # a prompt's samples are adjacent: the groups are rows
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
+    B = len(prompts)
+    # one update on all the samples (TRL's default): the policy is still the one that sampled, so the ratio is
+    # exactly 1 and old_logp is the update's own forward, detached; no extra forward for it
+    one_update = epochs == 1 and minibatch >= B and not (leave_one_out and beta)
     with torch.no_grad(), ctx:
-        old_logp = token_logprobs(model(ids)[0] / temperature, ids)
+        old_logp = None if one_update else token_logprobs(model(ids)[0] / temperature, ids)
         ref_logp = token_logprobs(ref(ids)[0] / temperature, ids) if beta else None
         score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
     reward = score - beta * ((old_logp - ref_logp) * mask).sum(1) if leave_one_out and beta else score
     adv = rloo_advantages(reward, group) if leave_one_out else group_advantages(reward, group, scale_rewards)
     model.train()
-    stats, n, B = dict(loss=0.0, clipfrac=0.0, kl=0.0), 0, len(prompts)
+    stats, n = dict(loss=0.0, clipfrac=0.0, kl=0.0), 0
     for _ in range(epochs):
         for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
             mb = mb.to(ids.device)
             with ctx:
                 logp = token_logprobs(model(ids[mb])[0] / temperature, ids[mb])
-            loss, cf, kl = grpo_loss(logp, old_logp[mb], None if ref_logp is None else ref_logp[mb], adv[mb],
+            loss, cf, kl = grpo_loss(logp, logp.detach() if one_update else old_logp[mb],
+                                     None if ref_logp is None else ref_logp[mb], adv[mb],
                                      mask[mb], clip, 0.0 if leave_one_out else beta, loss_type, max_new)
             optimize(opt, loss, grad_clip)
             for k, v in zip(stats, (loss, cf, kl)):
