@@ -2030,6 +2030,14 @@ def test_missing_parents_name_the_command_that_makes_them(rlhf_tiny, tmp_path):
         rlhf_run(rlhf_online_args(rlhf_tiny, "grpo", tmp_path / "g", f"--init_from={tmp_path}/none"))
 
 
+def test_label_stage_that_finds_no_pair_says_so_instead_of_writing_an_empty_file(rlhf_tiny):
+    d = rlhf_tiny["data"]  # the untrained base model never answers right: no comparison to make
+    with pytest.raises(SystemExit, match=r"^error: no prompt of the 8 got both a right and a wrong answer in 8 "
+                                         r"samples; train the SFT model .* longer"):
+        rlhf_run(["--stage=label", "--device=cpu", f"--init_from={rlhf_tiny['base']}", f"--data={d}/prompts.jsonl",
+                  f"--label_out={d}/none.jsonl", "--label_prompts=8", "--label_val_prompts=4", "--max_new_tokens=7"])
+
+
 @pytest.mark.parametrize("args, pattern", [
     (["--stage=grpo", "--loss_type=ipo"], "loss_type for stage grpo must be one of grpo, dapo, dr_grpo"),
     (["--stage=dpo", "--loss_type=dapo"], "loss_type for stage dpo must be one of sigmoid, ipo"),
