@@ -824,9 +824,9 @@ def run_label(config):
     for path, ps in ((label_out, prompts[:label_prompts]), (val_out, prompts[len(prompts) - label_val_prompts:])):
         t0 = time.time()
         pairs = label_pairs(model, tok, ps, ctx, gen, label_samples, max_new_tokens, temperature)
-        if not pairs:
-            raise SystemExit(f"error: no prompt of the {len(ps)} got both a right and a wrong answer in {label_samples} "
-                             f"samples; train the SFT model ({init_from}) longer, or raise label_samples")
+        if ps and not pairs:
+            raise SystemExit(f"error: no prompt of the {len(ps)} got both a right and a wrong answer in "
+                             f"{label_samples} samples; train the SFT model ({init_from}) longer, or raise label_samples")
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in pairs)
         n = len({r["prompt"] for r in pairs})
