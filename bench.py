@@ -37,7 +37,7 @@ gen_device = "auto"
 gen_out_dir = "out/bench"
 # --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
 speedrun_config = "config/speedrun_small.py"     # the recipe
-speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens
+speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens; "": none
 speedrun_variants = ""      # ";"-separated overrides of the recipe, one row each (the ablation): "unet_skips=False"
 speedrun_common = ""        # overrides for every run ("device=cpu max_iters=50" for a quick check)
 speedrun_seeds = 3
@@ -567,7 +567,7 @@ def speedrun_one(config, overrides, seed, out_dir):
     import time
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
-           f"--seed={seed}", f"--out_dir={out_dir}", "--always_save_checkpoint=False"]
+           f"--seed={seed}", f"--out_dir={out_dir}", "--save_checkpoints=False"]
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
@@ -596,7 +596,9 @@ def bench_speedrun():
     import statistics
     import time
     speedrun_data()
-    runs = [("baseline", speedrun_baseline, "")] + [("recipe", speedrun_config, "")]
+    if not speedrun_baseline and not speedrun_target:
+        raise SystemExit("error: speedrun_baseline='' needs a speedrun_target (the val loss to reach)")
+    runs = ([("baseline", speedrun_baseline, "")] if speedrun_baseline else []) + [("recipe", speedrun_config, "")]
     runs += [(v.strip(), speedrun_config, v.strip()) for v in speedrun_variants.split(";") if v.strip()]
     results = {}
     jobs = [(name, config, ov, seed) for name, config, ov in runs for seed in range(speedrun_seeds)]
@@ -617,7 +619,7 @@ def bench_speedrun():
             results.setdefault(name, []).append(dict(seed=seed, rows=rows, wall=time.time() - t0))
             print(f"{name} seed {seed}: best val {min(r['val_loss'] for r in rows if 'val_loss' in r):.4f}, "
                   f"{time.time() - t0:.1f}s", flush=True)
-    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results["baseline"]]
+    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results.get("baseline", [])]
     target = speedrun_target or statistics.mean(base_best)
     ms = lambda xs: (f"{statistics.mean(xs):.4g} +- {statistics.stdev(xs):.2g}" if len(xs) > 1 else
                      f"{xs[0]:.4g}") if xs and all(x == x for x in xs) else "-"

@@ -58,6 +58,7 @@ eval_iters = 20             # batches per split for an evaluation (at most one p
 eval_train = True           # also estimate the train split's loss at each evaluation
 log_interval = 10
 always_save_checkpoint = True  # else only when val loss improves
+save_checkpoints = True     # False: write none at all (benchmarks, speedruns)
 init_from = "scratch"       # scratch | resume (from out_dir's latest checkpoint)
 # data
 dataset = "stdlib"          # reads data_root/dataset/, made by prepare.py
@@ -663,7 +664,7 @@ def main():
             metrics.flush()
 
     def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
-        if not master and not (sharding != "ddp" and world > 1):
+        if not save_checkpoints or (not master and not (sharding != "ddp" and world > 1)):
             return
         model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
         if master:
