@@ -11,7 +11,8 @@ Each GPTConfig layout maps to the transformers architecture that computes exactl
   - learned positions + LayerNorm + GELU (model.py's default): GPT2LMHeadModel. GPT-2's Conv1D stores each
     matrix transposed, and it always has biases: a model with bias=False is written with zero biases (exact:
     adding zero changes nothing) and config.json says "scratchlm_bias": false, so importing drops them again.
-  - RoPE + RMSNorm + SwiGLU (+ grouped-query attention): LlamaForCausalLM; with sliding_window,
+  - RoPE + RMSNorm + SwiGLU (+ grouped-query attention): LlamaForCausalLM (bias=True: its attention_bias and
+    mlp_bias); q and k rows reordered for its rotate_half RoPE (see rope_order); with sliding_window,
     MistralForCausalLM (the same window: a token sees itself and the window-1 tokens before it).
   - anything else (qk_norm, relu2, mixed layouts, a GPTConfig field this file does not know) is a one-line error.
 The model's vocab_size is the tokenizer's padded up to a multiple of 128: config.json keeps the model's size (HF
