@@ -1922,3 +1922,226 @@ def test_task_writes_every_file_and_holds_problems_out(tmp_path):
     assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1 and rlhf.task_reward(r["prompt"], r["rejected"]) == 0
                for r in prefs)
 # ==== end rlhf.py ====
+
+
+# ============================================================ export
+# export.py: a GPT to a transformers directory and back, checked against transformers' own forward, generate,
+# tokenizer and chat template. Needs transformers and safetensors (test-only dependencies).
+import dataclasses
+import re
+import runpy
+
+EXPORT_LAYOUTS = {  # layout name -> GPTConfig options; each exercises a different mapping
+    "gpt2": {},  # biases, tied
+    "gpt2_no_bias_untied": dict(bias=False, tie_embeddings=False, mlp_hidden=96),  # config/small.py's kind
+    "llama_gqa": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, rope_theta=5e5),
+    "llama_mqa_bias_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=True,
+                                  tie_embeddings=False, mlp_hidden=96),
+    "mistral_window": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
+                           sliding_window=5, tie_embeddings=False),
+}
+HF_CLASS = dict(gpt2="GPT2LMHeadModel", llama="LlamaForCausalLM", mistral="MistralForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers, imported once for the whole block (the import alone takes seconds)."""
+    pytest.importorskip("safetensors")
+    return pytest.importorskip("transformers")
+
+
+def export_gpt(seed=0, **kw):
+    """A random 2-layer GPT of width 64 over bpe_tok's 1000 ids padded to 1024, with N(0, 0.05) noise on every
+    parameter so that biases and norm gains are not left at their 0 / 1 init (a lost bias would go unseen)."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1024, block_size=64), **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", EXPORT_LAYOUTS)
+def test_export_transformers_forward_gives_our_logits(name, hf, bpe_tok, tmp_path, one_thread):
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    layout = export.export(model, bpe_tok, str(tmp_path))
+    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == HF_CLASS[layout]
+    x = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))  # 48 > the window of 5
+    with torch.no_grad():
+        ours, hf_logits = model(x)[0], theirs(x).logits
+    assert (hf_logits - ours).abs().max() <= 1e-5 * ours.abs().max()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral_window"])
+def test_export_transformers_generate_with_its_cache_gives_our_greedy_tokens(name, hf, bpe_tok, tmp_path, one_thread):
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    export.export(model, bpe_tok, str(tmp_path))
+    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    prompt = torch.tensor([bpe_tok.encode("def main():\n    x = 1")])
+    ours = torch.stack(list(model.generate(prompt, 24, temperature=0, n_vocab=bpe_tok.vocab_size)), 1)[0].tolist()
+    new = theirs.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.size(1):].tolist()
+    stops = {bpe_tok.eot, bpe_tok.special_tokens["<|end|>"]}  # generation_config.json's eos_token_id
+    assert new == ours[:len(new)] and (len(new) == 24 or new[-1] in stops)
+    assert max(ours) < bpe_tok.vocab_size and max(new) < bpe_tok.vocab_size  # padding ids are never sampled
+
+
+@pytest.mark.parametrize("name", EXPORT_LAYOUTS)
+def test_export_then_import_gives_back_the_same_config_and_bits(name, bpe_tok, tmp_path):
+    pytest.importorskip("safetensors")
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    export.export(model, bpe_tok, str(tmp_path))
+    args, sd = export.load_hf(str(tmp_path))
+    assert args == dataclasses.asdict(model.config)
+    ref = model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) and sd[k].dtype == ref[k].dtype for k in ref)
+    assert export.tokenizer_from_hf(str(tmp_path)).hash == bpe_tok.hash
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_export_tokenizer_json_gives_tiktokens_ids_on_adversarial_text(pattern, hf, bpe_tok, tmp_path):
+    import tokenizers
+    import export
+    tok = bpe_tok if pattern == "gpt4" else bpe.train(BPE_CORPUS, 600, pattern=bpe.GPT2_PATTERN)
+    with open(tmp_path / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(export.tokenizer_json(tok), f)
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(0)
+    specials = "<|endoftext|>x<|user|> hi<|end|>\n<|assistant|><|system|><|endoftext|><|endoftext|>"
+    texts = ADVERSARIAL + [random_unicode(rng, 60) for _ in range(500)] + [BPE_CORPUS[0][:4000], BPE_CORPUS[-1],
+                                                                          specials, " <|end|> " * 3 + "1,234.5e6\r\n"]
+    for text in texts:
+        ids = tok.encode(text, allowed_special="all")  # HF matches special tokens anywhere in the text
+        assert theirs.encode(text).ids == ids, text
+        assert theirs.decode(ids, skip_special_tokens=False) == text
+
+
+def test_export_autotokenizer_and_chat_template_give_encode_chats_ids_and_mask(hf, bpe_tok, tmp_path):
+    import export
+    export.export(export_gpt(), bpe_tok, str(tmp_path))
+    theirs = hf.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "x = 3  # 東京 🎉\r\n\n\n   <|endoftext|>  y"
+    assert theirs(text)["input_ids"] == bpe_tok.encode(text, allowed_special="all")
+    chat = [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "What is 12+30?  🎉"},
+            {"role": "assistant", "content": " 42\n\n  done"}, {"role": "user", "content": "東京 again\r\n"}]
+    for messages, gen in ((chat, True), (chat[:3], False), (chat[:1], True)):
+        ids, mask = bpe.encode_chat(bpe_tok, messages, add_generation_prompt=gen)
+        out = theirs.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        assert out["input_ids"] == ids
+        assert [bool(m) for m in out["assistant_masks"]] == mask
+
+
+def test_export_tokenizer_json_in_gpt2s_own_form_imports_exactly(hf, tmp_path):
+    """GPT-2's tokenizer.json has a ByteLevel pre-tokenizer with its built-in regex, not a Split: importing it
+    must give a tiktoken encoding with the same ids as HF's."""
+    import tokenizers
+    import export
+    tok = bpe.train(BPE_CORPUS, 600, pattern=bpe.GPT2_PATTERN, special_tokens=["<|endoftext|>"])
+    j = export.tokenizer_json(tok)
+    j["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    with open(tmp_path / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(j, f)
+    theirs, ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), export.tokenizer_from_hf(str(tmp_path))
+    rng = random.Random(1)
+    for text in ADVERSARIAL + [random_unicode(rng, 60) for _ in range(300)]:
+        assert theirs.encode(text).ids == ours.encode(text, allowed_special="all"), text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin"])
+def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thread):
+    import export
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        theirs = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64))
+    else:
+        theirs = hf.LlamaForCausalLM(hf.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    hidden_size=64, intermediate_size=96, vocab_size=300,
+                                                    max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5e5))
+    with torch.no_grad():  # noise: transformers initialises GPT-2's biases to zero
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    theirs.eval().save_pretrained(str(tmp_path))
+    if kind == "llama_bin":  # the older pytorch_model.bin form, read with weights_only=True
+        os.remove(tmp_path / "model.safetensors")
+        torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    args, sd = export.load_hf(str(tmp_path))
+    ours = GPT(GPTConfig(**args)).eval()
+    ours.load_state_dict(sd)
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = theirs(x).logits, ours(x)[0]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kw, names", [
+    (dict(qk_norm=True), "qk_norm=True"),
+    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(pos_encoding="rope"), "norm='layernorm'"),  # rope with GPT-2's LayerNorm and GELU: no HF layout
+    (dict(n_kv_head=2), "n_kv_head=2"),
+    (dict(sliding_window=8), "sliding_window=8"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8, bias=True), "bias=True"),
+])
+def test_export_options_hf_cannot_express_are_one_line_errors(kw, names):
+    import export
+    from model import GPTConfig
+    with pytest.raises(SystemExit, match=r"^error: .*" + re.escape(names)) as e:
+        export.hf_layout(GPTConfig(**kw))
+    assert "\n" not in str(e.value)
+
+
+def test_export_refuses_a_gptconfig_field_it_does_not_know():
+    """A field added to GPTConfig later is refused once it leaves its default, until export.py learns it."""
+    import export
+    from model import GPTConfig
+
+    @dataclasses.dataclass
+    class FutureConfig(GPTConfig):
+        attn_softcap: float = 0.0
+
+    assert export.hf_layout(FutureConfig()) == "gpt2"
+    with pytest.raises(SystemExit, match=r"^error: export.py does not know the option attn_softcap=30.0"):
+        export.hf_layout(FutureConfig(attn_softcap=30.0))
+
+
+def test_export_load_pretrained_bad_sources_are_one_line_errors(tmp_path, monkeypatch):
+    import export
+    with pytest.raises(SystemExit, match="is neither a directory nor one of gpt2"):
+        export.load_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SystemExit, match="holds a 'bert' model; export.py reads gpt2, llama and mistral"):
+        export.load_pretrained(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(SystemExit, match="needs huggingface_hub"):
+        export.load_pretrained("gpt2")
+
+
+def test_export_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    import export
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network, and an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: cannot download openai-community/gpt2-medium \(") as e:
+        export.load_pretrained("gpt2-medium")
+    assert "\n" not in str(e.value)
+
+
+def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(hf, bpe_tok, tmp_path, monkeypatch, capsys):
+    from checkpoint import save_checkpoint
+    model = export_gpt(**EXPORT_LAYOUTS["llama_gqa"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    bpe_tok.save(str(run_dir / "tokenizer.bpe"))
+    save_checkpoint(str(run_dir), dict(model=model.state_dict(), model_args=dataclasses.asdict(model.config),
+                                       tokenizer_hash=bpe_tok.hash, iter_num=0))
+    monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={run_dir}"])
+    runpy.run_path(os.path.join(HERE, "export.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"wrote {run_dir}-hf: llama layout" in out and "token ids the same" in out
+    assert sorted(os.listdir(f"{run_dir}-hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                  "tokenizer.json", "tokenizer_config.json"]
