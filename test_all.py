@@ -1437,13 +1437,15 @@ def copy_data(tiny_data, tmp_path):
 
 def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
     p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
-    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --dataset=nope` first")
+    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
+                      r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
+                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"input .*missing does not exist; pass --input="),
     ("empty", r"the corpus is empty"),
-    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] files"),
+    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] or \.parquet files"),
     ("latin1", r"latin1\.txt is not UTF-8 text \(byte 3\); convert it"),
     ("not_json", r"bad\.jsonl:2 is not a JSON object with a \"text\" field"),
     ("no_field", r"bad\.jsonl:3 is not a JSON object with a \"text\" field"),
