@@ -322,8 +322,8 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
         if verbose and (time.time() - last_print > 0.5 or len(ranks) == n_ranks):
             last_print, done = time.time(), len(ranks) - 256
             rate = done / (last_print - t1 + 1e-9)
-            status(f"merges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | ETA {(n_merges - done) / (rate + 1e-9):.0f}s",
-                   final=len(ranks) == n_ranks)
+            eta = (n_merges - done) / (rate + 1e-9)
+            status(f"merges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | ETA {eta:.0f}s", final=len(ranks) == n_ranks)
     if verbose:
         print(f"trained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
     specials = {s: n_ranks + i for i, s in enumerate(special_tokens)}
@@ -397,7 +397,8 @@ def cli_documents(path):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
                        if f.endswith(".py") and "site-packages" not in d and "dist-packages" not in d)
     elif os.path.isdir(path):
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".txt", ".md", ".py")))
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if f.endswith((".txt", ".md", ".py")))
     elif os.path.isfile(path):
         files = [path]
     else:

@@ -4,7 +4,7 @@ Turn a corpus into tokenized train/val shards that train.py reads.
     python prepare.py                                  # default corpus: this Python's own stdlib sources, no network
     python prepare.py --input=my_texts/ --vocab_size=8192
     python prepare.py --dataset=shakespeare            # downloads (resumable, checksummed, cached)
-    python prepare.py --dataset=fineweb-edu            # FineWeb-Edu's 10B-token sample (28.5 GB of parquet; needs pyarrow)
+    python prepare.py --dataset=fineweb-edu            # FineWeb-Edu's 10B-token sample (28.5 GB parquet; pyarrow)
 
 Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json. The output is built in
 data/<dataset>.tmp and moved into place only when complete, meta.json last: an error never leaves half of it behind.
@@ -45,7 +45,7 @@ from configurator import configure
 dataset = "stdlib"          # stdlib | shakespeare | tinystories | fineweb-edu | any name (with `input`)
 input = ""                  # a file or directory of .txt/.md/.py/.jsonl/.parquet[.gz]; overrides `dataset`'s source
 data_root = "data"
-vocab_size = 0              # special tokens included; 0 = the dataset's default: 50257 (GPT-2's) for fineweb-edu, else 4096
+vocab_size = 0              # special tokens included; 0 = the dataset's: 50257 (GPT-2's) for fineweb-edu, else 4096
 tokenizer = ""              # path of an existing tokenizer file to reuse instead of training one
 tokenizer_max_bytes = 200_000_000  # train the tokenizer on at most this much of the train split
 val_fraction = 0.02         # every round(1/val_fraction)-th document goes to val
