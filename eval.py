@@ -158,6 +158,7 @@ def multiple_choice(model, tok, rows, device, ctx=nullcontext(), batch_rows=4, r
     forwards (as FSDP needs), and the counts are summed over the processes. Returns dict(acc=, acc_norm=, n=)."""
     if not rows:
         raise SystemExit("error: no multiple-choice rows to score")
+    block_size = getattr(model, "module", model).config.block_size  # (a DDP-wrapped GPT keeps it in .module)
     was_training = model.training
     model.eval()
     mine = [rank + k * world for k in range(-(-len(rows) // world))]  # indexes past the end repeat rows, uncounted
@@ -166,7 +167,7 @@ def multiple_choice(model, tok, rows, device, ctx=nullcontext(), batch_rows=4, r
     for b in range(0, len(mine), batch_rows):
         idx = mine[b:b + batch_rows]
         batch = [rows[i % len(rows)] for i in idx]
-        sums, ns = ending_losses(model, encode_rows(tok, batch, model.config.block_size), device, ctx)
+        sums, ns = ending_losses(model, encode_rows(tok, batch, block_size), device, ctx)
         k = 0
         for i, r in zip(idx, batch):
             s, n = sums[k:k + len(r["endings"])], ns[k:k + len(r["endings"])]
@@ -192,7 +193,7 @@ def multiple_choice(model, tok, rows, device, ctx=nullcontext(), batch_rows=4, r
 def bits_per_byte(model, tok, text, device, ctx=nullcontext(), stride=0, batch_size=4, verbose=False):
     """The model's bits per UTF-8 byte on text (the docstring at the top says how). Returns dict(bpb=, loss= (nats
     per token), tokens= (scored), bytes=)."""
-    T = model.config.block_size
+    T = getattr(model, "module", model).config.block_size
     stride = stride or max(T // 2, 1)
     if not 0 < stride <= T:
         raise SystemExit(f"error: stride must be 1 to block_size ({T}), got {stride}")

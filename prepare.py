@@ -472,6 +472,7 @@ def write_shards(files, tok, tok_path, out):
     info, t0, text_bytes = {"bytes": 0}, time.time(), 0
     total = max(sum(os.path.getsize(p) for p in files), 1)
     procs = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    label = f"tokenizing ({procs} process{'es' if procs > 1 else ''})"
     for result in encoded_batches(split_documents(files, info), tok, tok_path, procs):
         for split, (ids, n_docs, n_bytes) in result.items():
             buffers[split].append(ids)
@@ -482,8 +483,8 @@ def write_shards(files, tok, tok_path, out):
             text_bytes += n_bytes
             if pending[split] >= shard_tokens:
                 flush(split)
-        progress(f"tokenizing ({procs} processes)", text_bytes, t0, info["bytes"] / total)
-    progress(f"tokenizing ({procs} processes)", text_bytes, t0, 1.0, final=True)
+        progress(label, text_bytes, t0, info["bytes"] / total)
+    progress(label, text_bytes, t0, 1.0, final=True)
     for split in buffers:
         flush(split, final=True)
     return shards, counts, info["val_split"]
