@@ -1437,13 +1437,15 @@ def copy_data(tiny_data, tmp_path):
 
 def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
     p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
-    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --dataset=nope` first")
+    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
+                      r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
+                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"input .*missing does not exist; pass --input="),
     ("empty", r"the corpus is empty"),
-    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] files"),
+    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] or \.parquet files"),
     ("latin1", r"latin1\.txt is not UTF-8 text \(byte 3\); convert it"),
     ("not_json", r"bad\.jsonl:2 is not a JSON object with a \"text\" field"),
     ("no_field", r"bad\.jsonl:3 is not a JSON object with a \"text\" field"),
@@ -2145,3 +2147,346 @@ def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(hf, bpe
     assert f"wrote {run_dir}-hf: llama layout" in out and "token ids the same" in out
     assert sorted(os.listdir(f"{run_dir}-hf")) == ["config.json", "generation_config.json", "model.safetensors",
                                                   "tokenizer.json", "tokenizer_config.json"]
+# ============================================================ evalprep
+# prepare.py (parquet, fineweb-edu, processes, val split of small corpora, errors), bpe.status, eval.py.
+import math
+import re
+
+
+def test_status_lines_rewrite_one_line_on_a_terminal_and_are_plain_lines_every_few_seconds_in_a_log(monkeypatch):
+    import io
+    import prepare
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    clock = [100.0]
+    monkeypatch.setattr(bpe.time, "time", lambda: clock[0])
+    for stream in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bpe._status_last[0] = 0.0
+        for i in range(40):  # 10 s of updates, 4 a second
+            bpe.status(f"line {i}")
+            clock[0] += 0.25
+        bpe.status("done", final=True)
+        bpe.status("next")  # a new job after a final line: its first line shows at once
+        if isinstance(stream, Terminal):
+            assert stream.getvalue() == "".join(f"\rline {i}   " for i in range(40)) + "\rdone   \n\rnext   "
+        else:
+            assert stream.getvalue() == "line 0\nline 20\ndone\nnext\n"  # every 5 s, no carriage return
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bpe._status_last[0] = 0.0
+    prepare.progress("tokenizing", 50e6, clock[0] - 10, frac=0.25)  # prepare.py's lines go through bpe.status
+    assert sys.stderr.getvalue() == "tokenizing: 50.0 MB | 5.0 MB/s | 25.0% | ETA 30s\n"
+
+
+def test_scripts_import_each_other_without_a_cycle():
+    import ast
+    scripts = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py"}
+    graph = {}
+    for s in scripts:  # every import, at the top or inside a function
+        names = set()
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, s + ".py"), encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        graph[s] = (names & scripts) - {s}
+    state = {}
+
+    def visit(s, path):
+        assert state.get(s) != "open", f"import cycle: {' -> '.join(path + [s])}"
+        if state.get(s) is None:
+            state[s] = "open"
+            for t in sorted(graph[s]):
+                visit(t, path + [s])
+            state[s] = "done"
+    for s in sorted(scripts):
+        visit(s, [])
+    assert "prepare" not in graph["bpe"] and "prepare" in graph["eval"] and "train" not in graph["eval"]
+
+
+def write_parquet(path, docs, row_group_size=7):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": docs, "id": [f"doc{i}" for i in range(len(docs))]}), str(path),
+                   row_group_size=row_group_size)
+
+
+def words_docs(n, seed=0):
+    rng = random.Random(seed)
+    vocab = ["the", "cell", "energy", "water", "plants", "light", "ünï", "school", "of", "and", "is", "läuft"]
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(5, 60))) + "." for _ in range(n)]
+
+
+def test_prepare_tokenizes_in_processes_exactly_as_in_one(tmp_path, bpe_tok):
+    import prepare
+    path = str(tmp_path / "tok.bpe")
+    bpe_tok.save(path)
+    pairs = [("val" if i % 7 == 3 else "train", d) for i, d in enumerate(words_docs(80))]
+    serial = list(prepare.encoded_batches(pairs, bpe_tok, path, procs=1))
+    parallel = list(prepare.encoded_batches(pairs, bpe_tok, path, procs=2, batch_chars=500))
+    assert len(serial) == 1 and len(parallel) > 4
+    for split in ("train", "val"):
+        docs = [d for s, d in pairs if s == split]
+        expected = np.concatenate([np.array([bpe_tok.eot] + bpe_tok.encode_ordinary(d)) for d in docs])
+        for results in (serial, parallel):
+            got = [r[split] for r in results if split in r]
+            assert np.array_equal(np.concatenate([ids for ids, _, _ in got]), expected)
+            assert sum(n for _, n, _ in got) == len(docs)
+            assert sum(b for _, _, b in got) == sum(len(d.encode()) for d in docs)
+
+
+def test_prepare_fineweb_edu_downloads_its_parquet_shards_and_splits_rows_into_documents(tmp_path, monkeypatch):
+    import prepare
+    assert len(prepare.REMOTE["fineweb-edu"]) == 14 and prepare.DEFAULT_VOCAB["fineweb-edu"] == 50257
+    assert sum(size for _, size, _ in prepare.REMOTE["fineweb-edu"]) == 28_518_193_415  # the sample's published size
+    assert all(url.startswith(prepare.FINEWEB_EDU) and len(sha) == 64 for url, _, sha in prepare.REMOTE["fineweb-edu"])
+    docs = words_docs(60)
+    write_parquet(tmp_path / "000_00000.parquet", docs[:30] + [None, "   "] + docs[30:])  # null and blank rows: skipped
+    src = tmp_path / "000_00000.parquet"
+    monkeypatch.setitem(prepare.REMOTE, "fineweb-edu", [(src.as_uri(), src.stat().st_size, prepare.file_sha256(src)),
+                                                        ("file:///nonexistent/001_00000.parquet", 1, "0" * 64)])
+    for key, value in dict(dataset="fineweb-edu", data_root=str(tmp_path / "data"), vocab_size=300,
+                           val_fraction=0.1, fineweb_shards=1, input="").items():
+        monkeypatch.setattr(prepare, key, value)
+    out = prepare.prepare()  # fineweb_shards=1: the second (unreachable) shard is never asked for
+    assert os.path.exists(tmp_path / "data" / "downloads" / "000_00000.parquet.sha256")
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    tok = bpe.Tokenizer.load(os.path.join(out, "tokenizer.bpe"))
+    assert meta["train_docs"] + meta["val_docs"] == 60 and meta["val_split"] == "documents"
+    for split in ("train", "val"):
+        ids = np.concatenate([prepare.read_shard(os.path.join(out, p)) for p in meta[f"{split}_shards"]])
+        expected = [d for i, d in enumerate(docs) if prepare.split_of(i) == split]
+        assert tok.decode(ids.tolist()) == "".join("<|endoftext|>" + d for d in expected)
+
+
+def test_parquet_without_pyarrow_is_a_one_line_error_before_any_download(tmp_path, monkeypatch):
+    import prepare
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow.parquet` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setattr(prepare, "dataset", "fineweb-edu")
+    monkeypatch.setattr(prepare, "input", "")
+    monkeypatch.setattr(prepare, "data_root", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: reading \.parquet files \(fineweb-edu\) needs pyarrow; "
+                                         r"`pip install pyarrow`$"):
+        prepare.source_files()
+    assert not os.path.exists(tmp_path / "downloads")
+
+
+def test_prepare_one_file_without_blank_lines_holds_out_its_tail_as_val(tmp_path):
+    import prepare
+    text = "\n".join(words_docs(120, seed=1)) + "\n"  # one document that no blank line splits
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    run("prepare.py", f"--input={tmp_path / 'one.txt'}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300",
+        "--val_fraction=0.1")
+    out = tmp_path / "data" / "one"
+    meta = json.load(open(out / "meta.json"))
+    tok = bpe.Tokenizer.load(str(out / "tokenizer.bpe"))
+    decoded = {s: tok.decode(np.concatenate([prepare.read_shard(str(out / p)) for p in meta[f"{s}_shards"]]).tolist())
+               for s in ("train", "val")}
+    cut = len(text) - round(len(text) * 0.1)
+    assert meta["val_split"] == "tail" and meta["train_docs"] == meta["val_docs"] == 1
+    assert decoded == {"train": "<|endoftext|>" + text[:cut], "val": "<|endoftext|>" + text[cut:]}
+    assert meta["val_bytes"] == len(text[cut:].encode()) and sorted(os.listdir(tmp_path / "data")) == ["one"]
+
+
+def test_prepare_error_mid_way_leaves_no_output_and_keeps_an_earlier_complete_one(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i, d in enumerate(words_docs(40)):
+        (src / f"a{i:02d}.txt").write_text(d)
+    common = [f"--input={src}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300", "--val_fraction=0.2",
+              "--tokenizer_max_bytes=2000"]  # the tokenizer is made from the first files, before the bad one is read
+    (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    one_line_error(run("prepare.py", *common, check=False), r"z_bad\.jsonl:2 is not a JSON object", True)
+    assert os.listdir(tmp_path / "data") == []  # no tokenizer, no shards, no .tmp left behind
+    (src / "z_bad.jsonl").unlink()
+    run("prepare.py", *common)
+    out = tmp_path / "data" / "corpus"
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    one_line_error(run("prepare.py", *common, check=False), r"z_bad\.jsonl:2 is not a JSON object", True)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert os.listdir(tmp_path / "data") == ["corpus"]
+
+
+def test_unknown_dataset_errors_name_choices_that_work(tmp_path):
+    import prepare
+    p = run("prepare.py", "--dataset=nosuch", f"--data_root={tmp_path}", check=False)
+    one_line_error(p, r"^error: unknown dataset 'nosuch'; prepare.py knows stdlib, shakespeare, tinystories, "
+                      r"fineweb-edu; for a corpus of your own pass --input=PATH \(then --dataset names its output\)$")
+    one_line_error(run("prepare.py", "--dataset=fineweb", f"--data_root={tmp_path}", check=False),
+                   r"unknown dataset 'fineweb'; did you mean --dataset=fineweb-edu\?")
+    with pytest.raises(SystemExit, match=r"run `python prepare.py --dataset=shakespeare --data_root=\S+` first$"):
+        prepare.load_meta(str(tmp_path / "shakespeare"))
+    with pytest.raises(SystemExit) as e:
+        prepare.load_meta(str(tmp_path / "mine"))
+    command = re.search(r"`python (prepare\.py [^`]*)`", str(e.value)).group(1).split()
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(words_docs(30)))
+    run(*[a.replace("PATH", str(src)) for a in command], "--vocab_size=300")  # the suggested command works
+    assert prepare.load_meta(str(tmp_path / "mine"))["vocab_size"] == 300
+
+
+class Unigram(torch.nn.Module):
+    """A model whose loss for token t is exactly -log p[t] whatever the context: the same logits, log p, at every
+    position (tokens outside p get none of the probability)."""
+
+    def __init__(self, p, vocab, block_size=64):
+        super().__init__()
+        self.logp = torch.full((vocab,), -1e4)
+        for t, v in p.items():
+            self.logp[t] = math.log(v)
+        self.config = type("Config", (), dict(block_size=block_size))
+
+    def forward(self, idx, targets=None):
+        return self.logp.expand(*idx.shape, -1), None
+
+
+def test_mc_scores_only_the_endings_tokens_summed_for_acc_and_per_token_for_acc_norm():
+    import eval as ev
+    tok = bpe.train(["abcdz"], 256 + len(bpe.SPECIAL_TOKENS))  # bytes only: one token per character
+    p = {"z": 0.5, "c": 0.3, "a": 0.08, "b": 0.08, "d": 0.04}
+    model = Unigram({ord(k): v for k, v in p.items()}, tok.vocab_size)
+    endings = ["d", "ccc", "ab", "aaaa"]
+    sums = [-math.log(0.04), -3 * math.log(0.3), -2 * math.log(0.08), -4 * math.log(0.08)]  # 3.22 3.61 5.05 10.10
+    # per token: 3.22, 1.20, 2.53, 2.53. Least summed loss: ending 0; least per token: ending 1
+    rows = [dict(context="zzzzzzzzzz", endings=endings, label=label) for label in (0, 1, 1)]
+    got, counts = ev.ending_losses(model, ev.encode_rows(tok, rows[:1], 64), "cpu", ev.nullcontext())
+    assert torch.allclose(got, torch.tensor(sums)) and counts.tolist() == [1, 3, 2, 4]  # the context is not scored
+    r = ev.multiple_choice(model, tok, rows, "cpu", batch_rows=2)
+    assert r == dict(acc=pytest.approx(1 / 3), acc_norm=pytest.approx(2 / 3), n=3)
+
+
+def eval_gpt(tok, block_size=16):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    vocab = -(-tok.vocab_size // 64) * 64
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab))
+
+
+def test_mc_batched_forward_equals_a_naive_loop_over_the_endings(bpe_tok):
+    import eval as ev
+    model = eval_gpt(bpe_tok).eval()
+    rng = random.Random(0)
+    rows = [dict(context=" ".join(rng.choice(["def", "x", "return", "(", "):"]) for _ in range(rng.randint(0, 12))),
+                 endings=[" " + " ".join(rng.choice(["y", "1", "self", "+"]) for _ in range(rng.randint(1, 5)))
+                          for _ in range(rng.choice([2, 4]))], label=0) for _ in range(9)]
+    for r in rows:
+        r["label"] = rng.randrange(len(r["endings"]))
+    right = torch.zeros(2)
+    for r in rows:  # one ending at a time, unpadded; contexts longer than the model are cut on the left
+        losses = []
+        for e in r["endings"]:
+            end = bpe_tok.encode_ordinary(e)
+            seq = torch.tensor(((bpe_tok.encode_ordinary(r["context"]) or [bpe_tok.eot]) + end)[-17:])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq[None, :-1])[0][0].float(), -1)
+            losses.append((-logp[range(len(seq) - 1), seq[1:]][-len(end):].sum(), len(end)))
+        s = torch.tensor([l for l, _ in losses])
+        n = torch.tensor([k for _, k in losses])
+        sums, counts = ev.ending_losses(model, ev.encode_rows(bpe_tok, [r], 16), "cpu", ev.nullcontext())
+        assert torch.allclose(sums, s, atol=1e-4) and torch.equal(counts, n)
+        right += torch.tensor([s.argmin() == r["label"], (s / n).argmin() == r["label"]])
+    got = ev.multiple_choice(model, bpe_tok, rows, "cpu", batch_rows=4)
+    assert (got["acc"], got["acc_norm"], got["n"]) == (pytest.approx(right[0] / 9), pytest.approx(right[1] / 9), 9)
+    # under torchrun each rank scores every world-th row, all ranks the same number of forwards; the counts add up
+    parts = [ev.multiple_choice(model, bpe_tok, rows, "cpu", batch_rows=2, rank=k, world=2) for k in (0, 1)]
+    assert [p["n"] for p in parts] == [5, 4]
+    assert sum(p["acc"] * p["n"] for p in parts) == pytest.approx(right[0].item())
+    assert sum(p["acc_norm"] * p["n"] for p in parts) == pytest.approx(right[1].item())
+
+
+def test_bits_per_byte_scores_every_token_once_and_equals_a_direct_computation(bpe_tok):
+    import eval as ev
+    model = eval_gpt(bpe_tok).eval()
+    text = BPE_CORPUS[0][:400]
+    ids = [bpe_tok.eot] + bpe_tok.encode_ordinary(text)
+    T = 16
+    for stride in (5, 16):
+        total = 0.0
+        for t in range(1, len(ids)):  # token t is scored in the first window that holds it: start k*stride
+            s = max(0, -(-(t - T) // stride)) * stride
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[s:t]]))[0][0, -1].float()
+            total += (torch.logsumexp(logits, -1) - logits[ids[t]]).item()
+        r = ev.bits_per_byte(model, bpe_tok, text, "cpu", stride=stride, batch_size=3)
+        assert r["tokens"] == len(ids) - 1 and r["bytes"] == len(text.encode())
+        assert r["bpb"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-5)
+
+
+HELLASWAG_LINES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_test"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell.", "ctx_b": "she",
+     "ctx": "A lady walks to a barbell. she", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["lifts it over her head.", "sings.", "walks away from it.", "sits on the bar."],
+     "source_id": "activitynet~v_test2"},
+]
+
+
+def test_hellaswag_download_checks_the_file_and_rows_get_the_joining_space(tmp_path, monkeypatch):
+    import eval as ev
+    src = tmp_path / "hellaswag_val.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in HELLASWAG_LINES))
+    content = src.read_bytes()
+    monkeypatch.setattr(ev, "HELLASWAG_URL", src.as_uri())
+    monkeypatch.setattr(ev, "HELLASWAG_BLOB", hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest())
+    dest = ev.hellaswag_file(str(tmp_path / "data"))
+    assert dest == str(tmp_path / "data" / "downloads" / "hellaswag_val.jsonl") and open(dest, "rb").read() == content
+    assert open(dest + ".sha256").read().strip() == hashlib.sha256(content).hexdigest()
+    rows = ev.hellaswag_rows(dest)
+    assert rows[0] == dict(context="A man is sitting on a roof. he", label=3,
+                           endings=[" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
+                                    " is holding a cube.", " starts pulling up roofing on a roof."])
+    monkeypatch.setattr(ev, "HELLASWAG_BLOB", "0" * 40)  # a file that is not HellaSwag's: refused and removed
+    with pytest.raises(SystemExit, match=r"is not HellaSwag's val file \(git blob id mismatch\); removed it"):
+        ev.hellaswag_file(str(tmp_path / "data"))
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".sha256")
+    monkeypatch.setattr(ev, "HELLASWAG_URL", (tmp_path / "offline.jsonl").as_uri())
+    with pytest.raises(SystemExit, match=r"^error: cannot download .*; no network\? Fetch it yourself to "
+                                         r".*hellaswag_val\.jsonl \(it is checked all the same\)$"):
+        ev.hellaswag_file(str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def eval_run(bpe_tok, tmp_path_factory):
+    """An out_dir with an untrained tiny checkpoint and its tokenizer, as train.py leaves them."""
+    from checkpoint import save_checkpoint
+    out = tmp_path_factory.mktemp("eval_run")
+    model = eval_gpt(bpe_tok, block_size=32)
+    args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    bpe_tok.save(str(out / "tokenizer.bpe"))
+    save_checkpoint(str(out), dict(model=model.state_dict(), model_args=args, iter_num=0, tokenizer_hash=bpe_tok.hash))
+    return out, model
+
+
+def test_eval_cli_scores_mc_and_bpb_and_bad_inputs_are_one_line_errors(eval_run, bpe_tok, tmp_path, capsys):
+    import eval as ev
+    out, model = eval_run
+    data = tmp_path / "rows.jsonl"
+    rows = [dict(context=l["ctx"], endings=[" " + e for e in l["endings"]], label=l["label"]) for l in HELLASWAG_LINES]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run("eval.py", f"--out_dir={out}", "--task=mc", f"--data={data}", "--device=cpu")
+    r = ev.multiple_choice(model.eval(), bpe_tok, rows, "cpu")
+    assert p.stdout.strip() == f"mc: acc {100 * r['acc']:.2f}% | acc_norm {100 * r['acc_norm']:.2f}% (2 rows)"
+    (tmp_path / "t.txt").write_text(BPE_CORPUS[1][:300])
+    r = fresh_main("eval.py", f"--out_dir={out}", "--task=bpb", f"--text={tmp_path / 't.txt'}", "--device=cpu")
+    assert r["bytes"] == 300 and capsys.readouterr().out == (
+        f"{tmp_path / 't.txt'}: {r['bpb']:.4f} bits/byte ({r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
+        f"300 bytes)\n")
+    one_line_error(run("eval.py", f"--out_dir={tmp_path / 'none'}", check=False),
+                   r"no checkpoint in .*none \(missing latest\.json\); train one")
+    (tmp_path / "bad.jsonl").write_text('{"context": "a", "endings": ["b"], "label": 0}\n')
+    for args, pattern in [
+        (["--task=mc", f"--data={tmp_path / 'missing.jsonl'}"], r"--task=mc needs --data=FILE\.jsonl; .*missing"
+                                                                r"\.jsonl does not exist$"),
+        (["--task=bpb"], r"--task=bpb needs --text=FILE; no text file given$"),
+        (["--task=mc", f"--data={tmp_path / 'bad.jsonl'}"], r"bad\.jsonl:1 is not a multiple-choice row"),
+        (["--task=nosuch"], r"unknown task 'nosuch'; choose one of hellaswag, mc, bpb$"),
+    ]:
+        with pytest.raises(SystemExit, match="^error: .*" + pattern):
+            fresh_main("eval.py", f"--out_dir={out}", "--device=cpu", *args)
