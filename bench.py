@@ -381,20 +381,23 @@ def bench_generate():
         base = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
         shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4, **llama)}
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     os.makedirs(gen_out_dir, exist_ok=True)
-    a = torch.randn(64, 64, device=device, dtype=dtype)
-    (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
-    models = {}
-    for shape, args in shapes.items():
-        torch.manual_seed(0)
-        models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
     rows, cold, path = [], [], os.path.join(gen_out_dir, "generate.json")
 
     def save():  # after every row: a run cut short still leaves its numbers
         with open(path, "w") as f:
             json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
                            prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows, cold=cold), f, indent=1)
+    if gen_cold:  # first, while this process has no CUDA context yet to share the GPU with
+        bench_fresh_processes(shapes, device, cold, save)
+        print()
+    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
+    a = torch.randn(64, 64, device=device, dtype=dtype)
+    (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
+    models = {}
+    for shape, args in shapes.items():
+        torch.manual_seed(0)
+        models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
     print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
     print(f"{'model':12}{'batch':>6}{'path':>15}{'cold tok/s':>12}{'warm tok/s':>12}{'cold s':>9}{'warm s':>9}")
     paths = ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache  # the slow ones last
@@ -420,38 +423,42 @@ def bench_generate():
                 print(f"{shape:12}{batch:6}{path_name:>15}{tok / seconds[0]:12,.0f}{tok / seconds[1]:12,.0f}"
                       f"{seconds[0]:9.2f}{seconds[1]:9.2f}", flush=True)
                 save()
-    if gen_cold:
-        first = next(iter(shapes))
-        print(f"\nfresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
-              f"against its second; {first} unless the variant says otherwise")
-        print(f"{'variant':34}{'first s':>9}{'second s':>10}{'ratio':>7}{'1st token s':>13}{'(2nd call)':>11}"
-              f"{'import s':>10}{'model s':>9}")
-        for variant in [v.strip() for v in gen_cold_variants.split(";")]:
-            args = dict(shape=first, batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
-                        cuda_graph=gen_cuda_graph, compile=False)
-            for kv in variant.split():
-                key, _, value = kv.partition("=")
-                if key not in args:
-                    raise SystemExit(f"error: gen_cold_variants: unknown key {key!r} in {variant!r}; use "
-                                     f"{', '.join(args)}")
-                args[key] = value if key == "shape" else ast.literal_eval(value)
-            if args["shape"] not in shapes:
-                raise SystemExit(f"error: gen_cold_variants: shape {args['shape']!r} is not one of {', '.join(shapes)}")
-            r = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device))
-            cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
-            print(f"{variant or '(as sample.py)':34}{r['first_s']:9.3f}{r['second_s']:10.3f}{r['ratio']:6.2f}x"
-                  f"{r['first_token_s'][0]:13.3f}{r['first_token_s'][1]:11.3f}{r['import_s']:10.2f}{r['model_s']:9.2f}",
-                  flush=True)
-            save()
-            if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
-                ops = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device, profile=True))
-                cold[-1]["profile"] = ops["profile"]
-                print(f"  first call's most expensive ops (self CPU time, {'with the CUDA API calls, ' if 'cuda' in device else ''}"
-                      f"under the profiler):")
-                for op, count, ms in ops["profile"]:
-                    print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
-                save()
     print(f"wrote {path}")
+
+
+def bench_fresh_processes(shapes, device, cold, save):
+    """bench_generate's gen_cold table: for each of gen_cold_variants, the first and second generate call of a
+    fresh process (generate_in_fresh_process), appended to `cold`; save() writes the json after each row."""
+    first = next(iter(shapes))
+    print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
+          f"against its second; {first} unless the variant says otherwise")
+    print(f"{'variant':34}{'first s':>9}{'second s':>10}{'ratio':>7}{'1st token s':>13}{'(2nd call)':>11}"
+          f"{'import s':>10}{'model s':>9}")
+    for variant in [v.strip() for v in gen_cold_variants.split(";")]:
+        args = dict(shape=first, batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
+                    cuda_graph=gen_cuda_graph, compile=False)
+        for kv in variant.split():
+            key, _, value = kv.partition("=")
+            if key not in args:
+                raise SystemExit(f"error: gen_cold_variants: unknown key {key!r} in {variant!r}; use "
+                                 f"{', '.join(args)}")
+            args[key] = value if key == "shape" else ast.literal_eval(value)
+        if args["shape"] not in shapes:
+            raise SystemExit(f"error: gen_cold_variants: shape {args['shape']!r} is not one of {', '.join(shapes)}")
+        r = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device))
+        cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
+        print(f"{variant or '(as sample.py)':34}{r['first_s']:9.3f}{r['second_s']:10.3f}{r['ratio']:6.2f}x"
+              f"{r['first_token_s'][0]:13.3f}{r['first_token_s'][1]:11.3f}{r['import_s']:10.2f}{r['model_s']:9.2f}",
+              flush=True)
+        save()
+        if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
+            ops = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device, profile=True))
+            cold[-1]["profile"] = ops["profile"]
+            api = "with the CUDA API calls, " if device.startswith("cuda") else ""
+            print(f"  its first call's most expensive ops (self CPU time, {api}under the profiler):")
+            for op, count, ms in ops["profile"]:
+                print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
+            save()
 
 
 def generate_in_fresh_process(args):
