@@ -33,7 +33,7 @@ top_k = 200                 # 0 = off
 top_p = 1.0                 # 1.0 = off; else in (0, 1): sample from the smallest set of tokens this likely
 seed = 1337
 device = "auto"             # auto | cpu | cuda | cuda:1 | mps
-dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16, fp32 on CPU)
+dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16; CPU fp32)
 chat = False                # interactive chat with the chat template (see chat_loop)
 stop = ""                   # a sample also ends where this text appears ("" = only at <|endoftext|>)
 compile = False             # torch.compile the decode step (pays off for long generations)
@@ -99,7 +99,8 @@ def find_runs(out_dir):
         depth = os.path.normpath(root).count(os.sep)
         for d, subdirs, files in os.walk(root):
             if "latest.json" in files:
-                runs.add(os.path.relpath(d))
+                rel = os.path.relpath(d)
+                runs.add(os.path.abspath(d) if rel.startswith(os.pardir) else rel)
             subdirs[:] = [s for s in subdirs if not s.startswith(".")] if d.count(os.sep) - depth < 2 else []
     return sorted(runs)
 
