@@ -5,8 +5,6 @@ Measurements anyone can rerun.
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
     python bench.py --mode=rlhf       # the post-training pipeline on the built-in task: accuracy, reward, KL
 """
-import ast
-
 from configurator import configure
 
 mode = "train"
@@ -429,6 +427,8 @@ def bench_generate():
 def bench_fresh_processes(shapes, device, cold, save):
     """bench_generate's gen_cold table: for each of gen_cold_variants, the first and second generate call of a
     fresh process (generate_in_fresh_process), appended to `cold`; save() writes the json after each row."""
+    import ast
+
     first = next(iter(shapes))
     print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
           f"against its second; {first} unless the variant says otherwise")
