@@ -4,7 +4,11 @@ Measurements anyone can rerun.
     python bench.py --mode=train      # training throughput, MFU, memory (GPU)
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
     python bench.py --mode=rlhf       # the post-training pipeline on the built-in task: accuracy, reward, KL
+    python bench.py --mode=speedrun   # wall time from launch to a target val loss: recipe against baseline, seeds
 """
+import json
+import os
+
 from configurator import configure
 
 mode = "train"
@@ -35,6 +39,15 @@ gen_cold = True             # also the first and second generate call of a fresh
 gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1"
                             # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile; "" = as sample.py)
 gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
+# --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
+speedrun_config = "config/speedrun_small.py"     # the recipe
+speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens
+speedrun_variants = ""      # ";"-separated overrides of the recipe, one row each (the ablation): "unet_skips=False"
+speedrun_common = ""        # overrides for every run ("device=cpu max_iters=50" for a quick check)
+speedrun_seeds = 3
+speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val loss (mean over its seeds)
+speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
+speedrun_dir = "out/speedrun"
 
 
 def bench_bpe():
@@ -627,9 +640,120 @@ def bench_rlhf():
         json.dump(dict(eval=rows, rm_pairwise_acc=rm_acc, wall_s=times, n_prompts=len(prompts)), f, indent=1)
 
 
+def speedrun_data(data_root="data", name="stdlib-1mb", max_bytes=1_000_000):
+    """The small corpus of the speedrun recipes: ~1 MB of the default corpus (every 10th stdlib .py file in sorted
+    order, whole files, for variety), byte level (vocab 256 + the 5 special tokens), every 10th file held out."""
+    import subprocess
+    import sys
+
+    from prepare import corpus_files, read_documents
+    if os.path.exists(os.path.join(data_root, name, "meta.json")):
+        return
+    src = os.path.join(data_root, name + ".txt")
+    os.makedirs(data_root, exist_ok=True)
+    with open(src, "w", encoding="utf-8") as f:
+        size = 0
+        for doc in read_documents(corpus_files("stdlib")[::10], strict=False):
+            if "<|endoftext|>" in doc:
+                continue
+            f.write(doc + "\n<|endoftext|>\n")
+            size += len(doc.encode())
+            if size >= max_bytes:
+                break
+    subprocess.run([sys.executable, "prepare.py", f"--input={src}", f"--dataset={name}", f"--data_root={data_root}",
+                    "--vocab_size=261", "--val_fraction=0.1"], check=True)
+
+
+def speedrun_one(config, overrides, seed, out_dir):
+    """One train.py run in a fresh process; returns its eval rows, each with `wall` = seconds from launch."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    import time
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
+           f"--seed={seed}", f"--out_dir={out_dir}", "--always_save_checkpoint=False"]
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
+    return proc, t0, cmd
+
+
+def speedrun_rows(out_dir, t0):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    for r in rows:
+        if "time" in r:
+            r["wall"] = r["time"] - t0
+    return rows
+
+
+def bench_speedrun():
+    """Wall time from launch to a val-loss target, for a recipe against a baseline on the same tokens, over seeds.
+    Every run is `python train.py CONFIG --seed=S` in a fresh process, so start-up, data loading, compilation and
+    evaluations all count. The baseline's runs come first; the target is their best val loss (mean over seeds)
+    unless speedrun_target is set. Each recipe row (the recipe, then each variant: the ablation) reports the time
+    and steps to the first evaluation at or below the target, its best val loss, and its whole wall time, as
+    mean +- std over the seeds. Writes speedrun_dir/results.json and a val-loss-vs-time plot if matplotlib is there.
+        python bench.py --mode=speedrun                                        # config/speedrun_small*.py
+        python bench.py --mode=speedrun --speedrun_variants="unet_skips=False; value_embeds=False"
+        python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py \
+            --speedrun_baseline=config/speedrun_124m_base.py --speedrun_seeds=1"""
+    import statistics
+    import time
+    speedrun_data()
+    runs = [("baseline", speedrun_baseline, "")] + [("recipe", speedrun_config, "")]
+    runs += [(v.strip(), speedrun_config, v.strip()) for v in speedrun_variants.split(";") if v.strip()]
+    results = {}
+    jobs = [(name, config, ov, seed) for name, config, ov in runs for seed in range(speedrun_seeds)]
+    pending, active = list(jobs), []
+    while pending or active:  # the baseline's seeds first: with speedrun_parallel > 1 they overlap each other only
+        while pending and len(active) < speedrun_parallel and (pending[0][0] == "baseline" or
+                                                               all(a[0][0] != "baseline" for a in active)):
+            job = pending.pop(0)
+            out = os.path.join(speedrun_dir, f"{job[0].replace(' ', '_').replace('=', '-')}-s{job[3]}")
+            active.append((job, out, *speedrun_one(job[1], job[2], 1337 + job[3], out)))
+        time.sleep(0.2)
+        for a in [a for a in active if a[2].poll() is not None]:
+            active.remove(a)
+            (name, _, _, seed), out, proc, t0, cmd = a
+            if proc.returncode:
+                raise SystemExit(f"error: {' '.join(cmd)} failed:\n{open(out + '.log').read()[-2000:]}")
+            rows = speedrun_rows(out, t0)
+            results.setdefault(name, []).append(dict(seed=seed, rows=rows, wall=time.time() - t0))
+            print(f"{name} seed {seed}: best val {min(r['val_loss'] for r in rows if 'val_loss' in r):.4f}, "
+                  f"{time.time() - t0:.1f}s", flush=True)
+    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results["baseline"]]
+    target = speedrun_target or statistics.mean(base_best)
+    ms = lambda xs: (f"{statistics.mean(xs):.4g} +- {statistics.stdev(xs):.2g}" if len(xs) > 1 else
+                     f"{xs[0]:.4g}") if xs and all(x == x for x in xs) else "-"
+    table = []
+    for name, _, _ in runs:
+        hit = [next((r for r in run["rows"] if r.get("val_loss", 1e9) <= target), None) for run in results[name]]
+        first = [next((r["first_step_s"] for r in run["rows"] if "first_step_s" in r), float("nan"))
+                 for run in results[name]]
+        row = dict(name=name, reached=sum(h is not None for h in hit), seeds=len(hit),
+                   time_to_target=[h["wall"] for h in hit if h], steps=[h["step"] for h in hit if h],
+                   tokens=[h["tokens"] for h in hit if h], first_step_s=first,
+                   best_val=[min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results[name]],
+                   wall=[run["wall"] for run in results[name]])
+        table.append(row)
+    print(f"\ntarget val loss {target:.4f} (baseline best, mean of {len(base_best)} seeds)" if not speedrun_target
+          else f"\ntarget val loss {target:.4f}")
+    print(f"{'run':<34} {'reached':>7} {'s to target':>16} {'steps':>14} {'best val':>18} {'first step s':>14} "
+          f"{'wall s':>14}")
+    for r in table:
+        print(f"{r['name'][:34]:<34} {r['reached']:>3}/{r['seeds']:<3} {ms(r['time_to_target']):>16} "
+              f"{ms(r['steps']):>14} {ms(r['best_val']):>18} {ms(r['first_step_s']):>14} {ms(r['wall']):>14}")
+    os.makedirs(speedrun_dir, exist_ok=True)
+    with open(os.path.join(speedrun_dir, "results.json"), "w") as f:
+        json.dump(dict(target=target, table=table, runs=results), f, indent=1)
+
+
 if __name__ == "__main__":
     configure(globals())
-    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf}
+    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf,
+             "speedrun": bench_speedrun}
     if mode not in modes:
         raise SystemExit(f"error: unknown mode '{mode}'; choose one of {', '.join(modes)}")
     modes[mode]()

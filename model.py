@@ -39,6 +39,10 @@ class GPTConfig:
     mlp_hidden: int = 0       # 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to a multiple of 64
     sliding_window: int = 0   # >0: each token attends to itself and the window-1 tokens before it (Mistral)
     tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017), as GPT-2
+    zero_init_proj: bool = False  # the projections into the residual stream start at 0: each block starts as identity
+    logit_softcap: float = 0.0    # >0: logits = cap * tanh(logits / cap), bounded (Gemma 2; modded-nanogpt)
+    value_embeds: bool = False    # extra token tables added to the values of the first and last 3 layers (modded-nanogpt)
+    unet_skips: bool = False      # the first half's block outputs added, weighted, to the second half's inputs
 
 
 def rope_rotations(pos, head_dim, theta):
@@ -224,8 +228,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
-        """x (B, T, C). rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None, ve=None):
+        """x (B, T, C). ve: a value embedding (B, T, n_kv_head * head_dim) added to v, or None. rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
         attend" mask, bool or additive, for the G = n_head / n_kv_head query heads that share a kv head: row
         g*T + t is query t's (GPT.sdpa_mask makes it). cache: (k, v) of shape (B, n_kv_head, S, head_dim) each;
         this call's keys and values are written at positions pos (T,), then attention runs over all S cached
@@ -234,6 +238,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)  # (B, T, heads, hd): the q heads, k heads, v heads
         qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
+        if ve is not None:
+            v = v + ve.view_as(v)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
         if rope is not None:  # q and k rotated together: one set of kernels, not two
@@ -295,8 +301,8 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos)
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None, ve=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -380,6 +386,12 @@ class GPT(nn.Module):
         ))
         if cfg.pos_encoding == "learned":
             self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.value_embeds:  # layer i and layer n_layer-1-i share table i (the U-net pattern of modded-nanogpt)
+            kv_dim = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+            self.transformer.ve = nn.ModuleList([nn.Embedding(cfg.vocab_size, kv_dim)
+                                                 for _ in range(min(3, cfg.n_layer // 2))])
+        if cfg.unet_skips:  # one weight per skip: block n_layer-1-i's input gets skip_weights[i] x block i's output
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
@@ -396,8 +408,9 @@ class GPT(nn.Module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
         # because each block adds two of them, so the stream's variance stays ~constant with depth.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.0 if residual and self.config.zero_init_proj else std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -449,6 +462,33 @@ class GPT(nn.Module):
         cfg = self.config
         return mask.repeat(cfg.n_head // (cfg.n_kv_head or cfg.n_head), 1)
 
+    def blocks(self, x, rope, mask, idx, cache=None, pos=None):
+        """The residual stream x (B, T, C) through every block, then the final norm. idx: the tokens, for the
+        value embeddings. With unet_skips, block i's output is kept and added (weighted) to block
+        n_layer-1-i's input, as a U-net's encoder feeds its decoder."""
+        cfg, h = self.config, self.transformer.h
+        ve = [t(idx) for t in self.transformer.ve] if cfg.value_embeds else []
+        skips = []
+        for i, block in enumerate(h):
+            j = len(h) - 1 - i  # value tables: [0, 1, 2, None, ..., None, 2, 1, 0]... mirrored at the end
+            v = ve[i] if i < len(ve) else ve[j] if j < len(ve) else None
+            if cfg.unet_skips and i >= len(h) - len(skips):
+                x = x + self.skip_weights[j] * skips.pop()
+            if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled() and cache is None:
+                # gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun it in the backward
+                x = checkpoint(block, x, rope, mask, None, None, v, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, None if cache is None else cache[i], pos, v)
+            if cfg.unet_skips and i < len(h) // 2:
+                skips.append(x)
+        return self.transformer.ln_f(x)
+
+    def head(self, x):
+        """Logits (..., vocab) of the final hidden states, soft-capped if logit_softcap."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def forward(self, idx, targets=None):
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
@@ -457,13 +497,7 @@ class GPT(nn.Module):
         if self.residual_dtype is not None:  # bf16: LayerNorms and residual adds move half the bytes (Megatron's way)
             x = x.to(self.residual_dtype)
         mask = self.sdpa_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
-        for i, block in enumerate(self.transformer.h):
-            if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled():
-                # gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun it in the backward
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, mask)
-        x = self.transformer.ln_f(x)
+        x = self.blocks(x, rope, mask, idx)
         if targets is not None and self.loss_chunk:  # training: the loss without the (B, T, vocab) logits
             return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                                   self.loss_chunk, self.loss_step)
@@ -472,7 +506,7 @@ class GPT(nn.Module):
         if dt is not None:
             loss, logits = self.fp8_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), dt)
             return logits.view(B, T, -1), loss
-        logits = self.lm_head(x)  # (B, T, vocab)
+        logits = self.head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
         loss = self.logits_loss(logits, targets)
@@ -485,9 +519,7 @@ class GPT(nn.Module):
         the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1."""
         x, rope = self.embed(idx, pos)
         mask = self.sdpa_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device), cache[0][0].dtype)
-        for block, layer_cache in zip(self.transformer.h, cache):
-            x = block(x, rope, mask, layer_cache, pos)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.head(self.blocks(x, rope, mask, idx, cache, pos))
 
     def new_cache(self, B, S, dtype, device):
         """Per layer, zeroed k and v of shape (B, n_kv_head, S, head_dim): allocated once for the whole

@@ -136,11 +136,12 @@ def plot_runs(runs, path, per_step=None, title=""):
 
 
 def curves(runs, path, x="elapsed_s", y="val_loss", title=""):
-    """One panel: y (default val loss) against x (default wall time, the rows' elapsed_s) for several runs,
-    {label: list of metrics rows}, e.g. a speedrun's baseline against its recipe. Writes the image to path."""
+    """One panel: y (default val loss) against x (default wall time, the rows' elapsed_s; or any row key: wall,
+    tokens, step) for several runs, {label: list of metrics rows}, e.g. a speedrun's baseline against its recipe.
+    Writes the image to path."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    draw(ax, runs, x, y, xlabel="wall time (s)" if x == "elapsed_s" else x)
+    draw(ax, runs, x, y, xlabel="wall time (s)" if x in ("elapsed_s", "wall") else x)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -54,7 +54,8 @@ from prepare import load_meta, read_header, read_shard
 # I/O
 out_dir = "out"
 eval_interval = 250         # evaluate (and checkpoint) every this many steps
-eval_iters = 20             # batches per split for an evaluation
+eval_iters = 20             # batches per split for an evaluation (at most one pass over the split)
+eval_train = True           # also estimate the train split's loss at each evaluation
 log_interval = 10
 always_save_checkpoint = True  # else only when val loss improves
 init_from = "scratch"       # scratch | resume (from out_dir's latest checkpoint)
@@ -67,18 +68,26 @@ gradient_accumulation_steps = 40  # micro-steps per update, summed over all proc
 # model: every field of GPTConfig (model.py) is a config key here; vocab_size comes from the data
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 vocab_size = None           # None: the tokenizer's vocab, padded up to a multiple of 128 (faster matmuls)
-# AdamW
-learning_rate = 6e-4
+# optimizer
+optimizer = "adamw"         # adamw | muon (Muon for the blocks' 2-D weights, AdamW for embeddings, head, gains)
+learning_rate = 6e-4        # AdamW's lr (with muon: of the parameters AdamW keeps)
 max_iters = 600000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0             # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine decay to min_lr
+embed_lr = 0.0              # AdamW lr of the embedding tables; 0 = learning_rate
+head_lr = 0.0               # AdamW lr of an untied lm_head; 0 = learning_rate
+muon_lr = 0.02              # Muon's lr (torch's "original" scaling: x sqrt(max(1, rows/cols)))
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+# learning-rate schedule: linear warmup, then cosine (or wsd: flat, then linear) decay to min_lr at lr_decay_iters
 decay_lr = True
+lr_schedule = "cosine"      # cosine | wsd (warmup-stable-decay, Hu et al. 2024: flat, then linear over the last cooldown_frac)
+cooldown_frac = 0.2
 warmup_iters = 2000
 lr_decay_iters = 600000
-min_lr = 6e-5
+min_lr = 6e-5               # the floor of the decay, as a fraction of each group's lr: min_lr / learning_rate
 # system
 device = "auto"             # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16, fp32 on CPU)
@@ -87,23 +96,29 @@ compile = False             # torch.compile the model
 grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
                             # fsdp (FSDP2: params, grads, AdamW state sharded)
-loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
+loss_chunk = 0              # > 0: rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
 ddp_bucket_mb = 100         # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
 fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
+stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss is at or below this (speedruns)
 # faults: a bad update (loss NaN/Inf, or above spike_factor x its running average) is skipped, not applied
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
 spike_factor = 2.0          # loss > spike_factor x running average is a spike; 0 = only NaN/Inf are bad
 # -----------------------------------------------------------------------------
 
 
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
-    """Linear warmup from ~0 to learning_rate over warmup_iters, then cosine down to min_lr at lr_decay_iters."""
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
+    """Linear warmup from ~0 to learning_rate over warmup_iters, then down to min_lr at lr_decay_iters: along a
+    cosine, or (wsd) flat until the last cooldown_frac of the steps and linear from there."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        cooldown = max(int(cooldown_frac * lr_decay_iters), 1)
+        ratio = max(it - (lr_decay_iters - cooldown), 0) / cooldown
+        return learning_rate - ratio * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
@@ -204,6 +219,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
     # fp8 inside the chunked loss was tried, and was slower than fp8 on plain logits (GPT-2 at 32x1024, H100; timed
     # before the fp8 fix that README tells of, so only the direction stands). So fp8 for the head needs plain logits.
+    if model.config.logit_softcap and (loss_chunk or fp8 != "none"):
+        raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' (the fused losses do not cap)")
     if fp8 == "head" and loss_chunk:
         raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
                          "itself)")
@@ -214,11 +231,6 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         for m in [model.lm_head] if fp8 == "head" else model.modules():
             if isinstance(m, Linear):
                 m.fp8 = True
-    if compile and device.startswith("cuda"):
-        import torch._inductor.config as inductor
-        # search each generated Triton kernel's block sizes: GPT-2 compiles ~100 s longer, and a step is 0.75 ms
-        # (1.2%) faster on an H200, mostly in the cross-entropy kernels over the 50k-wide logits
-        inductor.coordinate_descent_tuning = True
     if compile and (model.grad_ckpt or loss_chunk):
         # Checkpointing and the chunked loss free memory by running as Python around compiled parts: traced into
         # one whole-model graph, the compiler kept most of what they free (GPT-2 at 32x1024 on an H100, grad_ckpt=
@@ -253,19 +265,61 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
     return torch.compile(model) if compile else model
 
 
-def make_optimizer(model, world, sharding, weight_decay, learning_rate, betas, device):
-    """AdamW over the GPT's parameters: made after FSDP2 sharded them, it holds this process's shards only. With
+def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, device, kind="adamw",
+                    embed_lr=0.0, head_lr=0.0, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0):
+    """The optimizers of the GPT's parameters, as a list that the loop steps one after the other.
+    adamw: one AdamW (made after FSDP2 sharded the parameters, it holds this process's shards only). With
     sharding='zero1' (ZeRO stage 1, Rajbhandari et al. 2020) each process keeps whole weights and gradients, as
-    under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them."""
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
-    if world > 1 and sharding == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
-        # parameters_as_bucket_view: one broadcast per rank, not one per parameter (a 2-layer model on 2 CPU
-        # processes: 9.9 ms/step, as under DDP, against 15.2 ms with one per parameter)
-        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
-                                            parameters_as_bucket_view=True,
-                                            **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
-    return optimizer
+    under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them.
+    muon: Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
+    blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for.
+    Each group remembers its own lr as "initial_lr"; the schedule scales them all by one factor."""
+    fused = device.startswith("cuda")
+    if kind not in ("adamw", "muon"):
+        raise SystemExit(f"error: optimizer must be 'adamw' or 'muon', got {kind!r}")
+    if kind == "adamw":
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
+        if world > 1 and sharding == "zero1":
+            from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
+            # parameters_as_bucket_view: one broadcast per rank, not one per parameter
+            optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
+                                                parameters_as_bucket_view=True,
+                                                **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
+        optimizers = [optimizer]
+    else:
+        if not hasattr(torch.optim, "Muon"):
+            raise SystemExit(f"error: optimizer='muon' needs torch >= 2.9 (torch.optim.Muon), this is torch "
+                             f"{torch.__version__}; upgrade torch or use optimizer='adamw'")
+        if world > 1 and sharding != "ddp":
+            raise SystemExit(f"error: optimizer='muon' orthogonalises whole matrices, and sharding={sharding!r} "
+                             f"gives each process only a slice of them; use sharding='ddp' or optimizer='adamw'")
+        groups = {"muon": [], "embed": [], "head": [], "gain": []}
+        for name, p in model.named_parameters():
+            if name.startswith("transformer.h.") and p.dim() == 2:
+                groups["muon"].append(p)
+            elif p.dim() < 2:
+                groups["gain"].append(p)
+            elif name.startswith("lm_head"):
+                groups["head"].append(p)
+            else:  # wte, wpe, value embeddings
+                groups["embed"].append(p)
+        adamw = torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr or learning_rate, weight_decay=0.0),
+                                   dict(params=groups["head"], lr=head_lr or learning_rate, weight_decay=0.0),
+                                   dict(params=groups["gain"], lr=learning_rate, weight_decay=0.0)],
+                                  lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+        muon = torch.optim.Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def set_lr(optimizers, factor):
+    """Every group's lr = its own initial lr x factor (the schedule's lr / learning_rate)."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
 
 
 def zero_names(model, optimizer):
@@ -274,16 +328,17 @@ def zero_names(model, optimizer):
     return [names[p] for g in optimizer.param_groups for p in g["params"]]
 
 
-def full_state_dicts(model, optimizer):
-    """The model's and AdamW's state dicts, whole and on the CPU, whatever the sharding: a checkpoint does not
-    depend on how many processes wrote it. The optimizer's state is keyed by parameter name, not position, so it
+def full_state_dicts(model, optimizers):
+    """The model's and the optimizers' state dicts, whole and on the CPU, whatever the sharding: a checkpoint does
+    not depend on how many processes wrote it. The optimizer state is keyed by parameter name, not position, so it
     loads into any sharding (load_optimizer_state). A collective under FSDP and ZeRO: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
+    optimizer = optimizers[0]
     if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
+        return model_state, get_optimizer_state_dict(model, optimizers, options=opts)
     optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
     sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
     names = zero_names(model, optimizer)
@@ -292,12 +347,13 @@ def full_state_dicts(model, optimizer):
     return model_state, dict(state=state, param_groups=groups)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT), or into
-    ZeRO, which keeps its rank's part."""
+def load_optimizer_state(model, optimizers, state):
+    """Loads full_state_dicts' optimizer state into the optimizers over `model` (plain, DDP'd or FSDP-sharded
+    GPT), or into ZeRO, which keeps its rank's part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    optimizer = optimizers[0]
     if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
     index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
     optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
                                    param_groups=[dict(g, params=[index[n] for n in g["params"]])
@@ -307,46 +363,57 @@ def load_optimizer_state(model, optimizer, state):
 # ---------------------------------------------------------------------------- data
 
 
-class TokenWindows(torch.utils.data.Dataset):
-    """Every (block_size + 1)-token window of the shards, stepping by block_size: window i gives the
-    inputs x = tokens[s : s+T] and the targets y = tokens[s+1 : s+T+1]. Windows never cross shards."""
+class TokenWindows:
+    """The (block_size + 1)-token windows of the shards on a grid of stride block_size, started `shift` tokens
+    into each shard: window i gives the inputs x = tokens[s : s+T] and the targets y = tokens[s+1 : s+T+1].
+    Windows never cross shards. Training moves the grid every epoch (Batches), evaluation keeps shift 0."""
 
     def __init__(self, paths, block_size):
         self.shards = [read_shard(p) for p in paths]
         self.block_size = block_size
-        counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
-        self.starts = np.cumsum([0] + counts)  # window index -> shard, by binary search
-        if self.starts[-1] == 0:
+        if len(self) == 0:
             raise SystemExit(f"error: block_size {block_size} is longer than the data in {paths[0]}'s split "
                              f"({max(len(s) for s in self.shards)} tokens); lower block_size or add data")
 
-    def __len__(self):
-        return int(self.starts[-1])
+    def starts(self, shift=0):
+        """Cumulative window counts per shard under this shift: window index -> shard, by binary search."""
+        return np.cumsum([0] + [max((len(s) - 1 - shift) // self.block_size, 0) for s in self.shards])
 
-    def __getitem__(self, i):
-        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        s = (i - self.starts[shard]) * self.block_size
+    def __len__(self):
+        return int(self.starts()[-1])
+
+    def window(self, i, starts, shift=0):
+        shard = int(np.searchsorted(starts, i, side="right")) - 1
+        s = shift + (i - starts[shard]) * self.block_size
         w = torch.from_numpy(self.shards[shard][s:s + self.block_size + 1].astype(np.int64))
         return w[:-1], w[1:]
 
 
 class Batches:
     """Epochs over a TokenWindows: each epoch is a seeded permutation of every window, dealt round-robin
-    to the ranks (no overlap between ranks, no replacement), cut into micro-batches. The position
-    (epoch, batch) is saved in checkpoints, so a resumed run sees exactly the batches it would have."""
+    to the ranks (no overlap between ranks, no replacement), cut into micro-batches. With shift=True each epoch
+    also moves the window grid by a seeded offset in [0, block_size): on data seen for many epochs, a fixed grid
+    lets the model memorise the same windows every epoch (train loss falls while val loss turns up sooner).
+    The position (epoch, batch, shift) is saved in checkpoints, so a resumed run sees exactly the batches it
+    would have."""
 
-    def __init__(self, ds, batch_size, rank, world, seed, epoch=0, pos=0, pin=False):
+    def __init__(self, ds, batch_size, rank, world, seed, epoch=0, pos=0, offset=None, shift=False, pin=False):
         self.ds, self.batch_size, self.rank, self.world, self.seed = ds, batch_size, rank, world, seed
-        self.epoch, self.pos, self.pin = epoch, pos, pin
-        self.per_epoch = (len(ds) // world) // batch_size
+        self.epoch, self.pos, self.shift, self.pin = epoch, pos, shift, pin
+        self._order(offset)
         if self.per_epoch == 0:
             raise SystemExit(f"error: {len(ds)} windows of block_size {ds.block_size} are too few for "
                              f"batch_size {batch_size} x {world} processes; lower batch_size or block_size")
-        self._order()
 
-    def _order(self):
+    def _order(self, offset=None):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.order = torch.randperm(len(self.ds), generator=g)[self.rank::self.world]
+        # the grid offset of this epoch (drawn, or restored from a checkpoint); epoch 0 keeps the unshifted grid
+        drawn = int(torch.randint(self.ds.block_size, (1,), generator=g)) if self.shift and self.epoch else 0
+        self.offset = drawn if offset is None else offset
+        self.starts = self.ds.starts(self.offset)
+        n = int(self.starts[-1])
+        self.per_epoch = (n // self.world) // self.batch_size
+        self.order = torch.randperm(n, generator=g)[self.rank::self.world]
 
     def __next__(self):
         if self.pos >= self.per_epoch:  # (>: a run resumed on more processes has shorter epochs)
@@ -354,13 +421,13 @@ class Batches:
             self._order()
         idx = self.order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
         self.pos += 1
-        x, y = (torch.stack(t) for t in zip(*(self.ds[int(i)] for i in idx)))
+        x, y = (torch.stack(t) for t in zip(*(self.ds.window(int(i), self.starts, self.offset) for i in idx)))
         if self.pin:  # page-locked memory lets the copy to the GPU run asynchronously
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def state(self):
-        return dict(epoch=self.epoch, pos=self.pos)
+        return dict(epoch=self.epoch, pos=self.pos, offset=self.offset)
 
 
 def split_paths(data_dir, meta, split):
@@ -407,18 +474,19 @@ def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps):
     return bad.float()
 
 
-def apply_update(optimizer, scaler, bad):
-    """optimizer.step() unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
-    weights, not Adam's moments, not its step count. Fused AdamW (CUDA) takes the skip flag on the device
-    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU;
-    with fp16's GradScaler a sync that the scaler itself makes anyway for unfused optimizers."""
-    inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
-    if inner.defaults.get("fused") and not scaler.is_enabled():
-        inner.found_inf = bad
-        optimizer.step()
-        del inner.found_inf
-    elif not bad.item():
-        scaler.step(optimizer)
+def apply_update(optimizers, scaler, bad):
+    """Steps each optimizer unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
+    weights, not the moments, not the step count. Fused AdamW (CUDA) takes the skip flag on the device
+    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU; on a
+    GPU one sync a step (Muon has no such hook); with fp16's GradScaler a sync the scaler makes anyway."""
+    for optimizer in optimizers:
+        inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
+        if inner.defaults.get("fused") and not scaler.is_enabled():
+            inner.found_inf = bad
+            optimizer.step()
+            del inner.found_inf
+        elif not bad.item():
+            scaler.step(optimizer)
 
 
 STOP = {}  # {"signal": name} once SIGTERM (preemption) or SIGINT (Ctrl-C) arrived
@@ -434,10 +502,10 @@ def request_stop(signum, frame):
 # ---------------------------------------------------------------------------- the run
 
 
-def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
+def train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
-    and AdamW stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
+    and the optimizers stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
     No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
     and copied (non_blocking) while the GPU still computes the one before."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
@@ -458,31 +526,36 @@ def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard
     if world > 1:  # every rank must make the same skip decision: judge the mean loss of all ranks
         dist.all_reduce(step_loss)
         step_loss /= world
-    scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and the guard see the true gradients
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and the guard see the true gradients
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (already summed over the shards)
         norm = norm.full_tensor()
     # under fp16 an Inf gradient is the GradScaler's business (it skips the step and lowers the scale, often a
     # few steps in a row at the start): only the loss speaks to the guard then
     norm = None if scaler.is_enabled() else norm
-    apply_update(optimizer, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
+    apply_update(optimizers, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return step_loss
 
 
+@torch.no_grad()
 def evaluate(model, loaders, ctx, eval_iters, world, device):
-    """Mean loss per split over eval_iters fixed batches, averaged over ranks."""
+    """Mean loss per split over its first eval_iters fixed batches (at most one pass over the split), averaged
+    over ranks. Called with the uncompiled model: a compiled one would compile again for eval mode."""
     model.eval()
     out = {}
     for split, make in loaders.items():
         batches = make()
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        n = min(eval_iters, batches.per_epoch)
+        total = torch.zeros((), device=device)
+        for _ in range(n):
             x, y = (t.to(device, non_blocking=True) for t in next(batches))
             with ctx:
-                losses[k] = model(x, y)[1].item()
-        mean = losses.mean().to(device)
+                total += model(x, y)[1].float()
+        mean = total / n
         if world > 1:
             dist.all_reduce(mean)
             mean /= world
@@ -493,6 +566,7 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
 
 def main():
     global vocab_size, device
+    t_launch = time.time()
     config = configure(globals())
     rank, local_rank, world, device = setup_distributed(device)
     master = rank == 0
@@ -541,12 +615,13 @@ def main():
     raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
     model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8,
                         bf16_residual)
-    optimizer = make_optimizer(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device)
+    optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
+                                 optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
     iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
     guard = torch.zeros(len(GUARD_FIELDS))  # the bad-update guard's state (guard_update)
     if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
+        load_optimizer_state(raw_model, optimizers, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss, data_state = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"]
         guard = ckpt.get("guard", guard)
@@ -560,10 +635,12 @@ def main():
     pin = device.startswith("cuda")
     train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
     val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
-    batches = Batches(train_ds, batch_size, rank, world, seed, pin=pin, **data_state)
+    batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
     # evaluation always uses the same windows (epoch 0 of a fixed permutation), so numbers are comparable
     loaders = {"train": lambda: Batches(train_ds, batch_size, rank, world, seed + 1, pin=pin),
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
+    if not eval_train:
+        del loaders["train"]
     ctx = autocast(device, ptdtype)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
@@ -574,10 +651,10 @@ def main():
         shutil.copyfile(os.path.join(data_dir, meta["tokenizer"]), os.path.join(out_dir, "tokenizer.bpe"))
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
               f"{tokens_per_iter:,} tokens/step | {len(train_ds):,} train windows")
-        if hasattr(optimizer, "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
+        if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
             count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
-            print(f"zero1: AdamW state for {count(optimizer.optim.param_groups):,} of the "
-                  f"{count(optimizer.param_groups):,} parameters on this process")
+            print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
+                  f"{count(optimizers[0].param_groups):,} parameters on this process")
     metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
 
     def log(**row):
@@ -588,7 +665,7 @@ def main():
     def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
         if not master and not (sharding != "ddp" and world > 1):
             return
-        model_state, optimizer_state = full_state_dicts(raw_model, optimizer)
+        model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
         if master:
             save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
                                           scaler=scaler.state_dict(), model_args=model_args, config=config,
@@ -604,38 +681,52 @@ def main():
     stop_group = dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
     bad_seen = guard[GUARD_FIELDS.index("total")].item()
 
-    start_iter, t0, loss_sum = iter_num, time.time(), torch.zeros((), device=device)
+    # the log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter
+    start_iter, t0, t0_iter, loss_sum, loss_from = iter_num, time.time(), iter_num, torch.zeros((), device=device), iter_num
     t_start = t0
     while True:
         if (iter_num % eval_interval == 0 and iter_num != start_iter) or iter_num == max_iters:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
             t_eval = time.time()
-            losses = evaluate(model, loaders, ctx, eval_iters, world, device)
+            losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
             bpb = losses["val"] / math.log(2) / bytes_per_token
             if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val bits/byte {bpb:.4f}")
-            log(step=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb)
+                print(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss "
+                      f"{losses['val']:.4f}, val bits/byte {bpb:.4f}")
+            log(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
+                tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 checkpoint()
             t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
+            if stop_at_val_loss and losses["val"] <= stop_at_val_loss:
+                if master:
+                    print(f"val loss {losses['val']:.4f} <= stop_at_val_loss {stop_at_val_loss} at step {iter_num}, "
+                          f"{time.time() - t_launch:.1f}s after start")
+                break
         if iter_num >= max_iters:
             break
 
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, cooldown_frac) \
+            if decay_lr else learning_rate
+        set_lr(optimizers, lr / learning_rate)
         # Randomness (dropout) is re-seeded from (seed, rank, step): a resumed run replays it exactly.
         torch.manual_seed(seed + 1_000_003 * rank + iter_num)
-        loss_sum += train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
+        loss_sum += train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
                                spike_factor, max_bad_steps)
         iter_num += 1
+        if iter_num == start_iter + 1 and master:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            print(f"first step done {time.time() - t_launch:.1f}s after start (set-up and compilation included)")
+            log(step=iter_num, first_step_s=time.time() - t_launch, time=time.time())
+            if iter_num % log_interval:  # the step rate leaves the first step's compilation out
+                t0, t0_iter = time.time(), iter_num
 
         if iter_num % log_interval == 0 and master:  # the only host sync in the loop
-            loss_val = loss_sum.item() / log_interval
-            dt = (time.time() - t0) / log_interval
+            loss_val = loss_sum.item() / (iter_num - loss_from)  # fewer than log_interval after a resume
+            dt = (time.time() - t0) / max(iter_num - t0_iter, 1)
             tok_s = tokens_per_iter / dt
             mfu = flops_per_iter / dt / peak
             mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
@@ -643,10 +734,10 @@ def main():
             eta = (max_iters - iter_num) * dt
             print(f"step {iter_num}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
                   f"mfu {100 * mfu:.1f}% | mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {eta:.0f}s")
-            log(step=iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt)
-            t0, loss_sum = time.time(), torch.zeros((), device=device)
-        elif iter_num % log_interval == 0:
-            t0, loss_sum = time.time(), torch.zeros((), device=device)
+            log(step=iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
+                tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
+        if iter_num % log_interval == 0:
+            t0, t0_iter, loss_sum, loss_from = time.time(), iter_num, torch.zeros((), device=device), iter_num
 
         # faults, acted on where every rank agrees (the guard's counters are the same on all ranks)
         if iter_num % log_interval == 0 or iter_num == max_iters:
