@@ -35,6 +35,10 @@ gen_cuda_graph = True       # replay the decode step as a CUDA graph (model.gene
 gen_compile = False         # also time the cache with a torch.compiled decode step (cold then includes compiling)
 gen_device = "auto"
 gen_out_dir = "out/bench"
+gen_cold = True             # also the first and second generate call of a fresh process, batch 1: what sample.py meets
+gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1"
+                            # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile; "" = as sample.py)
+gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
 # --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
 speedrun_config = "config/speedrun_small.py"     # the recipe
 speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens; "": none
@@ -367,7 +371,8 @@ def bench_generate():
     new shape pays kernel selection, lazy CUDA set-up and graph capture) and the second (warm), on random
     weights in bf16 (fp32 on CPU); sampling as sample.py's defaults (temperature 0.8, top-k 200). The cache
     rows run before the cache-less ones, so "cold" for the cache is the first generate of the process for
-    that model and batch. Writes gen_out_dir/generate.json."""
+    that model and batch. With gen_cold, then the first and second call of a fresh process, as a user of
+    sample.py meets them (generate_in_fresh_process). Writes gen_out_dir/generate.json."""
     import json
     import os
     import time
@@ -379,23 +384,31 @@ def bench_generate():
     device = ("cuda" if torch.cuda.is_available() else "cpu") if gen_device == "auto" else gen_device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    llama = dict(bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu")
     if gen_tiny:
         base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, block_size=256)
-        shapes = {"gpt2-tiny": dict(base), "llama-tiny": dict(base, n_kv_head=2)}
+        shapes = {"gpt2-tiny": dict(base), "llama-tiny": dict(base, n_kv_head=2, **llama)}
     else:
         base = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
-        shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4)}
-    llama = dict(bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu")
+        shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4, **llama)}
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     os.makedirs(gen_out_dir, exist_ok=True)
+    rows, cold, path = [], [], os.path.join(gen_out_dir, "generate.json")
+
+    def save():  # after every row: a run cut short still leaves its numbers
+        with open(path, "w") as f:
+            json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
+                           prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows, cold=cold), f, indent=1)
+    if gen_cold:  # first, while this process has no CUDA context yet to share the GPU with
+        bench_fresh_processes(shapes, device, cold, save)
+        print()
+    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     a = torch.randn(64, 64, device=device, dtype=dtype)
     (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
     models = {}
     for shape, args in shapes.items():
         torch.manual_seed(0)
-        models[shape] = GPT(GPTConfig(**args, **(llama if "llama" in shape else {}))).to(device, dtype).eval()
-    rows, path = [], os.path.join(gen_out_dir, "generate.json")
+        models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
     print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
     print(f"{'model':12}{'batch':>6}{'path':>15}{'cold tok/s':>12}{'warm tok/s':>12}{'cold s':>9}{'warm s':>9}")
     paths = ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache  # the slow ones last
@@ -420,10 +433,103 @@ def bench_generate():
                                  cold_tok_s=tok / seconds[0], warm_tok_s=tok / seconds[1]))
                 print(f"{shape:12}{batch:6}{path_name:>15}{tok / seconds[0]:12,.0f}{tok / seconds[1]:12,.0f}"
                       f"{seconds[0]:9.2f}{seconds[1]:9.2f}", flush=True)
-                with open(path, "w") as f:  # after every row: a run cut short still leaves its numbers
-                    json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
-                                   prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows), f, indent=1)
+                save()
     print(f"wrote {path}")
+
+
+def bench_fresh_processes(shapes, device, cold, save):
+    """bench_generate's gen_cold table: for each of gen_cold_variants, the first and second generate call of a
+    fresh process (generate_in_fresh_process), appended to `cold`; save() writes the json after each row."""
+    import ast
+
+    first = next(iter(shapes))
+    print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
+          f"against its second; {first} unless the variant says otherwise")
+    print(f"{'variant':34}{'first s':>9}{'second s':>10}{'ratio':>7}{'1st token s':>13}{'(2nd call)':>11}"
+          f"{'import s':>10}{'model s':>9}")
+    for variant in [v.strip() for v in gen_cold_variants.split(";")]:
+        args = dict(shape=first, batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
+                    cuda_graph=gen_cuda_graph, compile=False)
+        for kv in variant.split():
+            key, _, value = kv.partition("=")
+            if key not in args:
+                raise SystemExit(f"error: gen_cold_variants: unknown key {key!r} in {variant!r}; use "
+                                 f"{', '.join(args)}")
+            args[key] = value if key == "shape" else ast.literal_eval(value)
+        if args["shape"] not in shapes:
+            raise SystemExit(f"error: gen_cold_variants: shape {args['shape']!r} is not one of {', '.join(shapes)}")
+        r = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device))
+        cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
+        print(f"{variant or '(as sample.py)':34}{r['first_s']:9.3f}{r['second_s']:10.3f}{r['ratio']:6.2f}x"
+              f"{r['first_token_s'][0]:13.3f}{r['first_token_s'][1]:11.3f}{r['import_s']:10.2f}{r['model_s']:9.2f}",
+              flush=True)
+        save()
+        if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
+            ops = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device, profile=True))
+            cold[-1]["profile"] = ops["profile"]
+            api = "with the CUDA API calls, " if device.startswith("cuda") else ""
+            print(f"  its first call's most expensive ops (self CPU time, {api}under the profiler):")
+            for op, count, ms in ops["profile"]:
+                print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
+            save()
+
+
+def generate_in_fresh_process(args):
+    """The first and the second model.generate call of a new interpreter, made as sample.py makes them: the model
+    built in fp32 on the device, cast once to sample.pick_dtype's dtype, every token read on the host as it
+    streams. args: model (GPTConfig kwargs), device, batch, prompt_len, new_tokens, cuda_graph, compile; and
+    profile=True to profile the first call instead. Returns {first_s, second_s, ratio, first_token_s (both calls),
+    import_s, model_s} (import: torch and the scripts; model: building it and its first move to the device,
+    which makes the CUDA context), or {profile: [(op, calls, self CPU ms)]} for the 15 most expensive ops."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    child = """if 1:
+        import json, sys, time
+        t0 = time.perf_counter()
+        import torch
+        import sample
+        from model import GPT, GPTConfig
+        import_s = time.perf_counter() - t0
+        a = json.loads(sys.argv[1])
+        device = sample.pick_device(a["device"])
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**a["model"])).to(device).eval().to(sample.pick_dtype("auto", device))
+        prompt = torch.randint(model.config.vocab_size, (a["batch"], a["prompt_len"]), device=device)
+        sync()
+        model_s = time.perf_counter() - t0
+
+        def call():
+            g = torch.Generator(device=device).manual_seed(0)
+            sync()
+            t0, first = time.perf_counter(), None
+            for next_id in model.generate(prompt, a["new_tokens"], 0.8, 200, 1.0, generator=g,
+                                          cuda_graph=a["cuda_graph"], compile=a["compile"]):
+                next_id.tolist()  # as sample.py, which decodes each token as it comes
+                first = first or time.perf_counter() - t0
+            sync()
+            return time.perf_counter() - t0, first
+        if a.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+            cuda = [ProfilerActivity.CUDA] if device.startswith("cuda") else []
+            with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
+                call()
+            ops = [(e.key, e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
+            print(json.dumps(dict(profile=sorted(ops, key=lambda op: -op[2])[:15])))
+        else:
+            (first_s, t1), (second_s, t2) = call(), call()
+            print(json.dumps(dict(first_s=first_s, second_s=second_s, ratio=first_s / second_s,
+                                  first_token_s=[t1, t2], import_s=import_s, model_s=model_s)))
+    """
+    r = subprocess.run([sys.executable, "-c", child, json.dumps(args)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise SystemExit(f"error: generate in a fresh process failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_rlhf():

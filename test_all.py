@@ -2490,3 +2490,229 @@ def test_eval_cli_scores_mc_and_bpb_and_bad_inputs_are_one_line_errors(eval_run,
     ]:
         with pytest.raises(SystemExit, match="^error: .*" + pattern):
             fresh_main("eval.py", f"--out_dir={out}", "--device=cpu", *args)
+# ============================================================ surface
+# --help on every script, sample.py's everyday errors and warnings, bench's fresh-process first call, plot.py.
+def surface_script_ns(script):
+    import runpy
+    return runpy.run_path(os.path.join(HERE, script))
+
+
+def test_help_lists_every_train_key_with_its_default_and_comment_and_no_constants():
+    import train
+    from configurator import config_keys, source_notes
+    from model import GPTConfig
+    p = run("train.py", "--help")
+    assert p.returncode == 0 and p.stderr == ""
+    out = p.stdout.splitlines()
+    assert out[0].startswith("train.py: Pretrain a GPT") and "    python train.py config/small.py" in p.stdout
+    keys = config_keys(vars(train))
+    assert {"out_dir", "n_layer", "sharding", "vocab_size", "spike_factor"} <= set(keys)
+    assigns = {line.split("  #")[0].rstrip() for line in out}
+    assert {f"{k} = {v!r}" for k, v in keys.items()} <= assigns  # every key, with its default
+    notes = source_notes(open(os.path.join(HERE, "train.py")).read())[0]
+    fields = source_notes(textwrap.dedent(__import__("inspect").getsource(GPTConfig)), in_class=True)[0]
+    comments = [c for k in keys for c in (notes.get(k) or fields[k])[2]]
+    assert len(comments) > 30 and all(f"# {c}" in p.stdout for c in comments)  # the comments as written
+    assert "# fsdp (FSDP2: params, grads, AdamW state sharded)" in p.stdout  # a continuation line, on its own line
+    sections = [line for line in out if line.startswith("# ")]
+    assert sections[:3] == ["# I/O", "# data", "# model: every field of GPTConfig (model.py) is a config key here; "
+                                                 "vocab_size comes from the data"] and "# scale" in sections
+    assert not any(line.split(" = ")[0].isupper() for line in out if " = " in line)  # no GUARD_FIELDS, STOP...
+    with pytest.raises(SystemExit) as e:
+        __import__("configurator").configure(dict(vars(train)), ["--zzzzzz=1"])
+    suggested = str(e.value).split("valid keys: ")[1].rstrip(")").split(", ")
+    assert set(suggested) == set(keys) and not any(k.isupper() for k in suggested)
+
+
+@pytest.mark.parametrize("script", ["bpe.py", "prepare.py", "sample.py", "rlhf.py", "bench.py", "plot.py"])
+def test_help_and_h_print_every_key_and_exit_0_on_every_script(script, capsys):
+    from configurator import config_keys, configure
+    ns = surface_script_ns(script)
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            configure(ns, ["--out_dir=x", flag])
+        assert e.value.code in (0, None)
+        out = capsys.readouterr().out
+        assert out.startswith(f"{script}: ") and "usage:" in out and f"python {script}" in out
+        assert all(f"{k} = {v!r}" in out for k, v in config_keys(ns).items())
+
+
+def test_configurator_keys_are_lowercase_so_config_file_constants_are_allowed(tmp_path, capsys):
+    from configurator import configure
+    (tmp_path / "c.py").write_text("LAYERS = 6  # a constant of the file itself\nn_layer = LAYERS\n")
+    ns = conf_defaults() | {"CHAT_TOKENS": ("a",), "REMOTE": "x"}
+    assert configure(ns, [str(tmp_path / "c.py")])["n_layer"] == 6
+    with pytest.raises(SystemExit, match=r"valid keys: betas, compile, learning_rate, n_layer, out_dir, vocab_size\)"):
+        configure(ns, ["--zzz=1"])
+    with pytest.raises(SystemExit):  # a namespace without __file__ or __doc__ still gets its keys listed
+        configure(conf_defaults(), ["-h"])
+    assert "n_layer = 12" in capsys.readouterr().out
+
+
+def surface_ckpt(out, vocab_size=261, stage=None):
+    """A tiny checkpoint in out/ with the chat tokenizer; stage: as rlhf.py records it (None: pretraining)."""
+    import bpe
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    tok = bpe.train(["12+34=46\n"], 261)
+    os.makedirs(out, exist_ok=True)
+    tok.save(str(out / "tokenizer.bpe"))
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=vocab_size, bias=False)
+    torch.manual_seed(0)
+    state = dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, tokenizer_hash=tok.hash, iter_num=0)
+    save_checkpoint(str(out), dict(state, stage=stage) if stage else state)
+    return str(out)
+
+
+@pytest.mark.parametrize("arg, pattern", [
+    ("--num_samples=0", r"--num_samples=0 is out of range; give 1 or more$"),
+    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give 1 or more$"),
+    ("--temperature=-1", r"--temperature=-1.0 is out of range; give >= 0 \(0 = greedy\)$"),
+    ("--top_p=0", r"--top_p=0.0 is out of range; give in \(0, 1\] \(1 = off\)$"),
+    ("--top_p=1.5", r"--top_p=1.5 is out of range"),
+    ("--top_k=-1", r"--top_k=-1 is out of range"),
+    ("--device=gpu", r"unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps$"),
+    ("--dtype=fp8", r"unknown dtype 'fp8'; use auto, float32, bfloat16, float16$"),
+])
+def test_sample_bad_settings_are_one_line_errors_before_loading(arg, pattern, tmp_path):
+    with pytest.raises(SystemExit, match="^error: " + pattern) as e:
+        fresh_main("sample.py", f"--out_dir={tmp_path / 'none'}", arg)  # no checkpoint: refused before loading
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_sample_device_cuda_on_a_cpu_build_is_a_one_line_error_without_traceback(tmp_path):
+    p = run("sample.py", f"--out_dir={tmp_path}", "--device=cuda", check=False)
+    one_line_error(p, r"^error: --device=cuda, but this torch \(.*\) is a CPU build; use --device=cpu \(or auto\)$")
+
+
+def test_sample_refuses_a_model_with_fewer_token_ids_than_its_tokenizer(tmp_path):
+    out = surface_ckpt(tmp_path / "run", vocab_size=256)
+    with pytest.raises(SystemExit, match=r"^error: the model in .*run has 256 token ids, fewer than its tokenizer's "
+                                         r"261 tokens; .*vocab_size >= 261$"):
+        fresh_main("sample.py", f"--out_dir={out}", "--device=cpu")
+
+
+def test_sample_without_a_checkpoint_lists_the_runs_and_the_command_to_sample_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint in out \(missing latest\.json\), and no run under "
+                                         r".*python train\.py config/small\.py$"):
+        fresh_main("sample.py")
+    surface_ckpt(tmp_path / "out" / "small")
+    surface_ckpt(tmp_path / "out" / "sweep" / "lr3")
+    os.makedirs(tmp_path / "out" / "empty")
+    with pytest.raises(SystemExit) as e:
+        fresh_main("sample.py")  # out_dir = "out", as after README command 1
+    assert str(e.value) == ("error: no checkpoint in out (missing latest.json); runs with one: out/small, "
+                            "out/sweep/lr3; sample one with: python sample.py --out_dir=out/small")
+    with pytest.raises(SystemExit, match=r"no checkpoint in out/smal \(missing latest\.json\); runs with one: "
+                                         r"out/small, out/sweep/lr3;"):
+        fresh_main("sample.py", "--out_dir=out/smal")  # a typo: the runs next to it
+
+
+@pytest.mark.parametrize("stage", [None, "sft"])
+def test_sample_chat_warns_once_on_a_model_never_fine_tuned_then_chats(stage, tmp_path, monkeypatch, capsys):
+    import io
+    out = surface_ckpt(tmp_path / "run", stage=stage)
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1=\n/quit\n"))
+    fresh_main("sample.py", f"--out_dir={out}", "--chat", "--device=cpu", "--max_new_tokens=3", "--temperature=0")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("chat: type a message") and captured.out.count("> ") == 2  # it went on
+    if stage:
+        assert captured.err == ""  # rlhf.py's checkpoints record their stage
+    else:
+        warning, = captured.err.strip().splitlines()
+        assert warning.startswith(f"warning: {out} holds a pretrained model that was never fine-tuned for chat")
+        assert f"python rlhf.py config/sft.py --init_from={out}" in warning
+
+
+def test_sample_imports_no_training_code():
+    p = run("-c", "import sys, sample; print(sorted(m for m in ('train', 'rlhf', 'prepare') if m in sys.modules))")
+    assert p.stdout.strip() == "[]"
+
+
+def test_bench_generate_times_the_first_and_second_call_of_a_fresh_process(tmp_path):
+    p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_new_tokens=5", "--gen_batches=(1,)",
+            "--gen_no_cache=False", "--gen_device=cpu", "--gen_cold_variants=prompt_len=1", "--gen_cold_profile=True",
+            f"--gen_out_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    row, = json.load(open(tmp_path / "generate.json"))["cold"]
+    assert row["variant"] == "prompt_len=1" and row["prompt_len"] == 1 and row["batch"] == 1
+    assert row["first_s"] > 0 and row["second_s"] > 0 and row["ratio"] == pytest.approx(row["first_s"] / row["second_s"])
+    assert all(0 < t <= s for t, s in zip(row["first_token_s"], (row["first_s"], row["second_s"])))
+    assert row["import_s"] > 0 and any(op.startswith("aten::addmm") for op, _, _ in row["profile"])
+    assert "fresh process" in p.stdout and "prompt_len=1" in p.stdout and "most expensive ops" in p.stdout
+
+
+def surface_metrics(path, steps, k=1.0, elapsed=True, resumed_from=None):
+    """A tiny metrics.jsonl as train.py writes it: training rows every 10 steps, evaluations every 50."""
+    import math
+    rows = []
+    for s in range(0, steps + 1, 10):
+        extra = dict(elapsed_s=s * 0.5) if elapsed else {}
+        if s:
+            rows.append(dict(step=s, loss=2 + 5 * math.exp(-k * s / 80), lr=1e-3 * min(1, s / 50), tokens_per_s=1e3,
+                             **extra))
+        if s % 50 == 0:
+            rows.append(dict(step=s, train_loss=2 + 5 * math.exp(-k * s / 80), val_loss=2.1 + 5 * math.exp(-k * s / 80),
+                             val_bpb=1.0, **extra))
+    if resumed_from is not None:  # killed, then resumed from the checkpoint at resumed_from: those steps again
+        rows += [dict(r, **{"loss": r["loss"] - 0.5} if "loss" in r else {}) for r in rows if r["step"] > resumed_from]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 3')  # a half-written last line
+    return str(path)
+
+
+def assert_png(path, min_side=300):
+    import matplotlib.image
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[2] in (3, 4) and min(img.shape[:2]) >= min_side
+    return img
+
+
+def test_plot_draws_several_runs_overlaid_into_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = surface_metrics(tmp_path / "baseline", 200)
+    b = surface_metrics(tmp_path / "recipe", 150, k=1.5, elapsed=False)
+    fresh_main("plot.py", a, b, f"--out={tmp_path / 'curves.png'}", "--title=baseline vs recipe")
+    img = assert_png(tmp_path / "curves.png")
+    assert img.shape[1] > img.shape[0]  # the 2 x 2 panels, landscape
+    with pytest.raises(SystemExit, match=r"^error: --labels=x gives 1 labels for 2 runs"):
+        fresh_main("plot.py", a, b, "--labels=x")
+    with pytest.raises(SystemExit, match=r"^error: no metrics in .*nope"):
+        fresh_main("plot.py", str(tmp_path / "nope.jsonl"))
+
+
+def test_plot_curves_draws_val_loss_against_wall_time_for_a_speedrun(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    runs = {"baseline": plot.read_metrics(surface_metrics(tmp_path / "a", 200)),
+            "recipe": plot.read_metrics(surface_metrics(tmp_path / "b", 200, k=2.0))}
+    assert plot.curves(runs, str(tmp_path / "val.png")) == str(tmp_path / "val.png")
+    assert_png(tmp_path / "val.png")
+
+
+def test_plot_reads_a_resumed_run_once_and_takes_tokens_from_the_checkpoint_config(tmp_path, sample_ckpt):
+    import plot
+    from checkpoint import load_checkpoint
+    rows = plot.read_metrics(surface_metrics(tmp_path / "r", 100, resumed_from=50))  # the torn last line: left out
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == list(range(10, 101, 10)) and [r["step"] for r in rows if "val_loss" in r] == [0, 50, 100]
+    assert [r["loss"] for r in rows if "loss" in r][5:] == pytest.approx(  # steps 60..100: the resumed run's rows
+        [r["loss"] - 0.5 for r in plot.read_metrics(surface_metrics(tmp_path / "s", 100)) if "loss" in r][5:])
+    config = load_checkpoint(sample_ckpt)["config"]
+    per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    assert plot.tokens_per_step(sample_ckpt) == per_step and plot.tokens_per_step(str(tmp_path / "r")) is None
+    kept, xs = plot.x_values(plot.read_metrics(sample_ckpt), "tokens", per_step)
+    assert xs and xs == [r["step"] * per_step for r in kept]
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
+    import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then raises ImportError
+    with pytest.raises(SystemExit, match=r"^error: plot\.py needs matplotlib, which is not installed: "
+                                         r"pip install matplotlib$"):
+        plot.pyplot()
