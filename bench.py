@@ -276,9 +276,10 @@ def bench_train():
                     with torch.device(device):  # initialised on the device: fast even for billions of parameters
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                              T.ddp_bucket_mb, T.fp8, T.bf16_residual)
-                    optimizer = train.make_optimizer(raw, w, T.sharding, T.weight_decay, T.learning_rate,
-                                                     (T.beta1, T.beta2), device)
+                                              T.fp8, T.bf16_residual)
+                    optimizer = train.make_optimizers(raw, w, T.sharding, T.weight_decay, T.learning_rate,
+                                                      (T.beta1, T.beta2), device, T.optimizer, T.embed_lr, T.head_lr,
+                                                      T.muon_lr, T.muon_momentum, T.muon_weight_decay)
                     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
                     guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
                     ctx = train.autocast(device, ptdtype)
