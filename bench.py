@@ -48,6 +48,7 @@ speedrun_seeds = 3
 speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val loss (mean over its seeds)
 speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
 speedrun_dir = "out/speedrun"
+speedrun_data_root = "data" # where the small corpus is made (data_root/stdlib-1mb)
 
 
 def bench_bpe():
@@ -674,7 +675,7 @@ def speedrun_one(config, overrides, seed, out_dir):
     import time
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
-           f"--seed={seed}", f"--out_dir={out_dir}", "--save_checkpoints=False"]
+           f"--seed={seed}", f"--out_dir={out_dir}", f"--data_root={speedrun_data_root}", "--save_checkpoints=False"]
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
@@ -702,7 +703,7 @@ def bench_speedrun():
             --speedrun_baseline=config/speedrun_124m_base.py --speedrun_seeds=1"""
     import statistics
     import time
-    speedrun_data()
+    speedrun_data(speedrun_data_root)
     if not speedrun_baseline and not speedrun_target:
         raise SystemExit("error: speedrun_baseline='' needs a speedrun_target (the val loss to reach)")
     runs = ([("baseline", speedrun_baseline, "")] if speedrun_baseline else []) + [("recipe", speedrun_config, "")]

@@ -2716,3 +2716,145 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: plot\.py needs matplotlib, which is not installed: "
                                          r"pip install matplotlib$"):
         plot.pyplot()
+
+
+# ============================================================ time to quality (train.py data order, Muon, model switches, speedrun)
+def windows_of(tiny_data, split="train", block_size=8):
+    from prepare import load_meta
+    from train import TokenWindows, split_paths
+    data_root, name, _ = tiny_data
+    data_dir = os.path.join(data_root, name)
+    return TokenWindows(split_paths(data_dir, load_meta(data_dir), split), block_size)
+
+
+def test_shifted_epochs_move_the_window_grid_and_still_deal_every_window_once(tiny_data):
+    from train import Batches
+    ds = windows_of(tiny_data)
+    offsets = []
+    for epoch in range(4):
+        starts = []
+        for rank in range(2):
+            b = Batches(ds, 3, rank, 2, seed=0, epoch=epoch, shift=True)
+            offsets.append(b.offset)
+            starts.append(b.order[:b.per_epoch * 3].tolist())
+            x, y = next(b)
+            first = int(b.order[0])  # the batch's first row is window `first` of the shifted grid
+            shard = int(np.searchsorted(b.starts, first, side="right")) - 1
+            s = b.offset + (first - b.starts[shard]) * 8
+            assert torch.equal(x[0], torch.from_numpy(ds.shards[shard][s:s + 8].astype(np.int64)))
+            assert torch.equal(x[:, 1:], y[:, :-1])
+        assert not set(starts[0]) & set(starts[1])                       # no window on both ranks
+        assert all(len(set(s)) == len(s) for s in starts)                # no window twice in an epoch
+        assert len(starts[0]) + len(starts[1]) >= int(b.starts[-1]) - 2 * 3 * 2
+    assert offsets[0] == offsets[1] == 0 and len(set(offsets[2::2])) > 1  # epoch 0 unshifted, later ones move
+    assert all(0 <= o < 8 for o in offsets)
+
+
+def test_evaluation_batches_stay_the_same_from_eval_to_eval(tiny_data):
+    from train import Batches
+    ds = windows_of(tiny_data, "val")
+    a, b = Batches(ds, 2, 0, 1, seed=1), Batches(ds, 2, 0, 1, seed=1)
+    for _ in range(3):
+        assert torch.equal(next(a)[0], next(b)[0])
+    assert a.offset == 0
+
+
+def test_resume_is_bit_exact_with_muon_and_shifted_epochs(tiny_data, tmp_path):
+    # 40 steps of 4 x 16 tokens run several epochs of the tiny corpus, so the resume crosses shifted grids
+    common = ["--max_iters=40", "--lr_decay_iters=40", "--eval_interval=20", "--optimizer=muon", "--log_interval=10",
+              "--lr_schedule=wsd", "--value_embeds=True", "--unet_skips=True", "--tie_embeddings=False"]
+    tiny_train(tiny_data, tmp_path / "once", *common)
+    tiny_train(tiny_data, tmp_path / "twice", *common[1:], "--max_iters=20")
+    tiny_train(tiny_data, tmp_path / "twice", *common, "--init_from=resume")
+    from checkpoint import load_checkpoint
+    a, b = load_checkpoint(str(tmp_path / "once")), load_checkpoint(str(tmp_path / "twice"))
+    assert a["data"]["epoch"] >= 2 and a["data"] == b["data"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert "momentum_buffer" in a["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]  # Muon's state saved
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_group_with_its_lr():
+    import train
+    model = gpt_with(n_layer=4, tie_embeddings=False, value_embeds=True, unet_skips=True)
+    adamw, muon = train.make_optimizers(model, 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", embed_lr=0.05,
+                                        head_lr=2e-3, muon_lr=0.03, muon_weight_decay=0.01)
+    names = {p: n for n, p in model.named_parameters()}
+    in_muon = {names[p] for p in muon.param_groups[0]["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    embed, head, gain = ({names[p] for p in g["params"]} for g in adamw.param_groups)
+    assert embed == {"transformer.wte.weight", "transformer.wpe.weight"} | {f"transformer.ve.{i}.weight" for i in range(2)}
+    assert head == {"lm_head.weight"} and "skip_weights" in gain and all(model.get_parameter(n).dim() == 1 for n in gain)
+    assert len(in_muon | embed | head | gain) == len(names)           # every parameter in exactly one group
+    assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
+    assert muon.param_groups[0]["weight_decay"] == 0.01
+    train.set_lr([adamw, muon], 0.5)  # the schedule scales every group's own lr
+    assert [g["lr"] for g in adamw.param_groups] == [0.025, 1e-3, 5e-4] and muon.param_groups[0]["lr"] == 0.015
+    with pytest.raises(SystemExit, match="optimizer='muon' orthogonalises whole matrices.*sharding='ddp'"):
+        train.make_optimizers(model, 2, "fsdp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    with pytest.raises(SystemExit, match="optimizer must be 'adamw' or 'muon'"):
+        train.make_optimizers(model, 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
+
+
+def test_a_skipped_update_leaves_muon_and_its_momentum_untouched():
+    import train
+    model = gpt_with(n_layer=2)
+    opts = train.make_optimizers(model, 1, "ddp", 0.0, 1e-2, (0.9, 0.95), "cpu", "muon")
+    x = torch.randint(0, 64, (2, 8))
+    for bad in (0.0, 1.0):
+        model(x, x)[1].backward()
+        before = ({k: v.clone() for k, v in model.state_dict().items()},
+                  {id(p): {k: v.clone() for k, v in s.items()} for o in opts for p, s in o.state.items()})
+        train.apply_update(opts, torch.amp.GradScaler(enabled=False), torch.tensor(bad))
+        changed = any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+        assert changed == (bad == 0.0)
+        if bad:
+            assert all(torch.equal(v, before[1][id(p)][k]) for o in opts for p, s in o.state.items() for k, v in s.items())
+        for o in opts:
+            o.zero_grad()
+
+
+def test_wsd_schedule_is_flat_then_linear_to_the_floor():
+    from train import get_lr
+    lr = lambda it: get_lr(it, 1.0, 10, 110, 0.1, "wsd", cooldown_frac=0.5)
+    assert lr(0) == pytest.approx(1 / 11) and lr(10) == lr(55) == 1.0  # warmup, then flat until the cooldown
+    assert lr(55 + 27.5) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)  # linear to the floor
+
+
+def test_modern_switches_keep_generation_with_the_kv_cache_equal_to_the_full_forward():
+    for kw in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=2.0),
+               dict(value_embeds=True, unet_skips=True, n_layer=5, pos_encoding="rope", n_kv_head=1, mlp="relu2")):
+        model = gpt_with(spread=0.3, **kw).eval()
+        idx = torch.randint(0, 64, (2, 12))
+        logits, _ = model(idx)
+        cache = model.new_cache(2, 16, torch.float32, "cpu")
+        pre = model.forward_cached(idx[:, :7], torch.arange(7), cache)
+        step = model.forward_cached(idx[:, 7:8], torch.arange(7, 8), cache)
+        torch.testing.assert_close(pre, logits[:, :7], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[:, 0], logits[:, 7], rtol=1e-5, atol=1e-5)
+        if "logit_softcap" in kw:
+            assert logits.abs().max() < 2.0
+
+
+def test_zero_init_projections_make_every_block_start_as_the_identity():
+    model = gpt_with(zero_init_proj=True, n_layer=3)
+    x = torch.randn(2, 5, 32)
+    for block in model.transformer.h:
+        assert torch.equal(block(x), x)
+    assert all(b.mlp.c_proj.weight.abs().sum() == 0 for b in model.transformer.h)
+
+
+def test_speedrun_bench_times_the_recipe_and_the_baseline_from_launch_on_cpu(tmp_path):
+    common = ("device=cpu n_layer=1 n_head=2 n_embd=32 block_size=32 batch_size=4 max_iters=6 lr_decay_iters=6 "
+              "eval_interval=3 eval_iters=2 log_interval=3 warmup_iters=0 compile=False")
+    p = run("bench.py", "--mode=speedrun", "--speedrun_seeds=2", f"--speedrun_common={common}",
+            "--speedrun_variants=unet_skips=False", f"--speedrun_dir={tmp_path / 'sr'}",
+            f"--speedrun_data_root={tmp_path / 'data'}", env={"OMP_NUM_THREADS": "1"})
+    res = json.load(open(tmp_path / "sr" / "results.json"))
+    rows = {r["name"]: r for r in res["table"]}
+    assert set(rows) == {"baseline", "recipe", "unet_skips=False"} and all(r["seeds"] == 2 for r in rows.values())
+    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in res["runs"]["baseline"]]
+    assert res["target"] == pytest.approx(sum(base_best) / 2)      # the target: the baseline's mean best
+    for r in rows.values():
+        assert len(r["time_to_target"]) == r["reached"] and all(0 < t <= w for t, w in zip(r["time_to_target"], r["wall"]))
+        assert all(f > 0 for f in r["first_step_s"])
+    assert "s to target" in p.stdout and "recipe" in p.stdout.splitlines()[-2]
