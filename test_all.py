@@ -1190,6 +1190,7 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
     """For SOAK_SECONDS (default 20): a run is SIGKILLed at random moments and resumed until it finishes, then
     compared with the clean run; then the next run (round) starts. Prints how many kills were survived."""
     import random
+    import shutil
     import time
     budget = float(os.environ.get("SOAK_SECONDS", 20))
     seed = int(os.environ.get("SOAK_SEED", time.time()))
@@ -1200,6 +1201,8 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
         while True:
             before = json.load(open(out / "latest.json"))["iter_num"] if (out / "latest.json").exists() else None
             extra = [] if before is None else ["--init_from=resume"]
+            if before is None:  # killed before its first checkpoint: nothing to resume, so start over afresh
+                shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.Popen(faults_cmd(tiny_data, out, *extra), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=faults_env(), cwd=HERE)
             if time.time() < t_end:
