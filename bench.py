@@ -48,6 +48,7 @@ speedrun_seeds = 3
 speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val loss (mean over its seeds)
 speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
 speedrun_dir = "out/speedrun"
+speedrun_data_root = "data" # where the small corpus is made (data_root/stdlib-1mb)
 
 
 def bench_bpe():
@@ -273,7 +274,7 @@ def bench_train():
                     with torch.device(device):  # initialised on the device: fast even for billions of parameters
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                              fp8=T.fp8, bf16_residual=T.bf16_residual)
+                                              T.fp8, T.bf16_residual)
                     optimizer = train.make_optimizers(raw, w, T.sharding, T.weight_decay, T.learning_rate,
                                                       (T.beta1, T.beta2), device, T.optimizer, T.embed_lr, T.head_lr,
                                                       T.muon_lr, T.muon_momentum, T.muon_weight_decay)
@@ -671,7 +672,7 @@ def speedrun_one(config, overrides, seed, out_dir):
     import time
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
-           f"--seed={seed}", f"--out_dir={out_dir}", "--save_checkpoints=False"]
+           f"--seed={seed}", f"--out_dir={out_dir}", f"--data_root={speedrun_data_root}", "--save_checkpoints=False"]
     os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
@@ -699,7 +700,7 @@ def bench_speedrun():
             --speedrun_baseline=config/speedrun_124m_base.py --speedrun_seeds=1"""
     import statistics
     import time
-    speedrun_data()
+    speedrun_data(speedrun_data_root)
     if not speedrun_baseline and not speedrun_target:
         raise SystemExit("error: speedrun_baseline='' needs a speedrun_target (the val loss to reach)")
     runs = ([("baseline", speedrun_baseline, "")] if speedrun_baseline else []) + [("recipe", speedrun_config, "")]

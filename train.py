@@ -12,7 +12,7 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs (fp8); a bf16 residual
+logits (loss_chunk); 8-bit float matmuls for the lm_head on H100-class GPUs (fp8, fp8.py); a bf16 residual
 stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
 GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -47,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 from configurator import configure
 from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, Linear, chunk_loss, fp8_logits_loss, logits_loss
+from fp8 import fp8_logits_loss, use_fp8_head  # (on a CPU the fp8 matmuls are emulated: for tests)
+from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
@@ -102,7 +104,7 @@ grad_ckpt = None            # recompute activations in the backward: None/"none"
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
                             # fsdp (FSDP2: params, grads, AdamW state sharded)
 loss_chunk = 0              # > 0: rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
-fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
+fp8 = "none"                # none | head: the lm_head's matmuls in 8-bit floats (fp8.py; needs loss_chunk=0)
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
 stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss is at or below this (speedruns)
@@ -198,7 +200,7 @@ def peak_flops(device, ptdtype):
 
 
 def ckpt_interval(grad_ckpt):
-    """The grad_ckpt config as GPT.grad_ckpt: 0 = off, 1 = every block ("full"), k = every k-th block."""
+    """The grad_ckpt config as a block interval: 0 = off, 1 = every block ("full"), k = every k-th block."""
     if grad_ckpt in (None, "none", 0):
         return 0
     if grad_ckpt == "full":
@@ -208,47 +210,115 @@ def ckpt_interval(grad_ckpt):
     raise SystemExit(f"error: grad_ckpt must be 'none', 'full' or a block interval k >= 1, got {grad_ckpt!r}")
 
 
-def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
-                ddp_bucket_mb=100, fp8="none", bf16_residual=False):
-    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
-    gradient checkpointing, the logits-free loss, fp8 matmuls and the bf16 residual stream, then under torchrun
-    shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT
-    itself, not from what this returns."""
-    model.grad_ckpt = ckpt_interval(grad_ckpt)
-    model.loss_chunk = loss_chunk
-    model.residual_dtype = torch.bfloat16 if bf16_residual else None
+def checkpoint_blocks(model, every):
+    """Gradient checkpointing (Chen et al. 2016) of every `every`-th block: only its input is kept, and its forward
+    runs again in the backward. torch's wrapper keeps the state dict's names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for i in range(0, len(model.transformer.h), every):
+        model.transformer.h[i] = checkpoint_wrapper(model.transformer.h[i])
+
+# ---------------------------------------------------------------------------- the loss without the logits
+def chunk_loss(xs, w, ts, n, need_grad):
+    """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
+    need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
+    acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
+    logits = (xs @ w.t()).to(acc)  # (c, vocab)
+    lse = torch.logsumexp(logits, dim=-1)
+    keep = ts != -1
+    tgt = ts.clamp(min=0)[:, None]
+    loss = torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
+    if not need_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp().scatter_add(1, tgt, torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+    return loss, (g * (keep.to(acc) / n)[:, None]).to(xs.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
+
+    The plain loss keeps B*T*vocab logits for the backward (3.3 GB in bf16 for GPT-2 at 32x1024, twice that
+    once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
+    loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
+    gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
+    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
+    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python.
+    (Traced whole into a compiled model, the chunks' buffers held ~5 GiB more, GPT-2 at 32x1024, H100.)"""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk, step=chunk_loss):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if need_w else None
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+        n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
+        loss = 0.0
+        for s in range(0, x.size(0), chunk):
+            xs = x[s:s + chunk]
+            chunk_sum, g = step(xs, w, targets[s:s + chunk], n, need_x or need_w)
+            loss = loss + chunk_sum
+            if need_x:
+                gx[s:s + chunk] = g @ w
+            if need_w:
+                gw += g.t() @ xs
+        ctx.save_for_backward(gx, gw)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None, None)
+
+
+def chunked_head_loss(chunk, step=chunk_loss):
+    """A GPT.head_loss for LinearCrossEntropy, `chunk` rows of logits at a time (no logits are returned)."""
+    def head_loss(self, x, targets):
+        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk, step)
+    return head_loss
+
+
+def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0, fp8="none",
+                bf16_residual=False):
+    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Swaps in the speed and
+    memory features (gradient checkpointing, the chunked loss, the fp8 head, the bf16 residual stream), then under
+    torchrun shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from
+    the GPT itself, not from what this returns."""
+    every = ckpt_interval(grad_ckpt)
     if sharding not in ("ddp", "zero1", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
-    if fp8 not in ("none", "head", "all"):
-        raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
-    # fp8 inside the chunked loss was tried, and was slower than fp8 on plain logits (GPT-2 at 32x1024, H100; timed
-    # before the fp8 fix that README tells of, so only the direction stands). So fp8 for the head needs plain logits.
+    if fp8 not in ("none", "head"):
+        raise SystemExit(f"error: fp8 must be 'none' or 'head', got {fp8!r}")
     if model.config.logit_softcap and (loss_chunk or fp8 != "none"):
         raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' (the fused losses do not cap)")
     if fp8 == "head" and loss_chunk:
         raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
                          "itself)")
-    if fp8 != "none":  # (on the CPU, model.scaled_mm emulates the fp8 matmuls in fp32: for tests)
-        if device != "cpu" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
-            raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
-                             f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
-        for m in [model.lm_head] if fp8 == "head" else model.modules():
-            if isinstance(m, Linear):
-                m.fp8 = True
-    if compile and (model.grad_ckpt or loss_chunk):
+    if fp8 == "head" and device != "cpu" and not (device.startswith("cuda") and
+                                                   torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
+                         f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
+    if bf16_residual:  # the residual stream in bf16 from the embeddings on: half the bytes for norms and adds
+        model.transformer.drop.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
+    separately = compile and (every or loss_chunk)
+    if separately:
         # Checkpointing and the chunked loss free memory by running as Python around compiled parts: traced into
-        # one whole-model graph, the compiler kept most of what they free (GPT-2 at 32x1024 on an H100, grad_ckpt=
-        # full: 7.8 GiB of activations, against 3.2 this way). So the blocks and the loss (the chunk step, or the
-        # plain loss on the logits) are compiled one by one, and the model around them stays eager. (Eager, the
-        # plain loss makes fp32 copies of the logits: grad_ckpt=full, loss_chunk=0 kept 22.8 GiB, 102 ms/step.)
+        # one whole-model graph, the compiler keeps most of what they free (GPT-2 at 32x1024, grad_ckpt=full: 7.8
+        # against 3.2 GiB of activations). So the blocks and the loss are compiled one by one, the rest is eager.
         for block in model.transformer.h:
             block.compile()
-        model.loss_step = torch.compile(chunk_loss, dynamic=False)
-        model.logits_loss = torch.compile(logits_loss, dynamic=False)
-        model.fp8_loss = torch.compile(fp8_logits_loss, dynamic=False)
-        compile = False
-        if model.grad_ckpt and torch.cuda.is_available():
+        if every and torch.cuda.is_available():
             torch.cuda.init()  # the first compile touches CUDA, which checkpoint forbids inside its forward
+        compile = False
+    if every:
+        checkpoint_blocks(model, every)
+    step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
+    if loss_chunk:
+        model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
+    elif fp8 == "head":
+        use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
+    elif separately:  # eager, the plain loss makes fp32 copies of the logits
+        model.head_loss = torch.compile(model.head_loss, dynamic=False)
     if world > 1 and sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
         # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
@@ -263,7 +333,7 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         # communication overlaps the rest of the backward; gradient_as_bucket_view: .grad are views into the
         # buckets (no copy, no second gradient-sized buffer)
         model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
-                    bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True)
     # compiled after DDP, so that dynamo's DDPOptimizer cuts the graph at bucket boundaries and the all-reduce
     # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through
     return torch.compile(model) if compile else model
