@@ -220,6 +220,7 @@ def bench_train():
     import time
     from dataclasses import fields
     from itertools import cycle
+    from types import SimpleNamespace
 
     import torch
     import torch.distributed as dist
@@ -228,7 +229,7 @@ def bench_train():
     from configurator import config_keys
     from model import GPT, GPTConfig
 
-    defaults = config_keys(vars(train))  # train.py's own defaults, restored before each variant
+    defaults = config_keys(vars(train))  # train.py's own defaults: each variant's config starts from a copy
     rank, local_rank, world, device = train.setup_distributed(train.device)
     cuda = device.startswith("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
@@ -241,16 +242,12 @@ def bench_train():
     rows = []
     for variant in [v.strip() for v in train_variants.split(";")]:
         for data in datas:
-            vars(train).update(defaults)
-            configure(vars(train), ([train_config] if train_config else []) +
+            config = dict(defaults)
+            configure(config, ([train_config] if train_config else []) +
                       [f"--{kv}" for kv in (train_common + " " + variant).split()])
-            T = train  # the variant's config, as train.py's globals
-            if T.gradient_accumulation_steps % world:
-                raise SystemExit(f"error: gradient_accumulation_steps={T.gradient_accumulation_steps} (summed over "
-                                 f"processes, as in train.py) must be a multiple of the {world} processes; set "
-                                 f"it in train_common")
+            T = SimpleNamespace(**config)  # the variant's config, as train.py would read it (train.py is untouched)
             row = dict(variant=variant or "(common)", data=data, world=world, batch_size=T.batch_size,
-                       block_size=T.block_size, grad_accum=T.gradient_accumulation_steps // world)
+                       block_size=T.block_size, grad_accum=train.micro_steps(T.gradient_accumulation_steps, world))
             dtype_name, ptdtype = train.resolve_dtype(T.dtype, device)
             train.check_precision(dtype_name, T.sharding, T.bf16_residual)
             if data == "real":

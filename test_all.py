@@ -1190,6 +1190,7 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
     """For SOAK_SECONDS (default 20): a run is SIGKILLed at random moments and resumed until it finishes, then
     compared with the clean run; then the next run (round) starts. Prints how many kills were survived."""
     import random
+    import shutil
     import time
     budget = float(os.environ.get("SOAK_SECONDS", 20))
     seed = int(os.environ.get("SOAK_SEED", time.time()))
@@ -1200,6 +1201,8 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
         while True:
             before = json.load(open(out / "latest.json"))["iter_num"] if (out / "latest.json").exists() else None
             extra = [] if before is None else ["--init_from=resume"]
+            if before is None:  # killed before its first checkpoint: nothing to resume, so start over afresh
+                shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.Popen(faults_cmd(tiny_data, out, *extra), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=faults_env(), cwd=HERE)
             if time.time() < t_end:
@@ -2858,3 +2861,166 @@ def test_speedrun_bench_times_the_recipe_and_the_baseline_from_launch_on_cpu(tmp
         assert len(r["time_to_target"]) == r["reached"] and all(0 < t <= w for t, w in zip(r["time_to_target"], r["wall"]))
         assert all(f > 0 for f in r["first_step_s"])
     assert "s to target" in p.stdout and "recipe" in p.stdout.splitlines()[-2]
+
+
+# ============================================================ trainux
+import re
+
+
+def trainux_metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def trainux_run(tiny_data, tmp_path_factory):
+    """A finished tiny run: its out_dir (20 steps, evaluated at step 20) and its stdout."""
+    out = tmp_path_factory.mktemp("trainux") / "src"
+    p = tiny_train(tiny_data, out, "--max_iters=20", "--eval_interval=20", "--gradient_accumulation_steps=1")
+    return out, p.stdout
+
+
+def test_a_run_ends_with_a_summary_of_best_val_loss_bits_per_byte_tokens_and_time(trainux_run):
+    out, stdout = trainux_run
+    best = min(r["val_loss"] for r in trainux_metrics(out) if "val_loss" in r)
+    bpb = [r["val_bpb"] for r in trainux_metrics(out) if r.get("val_loss") == best][0]
+    last = stdout.strip().splitlines()[-1]
+    assert re.match(rf"done: 20 steps, 1,280 tokens in \d+s; best val loss {best:.4f} \({bpb:.4f} bits/byte\); "
+                    rf"checkpoint in {re.escape(str(out))}$", last), last
+
+
+def test_a_run_from_scratch_into_a_used_out_dir_is_refused_with_the_fix(tiny_data, trainux_run):
+    out, _ = trainux_run
+    before = open(out / "metrics.jsonl").read()
+    p = tiny_train(tiny_data, out, "--max_iters=20", check=False)
+    one_line_error(p, r"already holds a run \(ckpt-0000020\.pt, latest\.json, metrics\.jsonl\); continue it with "
+                      r"--init_from=resume, or start this one in another --out_dir$")
+    assert open(out / "metrics.jsonl").read() == before  # nothing appended
+
+
+def test_fine_tune_from_a_run_dir_starts_at_step_0_from_its_weights_with_a_fresh_optimizer(tiny_data, trainux_run,
+                                                                                          tmp_path):
+    from checkpoint import load_checkpoint
+    src, _ = trainux_run
+    tiny_train(tiny_data, tmp_path / "ft", f"--init_from={src}", "--max_iters=0")
+    (first,) = [r for r in trainux_metrics(tmp_path / "ft") if "val_loss" in r]
+    last = [r for r in trainux_metrics(src) if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    a, b = load_checkpoint(str(src)), load_checkpoint(str(tmp_path / "ft"))
+    moments = lambda c: [s[k] for s in c["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")]
+    assert b["iter_num"] == 0 and not any(m.any() for m in moments(b)) and all(m.any() for m in moments(a))  # fresh
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fine_tune_from_an_exported_hugging_face_dir_and_a_tokenizer_mismatch_is_refused(tiny_data, trainux_run,
+                                                                                        other_data, tmp_path):
+    pytest.importorskip("safetensors")
+    import bpe
+    import export
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    src, _ = trainux_run
+    export.export(model_from_checkpoint(load_checkpoint(str(src))), bpe.Tokenizer.load(str(src / "tokenizer.bpe")),
+                  str(tmp_path / "hf"))
+    tiny_train(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'hf'}", "--max_iters=0")
+    (first,) = [r for r in trainux_metrics(tmp_path / "ft") if "val_loss" in r]
+    last = [r for r in trainux_metrics(src) if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    for source in (tmp_path / "hf", src):  # data made with another tokenizer than the source's
+        with pytest.raises(SystemExit, match=r"^error: .* was trained with another tokenizer than .*other was made "
+                                             r"with; fine-tune on data prepared with its tokenizer"):
+            fresh_main("train.py", *TINY_TRAIN, f"--data_root={other_data[0]}", f"--dataset={other_data[1]}",
+                       f"--out_dir={tmp_path / 'no'}", f"--init_from={source}", "--max_iters=0")
+
+
+def test_lr_decay_iters_0_follows_max_iters_and_a_longer_one_is_a_one_line_warning(tiny_data, trainux_run, tmp_path):
+    from train import get_lr
+    out, stdout = trainux_run  # TINY_TRAIN: learning_rate 3e-3, warmup 2; min_lr the default 6e-5
+    lrs = [r["lr"] for r in trainux_metrics(out) if "lr" in r]
+    assert lrs == pytest.approx([get_lr(i, 3e-3, 2, 20, 6e-5) for i in range(20)]) and lrs[-1] < 1e-4
+    assert "lr_decay_iters=" not in stdout
+    p = tiny_train(tiny_data, tmp_path, "--max_iters=1", "--lr_decay_iters=100",
+                   "--gradient_accumulation_steps=1")
+    (line,) = [l for l in p.stdout.splitlines() if "lr_decay_iters=" in l]
+    assert line.startswith("warning: lr_decay_iters=100 > max_iters=1: the LR ends at") and \
+        line.endswith("set --lr_decay_iters=0 to follow max_iters")
+
+
+def test_a_one_process_config_runs_on_two_and_says_in_one_line_that_the_global_batch_grew(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path / "a", "--max_iters=2", "--gradient_accumulation_steps=1", torchrun=2)
+    assert p.stdout.count("grew") == 1 and "the global batch grew from 64 to 128 tokens per step" in p.stdout
+    assert "| 128 tokens/step |" in p.stdout and "done: 2 steps, 256 tokens" in p.stdout
+    from train import micro_steps  # the accumulation splits where it divides: the global batch is kept
+    assert [micro_steps(g, 2) for g in (1, 2, 3, 8)] == [1, 1, 2, 4]
+
+
+def test_a_user_error_under_torchrun_is_said_once_by_rank_0_without_a_traceback_from_train_py(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path, "--sharding=zero3", torchrun=2, check=False)
+    errors = [l for l in p.stderr.splitlines() if "error: " in l]
+    assert p.returncode != 0 and errors == ["error: sharding must be 'ddp', 'zero1' or 'fsdp', got 'zero3'"]
+    assert "train.py\", line" not in p.stderr  # (torchrun's own failure report, of the launcher, may follow)
+
+
+def test_a_gpu_sized_run_on_the_cpu_gets_a_one_line_warning_naming_small_py(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path, "--max_iters=0", "--gradient_accumulation_steps=1601")  # 102,464 tokens/step
+    (line,) = [l for l in p.stdout.splitlines() if "warning" in l]
+    assert "GPU-sized run on the CPU" in line and "102,464 tokens per step" in line and "config/small.py" in line
+    assert "warning" not in tiny_train(tiny_data, tmp_path / "b", "--max_iters=0").stdout
+
+
+TRAINUX_SLOW_SAVE = r'''
+import os, runpy, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import checkpoint
+real = checkpoint.save_checkpoint
+def save_checkpoint(*a, **k):  # a slow disk: the stop's save takes seconds, so a second Ctrl-C lands inside it
+    time.sleep(5)
+    return real(*a, **k)
+checkpoint.save_checkpoint = save_checkpoint
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "train.py"), run_name="__main__")
+'''
+
+
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tiny_data, tmp_path):
+    import signal
+    import time
+    driver = tmp_path / "slow_save.py"
+    driver.write_text(TRAINUX_SLOW_SAVE)
+    data_root, name, _ = tiny_data
+    proc = subprocess.Popen([sys.executable, str(driver), *TINY_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
+                             f"--out_dir={tmp_path / 'out'}", "--max_iters=100000", "--eval_interval=100000",
+                             "--gradient_accumulation_steps=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env=dict(os.environ, REPO=HERE, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().startswith("SIGINT: finishing this step and saving")
+    time.sleep(0.5)  # inside the slow save now
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 3 and proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == [
+        f"interrupted: quit without saving; the last checkpoint in {tmp_path / 'out'} is kept"]
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+def test_wandb_log_sends_metrics_jsonls_rows_and_wandb_is_imported_only_when_on(tiny_data, tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(  # a stand-in for wandb that writes what it is given
+        "import json, os\nrows = open(os.environ['WANDB_ROWS'], 'w')\n"
+        "def init(project, name, config):\n    rows.write(json.dumps([project, name, config['n_layer']]) + '\\n')\n"
+        "def log(row):\n    rows.write(json.dumps(row) + '\\n')\n    rows.flush()\n")
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(fake), "WANDB_ROWS": str(tmp_path / "rows.jsonl")}
+    data_root, name, _ = tiny_data
+    args = ["train.py", *TINY_TRAIN, f"--data_root={data_root}", f"--dataset={name}", "--max_iters=3",
+            "--gradient_accumulation_steps=1"]
+    run(*args, f"--out_dir={tmp_path / 'on'}", "--wandb_log=True", "--wandb_project=p", "--wandb_run_name=r", env=env)
+    sent = [json.loads(l) for l in open(tmp_path / "rows.jsonl")]
+    assert sent[0] == ["p", "r", 2] and sent[1:] == trainux_metrics(tmp_path / "on") and len(sent) > 4
+    (fake / "wandb.py").write_text("raise ImportError('not installed')\n")
+    run(*args, f"--out_dir={tmp_path / 'off'}", env=env)  # off: never imported
+    one_line_error(run(*args, f"--out_dir={tmp_path / 'on2'}", "--wandb_log=True", env=env, check=False),
+                   r"^error: wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False$")

@@ -61,7 +61,11 @@ eval_train = True           # also estimate the train split's loss at each evalu
 log_interval = 10
 always_save_checkpoint = True  # else only when val loss improves
 save_checkpoints = True     # False: write none at all (benchmarks, speedruns)
-init_from = "scratch"       # scratch | resume (from out_dir's latest checkpoint)
+wandb_log = False           # also log metrics.jsonl's rows to Weights & Biases (pip install wandb)
+wandb_project = "scratchlm"
+wandb_run_name = "run"
+init_from = "scratch"       # scratch | resume (out_dir's latest checkpoint) | another run's out_dir (its weights,
+                            # a fresh optimizer: fine-tuning) | a transformers directory | gpt2, gpt2-medium, ...
 # data
 dataset = "stdlib"          # reads data_root/dataset/, made by prepare.py
 data_root = "data"
@@ -89,7 +93,7 @@ decay_lr = True
 lr_schedule = "cosine"      # cosine | wsd (warmup-stable-decay, Hu et al. 2024: flat, then linear over the last cooldown_frac)
 cooldown_frac = 0.2
 warmup_iters = 2000
-lr_decay_iters = 600000
+lr_decay_iters = 0          # 0 = max_iters (the decay ends with the run)
 min_lr = 6e-5               # the floor of the decay, as a fraction of each group's lr: min_lr / learning_rate
 # system
 device = "auto"             # auto | cpu | cuda | cuda:1 | mps
@@ -634,74 +638,99 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
     return out
 
 
-def main():
-    global vocab_size, device
-    t_launch = time.time()
-    config = configure(globals())
-    rank, local_rank, world, device = setup_distributed(device)
-    master = rank == 0
-    dtype_name, ptdtype = resolve_dtype(dtype, device)
-    check_precision(dtype_name, sharding, bf16_residual)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    if gradient_accumulation_steps % world:
-        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a "
-                         f"multiple of the {world} processes")
-    grad_accum = gradient_accumulation_steps // world
-    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
-        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
-                         f"(got {spike_factor})")
-    tokens_per_iter = grad_accum * world * batch_size * block_size
+def micro_steps(gradient_accumulation_steps, world):
+    """Micro-steps per process. The config counts them over all processes, so a config written for one process
+    trains the same global batch on N processes when N divides the count; when it does not, each process takes
+    ceil(count / N) and the global batch grows (to the smallest N processes can share)."""
+    if type(gradient_accumulation_steps) is not int or gradient_accumulation_steps < 1:
+        raise SystemExit(f"error: gradient_accumulation_steps must be an int >= 1, got "
+                         f"{gradient_accumulation_steps!r}")
+    return -(-gradient_accumulation_steps // world)
 
+
+def load_data(data_root, dataset):
+    """(data_dir, meta) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
     tok_path = os.path.join(data_dir, meta["tokenizer"])
     if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
         raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
                          f"with; re-run prepare.py")
-    ckpt = load_checkpoint(out_dir) if init_from == "resume" else None
-    if init_from not in ("scratch", "resume"):
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-    if ckpt is not None:  # the model's shape comes from the checkpoint, and the data must match it
-        model_args = ckpt["model_args"]
-        if ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
+    return data_dir, meta
+
+
+def check_out_dir(out_dir, init_from):
+    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
+    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
+    if init_from == "resume" or not os.path.isdir(out_dir):
+        return
+    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
+        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
+    if held:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
+                         f"--init_from=resume, or start this one in another --out_dir")
+
+
+def check_guard_settings(max_bad_steps, spike_factor):
+    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
+        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
+                         f"(got {spike_factor})")
+
+
+def init_model(init_from, out_dir, data_dir, meta, config):
+    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
+    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
+    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
+    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
+    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
+    if init_from == "scratch":
+        vocab = config["vocab_size"]
+        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
+        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
+            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
+                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
+        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
+    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
+        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
+        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
             raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
                              f"resume on the same data or start a new out_dir")
+        if init_from == "resume":
+            return ckpt["model_args"], ckpt["model"], ckpt
+        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
+        model_args, weights = ckpt["model_args"], ckpt["model"]
     else:
-        if vocab_size is None:
-            vocab_size = -(-meta["vocab_size"] // 128) * 128
-        if type(vocab_size) is not int or vocab_size < meta["vocab_size"]:  # None-default keys take any type
-            raise SystemExit(f"error: vocab_size {vocab_size!r} must be an int >= the tokenizer's "
-                             f"{meta['vocab_size']} tokens (or None: the tokenizer's, padded to a multiple of 128)")
-        model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
-    if block_size > model_args["block_size"]:
-        raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
+        import export  # only here: it is the Hugging Face side of the pipeline
+        model_args, weights, tok = export.load_pretrained(init_from)
+        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
+    if not same_tokenizer:
+        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
+                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
+                         f"such a --dataset")
+    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
 
-    torch.manual_seed(seed)  # same initial weights on every rank
+
+def build_model(model_args, weights, seed, device):
+    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(device)
-    raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8, bf16_residual)
-    optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
-                                 optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
-    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
-    iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
-    guard = torch.zeros(len(GUARD_FIELDS))  # the bad-update guard's state (guard_update)
-    if ckpt is not None:
-        load_optimizer_state(raw_model, optimizers, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss, data_state = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"]
-        guard = ckpt.get("guard", guard)
-    del ckpt
-    guard = guard.to(device)
-    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
-        if master:
-            print(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
-        return
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(device)
 
-    pin = device.startswith("cuda")
+
+def restore(ckpt, model, optimizers, scaler):
+    """A resumed run's state from its checkpoint: (iter_num, best_val_loss, data position, guard); fresh ones
+    for a run that starts at step 0."""
+    if ckpt is None:
+        return 0, float("inf"), dict(epoch=0, pos=0), torch.zeros(len(GUARD_FIELDS))
+    load_optimizer_state(model, optimizers, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"], ckpt.get("guard", torch.zeros(len(GUARD_FIELDS)))
+
+
+def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
+    """(the train windows, the training batches from data_state on, {split: a function making eval batches})."""
     train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
     val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
     batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
@@ -710,26 +739,160 @@ def main():
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
     if not eval_train:
         del loaders["train"]
+    return train_ds, batches, loaders
+
+
+def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
+    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
+    params = model.num_params()
+    print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
+          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
+    if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
+        print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
+              f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
+    if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
+        count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
+        print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
+              f"{count(optimizers[0].param_groups):,} parameters on this process")
+
+
+def make_logger(out_dir, master, config, wandb_log=False, wandb_project="scratchlm", wandb_run_name="run"):
+    """log(**row): one JSON line of out_dir/metrics.jsonl, and with wandb_log the same row to Weights & Biases,
+    on rank 0; nothing on the other ranks. wandb is imported only when asked for."""
+    if not master:
+        return lambda **row: None
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                             "--wandb_log=False") from None
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(**row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if wandb_log:
+            wandb.log(row)
+    return log
+
+
+def read_guard(guard, bad_seen, iter_num, master):
+    """The guard's counters as floats (a host sync: at log steps only); says how many bad updates were skipped
+    since the count bad_seen."""
+    state = guard.tolist()
+    total = state[GUARD_FIELDS.index("total")]
+    if total > bad_seen and master:
+        print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
+              f"last loss {state[-1]:.4g}")
+    return state
+
+
+def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
+    """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
+    updates ran, which of guard_update's three faults the last one was, and what to do."""
+    ema, good, in_row, total, tripped, last = guard
+    first = iter_num - int(in_row)
+    avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
+    why = (f"loss {last}" if not math.isfinite(last) else
+           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
+           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
+           f"non-finite gradients at loss {last:.4g}")
+    return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
+            f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
+            f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")
+
+
+def stop_requested(world, at_log_step, group=None):
+    """Whether SIGTERM / SIGINT asked to stop. One process checks its flag every step (a Python bool: free); under
+    torchrun the ranks agree at log steps, by an all-reduce of the flag on a CPU (gloo) group, which needs no GPU
+    sync; so the grace period before SIGKILL must cover log_interval steps."""
+    if world == 1 or not at_log_step:
+        return world == 1 and bool(STOP)
+    flag = torch.tensor([float(bool(STOP))])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.item() > 0
+
+
+def resume_command(world, argv):
+    """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
+    args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
+    return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
+
+
+def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter, peak, device):
+    """Prints the progress line of a log step (dt: seconds per step); returns its metrics row."""
+    tok_s, mfu = tokens_per_iter / dt, flops_per_iter / dt / peak
+    mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
+    print(f"step {iter_num}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | "
+          f"mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {(max_iters - iter_num) * dt:.0f}s")
+    return dict(step=iter_num, loss=loss, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
+                tokens=iter_num * tokens_per_iter)
+
+
+def summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, seconds):
+    best = (f"best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2) / bytes_per_token:.4f} bits/byte)"
+            if math.isfinite(best_val_loss) else "no evaluation yet")
+    return f"{iter_num} steps, {iter_num * tokens_per_iter:,} tokens in {seconds:.0f}s; {best}"
+
+
+def main():
+    global device
+    t_launch = time.time()
+    config = configure(globals())
+    rank, local_rank, world, device = setup_distributed(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    dtype_name, ptdtype = resolve_dtype(dtype, device)
+    check_precision(dtype_name, sharding, bf16_residual)
+    check_guard_settings(max_bad_steps, spike_factor)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    grad_accum = micro_steps(gradient_accumulation_steps, world)
+    tokens_per_iter = grad_accum * world * batch_size * block_size
+    if grad_accum * world != gradient_accumulation_steps:
+        say(f"note: gradient_accumulation_steps={gradient_accumulation_steps} does not divide by the {world} "
+            f"processes, so each takes {grad_accum} micro-step(s): the global batch grew from "
+            f"{gradient_accumulation_steps * batch_size * block_size:,} to {tokens_per_iter:,} tokens per step")
+    schedule = lambda it: get_lr(it, learning_rate, warmup_iters, lr_decay_iters or max_iters, min_lr, lr_schedule,
+                                 cooldown_frac)
+    if decay_lr and lr_decay_iters > max_iters:
+        say(f"warning: lr_decay_iters={lr_decay_iters} > max_iters={max_iters}: the LR ends at "
+            f"{schedule(max_iters - 1):.2e}, not min_lr {min_lr:.2e}; set --lr_decay_iters=0 to follow max_iters")
+
+    data_dir, meta = load_data(data_root, dataset)
+    check_out_dir(out_dir, init_from)
+    model_args, weights, ckpt = init_model(init_from, out_dir, data_dir, meta, config)
+    if block_size > model_args["block_size"]:
+        raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
+    raw_model = build_model(model_args, weights, seed, device)  # the GPT: state dicts and FLOPs come from it
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8=fp8,
+                        bf16_residual=bf16_residual)
+    optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
+                                 optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
+    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
+    iter_num, best_val_loss, data_state, guard = restore(ckpt, raw_model, optimizers, scaler)
+    del ckpt, weights
+    guard = guard.to(device)  # the bad-update guard's state (guard_update)
+    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
+        say(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
+        return
+    train_ds, batches, loaders = make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state,
+                                              eval_train, pin=device.startswith("cuda"))
     ctx = autocast(device, ptdtype)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 
+    if world > 1:
+        dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
     if master:
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(os.path.join(data_dir, meta["tokenizer"]), os.path.join(out_dir, "tokenizer.bpe"))
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
-              f"{tokens_per_iter:,} tokens/step | {len(train_ds):,} train windows")
-        if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
-            count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
-            print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
-                  f"{count(optimizers[0].param_groups):,} parameters on this process")
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
-
-    def log(**row):
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        announce(raw_model, optimizers, world, device, dtype_name, tokens_per_iter, len(train_ds))
+    log = make_logger(out_dir, master, config, wandb_log, wandb_project, wandb_run_name)
 
     def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
         if not save_checkpoints or (not master and not (sharding != "ddp" and world > 1)):
@@ -741,18 +904,15 @@ def main():
                                           iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
                                           tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
 
-    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0. One process checks its flag every
-    # step (a Python bool: free). Under torchrun the ranks agree at log steps, by an all-reduce of the flag on a
-    # CPU (gloo) group, which needs no GPU sync; so the grace period before SIGKILL must cover log_interval steps.
+    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0 (stop_requested)
     STOP.clear()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, request_stop)
     stop_group = dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
-    bad_seen = guard[GUARD_FIELDS.index("total")].item()
+    bad_seen, stopped = guard[GUARD_FIELDS.index("total")].item(), False
 
     # the log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter
     start_iter, t0, t0_iter, loss_sum, loss_from = iter_num, time.time(), iter_num, torch.zeros((), device=device), iter_num
-    t_start = t0
     while True:
         if (iter_num % eval_interval == 0 and iter_num != start_iter) or iter_num == max_iters:
             if device.startswith("cuda"):
@@ -760,9 +920,8 @@ def main():
             t_eval = time.time()
             losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
             bpb = losses["val"] / math.log(2) / bytes_per_token
-            if master:
-                print(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss "
-                      f"{losses['val']:.4f}, val bits/byte {bpb:.4f}")
+            say(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
+                f"val bits/byte {bpb:.4f}")
             log(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
                 tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
             if losses["val"] < best_val_loss or always_save_checkpoint:
@@ -770,15 +929,13 @@ def main():
                 checkpoint()
             t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
             if stop_at_val_loss and losses["val"] <= stop_at_val_loss:
-                if master:
-                    print(f"val loss {losses['val']:.4f} <= stop_at_val_loss {stop_at_val_loss} at step {iter_num}, "
-                          f"{time.time() - t_launch:.1f}s after start")
+                say(f"val loss {losses['val']:.4f} <= stop_at_val_loss {stop_at_val_loss} at step {iter_num}, "
+                    f"{time.time() - t_launch:.1f}s after start")
                 break
         if iter_num >= max_iters:
             break
 
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr, lr_schedule, cooldown_frac) \
-            if decay_lr else learning_rate
+        lr = schedule(iter_num) if decay_lr else learning_rate
         set_lr(optimizers, lr / learning_rate)
         # Randomness (dropout) is re-seeded from (seed, rank, step): a resumed run replays it exactly.
         torch.manual_seed(seed + 1_000_003 * rank + iter_num)
@@ -794,59 +951,32 @@ def main():
                 t0, t0_iter = time.time(), iter_num
 
         if iter_num % log_interval == 0 and master:  # the only host sync in the loop
-            loss_val = loss_sum.item() / (iter_num - loss_from)  # fewer than log_interval after a resume
-            dt = (time.time() - t0) / max(iter_num - t0_iter, 1)
-            tok_s = tokens_per_iter / dt
-            mfu = flops_per_iter / dt / peak
-            mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
-            eta = (max_iters - iter_num) * dt
-            print(f"step {iter_num}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                  f"mfu {100 * mfu:.1f}% | mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {eta:.0f}s")
-            log(step=iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
-                tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
+            row = progress(iter_num, max_iters, loss_sum.item() / (iter_num - loss_from), lr,  # fewer after a resume
+                           (time.time() - t0) / max(iter_num - t0_iter, 1), tokens_per_iter, flops_per_iter, peak, device)
+            log(**row, elapsed_s=time.time() - t_launch, time=time.time())
         if iter_num % log_interval == 0:
             t0, t0_iter, loss_sum, loss_from = time.time(), iter_num, torch.zeros((), device=device), iter_num
 
         # faults, acted on where every rank agrees (the guard's counters are the same on all ranks)
         if iter_num % log_interval == 0 or iter_num == max_iters:
-            ema, good, in_row, total, tripped, last = guard.tolist()  # a host sync, at log steps only
-            if total > bad_seen and master:
-                print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
-                      f"last loss {last:.4g}")
-            bad_seen = total
-            if tripped:
-                first = iter_num - int(in_row)
-                avg = ema / (1 - GUARD_BETA ** good) if good else math.nan
-                # guard_update's three faults; its ema and good stay put over bad steps, so avg is the one it used
-                why = (f"loss {last}" if not math.isfinite(last) else
-                       f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
-                       if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
-                       f"non-finite gradients at loss {last:.4g}")
+            state = read_guard(guard, bad_seen, iter_num, master)
+            bad_seen = state[GUARD_FIELDS.index("total")]
+            if state[GUARD_FIELDS.index("tripped")]:  # max_bad_steps in a row: save the weights from before them
                 guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
                 checkpoint()
-                raise SystemExit(f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped "
-                                 f"them all and saved the weights from before step {first} in {out_dir} (resuming "
-                                 f"skips those batches). Lower learning_rate or check the data, or raise "
-                                 f"max_bad_steps / spike_factor; then resume with --init_from=resume")
-        stop = world == 1 and bool(STOP)
-        if world > 1 and iter_num % log_interval == 0:
-            flag = torch.tensor([float(bool(STOP))])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-            stop = flag.item() > 0
-        if stop:
+                raise SystemExit(guard_trip_error(state, iter_num, spike_factor, max_bad_steps, out_dir))
+        if stop_requested(world, iter_num % log_interval == 0, stop_group):
             checkpoint()
-            if master:
-                args = shlex.join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
-                launcher = "python" if world == 1 else "torchrun (same options)"
-                print(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint "
-                      f"saved in {out_dir}. Resume with: {launcher} {sys.argv[0]} {args} --init_from=resume",
-                      flush=True)
-            leave_process_group(world)
-            return
+            stopped = True
+            break
 
-    if master:
-        print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint in {out_dir}")
+    summary = summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, time.time() - t_launch)
+    if stopped:
+        say(f"so far: {summary}")
+        say(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint saved in "
+            f"{out_dir}. Resume with: {resume_command(world, sys.argv)}", flush=True)
+    else:
+        say(f"done: {summary}; checkpoint in {out_dir}")
     leave_process_group(world)
 
 
@@ -856,7 +986,14 @@ if __name__ == "__main__":
         # DDP/FSDP wrappers sit in reference cycles that keep the process group's C++ objects alive until
         # interpreter shutdown, where gloo can abort ("terminate called without an active exception"): free them now
         gc.collect()
+    except SystemExit as e:  # a user error is the same on every rank: under torchrun, rank 0 alone says it
+        if os.environ.get("RANK", "0") != "0" and str(e.code).startswith("error:"):
+            raise SystemExit(1) from None
+        raise
     except torch.OutOfMemoryError:
         raise SystemExit(f"error: out of GPU memory with batch_size={batch_size} x block_size={block_size}; lower "
                          f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
                          f"or set --grad_ckpt=full to recompute activations") from None
+    except KeyboardInterrupt:  # Ctrl-C a second time (request_stop): quit at once, the last checkpoint stays
+        os.write(2, f"interrupted: quit without saving; the last checkpoint in {out_dir} is kept\n".encode())
+        raise SystemExit(130) from None
