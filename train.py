@@ -347,7 +347,8 @@ def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, 
     under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them.
     muon: Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
     blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for.
-    Each group remembers its own lr as "initial_lr"; the schedule scales them all by one factor."""
+    Each optimizer keeps its groups' own lrs in .base_lrs (not in the groups: checkpoints load into optimizers
+    made without them); the schedule scales them all by one factor."""
     fused = device.startswith("cuda")
     if kind not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be 'adamw' or 'muon', got {kind!r}")
@@ -384,16 +385,15 @@ def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, 
         muon = torch.optim.Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
         optimizers = [adamw, muon]
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
+        opt.base_lrs = [group["lr"] for group in opt.param_groups]
     return optimizers
 
 
 def set_lr(optimizers, factor):
     """Every group's lr = its own initial lr x factor (the schedule's lr / learning_rate)."""
     for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * factor
+        for group, base in zip(opt.param_groups, opt.base_lrs):
+            group["lr"] = base * factor
 
 
 def zero_names(model, optimizer):
