@@ -24,7 +24,6 @@ batch_size = 32
 gradient_accumulation_steps = 16
 learning_rate = 6e-4
 max_iters = 19073
-lr_decay_iters = 19073
 warmup_iters = 700
 min_lr = 0.0
 weight_decay = 0.1

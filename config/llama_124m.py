@@ -19,7 +19,6 @@ batch_size = 32                    # per micro-step: more tok/s on an H100 than 
 gradient_accumulation_steps = 16   # and raise this on smaller cards. 32 x 1024 x 16 = 524,288 tokens per step
 learning_rate = 6e-4
 max_iters = 600000
-lr_decay_iters = 600000
 warmup_iters = 2000
 min_lr = 6e-5
 weight_decay = 0.1

@@ -19,7 +19,6 @@ batch_size = 16
 gradient_accumulation_steps = 1
 learning_rate = 2e-3
 max_iters = 1500
-lr_decay_iters = 1500
 warmup_iters = 50
 min_lr = 2e-4
 eval_interval = 250

@@ -30,7 +30,6 @@ beta2 = 0.95
 lr_schedule = "wsd"
 cooldown_frac = 0.4
 max_iters = 500
-lr_decay_iters = 500
 warmup_iters = 0
 min_lr = 0.0
 eval_interval = 50

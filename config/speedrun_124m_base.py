@@ -14,7 +14,6 @@ gradient_accumulation_steps = 1
 learning_rate = 6e-4
 weight_decay = 0.1
 max_iters = 1000
-lr_decay_iters = 1000
 warmup_iters = 100
 min_lr = 6e-5
 eval_interval = 100

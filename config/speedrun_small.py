@@ -29,7 +29,6 @@ beta2 = 0.95
 lr_schedule = "wsd"
 cooldown_frac = 0.5
 max_iters = 400
-lr_decay_iters = 400
 min_lr = 0.0
 warmup_iters = 0
 eval_interval = 25

@@ -13,7 +13,6 @@ batch_size = 64
 gradient_accumulation_steps = 1
 learning_rate = 1e-3
 max_iters = 2000
-lr_decay_iters = 2000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
