@@ -749,6 +749,13 @@ def bench_speedrun():
     os.makedirs(speedrun_dir, exist_ok=True)
     with open(os.path.join(speedrun_dir, "results.json"), "w") as f:
         json.dump(dict(target=target, table=table, runs=results), f, indent=1)
+    try:  # val loss against wall time from launch, the first seed of each row
+        import plot
+        path = plot.curves({name: results[name][0]["rows"] for name, _, _ in runs},
+                           os.path.join(speedrun_dir, "val_vs_time.png"), x="wall", title=f"target {target:.4f}")
+        print(f"wrote {path}")
+    except SystemExit as e:  # matplotlib missing: the table is the result
+        print(e)
 
 
 if __name__ == "__main__":
