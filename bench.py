@@ -15,6 +15,10 @@ mode = "train"
 # --mode=rlhf: the pipeline of rlhf.py on its built-in task, in rlhf_dir (stages already there are reused)
 rlhf_dir = "out/bench-rlhf"
 rlhf_json = "out/bench-rlhf/results.json"
+rlhf_seeds = (1337, 1, 2)   # the whole pipeline once per seed, in rlhf_dir/seed<N>; the table: mean +- std
+rlhf_parallel = 1           # seeds whose stages run at the same time (a GPU has room for all three tiny chains)
+rlhf_args = ()              # extra --key=value for every rlhf.py stage, e.g. ("--device=cpu",)
+rlhf_train_args = ()        # extra --key=value for the pretraining (train.py config/add.py)
 # --mode=train: train.py's own step (train.parallelize + train.train_step) timed on the model of train_config
 train_config = ""           # a train.py config file; "" = train.py's defaults (GPT-2 124M shape)
 train_common = "vocab_size=50304 bias=False dropout=0.0 batch_size=32 gradient_accumulation_steps=1 compile=True"
@@ -532,111 +536,147 @@ def generate_in_fresh_process(args):
 
 
 def bench_rlhf():
-    """rlhf.py's built-in task end to end: task data, pretraining, SFT, RM, PPO, DPO, each a subprocess running
-    its config file (what a user runs), then every model evaluated the same way on the held-out problems:
-    exact-match accuracy (greedy, and sampled at temperature 1), the reward model's mean score of the samples,
-    and the KL to the SFT model. Besides the offline pairs' RM, the InstructGPT way: the SFT model's own samples
-    labelled by the judge (label), an RM on those + the offline pairs (rm-onpol), PPO on it (ppo-onpol).
-    Finished stages are reused: delete rlhf_dir (or a stage's folder) to rerun them."""
+    """rlhf.py's built-in task end to end, once per seed of rlhf_seeds: pretraining, SFT, RM, PPO, DPO, GRPO, RLOO,
+    each a subprocess running its config file (what a user runs) with --seed, in rlhf_dir/seed<N>/ (the task's
+    data, and so the held-out problems, are shared). Then every model is evaluated the same way on the held-out
+    problems: exact-match accuracy (greedy, and sampled at temperature 1), the reward model's mean score of the
+    samples, and the KL to its seed's SFT model; the table shows each figure as the mean +- std over the seeds.
+    Besides the offline pairs' RM, the InstructGPT way: the SFT model's own samples labelled by the judge (label),
+    an RM on those + the offline pairs (rm-onpol), PPO on it (ppo-onpol). Finished stages are reused: delete
+    rlhf_dir (or a stage's folder) to rerun them. Each stage's output goes to its log file next to its folder."""
     import json
     import os
+    import statistics
     import subprocess
     import sys
     import time
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import nullcontext
 
     import torch
 
     import rlhf
     from sample import load
-    d, task = rlhf_dir, os.path.join(rlhf_dir, "task")
-    out = {s: os.path.join(d, s) for s in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol")}
+    task, data = os.path.join(rlhf_dir, "task"), os.path.join(rlhf_dir, "data")
     t = lambda name: os.path.join(task, name)  # noqa: E731
-    common = [f"--eval_prompts={t('prompts_val.jsonl')}"]
-    stages = [
-        ("task", t("prompts_val.jsonl"), [["rlhf.py", "--stage=task", f"--task_dir={task}"]]),
-        ("base", os.path.join(out["base"], "latest.json"), [
-            ["prepare.py", f"--input={t('corpus.txt')}", f"--data_root={d}/data", "--dataset=add", "--vocab_size=261"],
-            ["train.py", "config/add.py", f"--data_root={d}/data", f"--out_dir={out['base']}"]]),
-        ("sft", os.path.join(out["sft"], "latest.json"), [
-            ["rlhf.py", "config/sft.py", f"--init_from={out['base']}", f"--out_dir={out['sft']}",
-             f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}"] + common]),
-        ("rm", os.path.join(out["rm"], "latest.json"), [
-            ["rlhf.py", "config/rm.py", f"--init_from={out['sft']}", f"--out_dir={out['rm']}",
-             f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"]]),
-        ("ppo", os.path.join(out["ppo"], "latest.json"), [
-            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo']}",
-             f"--reward_model={out['rm']}", f"--data={t('prompts.jsonl')}"] + common]),
-        ("ppo-judge", os.path.join(out["ppo-judge"], "latest.json"), [
-            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo-judge']}",
-             "--reward_model=task", f"--data={t('prompts.jsonl')}"] + common]),
-        ("dpo", os.path.join(out["dpo"], "latest.json"), [
-            ["rlhf.py", "config/dpo.py", f"--init_from={out['sft']}", f"--out_dir={out['dpo']}",
-             f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"] + common]),
-        ("label", t("prefs_sft_val.jsonl"), [
-            ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", f"--data={t('prompts.jsonl')}",
-             f"--label_out={t('prefs_sft.jsonl')}"]]),
-        ("rm-onpol", os.path.join(out["rm-onpol"], "latest.json"), [  # config/rm.py's mix, in the temp dir
-            ["rlhf.py", "config/rm.py", f"--init_from={out['sft']}", f"--out_dir={out['rm-onpol']}",
-             f"--data={t('prefs.jsonl')},{t('prefs_sft.jsonl')}", f"--val_data={t('prefs_sft_val.jsonl')}"]]),
-        ("ppo-onpol", os.path.join(out["ppo-onpol"], "latest.json"), [
-            ["rlhf.py", "config/ppo.py", f"--init_from={out['sft']}", f"--out_dir={out['ppo-onpol']}",
-             f"--reward_model={out['rm-onpol']}", f"--data={t('prompts.jsonl')}"] + common]),
-    ]
-    os.makedirs(d, exist_ok=True)
-    times_path = os.path.join(d, "times.json")
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    for name, done, cmds in stages:
-        if name in times and os.path.exists(done):  # times.json lists the stages that finished
-            print(f"--- {name}: reusing {done}")
-            continue
-        t0 = time.time()
-        for cmd in cmds:
-            print(f"--- {name}: python {' '.join(cmd)}", flush=True)
-            if subprocess.run([sys.executable] + cmd).returncode:
-                raise SystemExit(f"error: stage {name} failed (command above); fix it and rerun, finished "
-                                 f"stages in {d} are reused")
-        times[name] = time.time() - t0
-        with open(times_path, "w") as f:
-            json.dump(times, f)
+    ev = [f"--eval_prompts={t('prompts_val.jsonl')}"]
+
+    def stages(s):  # one seed's out_dirs and chain: (name, the file that shows it finished, its commands)
+        d = os.path.join(rlhf_dir, f"seed{s}")
+        out = {n: os.path.join(d, n) for n in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol",
+                                                "grpo", "rloo")}
+
+        def rl(cfg, name, *args, parent="sft"):
+            return name, os.path.join(out[name], "latest.json"), [["rlhf.py", cfg, f"--init_from={out[parent]}",
+                                                                   f"--out_dir={out[name]}", f"--seed={s}", *args,
+                                                                   *rlhf_args]]
+        return out, [
+            ("base", os.path.join(out["base"], "latest.json"), [["train.py", "config/add.py", f"--data_root={data}",
+                                                                 f"--out_dir={out['base']}", f"--seed={s}",
+                                                                 *rlhf_train_args]]),
+            rl("config/sft.py", "sft", f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}", *ev,
+               parent="base"),
+            rl("config/rm.py", "rm", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"),
+            rl("config/ppo.py", "ppo", f"--reward_model={out['rm']}", f"--data={t('prompts.jsonl')}", *ev),
+            rl("config/ppo.py", "ppo-judge", "--reward_model=task", f"--data={t('prompts.jsonl')}", *ev),
+            rl("config/dpo.py", "dpo", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}", *ev),
+            rl("config/grpo.py", "grpo", "--reward_model=task", f"--data={t('prompts.jsonl')}", *ev),
+            rl("config/rloo.py", "rloo", "--reward_model=task", f"--data={t('prompts.jsonl')}", *ev),
+            ("label", os.path.join(d, "prefs_sft_val.jsonl"), [
+                ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", f"--data={t('prompts.jsonl')}",
+                 f"--label_out={d}/prefs_sft.jsonl", f"--seed={s}", *rlhf_args]]),
+            rl("config/rm.py", "rm-onpol", f"--data={t('prefs.jsonl')},{d}/prefs_sft.jsonl",  # config/rm.py's mix
+               f"--val_data={d}/prefs_sft_val.jsonl"),
+            rl("config/ppo.py", "ppo-onpol", f"--reward_model={out['rm-onpol']}", f"--data={t('prompts.jsonl')}", *ev)]
+
+    def run_chain(s, chain, times_path):
+        times = json.load(open(times_path)) if os.path.exists(times_path) else {}
+        for name, done, cmds in chain:
+            if name in times and os.path.exists(done):  # times.json lists the stages that finished
+                continue
+            t0, log = time.time(), os.path.join(os.path.dirname(times_path), f"{name}.log")
+            with open(log, "w") as f:
+                for cmd in cmds:
+                    f.write(f"--- python {' '.join(cmd)}\n")
+                    f.flush()
+                    if subprocess.run([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+                        raise SystemExit(f"error: seed {s}, stage {name} failed (see {log}); fix it and rerun, "
+                                         f"finished stages in {rlhf_dir} are reused")
+            times[name] = time.time() - t0
+            with open(times_path, "w") as f:
+                json.dump(times, f)
+            print(f"seed {s}: {name} done in {times[name]:.0f}s ({log})", flush=True)
+        return times
+
+    t0 = time.time()
+    shared = [("task", t("prompts_val.jsonl"), [["rlhf.py", "--stage=task", f"--task_dir={task}"]]),
+              ("data", os.path.join(data, "add", "meta.json"), [
+                  ["prepare.py", f"--input={t('corpus.txt')}", f"--data_root={data}", "--dataset=add",
+                   "--vocab_size=261"]])]
+    os.makedirs(rlhf_dir, exist_ok=True)
+    run_chain("-", shared, os.path.join(rlhf_dir, "times.json"))
+    chains = {s: stages(s) for s in rlhf_seeds}
+    for s in rlhf_seeds:
+        os.makedirs(os.path.join(rlhf_dir, f"seed{s}"), exist_ok=True)
+    print(f"{len(rlhf_seeds)} seeds, {rlhf_parallel} at a time: {', '.join(n for n, _, _ in chains[rlhf_seeds[0]][1])}",
+          flush=True)
+    with ThreadPoolExecutor(rlhf_parallel) as pool:  # threads only wait on the stages' processes
+        futures = {s: pool.submit(run_chain, s, chains[s][1], os.path.join(rlhf_dir, f"seed{s}", "times.json"))
+                   for s in rlhf_seeds}
+        times = {s: f.result() for s, f in futures.items()}
+    print(f"all stages in {time.time() - t0:.0f}s; evaluating", flush=True)
 
     prompts = [r["prompt"] for r in rlhf.read_jsonl(t("prompts_val.jsonl"), [("prompt",)])]
-    sft, tok = load(out["sft"], "cpu")
-    rms = {name: rlhf.load_reward_model(out[name], "cpu") for name in ("rm", "rm-onpol")}
 
-    def pairwise(rm, path):  # a reward model's pairwise accuracy on a file of held-out pairs
+    def pairwise(rm, tok, path):  # a reward model's pairwise accuracy on a file of held-out pairs
         pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
         ids, mask, last = rlhf.pair_batch(tok, pairs)
         with torch.no_grad():
             r = rlhf.reward_scores(*rm, ids, mask, last)
         return (r[:len(pairs)] > r[len(pairs):]).float().mean().item()
-    # each RM on the offline held-out pairs and on the SFT model's own held-out samples (on-policy)
-    rm_acc = {name: {"offline": pairwise(m, t("prefs_val.jsonl")), "on-policy": pairwise(m, t("prefs_sft_val.jsonl"))}
-              for name, m in rms.items()}
-    rows = {}
-    for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "ppo-onpol"):
-        model = load(out[name], "cpu")[0]
-        rows[name] = rlhf.evaluate(model, tok, prompts, nullcontext(), ref=sft, rm=rms["rm-onpol"], seed=0)
-    print(f"\nbuilt-in task ({len(prompts)} held-out problems), CPU; acc = exact match, sampled at temperature 1 "
-          f"or greedy; reward = the samples' mean score by config/rm.py's reward model (rm-onpol); KL = to the SFT "
-          f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge = PPO on the programmatic judge; "
-          f"rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO on it")
-    print(f"{'stage':<9} {'acc(sampled)':>12} {'acc(greedy)':>11} {'reward':>8} {'KL':>7} {'wall s':>7}")
-    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "label", "rm-onpol", "ppo-onpol"):
-        wall = f"{times[name]:7.0f}" if name in times else f"{'?':>7}"
-        if name in rm_acc:
-            acc = f"pairwise acc offline {rm_acc[name]['offline']:.3f}, on-policy {rm_acc[name]['on-policy']:.3f}"
-            print(f"{name:<9} {acc:>40} {wall}")
-            continue
-        if name == "label":
-            n = sum(1 for _ in open(t("prefs_sft.jsonl")))
-            print(f"{'label':<9} {format(n, 'd') + ' on-policy pairs (prefs_sft.jsonl)':>40} {wall}")
-            continue
-        r = rows[name]
-        print(f"{name:<9} {r['acc_sampled']:12.3f} {r['acc_greedy']:11.3f} {r['reward']:8.3f} {r['kl']:7.3f} {wall}")
+    results = {}
+    for s in rlhf_seeds:
+        out, d = chains[s][0], os.path.join(rlhf_dir, f"seed{s}")
+        sft, tok = load(out["sft"], "cpu")
+        rms = {name: rlhf.load_reward_model(out[name], "cpu") for name in ("rm", "rm-onpol")}
+        res = {name: rlhf.evaluate(load(out[name], "cpu")[0], tok, prompts, nullcontext(), rlhf.max_new_tokens,
+                                   rlhf.no_end_score, ref=sft,
+                                   rm=rms["rm-onpol"], seed=0)
+               for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "ppo-onpol")}
+        for name, m in rms.items():  # each RM on the offline held-out pairs and on the SFT model's own held-out samples
+            res[name] = {"offline": pairwise(m, tok, t("prefs_val.jsonl")),
+                         "on-policy": pairwise(m, tok, os.path.join(d, "prefs_sft_val.jsonl"))}
+        res["label"] = {"pairs": sum(1 for _ in open(os.path.join(d, "prefs_sft.jsonl")))}
+        for name, r in res.items():
+            r["wall_s"] = times[s].get(name, float("nan"))
+        results[s] = res
+
+    def ms(name, key, fmt=".3f"):  # "mean+-std" of results[seed][name][key] over the seeds
+        v = [results[s][name][key] for s in rlhf_seeds]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        return f"{statistics.mean(v):{fmt}}+-{sd:{fmt}}"
+    print(f"\nbuilt-in task ({len(prompts)} held-out problems), mean+-std over seeds {', '.join(map(str, rlhf_seeds))} "
+          f"({rlhf_parallel} run at a time: wall s includes their contention); acc = exact match, sampled at "
+          f"temperature 1 or greedy; reward = the samples' mean score by the seed's rm-onpol; KL = to the seed's SFT "
+          f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge / grpo / rloo = on the programmatic "
+          f"judge; rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO "
+          f"on it")
+    print(f"{'stage':<10} {'acc(sampled)':>13} {'acc(greedy)':>13} {'reward':>13} {'KL':>13} {'wall s':>9}")
+    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "label", "rm-onpol", "ppo-onpol"):
+        wall = ms(name, "wall_s", ".0f")
+        if name in ("rm", "rm-onpol"):
+            acc = f"pairwise acc offline {ms(name, 'offline')}, on-policy {ms(name, 'on-policy')}"
+            print(f"{name:<10} {acc:>55} {wall:>9}")
+        elif name == "label":
+            print(f"{name:<10} {ms(name, 'pairs', '.0f') + ' on-policy pairs (prefs_sft.jsonl)':>55} {wall:>9}")
+        else:
+            print(f"{name:<10} " + " ".join(f"{ms(name, k):>13}" for k in ("acc_sampled", "acc_greedy", "reward", "kl"))
+                  + f" {wall:>9}")
     os.makedirs(os.path.dirname(rlhf_json) or ".", exist_ok=True)
     with open(rlhf_json, "w") as f:
-        json.dump(dict(eval=rows, rm_pairwise_acc=rm_acc, wall_s=times, n_prompts=len(prompts)), f, indent=1)
+        json.dump(dict(seeds=list(rlhf_seeds), results={str(s): r for s, r in results.items()},
+                       n_prompts=len(prompts)), f, indent=1)
+    print(f"wrote {rlhf_json}")
 
 
 def speedrun_data(data_root="data", name="stdlib-1mb", max_bytes=1_000_000):

@@ -1,36 +1,35 @@
 """
-Post-training, the four stages of InstructGPT-style RLHF plus DPO, in one file:
+Post-training: InstructGPT-style RLHF, DPO and GRPO, one loss function per stage, side by side:
 
     python rlhf.py config/sft.py   # supervised fine-tuning on chat demonstrations (loss on assistant tokens only)
     python rlhf.py config/label.py # on-policy preference pairs: the SFT model's samples, compared by a labeler
     python rlhf.py config/rm.py    # a reward model: GPT trunk + scalar head, Bradley-Terry loss on preference pairs
     python rlhf.py config/ppo.py   # PPO against the reward model, per-token KL penalty to the frozen SFT model
     python rlhf.py config/dpo.py   # DPO on the same preference pairs, no reward model, no sampling
+    python rlhf.py config/grpo.py  # GRPO: groups of samples per prompt, each scored against its group's mean
+    python rlhf.py config/rloo.py  # RLOO: the same, each sample scored against the mean of the others
 
 Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
-`{"prompt", "chosen", "rejected"}`; PPO prompts `{"prompt"}`. A prompt is a string (one user turn) or a list of
-messages. The chat template is bpe.py's `encode_chat`. Real data (e.g. HH-RLHF converted to these fields) works
-the same way; the built-in task below needs no download:
+`{"prompt", "chosen", "rejected"}`; PPO / GRPO prompts `{"prompt"}`. A prompt is a string (one user turn) or a list
+of messages. The chat template is bpe.py's `encode_chat`. The built-in task below needs no download:
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
     python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py
-    python rlhf.py config/ppo.py
-    python rlhf.py config/dpo.py   # or: python bench.py --mode=rlhf (all of it, in a temp dir, with a table)
+    python rlhf.py config/ppo.py   # or any other stage after SFT; python bench.py --mode=rlhf runs all of them
 
 The task: two-digit addition, the user asks "37+48=", the assistant answers "37+48=85". Its corpus and its
 demonstrations come from a sloppy writer who forgets the carry half the time (37+48=75), so pretraining and SFT
 learn that slip as faithfully as the skill; a preference labeler only has to *check* answers, which is easier, so
-RM/PPO and DPO can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300 held-out
-problems appear in no training set, pretraining included. The task's offline pairs reject one writer's guesses at
-wrong answers; an RM trained only on them ranks the SFT model's own right and wrong samples badly (78% of
-held-out pairs, against 96% with on-policy pairs), and PPO on it gains nothing. So, as InstructGPT did, the label
-stage samples the SFT model and has a labeler (the task's judge, standing in for a human) compare its answers;
-config/rm.py trains on both kinds of pairs.
+RM/PPO, DPO and GRPO can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300
+held-out problems appear in no training set, pretraining included. An RM trained only on the task's offline pairs
+(one writer's guesses at wrong answers) ranks the SFT model's own right and wrong samples badly, so, as InstructGPT
+did, the label stage samples the SFT model and has a labeler (the task's judge, standing in for a human) compare
+its answers; config/rm.py trains on both kinds of pairs.
 
 Every stage writes out_dir/: checkpoints in train.py's format (sample.py can chat with any of them), tokenizer.bpe,
 metrics.jsonl; `--resume=True` continues from out_dir's latest checkpoint. `init_from` is always the parent run
-(pretrained for SFT; SFT for label, RM, PPO, DPO), which PPO and DPO also use as the frozen reference.
+(pretrained for SFT; SFT for the others), which PPO, DPO and GRPO also use as the frozen reference.
 """
 import json
 import os
@@ -51,15 +50,15 @@ from sample import load
 from train import autocast, get_lr, resolve_dtype
 
 # -----------------------------------------------------------------------------
-stage = "sft"               # task | sft | label | rm | ppo | dpo
+stage = "sft"               # task | sft | label | rm | ppo | dpo | grpo | rloo
 out_dir = "out/add-sft"
-init_from = "out/add"       # the parent run's out_dir: the starting weights, and the reference for ppo / dpo
+init_from = "out/add"       # the parent run's out_dir: the starting weights, and the reference for ppo/dpo/grpo
 resume = False              # continue from out_dir's latest checkpoint
 data = "data/add/sft.jsonl"           # training data of this stage; a,b,...: several files, concatenated
 val_data = "data/add/sft_val.jsonl"   # held-out data of the same format ("" = none)
 drop_val_prompts = False    # drop training rows whose prompt is in val_data: a mix of files then cannot leak them
 eval_prompts = "data/add/prompts_val.jsonl"  # held-out prompts scored by the task's judge ("" = none)
-reward_model = "out/add-rm"  # ppo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
+reward_model = "out/add-rm"  # ppo/grpo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
 reward_pool = "last"        # rm: the head reads the last token (<|end|>), or "mean": its mean over the response
 # optimisation
 batch_size = 32
@@ -73,10 +72,10 @@ beta2 = 0.95
 grad_clip = 1.0
 eval_interval = 100
 log_interval = 10
-# ppo (defaults as TRL's where it has one)
-rollout_batch = 64          # prompts per PPO step
-ppo_epochs = 4              # passes over each rollout batch
-minibatch = 16
+# ppo, and the sampling and update loop that grpo / rloo share with it (defaults as TRL's where it has one)
+rollout_batch = 64          # prompts per step (grpo / rloo: each sampled num_generations times)
+ppo_epochs = 4              # passes over each step's samples (TRL's GRPO calls it num_iterations, default 1)
+minibatch = 16              # samples per update
 max_new_tokens = 12         # response length cap; a response without <|end|> by then scores no_end_score
 temperature = 1.0
 kl_coef = 0.05              # per-token KL penalty to the reference
@@ -89,9 +88,12 @@ gamma = 1.0
 lam = 0.95
 rm_baseline = True          # subtract the reward of the reference's greedy answer to the same prompt
 no_end_score = -3.0         # the score of an unfinished response: the reward model's means nothing on such text
-# dpo
-beta = 0.1
-loss_type = "sigmoid"       # sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)
+# grpo / rloo (as TRL's GRPOConfig / RLOOConfig)
+num_generations = 8         # samples per prompt, the group whose other members are each sample's baseline
+scale_rewards = True        # grpo: divide the advantages by the group's reward std (Dr. GRPO: False)
+# dpo, and the two keys whose meaning (and default) depends on the stage, as in TRL's separate configs
+beta = None                 # dpo: the implicit reward's scale (None: 0.1); grpo/rloo: the KL coefficient (None: 0.0)
+loss_type = None            # dpo: sigmoid | ipo (None: sigmoid); grpo/rloo: grpo | dapo | dr_grpo (None: dapo)
 rpo_alpha = 0.0             # > 0: add this times the chosen responses' NLL to the loss (TRL's rpo_alpha)
 # label: on-policy preference pairs, the policy's own samples compared by the task's judge
 label_out = "data/add/prefs_sft.jsonl"  # the pairs; held-out pairs (disjoint prompts) go to ..._val.jsonl
@@ -108,6 +110,7 @@ device = "auto"
 dtype = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------
+TASK_HINT = "the built-in task's: python rlhf.py --stage=task"
 
 # ---------------------------------------------------------------------------- the built-in task
 
@@ -167,10 +170,11 @@ def make_task(task_dir, slip, n_held, seed):
 # ---------------------------------------------------------------------------- data
 
 
-def read_jsonl(path, fields):
-    """Rows of a JSONL file; each must be an object with one of the `fields` alternatives (tuples of keys)."""
+def read_jsonl(path, fields, hint=TASK_HINT):
+    """Rows of a JSONL file; each must be an object with one of the `fields` alternatives (tuples of keys).
+    hint: where such a file comes from, for the error when it is missing."""
     if not os.path.isfile(path):
-        raise SystemExit(f"error: data file {path} does not exist (the built-in task: python rlhf.py --stage=task)")
+        raise SystemExit(f"error: data file {path} does not exist ({hint})")
     rows = []
     try:
         with open(path, "rb") as f:  # decoded whole, so a bad byte's offset is its offset in the file
@@ -191,6 +195,18 @@ def read_jsonl(path, fields):
     if not rows:
         raise SystemExit(f"error: {path} has no rows")
     return rows
+
+
+def fitting_rows(paths, fields, fits, block, hint=TASK_HINT):
+    """The rows of the comma-separated JSONL files `paths` that fits(row) keeps, with a warning for the others."""
+    rows = [r for path in paths.split(",") if path for r in read_jsonl(path, fields, hint)]
+    kept = [r for r in rows if fits(r)]
+    if len(kept) < len(rows):
+        print(f"warning: skipped {len(rows) - len(kept)} of {len(rows)} rows of {paths} that do not fit the model's "
+              f"context of {block} tokens (or have no assistant turn to learn)")
+    if rows and not kept:
+        raise SystemExit(f"error: no row of {paths} fits the model's context of {block} tokens")
+    return kept
 
 
 def as_messages(prompt):
@@ -230,6 +246,14 @@ def pair_batch(tok, rows):
 # ---------------------------------------------------------------------------- model pieces
 
 
+def load_model(path, device, parent="train one with python rlhf.py config/sft.py"):
+    """(model, tokenizer) of the run in `path`, on device: every load from `init_from` goes through here.
+    parent: how that run is made, for the error when it is missing."""
+    if not os.path.isfile(os.path.join(path, "latest.json")):
+        raise SystemExit(f"error: no checkpoint in {path} (missing latest.json); {parent}")
+    return load(path, device)
+
+
 def forward_hidden(model, idx):
     """(logits, hidden): hidden (B, T, C) is what lm_head reads, caught by a hook, so the reward and value
     heads sit on top of whatever blocks model.py has."""
@@ -258,11 +282,15 @@ def whiten(x, mask):
 
 
 def load_reward_model(path, device):
+    if not os.path.isfile(os.path.join(path, "latest.json")):
+        raise SystemExit(f"error: no reward model in {path} (missing latest.json); train one with python rlhf.py "
+                         f"config/rm.py, or score with the built-in task's judge: --reward_model=task")
     ckpt = load_checkpoint(path)
     if "reward_head" not in ckpt:
-        raise SystemExit(f"error: {path} is not a reward model (no reward_head); train one with config/rm.py")
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    head = nn.Linear(model.config.n_embd, 1).to(device)
+        raise SystemExit(f"error: {path} is not a reward model (no reward_head); train one with python rlhf.py "
+                         f"config/rm.py")
+    model = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    head = nn.Linear(model.config.n_embd, 1).to(device).requires_grad_(False)
     head.load_state_dict(ckpt["reward_head"])
     # normalised so the scores of held-out answers have mean 0 and std 1: PPO's KL coefficient (and TRL's default
     # of 0.05) assumes rewards of about unit scale; a raw Bradley-Terry head's scale is arbitrary (margins of 20
@@ -282,6 +310,14 @@ def reward_scores(model, head, pool, ids, mask, last):
         r = head(h[:, 1:]).squeeze(-1).float()
         return (r * mask).sum(1) / mask.sum(1).clamp(min=1)
     return head(h[torch.arange(len(ids)), last]).squeeze(-1).float()
+
+
+def scores(rm, prompts, texts, ids, mask, last, ended, no_end_score):
+    """(B,) the reward model's scores of sampled responses (rm = load_reward_model's), or the judge's (rm None);
+    a response cut off before its <|end|> gets no_end_score."""
+    s = reward_scores(*rm, ids, mask, last) if rm else torch.tensor(
+        [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+    return torch.where(ended, s, torch.full_like(s, no_end_score))
 
 # ---------------------------------------------------------------------------- the losses, side by side
 
@@ -306,6 +342,21 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip, clip_
     return masked_mean(pg, mask), masked_mean(vf, mask), masked_mean(((ratio - 1).abs() > clip).float(), mask)
 
 
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation (Schulman et al. 2016) over (B, T) token grids whose masked runs are
+    the responses: A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
+    zero past a response's end. Returns (advantages, returns = advantages + values)."""
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(rewards.shape[0], device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        nxt = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        next_v = values[:, t + 1] * nxt if t + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last * nxt
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, adv + values * mask
+
+
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
     """DPO: the policy's log-ratio to the reference is an implicit reward beta * log(pi / ref); the loss is
     Bradley-Terry on it (sigmoid), or IPO's squared distance of the margin to 1 / (2 beta).
@@ -320,19 +371,45 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
     return loss.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
 
 
-def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation (Schulman et al. 2016) over (B, T) token grids whose masked runs are
-    the responses: A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
-    zero past a response's end. Returns (advantages, returns = advantages + values)."""
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(rewards.shape[0], device=rewards.device)
-    for t in reversed(range(rewards.shape[1])):
-        nxt = mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        next_v = values[:, t + 1] * nxt if t + 1 < rewards.shape[1] else 0.0
-        last = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last * nxt
-        adv[:, t] = last
-    adv = adv * mask
-    return adv, adv + values * mask
+def group_advantages(rewards, group, scale=True):
+    """GRPO's advantage (Shao et al. 2024): each sample's reward minus the mean of its group (the num_generations
+    samples of one prompt, adjacent in rewards), divided by the group's std if scale (as TRL: unbiased, + 1e-4).
+    A group whose samples all score the same gets advantage 0: it teaches nothing."""
+    r = rewards.view(-1, group)
+    adv = r - r.mean(1, keepdim=True)
+    return (adv / (r.std(1, keepdim=True) + 1e-4) if scale else adv).flatten()
+
+
+def rloo_advantages(rewards, group):
+    """REINFORCE leave-one-out (Kool et al. 2019, Ahmadian et al. 2024): each sample's reward minus the mean of the
+    other group - 1 samples of its prompt, a baseline that does not depend on the sample itself."""
+    r = rewards.view(-1, group)
+    return (r - (r.sum(1, keepdim=True) - r) / (group - 1)).flatten()
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip, beta, loss_type, max_new):
+    """PPO's clipped surrogate with one advantage per sequence (B,) for all its tokens, no value model; + beta
+    times the k3 estimate of KL(policy || ref) per token, exp(q) - q - 1 with q = log ref - log pi (unbiased,
+    never negative; Schulman 2020). loss_type says how the (B, T) token losses become one number:
+    grpo: mean over each sequence's tokens, then over sequences (a long response's tokens weigh less);
+    dapo: mean over all the batch's tokens (Yu et al. 2025); dr_grpo: their sum / (B * max_new), a constant
+    (Liu et al. 2025). Returns (loss, clip fraction, mean per-token KL)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    loss = torch.max(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+    q = (ref_logp - logp) if ref_logp is not None else torch.zeros_like(logp)
+    kl = torch.exp(q) - q - 1
+    if beta:
+        loss = loss + beta * kl
+    if loss_type == "grpo":
+        loss = ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_type == "dapo":
+        loss = masked_mean(loss, mask)
+    elif loss_type == "dr_grpo":
+        loss = (loss * mask).sum() / (mask.shape[0] * max_new)
+    else:
+        raise SystemExit(f"error: loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+    return loss, masked_mean(((ratio - 1).abs() > clip).float(), mask), masked_mean(kl, mask)
 
 # ---------------------------------------------------------------------------- generation and evaluation
 
@@ -349,8 +426,8 @@ def rollout(model, tok, prompts, max_new, temp, gen, ctx):
         by_len.setdefault(len(p), []).append(i)
     for rows in by_len.values():
         idx = torch.tensor([encoded[i] for i in rows], device=gen.device)
-        with ctx:
-            steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot]))
+        with ctx:  # responses of a few tokens: capturing a CUDA graph per call would cost more than it saves
+            steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot], cuda_graph=False))
         new = torch.stack(steps, 1).tolist()
         for i, r in zip(rows, new):
             cut = next((k + 1 for k, t in enumerate(r) if t in (end, tok.eot)), len(r))
@@ -368,23 +445,20 @@ def rollout(model, tok, prompts, max_new, temp, gen, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, tok, prompts, ctx, ref=None, rm=None, seed=0):
+def evaluate(model, tok, prompts, ctx, max_new, no_end_score, ref=None, rm=None, seed=0):
     """On held-out prompts: exact-match accuracy (task judge) greedy and sampled at temperature 1, the mean
     reward of the samples (reward model, or the judge), and KL(policy || ref) summed over the response
     (a Monte Carlo estimate from the samples)."""
     model.eval()
-    dev = next(model.parameters()).device
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     res = {}
-    _, _, _, texts, _ = rollout(model, tok, prompts, max_new_tokens, 0.0, gen, ctx)
+    _, _, _, texts, _ = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)
     res["acc_greedy"] = sum(map(task_reward, prompts, texts)) / len(prompts)
-    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new_tokens, 1.0, gen, ctx)
+    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, 1.0, gen, ctx)
     res["acc_sampled"] = sum(map(task_reward, prompts, texts)) / len(prompts)
     with ctx:
-        if rm:
-            res["reward"] = torch.where(ended, reward_scores(*rm, ids, mask, last), no_end_score).mean().item()
-        else:
-            res["reward"] = res["acc_sampled"]
+        res["reward"] = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score).mean().item() if rm \
+            else res["acc_sampled"]
         if ref is not None:
             kl = (token_logprobs(model(ids)[0], ids) - token_logprobs(ref(ids)[0], ids)) * mask
             res["kl"] = kl.sum(1).mean().item()
@@ -392,79 +466,31 @@ def evaluate(model, tok, prompts, ctx, ref=None, rm=None, seed=0):
     model.train()
     return res
 
-# ---------------------------------------------------------------------------- one step of each stage
+# ---------------------------------------------------------------------------- batches of the offline stages
 
 
-def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c):
-    """Roll out, score, then ppo_epochs passes of clipped updates over minibatches. Returns the step's stats.
-    The value head shares the policy's trunk: one forward gives both logits and values, half the compute of
-    TRL's separate critic, which matters on a CPU; its gradients then reach the policy's weights, which
-    vf_coef = 0.1 keeps small."""
-    model.eval()  # rollouts and their scoring without dropout
-    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new_tokens, temperature, gen, ctx)
-    B, rows = len(prompts), torch.arange(len(prompts), device=ids.device)
-    with torch.no_grad(), ctx:
-        logits, h = forward_hidden(model, ids)
-        old_logp = token_logprobs(logits / temperature, ids)
-        old_values = head(h[:, :-1]).squeeze(-1).float() * mask
-        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
-        score = reward_scores(*rm, ids, mask, last) if rm else torch.tensor(
-            [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
-        if rm and rm_baseline:
-            # Bradley-Terry fixes rewards only up to a constant per prompt, and here that constant varies more
-            # between prompts than right and wrong answers differ: the reward model's score of the reference
-            # model's greedy answer to the same prompt is subtracted (a baseline: the optimal policy is the same)
-            ref_ids, ref_mask, ref_last, _, _ = rollout(ref, tok, prompts, max_new_tokens, 0.0, gen, ctx)
-            score = score - reward_scores(*rm, ref_ids, ref_mask, ref_last)
-    score = torch.where(ended, score, torch.full_like(score, no_end_score))
-    kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
-    rewards = -kl_c * kl
-    rewards[rows, last - 1] += score  # the score lands on the last response token's slot
-    adv, returns = gae(rewards, old_values, mask, gamma, lam)
-    adv = whiten(adv, mask)
-    model.train()
-    stats = dict(pg_loss=0.0, value_loss=0.0, clipfrac=0.0, entropy=0.0)
-    n = 0
-    for _ in range(ppo_epochs):
-        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
-            mb = mb.to(ids.device)
-            with ctx:
-                logits, h = forward_hidden(model, ids[mb])
-                logp = token_logprobs(logits / temperature, ids[mb])
-                values = head(h[:, :-1]).squeeze(-1).float()
-            pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb],
-                                  clip_range, clip_range_value)
-            opt.zero_grad(set_to_none=True)
-            (pg + vf_coef * vf).backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-            opt.step()
-            with torch.no_grad():
-                lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
-                ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
-            for k, v in zip(stats, (pg, vf, cf, ent)):
-                stats[k] += v.item()
-            n += 1
-    stats = {k: v / n for k, v in stats.items()}
-    return dict(reward=score.mean().item(), kl=kl.sum(1).mean().item(), **stats,
-                response_len=mask.sum(1).mean().item(), kl_coef=kl_c)
+def sft_batch(model, tok, rows):
+    xs, ys = zip(*(sft_example(tok, r) for r in rows))
+    dev = next(model.parameters()).device
+    return sft_loss(model, pad(xs, tok.eot).to(dev), pad(ys, -1).to(dev)), {}
 
 
-def batch_loss(model, head, tok, rows, ref_logps=None):
-    """The loss of one batch of sft, rm or dpo rows, and what to log about it."""
-    if stage == "sft":
-        xs, ys = zip(*(sft_example(tok, r) for r in rows))
-        dev = next(model.parameters()).device
-        return sft_loss(model, pad(xs, tok.eot).to(dev), pad(ys, -1).to(dev)), {}
+def rm_batch(model, head, pool, tok, rows):
     ids, mask, last = (t.to(next(model.parameters()).device) for t in pair_batch(tok, rows))
-    B = len(rows)
-    if stage == "rm":
-        r = reward_scores(model, head, reward_pool, ids, mask, last)
-        loss, acc = reward_loss(r[:B], r[B:])
-        return loss, dict(accuracy=acc.item(), margin=(r[:B] - r[B:]).mean().item(), reward_mean=r.mean().item(),
-                          reward_sq=(r ** 2).mean().item())
+    r = reward_scores(model, head, pool, ids, mask, last)
+    loss, acc = reward_loss(r[:len(rows)], r[len(rows):])
+    return loss, dict(accuracy=acc.item(), margin=(r[:len(rows)] - r[len(rows):]).mean().item(),
+                      reward_mean=r.mean().item(), reward_sq=(r ** 2).mean().item())
+
+
+def dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows):
+    """DPO on rows that carry their reference log-probs (sequence_logps'), as row["ref_logps"] = [chosen, rejected]."""
+    dev = next(model.parameters()).device
+    ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows))
+    ref = torch.tensor([r["ref_logps"] for r in rows], device=dev)
     logp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
-    loss, rc, rr = dpo_loss(logp[:B], logp[B:], ref_logps[:, 0], ref_logps[:, 1], beta, loss_type)
+    B = len(rows)
+    loss, rc, rr = dpo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], beta, loss_type)
     if rpo_alpha:  # + the chosen responses' per-token NLL (RPO, Pang et al. 2024): DPO alone can lower both
         loss = loss - rpo_alpha * (logp[:B] / mask[:B].sum(1)).mean()  # answers' likelihood, the good one too
     return loss, dict(reward_acc=(rc > rr).float().mean().item(), margin=(rc - rr).mean().item(),
@@ -485,14 +511,13 @@ def sequence_logps(model, tok, rows, ctx):
 
 
 @torch.no_grad()
-def mean_over(model, head, tok, rows, ctx, ref_logps=None):
-    """Held-out loss and stats of batch_loss, averaged over all rows."""
+def mean_over(model, batch_fn, rows, batch_size, ctx):
+    """Held-out loss and stats of batch_fn(rows) -> (loss, stats), averaged over all rows."""
     model.eval()
     sums, n = {}, 0
     for i in range(0, len(rows), batch_size):
         with ctx:
-            loss, st = batch_loss(model, head, tok, rows[i:i + batch_size],
-                                  None if ref_logps is None else ref_logps[i:i + batch_size])
+            loss, st = batch_fn(rows[i:i + batch_size])
         k = len(rows[i:i + batch_size])
         for key, v in dict(loss=loss.item(), **st).items():
             sums[key] = sums.get(key, 0.0) + v * k
@@ -500,11 +525,110 @@ def mean_over(model, head, tok, rows, ctx, ref_logps=None):
     model.train()
     return {f"val_{k}": v / n for k, v in sums.items()}
 
+# ---------------------------------------------------------------------------- one step of each online stage
+
+
+def optimize(opt, loss, grad_clip):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+
+
+def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c, *, max_new, temperature, rm_baseline,
+             no_end_score, gamma, lam, epochs, minibatch, clip, clip_v, vf_coef, grad_clip):
+    """Roll out, score, then `epochs` passes of clipped updates over minibatches. Returns the step's stats.
+    The value head shares the policy's trunk: one forward gives both logits and values, half the compute of
+    TRL's separate critic, which matters on a CPU; its gradients then reach the policy's weights, which
+    vf_coef = 0.1 keeps small."""
+    model.eval()  # rollouts and their scoring without dropout
+    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
+    B, rows = len(prompts), torch.arange(len(prompts), device=ids.device)
+    with torch.no_grad(), ctx:
+        logits, h = forward_hidden(model, ids)
+        old_logp = token_logprobs(logits / temperature, ids)
+        old_values = head(h[:, :-1]).squeeze(-1).float() * mask
+        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
+        score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
+        if rm and rm_baseline:
+            # Bradley-Terry fixes rewards only up to a constant per prompt, and here that constant varies more
+            # between prompts than right and wrong answers differ: the reward model's score of the reference
+            # model's greedy answer to the same prompt is subtracted (a baseline: the optimal policy is the same)
+            ref_ids, ref_mask, ref_last, _, _ = rollout(ref, tok, prompts, max_new, 0.0, gen, ctx)
+            score = torch.where(ended, score - reward_scores(*rm, ref_ids, ref_mask, ref_last), score)
+    kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
+    rewards = -kl_c * kl
+    rewards[rows, last - 1] += score  # the score lands on the last response token's slot
+    adv, returns = gae(rewards, old_values, mask, gamma, lam)
+    adv = whiten(adv, mask)
+    model.train()
+    stats = dict(pg_loss=0.0, value_loss=0.0, clipfrac=0.0, entropy=0.0)
+    n = 0
+    for _ in range(epochs):
+        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
+            mb = mb.to(ids.device)
+            with ctx:
+                logits, h = forward_hidden(model, ids[mb])
+                logp = token_logprobs(logits / temperature, ids[mb])
+                values = head(h[:, :-1]).squeeze(-1).float()
+            pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb],
+                                  clip, clip_v)
+            optimize(opt, pg + vf_coef * vf, grad_clip)
+            with torch.no_grad():
+                lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
+                ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
+            for k, v in zip(stats, (pg, vf, cf, ent)):
+                stats[k] += v.item()
+            n += 1
+    stats = {k: v / n for k, v in stats.items()}
+    return dict(reward=score.mean().item(), kl=kl.sum(1).mean().item(), **stats,
+                response_len=mask.sum(1).mean().item(), kl_coef=kl_c)
+
+
+def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_out, scale_rewards, max_new,
+              temperature, no_end_score, beta, loss_type, epochs, minibatch, clip, grad_clip):
+    """GRPO (or, leave_one_out, RLOO): `group` samples per prompt, scored, each against the others of its group;
+    then `epochs` passes of clipped updates over minibatches, as PPO's but with no value model. The KL to the
+    reference is, for GRPO, a term of the loss (beta, k3); for RLOO, as TRL's RLOOTrainer, a penalty on the
+    reward: beta times the sampled log-ratio summed over the response. Returns the step's stats."""
+    model.eval()
+    prompts = [p for p in prompts for _ in range(group)]  # a prompt's samples are adjacent: the groups are rows
+    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
+    B = len(prompts)
+    # one update on all the samples (TRL's default): the policy is still the one that sampled, so the ratio is
+    # exactly 1 and old_logp is the update's own forward, detached; no extra forward for it
+    one_update = epochs == 1 and minibatch >= B and not (leave_one_out and beta)
+    with torch.no_grad(), ctx:
+        old_logp = None if one_update else token_logprobs(model(ids)[0] / temperature, ids)
+        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids) if beta else None
+        score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
+    reward = score - beta * ((old_logp - ref_logp) * mask).sum(1) if leave_one_out and beta else score
+    adv = rloo_advantages(reward, group) if leave_one_out else group_advantages(reward, group, scale_rewards)
+    model.train()
+    stats, n = dict(loss=0.0, clipfrac=0.0, kl=0.0), 0
+    for _ in range(epochs):
+        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
+            mb = mb.to(ids.device)
+            with ctx:
+                logp = token_logprobs(model(ids[mb])[0] / temperature, ids[mb])
+            loss, cf, kl = grpo_loss(logp, logp.detach() if one_update else old_logp[mb],
+                                     None if ref_logp is None else ref_logp[mb], adv[mb],
+                                     mask[mb], clip, 0.0 if leave_one_out else beta, loss_type, max_new)
+            optimize(opt, loss, grad_clip)
+            for k, v in zip(stats, (loss, cf, kl)):
+                stats[k] += v.item()
+            n += 1
+    stats = {k: v / n for k, v in stats.items() if k != "kl" or ref_logp is not None}  # kl: the k3 estimate's mean
+    groups = score.view(-1, group)
+    return dict(reward=score.mean().item(), **stats, reward_std=groups.std(1).mean().item(),
+                zero_std_frac=(groups.std(1) == 0).float().mean().item(), response_len=mask.sum(1).mean().item())
+
 # ---------------------------------------------------------------------------- on-policy comparisons
 
 
 @torch.no_grad()
-def label_pairs(model, tok, prompts, ctx, gen, k, judge=task_reward):
+def label_pairs(model, tok, prompts, ctx, gen, k, max_new, temperature, judge=task_reward):
     """InstructGPT's comparison data: k samples per prompt from the policy, and the labeler (here the task's judge,
     standing in for a human) prefers a correct answer to each distinct wrong one. The offline rejected answers
     are one writer's guesses at the mistakes; these are the policy's actual ones, the answers PPO will see.
@@ -513,8 +637,8 @@ def label_pairs(model, tok, prompts, ctx, gen, k, judge=task_reward):
     pairs = []
     for i in range(0, len(prompts), 64):
         batch = prompts[i:i + 64]
-        _, _, _, texts, ended = rollout(model, tok, [p for p in batch for _ in range(k)], max_new_tokens,
-                                        temperature, gen, ctx)
+        _, _, _, texts, ended = rollout(model, tok, [p for p in batch for _ in range(k)], max_new, temperature,
+                                        gen, ctx)
         for j, p in enumerate(batch):  # unfinished samples are left out: PPO scores them no_end_score anyway
             done = [t for t, e in zip(texts[j * k:(j + 1) * k], ended[j * k:(j + 1) * k].tolist()) if e]
             good = [t for t in done if judge(p, t)]
@@ -522,10 +646,174 @@ def label_pairs(model, tok, prompts, ctx, gen, k, judge=task_reward):
             pairs += [dict(prompt=p, chosen=good[0], rejected=t) for t in bad] if good else []
     return pairs
 
+# ---------------------------------------------------------------------------- a run's plumbing
 
-def label(model, tok, prompts, ctx, gen):
-    """The label stage: on-policy pairs of label_prompts prompts to label_out, and of label_val_prompts other
-    prompts to its _val twin (`data` holds training prompts only, so the eval problems stay out of both)."""
+
+def setup(device, dtype, seed):
+    """(device, autocast context), and the global seed set."""
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch.manual_seed(seed)
+    return dev, autocast(dev, resolve_dtype(dtype, dev)[1])
+
+
+def start(out_dir, init_from, stage, resume, model, opt, heads):
+    """Resume model, heads ({checkpoint key: module}) and optimizer from out_dir's latest checkpoint, or make sure
+    a fresh run overwrites none; out_dir gets the tokenizer. Returns the checkpoint's iter_num and its dict."""
+    ckpt = {}
+    if resume:
+        ckpt = load_checkpoint(out_dir)
+        if ckpt.get("stage") != stage:
+            raise SystemExit(f"error: {out_dir} holds a {ckpt.get('stage')!r} run, not {stage!r}; check out_dir")
+        model.load_state_dict(ckpt["model"])
+        for key, head in heads.items():
+            head.load_state_dict(ckpt[key])
+        opt.load_state_dict(ckpt["optimizer"])
+    elif os.path.exists(os.path.join(out_dir, "latest.json")):
+        raise SystemExit(f"error: {out_dir} already has a checkpoint; pass --resume=True to continue it, "
+                         f"or choose another out_dir")
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(os.path.join(init_from, "tokenizer.bpe"), os.path.join(out_dir, "tokenizer.bpe"))
+    return ckpt.get("iter_num", 0), ckpt
+
+
+def save(out_dir, stage, iter_num, model, opt, tok, config, heads=None, **extra):
+    save_checkpoint(out_dir, dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(
+        model.config), tokenizer_hash=tok.hash, iter_num=iter_num, stage=stage, config=config,
+        **{k: h.state_dict() for k, h in (heads or {}).items()}, **extra))
+
+
+class Metrics:
+    """out_dir/metrics.jsonl, each row also printed. step() averages the stats of log_interval steps into one
+    row, printed with the step rate (evaluations included) and the ETA."""
+
+    def __init__(self, out_dir, stage, iter_num, max_iters, log_interval):
+        self.f, self.stage, self.max_iters, self.every = open(os.path.join(out_dir, "metrics.jsonl"), "a"), \
+            stage, max_iters, log_interval
+        self.t0, self.it0, self.sums = time.time(), iter_num, {}
+
+    def log(self, step, tail="", **row):
+        self.f.write(json.dumps(dict(stage=self.stage, step=step, **row)) + "\n")
+        self.f.flush()
+        print(f"{self.stage} {step}/{self.max_iters}: " + " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()) + tail, flush=True)
+
+    def step(self, step, stats, lr):
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v / self.every
+        if step % self.every == 0:
+            dt = (time.time() - self.t0) / (step - self.it0)
+            self.log(step, f" | {dt:.3g} s/step, ETA {dt * (self.max_iters - step):.0f}s", **self.sums, lr=lr)
+            self.sums = {}
+
+# ---------------------------------------------------------------------------- the stages
+# Each is main's own code for one stage, reading the config globals as train.py's main does; every function
+# above takes what it needs as arguments.
+
+
+def set_lr(opt, it):
+    lr = get_lr(it, learning_rate, warmup_iters, max_iters, min_lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def held_out_prompts():
+    return [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] if eval_prompts else []
+
+
+def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, judge=True, extra=None,
+        hint=TASK_HINT):
+    """The offline stages' loop (sft, rm, dpo): a batch of rows drawn by the step's seed, a step of the loss of
+    batch_fn(rows); every eval_interval steps the held-out loss (and, if judge, the judge's accuracy on
+    eval_prompts) and a checkpoint, with extra(results, rows) in it. With a reference (dpo), each row carries its
+    log-probs; heads: {checkpoint key: module} trained with the model."""
+    block = model.config.block_size
+    rows = fitting_rows(data, fields, lambda r: fits(tok, block, r), block, hint)
+    val_rows = fitting_rows(val_data, fields, lambda r: fits(tok, block, r), block, hint)
+    if drop_val_prompts:
+        held, n = {json.dumps(r.get("prompt")) for r in val_rows}, len(rows)
+        rows[:] = [r for r in rows if json.dumps(r.get("prompt")) not in held]
+        print(f"dropped {n - len(rows)} training rows whose prompt is in {val_data}")
+    for rs in (rows, val_rows) if ref is not None else ():
+        for r, lp in zip(rs, sequence_logps(ref, tok, rs, ctx).tolist() if rs else []):
+            r["ref_logps"] = lp
+    prompts_val = held_out_prompts() if judge else []
+    heads = heads or {}
+    params = list(model.parameters()) + [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    it, _ = start(out_dir, init_from, stage, resume, model, opt, heads)
+    metrics = Metrics(out_dir, stage, it, max_iters, log_interval)
+
+    def evaluation():
+        res = mean_over(model, batch_fn, val_rows, batch_size, ctx) if val_rows else {}
+        if prompts_val:
+            res.update(evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref=ref, seed=seed))
+        metrics.log(it, **res, elapsed_s=time.time() - t0)
+        save(out_dir, stage, it, model, opt, tok, config, heads, **(extra(res, rows) if extra else {}))
+
+    t0 = time.time()
+    if it == 0:
+        evaluation()
+    while it < max_iters:
+        lr = set_lr(opt, it)
+        idx = random.Random(seed + it).sample(range(len(rows)), min(batch_size, len(rows)))  # resumes replay exactly
+        with ctx:
+            loss, stats = batch_fn([rows[i] for i in idx])
+        optimize(opt, loss, grad_clip)
+        it += 1
+        metrics.step(it, dict(loss=loss.item(), **stats), lr)
+        if it % eval_interval == 0 or it == max_iters:
+            evaluation()
+    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+
+
+def run_sft(config):
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev, "pretrain one: python train.py config/add.py (the built-in task's)")
+
+    def fits(tok, block, row):  # the whole example in the model's context, and some assistant tokens to learn
+        x, y = sft_example(tok, row)
+        return len(x) <= block and any(t != -1 for t in y)
+    fit(config, model.train(), tok, ctx, lambda rows: sft_batch(model, tok, rows),
+        [("messages",), ("prompt", "response")], fits)
+
+
+def pair_fits(tok, block, row):
+    return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
+
+
+def run_rm(config):
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev)
+    head = nn.Linear(model.config.n_embd, 1).to(dev)  # random, so the trunk gets gradients at once
+    nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5)
+    nn.init.zeros_(head.bias)
+
+    def reward_stats(res, rows):  # the mean and std of the scores, which load_reward_model normalises away
+        if not res:  # no held-out pairs: the training pairs'
+            res = mean_over(model, lambda rs: rm_batch(model, head, reward_pool, tok, rs), rows[:256], batch_size, ctx)
+        m = res["val_reward_mean"]
+        return dict(reward_stats=(m, max(res["val_reward_sq"] - m * m, 1e-8) ** 0.5))
+    fit(config, model.train(), tok, ctx, lambda rows: rm_batch(model, head, reward_pool, tok, rows),
+        [("prompt", "chosen", "rejected")], pair_fits, heads=dict(reward_head=head), judge=False, extra=reward_stats,
+        hint="on-policy pairs: python rlhf.py config/label.py, after SFT; offline pairs: python rlhf.py --stage=task")
+
+
+def run_dpo(config):
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev)
+    ref = load_model(init_from, dev)[0].requires_grad_(False)
+    fit(config, model.train(), tok, ctx, lambda rows: dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows),
+        [("prompt", "chosen", "rejected")], pair_fits, ref=ref)
+
+
+def run_label(config):
+    """On-policy pairs of label_prompts prompts to label_out, and of label_val_prompts other prompts to its _val
+    twin (`data` holds training prompts only, so the eval problems stay out of both)."""
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    prompts = [r["prompt"] for r in read_jsonl(data, [("prompt",)])]
     random.Random(seed).shuffle(prompts)
     if label_prompts + label_val_prompts > len(prompts):
         raise SystemExit(f"error: label_prompts + label_val_prompts = {label_prompts + label_val_prompts} but "
@@ -534,153 +822,116 @@ def label(model, tok, prompts, ctx, gen):
     os.makedirs(os.path.dirname(label_out) or ".", exist_ok=True)
     for path, ps in ((label_out, prompts[:label_prompts]), (val_out, prompts[len(prompts) - label_val_prompts:])):
         t0 = time.time()
-        pairs = label_pairs(model, tok, ps, ctx, gen, label_samples)
+        pairs = label_pairs(model, tok, ps, ctx, gen, label_samples, max_new_tokens, temperature)
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in pairs)
         n = len({r["prompt"] for r in pairs})
         print(f"wrote {path}: {len(pairs)} pairs from {len(ps)} prompts x {label_samples} samples ({n} prompts with "
               f"a right and a wrong answer) in {time.time() - t0:.0f}s")
 
-# ---------------------------------------------------------------------------- the run
+
+def online_setup(dev, model, tok):
+    """What ppo, grpo and rloo share: the reference, the reward model (or None: the judge), the training prompts
+    that fit the context with the longest response, the held-out prompts."""
+    ref = load_model(init_from, dev)[0].requires_grad_(False)
+    rm = load_reward_model(reward_model, dev) if reward_model != "task" else None
+    block = model.config.block_size
+    rows = fitting_rows(data, [("prompt",)], lambda r: len(prompt_response(tok, r["prompt"], "")[0]) +
+                        max_new_tokens <= block, block)
+    return ref, rm, [r["prompt"] for r in rows], held_out_prompts()
+
+
+def run_ppo(config):
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev)
+    ref, rm, prompts, prompts_val = online_setup(dev, model.train(), tok)
+    # the value head; zero, so the first values (0) do not make the first advantages noise that the shared trunk
+    # would learn from
+    head = nn.Linear(model.config.n_embd, 1).to(dev)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=learning_rate,
+                            betas=(beta1, beta2), weight_decay=weight_decay)
+    it, ckpt = start(out_dir, init_from, stage, resume, model, opt, dict(value_head=head))
+    kl_c = ckpt.get("kl_coef", kl_coef)
+    metrics, gen, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), torch.Generator(device=dev), time.time()
+
+    def evaluation():
+        metrics.log(it, **evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref, rm, seed)
+                    if prompts_val else {}, elapsed_s=time.time() - t0)
+        save(out_dir, stage, it, model, opt, tok, config, dict(value_head=head), kl_coef=kl_c)
+
+    if it == 0:
+        evaluation()
+    while it < max_iters:
+        lr = set_lr(opt, it)
+        gen.manual_seed(seed + it)  # the prompts and the samples are functions of the step: resumes replay exactly
+        stats = ppo_step(model, head, ref, rm, tok, random.Random(seed + it).sample(prompts, rollout_batch), opt,
+                         ctx, gen, kl_c, max_new=max_new_tokens, temperature=temperature, rm_baseline=rm_baseline,
+                         no_end_score=no_end_score, gamma=gamma, lam=lam, epochs=ppo_epochs, minibatch=minibatch,
+                         clip=clip_range, clip_v=clip_range_value, vf_coef=vf_coef, grad_clip=grad_clip)
+        if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_c towards target_kl
+            kl_c *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
+        it += 1
+        metrics.step(it, stats, lr)
+        if it % eval_interval == 0 or it == max_iters:
+            evaluation()
+    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+
+
+def run_grpo(config):
+    """stage=grpo or stage=rloo: the same loop, the baseline differs (grpo_step)."""
+    if num_generations < 2:
+        raise SystemExit(f"error: num_generations must be >= 2 (a group needs others to compare with), got "
+                         f"{num_generations}")
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev)
+    ref, rm, prompts, prompts_val = online_setup(dev, model.train(), tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    it, _ = start(out_dir, init_from, stage, resume, model, opt, {})
+    metrics, gen, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), torch.Generator(device=dev), time.time()
+
+    def evaluation():
+        metrics.log(it, **evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref, rm, seed)
+                    if prompts_val else {}, elapsed_s=time.time() - t0)
+        save(out_dir, stage, it, model, opt, tok, config)
+
+    if it == 0:
+        evaluation()
+    while it < max_iters:
+        lr = set_lr(opt, it)
+        gen.manual_seed(seed + it)  # the prompts and the samples are functions of the step: resumes replay exactly
+        stats = grpo_step(model, ref, rm, tok, random.Random(seed + it).sample(prompts, rollout_batch), opt, ctx,
+                          gen, group=num_generations, leave_one_out=stage == "rloo", scale_rewards=scale_rewards,
+                          max_new=max_new_tokens, temperature=temperature, no_end_score=no_end_score, beta=beta,
+                          loss_type=loss_type, epochs=ppo_epochs, minibatch=minibatch, clip=clip_range,
+                          grad_clip=grad_clip)
+        it += 1
+        metrics.step(it, stats, lr)
+        if it % eval_interval == 0 or it == max_iters:
+            evaluation()
+    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
 
 
 def main():
+    global beta, loss_type
     config = configure(globals())
+    stages = dict(task=None, sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo,
+                  rloo=run_grpo)
+    if stage not in stages:
+        raise SystemExit(f"error: stage must be one of {', '.join(stages)}; got {stage!r}")
     if stage == "task":
         return make_task(task_dir, task_slip, task_held_out, seed)
-    if stage not in ("sft", "label", "rm", "ppo", "dpo"):
-        raise SystemExit(f"error: stage must be one of task, sft, label, rm, ppo, dpo; got {stage!r}")
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    _, ptdtype = resolve_dtype(dtype, dev)
-    ctx = autocast(dev, ptdtype)
-    torch.manual_seed(seed)
-    model, tok = load(init_from, dev)  # the parent: pretrained (sft) or SFT (label, rm, ppo, dpo)
-    if stage == "label":
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        return label(model, tok, [r["prompt"] for r in read_jsonl(data, [("prompt",)])], ctx, gen)
-    model.train()
-    ref = load(init_from, dev)[0].requires_grad_(False) if stage in ("ppo", "dpo") else None
-    head = nn.Linear(model.config.n_embd, 1).to(dev)  # rm: the reward head; ppo: the value head
-    # rm: random, so the trunk gets gradients at once; ppo: zero, so the first values (0) do not make the first
-    # advantages noise that the shared trunk would learn from
-    nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5 if stage == "rm" else 0.0)
-    nn.init.zeros_(head.bias)
-    head_key = {"rm": "reward_head", "ppo": "value_head"}.get(stage)
-    params = list(model.parameters()) + (list(head.parameters()) if head_key else [])
-    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    iter_num, kl_c = 0, kl_coef
-    if resume:
-        ckpt = load_checkpoint(out_dir)
-        if ckpt.get("stage") != stage:
-            raise SystemExit(f"error: {out_dir} holds a {ckpt.get('stage')!r} run, not {stage!r}; check out_dir")
-        model.load_state_dict(ckpt["model"])
-        if head_key:
-            head.load_state_dict(ckpt[head_key])
-        opt.load_state_dict(ckpt["optimizer"])
-        iter_num, kl_c = ckpt["iter_num"], ckpt["kl_coef"]
-        del ckpt
-    elif os.path.exists(os.path.join(out_dir, "latest.json")):
-        raise SystemExit(f"error: {out_dir} already has a checkpoint; pass --resume=True to continue it, "
-                         f"or choose another out_dir")
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copyfile(os.path.join(init_from, "tokenizer.bpe"), os.path.join(out_dir, "tokenizer.bpe"))
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-
-    def log(**row):
-        metrics.write(json.dumps(dict(stage=stage, step=iter_num, **row)) + "\n")
-        metrics.flush()
-        print(f"{stage} {iter_num}/{max_iters}: " + " | ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-
-    fields = dict(sft=[("messages",), ("prompt", "response")], rm=[("prompt", "chosen", "rejected")],
-                  ppo=[("prompt",)], dpo=[("prompt", "chosen", "rejected")])[stage]
-    block = model.config.block_size
-
-    def fits(row):  # the whole example (for ppo: prompt and the longest response) in the model's context
-        if stage == "sft":  # ... and, for sft, some assistant tokens to learn
-            x, y = sft_example(tok, row)
-            return len(x) <= block and any(t != -1 for t in y)
-        if stage == "ppo":
-            return len(prompt_response(tok, row["prompt"], "")[0]) + max_new_tokens <= block
-        return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
-
-    rows = [r for path in data.split(",") for r in read_jsonl(path, fields)]
-    val_paths = val_data.split(",") if val_data and stage != "ppo" else []
-    val_rows = [r for path in val_paths for r in read_jsonl(path, fields)]
-    if drop_val_prompts:
-        held, n = {json.dumps(r.get("prompt")) for r in val_rows}, len(rows)
-        rows[:] = [r for r in rows if json.dumps(r.get("prompt")) not in held]
-        print(f"dropped {n - len(rows)} training rows whose prompt is in {val_data}")
-    for name, rs in ((data, rows), (val_data, val_rows)):
-        kept = [r for r in rs if fits(r)]
-        if len(kept) < len(rs):
-            print(f"warning: skipped {len(rs) - len(kept)} of {len(rs)} rows of {name} that do not fit the model's "
-                  f"context of {block} tokens (or have no assistant turn to learn)")
-        if not kept and rs:
-            raise SystemExit(f"error: no row of {name} fits the model's context of {block} tokens")
-        rs[:] = kept
-    prompts_val = [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] \
-        if eval_prompts and stage != "rm" else []
-    rm = None
-    if stage == "ppo" and reward_model != "task":
-        rm = load_reward_model(reward_model, dev)
-        for m in rm[:2]:
-            m.requires_grad_(False)
-    ref_logps = val_ref_logps = None
-    if stage == "dpo":
-        ref_logps = sequence_logps(ref, tok, rows, ctx)
-        val_ref_logps = sequence_logps(ref, tok, val_rows, ctx) if val_rows else None
-    gen = torch.Generator(device=dev)
-
-    def evaluation():
-        res = mean_over(model, head, tok, val_rows, ctx, val_ref_logps) if val_rows else {}
-        if prompts_val:
-            res.update(evaluate(model, tok, prompts_val, ctx, ref=ref, rm=rm, seed=seed))
-        log(**res, elapsed_s=time.time() - t0)
-        extra = {head_key: head.state_dict()} if head_key else {}
-        if stage == "rm":  # the mean and std of the scores, which load_reward_model normalises away
-            s = res if val_rows else mean_over(model, head, tok, rows[:256], ctx)
-            m = s["val_reward_mean"]
-            extra["reward_stats"] = (m, max(s["val_reward_sq"] - m * m, 1e-8) ** 0.5)
-        save_checkpoint(out_dir, dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(
-            model.config), tokenizer_hash=tok.hash, iter_num=iter_num, stage=stage, config=config, kl_coef=kl_c,
-            **extra))
-        return res
-
-    t0, acc = time.time(), {}
-    if iter_num == 0:
-        evaluation()
-    while iter_num < max_iters:
-        lr = get_lr(iter_num, learning_rate, warmup_iters, max_iters, min_lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch_rng = random.Random(seed + iter_num)  # the batch is a function of the step: resumes replay exactly
-        if stage == "ppo":
-            gen.manual_seed(seed + iter_num)
-            stats = ppo_step(model, head, ref, rm, tok, batch_rng.sample([r["prompt"] for r in rows],
-                                                                       rollout_batch), opt, ctx, gen, kl_c)
-            if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_c towards target_kl
-                kl_c *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
-        else:
-            idx = batch_rng.sample(range(len(rows)), min(batch_size, len(rows)))
-            with ctx:
-                loss, stats = batch_loss(model, head, tok, [rows[i] for i in idx],
-                                         None if ref_logps is None else ref_logps[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            stats = dict(loss=loss.item(), **stats)
-        iter_num += 1
-        for k, v in stats.items():
-            acc[k] = acc.get(k, 0.0) + v / log_interval
-        if iter_num % log_interval == 0:
-            log(**acc, lr=lr)
-            acc = {}
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            evaluation()
-    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+    if beta is None:  # the stage's default, TRL's
+        beta = 0.1 if stage == "dpo" else 0.0
+    if loss_type is None:
+        loss_type = "sigmoid" if stage == "dpo" else "dapo"
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0:
+        raise SystemExit(f"error: beta must be a number >= 0, got {beta!r}")
+    allowed = ("sigmoid", "ipo") if stage == "dpo" else ("grpo", "dapo", "dr_grpo")
+    if stage in ("dpo", "grpo", "rloo") and loss_type not in allowed:
+        raise SystemExit(f"error: loss_type for stage {stage} must be one of {', '.join(allowed)}; got {loss_type!r}")
+    stages[stage](dict(config, beta=beta, loss_type=loss_type))
 
 
 if __name__ == "__main__":

@@ -3024,3 +3024,120 @@ def test_wandb_log_sends_metrics_jsonls_rows_and_wandb_is_imported_only_when_on(
     run(*args, f"--out_dir={tmp_path / 'off'}", env=env)  # off: never imported
     one_line_error(run(*args, f"--out_dir={tmp_path / 'on2'}", "--wandb_log=True", env=env, check=False),
                    r"^error: wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False$")
+# ============================================================ rlhf
+def test_group_advantages_and_rloo_leave_one_out_on_a_hand_worked_case():
+    import rlhf
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two prompts, groups of 4; the second all right
+    adv = rlhf.group_advantages(r, 4, scale=False)
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    std = (4 * 0.5 ** 2 / 3) ** 0.5  # the group's unbiased std (as TRL): sqrt(1/3)
+    scaled = rlhf.group_advantages(r, 4, scale=True)
+    assert torch.allclose(scaled, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (std + 1e-4))
+    loo = rlhf.rloo_advantages(r, 4)  # 1 - mean(0, 0, 1) = 2/3; 0 - mean(1, 0, 1) = -2/3; all-equal groups: 0
+    assert torch.allclose(loo, torch.tensor([2, -2, -2, 2, 0, 0, 0, 0]) / 3)
+    assert torch.allclose(loo, adv * 4 / 3)  # leave-one-out is the group mean's advantage times G / (G - 1)
+
+
+def test_grpo_loss_normalisations_clipping_and_k3_kl_on_a_hand_worked_case():
+    import math
+    import rlhf
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]])  # a 2-token and a 1-token response
+    logp = torch.full((2, 4), -1.0)
+    adv = torch.tensor([1.0, 3.0])  # at ratio 1 each token's loss is -advantage: -1, -1 and -3
+    want = dict(grpo=(-1 + -3) / 2, dapo=(-1 - 1 - 3) / 3, dr_grpo=(-1 - 1 - 3) / (2 * 4))  # max_new = 4
+    for loss_type, w in want.items():
+        loss, clipfrac, _ = rlhf.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.0, loss_type, 4)
+        assert math.isclose(loss.item(), w, rel_tol=1e-6) and clipfrac == 0, loss_type
+    # ratio 1.5 with a positive advantage is capped at 1.2; ratio 0.5 is not (the pessimistic min)
+    old = logp - torch.tensor([[0.0, math.log(1.5), math.log(0.5), 0.0], [0.0, 0.0, 0.0, 0.0]])
+    loss, clipfrac, _ = rlhf.grpo_loss(logp, old, None, adv, mask, 0.2, 0.0, "dapo", 4)
+    assert math.isclose(loss.item(), -(1.2 + 0.5 + 3) / 3, rel_tol=1e-6)
+    assert math.isclose(clipfrac.item(), 2 / 3, rel_tol=1e-6)  # both ratios are outside [0.8, 1.2]
+    # k3 of KL: q = log ref - log pi = log 2 on every token: exp(q) - q - 1 = 1 - log 2 per token, times beta
+    loss, _, kl = rlhf.grpo_loss(logp, logp, logp + math.log(2), adv, mask, 0.2, 0.5, "dapo", 4)
+    assert math.isclose(kl.item(), 1 - math.log(2), rel_tol=1e-6)
+    assert math.isclose(loss.item(), want["dapo"] + 0.5 * (1 - math.log(2)), rel_tol=1e-6)
+    with pytest.raises(SystemExit, match="loss_type must be"):
+        rlhf.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.0, "sigmoid", 4)
+
+
+def rlhf_online_args(rlhf_tiny, stage, out_dir, *extra):
+    """A tiny ppo, grpo or rloo run of the rlhf.py fixture's SFT model against the judge."""
+    d = rlhf_tiny["data"]
+    return [f"--stage={stage}", f"--init_from={rlhf_tiny['sft']}", f"--out_dir={out_dir}", f"--data={d}/prompts.jsonl",
+            f"--eval_prompts={d}/prompts.jsonl", "--reward_model=task", "--device=cpu", "--warmup_iters=0",
+            "--eval_samples=16", "--rollout_batch=4", "--num_generations=8", "--minibatch=16", "--ppo_epochs=2",
+            "--max_new_tokens=7", "--learning_rate=3e-3", "--log_interval=1", *extra]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_grpo_and_rloo_raise_the_reward_on_the_trivial_task(rlhf_tiny, tmp_path, stage):
+    # the fixture's SFT model answers "1+1=" with "1+1=2" or "1+1=3"; the judge rewards the first
+    one_update = ["--ppo_epochs=1", "--minibatch=32"] if stage == "grpo" else []  # TRL's default: one update a step
+    rlhf_run(rlhf_online_args(rlhf_tiny, stage, tmp_path, "--max_iters=8", "--eval_interval=8", "--beta=0.05",
+                              *one_update))
+    rows = rlhf_metrics(tmp_path)
+    evals, steps = [r for r in rows if "acc_sampled" in r], [r for r in rows if "clipfrac" in r]
+    assert evals[-1]["acc_sampled"] > evals[0]["acc_sampled"] + 0.2 and evals[-1]["acc_greedy"] == 1.0
+    assert steps[-1]["reward"] > steps[0]["reward"] + 0.2
+    assert {"reward", "loss", "clipfrac", "kl", "reward_std", "zero_std_frac", "response_len"} <= set(steps[0])
+
+
+def rlhf_rewind(out_dir, step):
+    """out_dir as a run killed after its step-`step` checkpoint leaves it: latest.json names that one."""
+    import hashlib
+    from checkpoint import CKPT_FORMAT
+    name = f"ckpt-{step:07d}.pt"
+    with open(os.path.join(out_dir, name), "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(out_dir, "latest.json"), "w") as f:
+        json.dump(dict(file=name, sha256=sha, format=CKPT_FORMAT, iter_num=step), f)
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo", "ppo", "dpo"])
+def test_resume_of_an_interrupted_run_is_bit_exact(rlhf_tiny, tmp_path, stage):
+    import shutil
+    from checkpoint import load_checkpoint
+    d = rlhf_tiny["data"]
+    args = rlhf_online_args(rlhf_tiny, stage, tmp_path / "once", "--max_iters=4", "--eval_interval=2", "--beta=0.05")
+    if stage == "dpo":
+        args = ["--stage=dpo", f"--init_from={rlhf_tiny['sft']}", f"--out_dir={tmp_path / 'once'}", "--device=cpu",
+                f"--data={d}/prefs.jsonl", "--val_data=", "--eval_prompts=", "--batch_size=4", "--max_iters=4",
+                "--eval_interval=2"]
+    rlhf_run(args)
+    shutil.copytree(tmp_path / "once", tmp_path / "twice")
+    rlhf_rewind(tmp_path / "twice", 2)
+    rlhf_run([a.replace(str(tmp_path / "once"), str(tmp_path / "twice")) for a in args] + ["--resume=True"])
+    a, b = load_checkpoint(str(tmp_path / "once")), load_checkpoint(str(tmp_path / "twice"))
+    assert a["iter_num"] == b["iter_num"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]  # AdamW's moments too
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    if stage == "ppo":
+        assert all(torch.equal(a["value_head"][k], b["value_head"][k]) for k in a["value_head"])
+
+
+def test_missing_parents_name_the_command_that_makes_them(rlhf_tiny, tmp_path):
+    d = rlhf_tiny["data"]
+    with pytest.raises(SystemExit, match=r"^error: no reward model in .*nope.*python rlhf\.py config/rm\.py.*"
+                                         r"--reward_model=task"):
+        rlhf_run(rlhf_online_args(rlhf_tiny, "ppo", tmp_path / "ppo", f"--reward_model={tmp_path}/nope"))
+    with pytest.raises(SystemExit, match=r"^error: data file .*prefs_sft\.jsonl does not exist .*"
+                                         r"python rlhf\.py config/label\.py"):  # the rm stage before the label stage
+        rlhf_run(["--stage=rm", "--device=cpu", f"--init_from={rlhf_tiny['sft']}", f"--out_dir={tmp_path}/rm",
+                  f"--data={d}/prefs.jsonl,{d}/prefs_sft_missing/prefs_sft.jsonl", "--val_data="])
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint in .*python train\.py config/add\.py"):
+        rlhf_run(["--stage=sft", "--device=cpu", f"--init_from={tmp_path}/none", f"--out_dir={tmp_path}/sft"])
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint in .*python rlhf\.py config/sft\.py"):
+        rlhf_run(rlhf_online_args(rlhf_tiny, "grpo", tmp_path / "g", f"--init_from={tmp_path}/none"))
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--stage=grpo", "--loss_type=ipo"], "loss_type for stage grpo must be one of grpo, dapo, dr_grpo"),
+    (["--stage=dpo", "--loss_type=dapo"], "loss_type for stage dpo must be one of sigmoid, ipo"),
+    (["--stage=rloo", "--beta=-1"], "beta must be a number >= 0"),
+    (["--stage=grpo", "--num_generations=1"], "num_generations must be >= 2"),
+    (["--stage=gpro"], "stage must be one of task, sft, label, rm, ppo, dpo, grpo, rloo")])
+def test_bad_grpo_settings_are_one_line_errors(args, pattern):
+    with pytest.raises(SystemExit, match="^error: " + pattern):
+        rlhf_run(args + ["--device=cpu", "--init_from=/nonexistent"])
