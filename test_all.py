@@ -452,11 +452,11 @@ def test_model_parameter_count_matches_the_formula(name, one_thread):
     assert model.num_params() == n - lookups
 
 
-def test_model_llama_small_config_has_small_configs_parameter_count(one_thread):
+def test_model_llama_small_config_has_the_gpt2_small_configs_parameter_count(one_thread):
     import runpy
     from model import GPT, GPTConfig
     counts = []
-    for name in ("small", "llama_small"):
+    for name in ("small_gpt2", "llama_small"):
         c = runpy.run_path(os.path.join(HERE, "config", f"{name}.py"))
         cfg = GPTConfig(**{k: v for k, v in c.items() if k in GPTConfig.__dataclass_fields__}, vocab_size=4096)
         model = GPT(cfg)

@@ -1,4 +1,4 @@
-# config/small.py with the Llama-3 / Mistral pieces (RoPE, RMSNorm, SwiGLU, grouped-query attention with 2 kv heads
+# config/small_gpt2.py with the Llama-3 / Mistral pieces (RoPE, RMSNorm, SwiGLU, grouped-query attention with 2 kv heads
 # for 4 query heads, no biases), so the two layouts compare at one size: same width, depth and recipe, and the same
 # non-embedding parameter count. GQA's attention is 3*C^2 instead of 4*C^2 and SwiGLU's 3*C*384 instead of 8*C^2,
 # 12*C^2 per block either way; RoPE needs no position table.
