@@ -546,6 +546,7 @@ def bench_rlhf():
     rlhf_dir (or a stage's folder) to rerun them. Each stage's output goes to its log file next to its folder."""
     import json
     import os
+    import shutil
     import statistics
     import subprocess
     import sys
@@ -594,6 +595,8 @@ def bench_rlhf():
         for name, done, cmds in chain:
             if name in times and os.path.exists(done):  # times.json lists the stages that finished
                 continue
+            if done.endswith("latest.json") and os.path.isdir(os.path.dirname(done)):  # a run cut short: again
+                shutil.rmtree(os.path.dirname(done))
             t0, log = time.time(), os.path.join(os.path.dirname(times_path), f"{name}.log")
             with open(log, "w") as f:
                 for cmd in cmds:
@@ -640,8 +643,7 @@ def bench_rlhf():
         sft, tok = load(out["sft"], "cpu")
         rms = {name: rlhf.load_reward_model(out[name], "cpu") for name in ("rm", "rm-onpol")}
         res = {name: rlhf.evaluate(load(out[name], "cpu")[0], tok, prompts, nullcontext(), rlhf.max_new_tokens,
-                                   rlhf.no_end_score, ref=sft,
-                                   rm=rms["rm-onpol"], seed=0)
+                                   rlhf.no_end_score, ref=sft, rm=rms["rm-onpol"], seed=0)
                for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "ppo-onpol")}
         for name, m in rms.items():  # each RM on the offline held-out pairs and on the SFT model's own held-out samples
             res[name] = {"offline": pairwise(m, tok, t("prefs_val.jsonl")),
@@ -650,6 +652,7 @@ def bench_rlhf():
         for name, r in res.items():
             r["wall_s"] = times[s].get(name, float("nan"))
         results[s] = res
+        print(f"seed {s}: evaluated", flush=True)
 
     def ms(name, key, fmt=".3f"):  # "mean+-std" of results[seed][name][key] over the seeds
         v = [results[s][name][key] for s in rlhf_seeds]

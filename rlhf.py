@@ -687,9 +687,9 @@ class Metrics:
     row, printed with the step rate (evaluations included) and the ETA."""
 
     def __init__(self, out_dir, stage, iter_num, max_iters, log_interval):
-        self.f, self.stage, self.max_iters, self.every = open(os.path.join(out_dir, "metrics.jsonl"), "a"), \
-            stage, max_iters, log_interval
-        self.t0, self.it0, self.sums = time.time(), iter_num, {}
+        self.f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        self.stage, self.it0, self.max_iters, self.every, self.t0, self.sums = \
+            stage, iter_num, max_iters, log_interval, time.time(), {}
 
     def log(self, step, tail="", **row):
         self.f.write(json.dumps(dict(stage=self.stage, step=step, **row)) + "\n")
@@ -767,19 +767,20 @@ def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, j
     print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
 
 
-def run_sft(config):
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev, "pretrain one: python train.py config/add.py (the built-in task's)")
-
-    def fits(tok, block, row):  # the whole example in the model's context, and some assistant tokens to learn
-        x, y = sft_example(tok, row)
-        return len(x) <= block and any(t != -1 for t in y)
-    fit(config, model.train(), tok, ctx, lambda rows: sft_batch(model, tok, rows),
-        [("messages",), ("prompt", "response")], fits)
+def sft_fits(tok, block, row):  # the whole example in the model's context, and some assistant tokens to learn
+    x, y = sft_example(tok, row)
+    return len(x) <= block and any(t != -1 for t in y)
 
 
 def pair_fits(tok, block, row):
     return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
+
+
+def run_sft(config):
+    dev, ctx = setup(device, dtype, seed)
+    model, tok = load_model(init_from, dev, "pretrain one: python train.py config/add.py (the built-in task's)")
+    fit(config, model.train(), tok, ctx, lambda rows: sft_batch(model, tok, rows),
+        [("messages",), ("prompt", "response")], sft_fits)
 
 
 def run_rm(config):
