@@ -4,7 +4,11 @@ Measurements anyone can rerun.
     python bench.py --mode=train      # training throughput, MFU, memory (GPU)
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
     python bench.py --mode=rlhf       # the post-training pipeline on the built-in task: accuracy, reward, KL
+    python bench.py --mode=speedrun   # wall time from launch to a target val loss: recipe against baseline, seeds
 """
+import json
+import os
+
 from configurator import configure
 
 mode = "train"
@@ -35,6 +39,20 @@ gen_cuda_graph = True       # replay the decode step as a CUDA graph (model.gene
 gen_compile = False         # also time the cache with a torch.compiled decode step (cold then includes compiling)
 gen_device = "auto"
 gen_out_dir = "out/bench"
+gen_cold = True             # also the first and second generate call of a fresh process, batch 1: what sample.py meets
+gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1"
+                            # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile; "" = as sample.py)
+gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
+# --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
+speedrun_config = "config/speedrun_small.py"     # the recipe
+speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens; "": none
+speedrun_variants = ""      # ";"-separated overrides of the recipe, one row each (the ablation): "unet_skips=False"
+speedrun_common = ""        # overrides for every run ("device=cpu max_iters=50" for a quick check)
+speedrun_seeds = 3
+speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val loss (mean over its seeds)
+speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
+speedrun_dir = "out/speedrun"
+speedrun_data_root = "data" # where the small corpus is made (data_root/stdlib-1mb)
 
 
 def bench_bpe():
@@ -206,6 +224,7 @@ def bench_train():
     import time
     from dataclasses import fields
     from itertools import cycle
+    from types import SimpleNamespace
 
     import torch
     import torch.distributed as dist
@@ -214,7 +233,7 @@ def bench_train():
     from configurator import config_keys
     from model import GPT, GPTConfig
 
-    defaults = config_keys(vars(train))  # train.py's own defaults, restored before each variant
+    defaults = config_keys(vars(train))  # train.py's own defaults: each variant's config starts from a copy
     rank, local_rank, world, device = train.setup_distributed(train.device)
     cuda = device.startswith("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
@@ -227,16 +246,12 @@ def bench_train():
     rows = []
     for variant in [v.strip() for v in train_variants.split(";")]:
         for data in datas:
-            vars(train).update(defaults)
-            configure(vars(train), ([train_config] if train_config else []) +
+            config = dict(defaults)
+            configure(config, ([train_config] if train_config else []) +
                       [f"--{kv}" for kv in (train_common + " " + variant).split()])
-            T = train  # the variant's config, as train.py's globals
-            if T.gradient_accumulation_steps % world:
-                raise SystemExit(f"error: gradient_accumulation_steps={T.gradient_accumulation_steps} (summed over "
-                                 f"processes, as in train.py) must be a multiple of the {world} processes; set "
-                                 f"it in train_common")
+            T = SimpleNamespace(**config)  # the variant's config, as train.py would read it (train.py is untouched)
             row = dict(variant=variant or "(common)", data=data, world=world, batch_size=T.batch_size,
-                       block_size=T.block_size, grad_accum=T.gradient_accumulation_steps // world)
+                       block_size=T.block_size, grad_accum=train.micro_steps(T.gradient_accumulation_steps, world))
             dtype_name, ptdtype = train.resolve_dtype(T.dtype, device)
             train.check_precision(dtype_name, T.sharding, T.bf16_residual)
             if data == "real":
@@ -263,9 +278,10 @@ def bench_train():
                     with torch.device(device):  # initialised on the device: fast even for billions of parameters
                         raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
                     model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk,
-                                              T.ddp_bucket_mb, T.fp8, T.bf16_residual)
-                    optimizer = train.make_optimizer(raw, w, T.sharding, T.weight_decay, T.learning_rate,
-                                                     (T.beta1, T.beta2), device)
+                                              T.fp8, T.bf16_residual)
+                    optimizer = train.make_optimizers(raw, w, T.sharding, T.weight_decay, T.learning_rate,
+                                                      (T.beta1, T.beta2), device, T.optimizer, T.embed_lr, T.head_lr,
+                                                      T.muon_lr, T.muon_momentum, T.muon_weight_decay)
                     scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
                     guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
                     ctx = train.autocast(device, ptdtype)
@@ -358,7 +374,8 @@ def bench_generate():
     new shape pays kernel selection, lazy CUDA set-up and graph capture) and the second (warm), on random
     weights in bf16 (fp32 on CPU); sampling as sample.py's defaults (temperature 0.8, top-k 200). The cache
     rows run before the cache-less ones, so "cold" for the cache is the first generate of the process for
-    that model and batch. Writes gen_out_dir/generate.json."""
+    that model and batch. With gen_cold, then the first and second call of a fresh process, as a user of
+    sample.py meets them (generate_in_fresh_process). Writes gen_out_dir/generate.json."""
     import json
     import os
     import time
@@ -370,23 +387,31 @@ def bench_generate():
     device = ("cuda" if torch.cuda.is_available() else "cpu") if gen_device == "auto" else gen_device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    llama = dict(bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu")
     if gen_tiny:
         base = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, block_size=256)
-        shapes = {"gpt2-tiny": dict(base), "llama-tiny": dict(base, n_kv_head=2)}
+        shapes = {"gpt2-tiny": dict(base), "llama-tiny": dict(base, n_kv_head=2, **llama)}
     else:
         base = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, block_size=1024)
-        shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4)}
-    llama = dict(bias=False, pos_encoding="rope", norm="rmsnorm", mlp="swiglu")
+        shapes = {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4, **llama)}
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     os.makedirs(gen_out_dir, exist_ok=True)
+    rows, cold, path = [], [], os.path.join(gen_out_dir, "generate.json")
+
+    def save():  # after every row: a run cut short still leaves its numbers
+        with open(path, "w") as f:
+            json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
+                           prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows, cold=cold), f, indent=1)
+    if gen_cold:  # first, while this process has no CUDA context yet to share the GPU with
+        bench_fresh_processes(shapes, device, cold, save)
+        print()
+    torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     a = torch.randn(64, 64, device=device, dtype=dtype)
     (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
     models = {}
     for shape, args in shapes.items():
         torch.manual_seed(0)
-        models[shape] = GPT(GPTConfig(**args, **(llama if "llama" in shape else {}))).to(device, dtype).eval()
-    rows, path = [], os.path.join(gen_out_dir, "generate.json")
+        models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
     print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
     print(f"{'model':12}{'batch':>6}{'path':>15}{'cold tok/s':>12}{'warm tok/s':>12}{'cold s':>9}{'warm s':>9}")
     paths = ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache  # the slow ones last
@@ -411,10 +436,103 @@ def bench_generate():
                                  cold_tok_s=tok / seconds[0], warm_tok_s=tok / seconds[1]))
                 print(f"{shape:12}{batch:6}{path_name:>15}{tok / seconds[0]:12,.0f}{tok / seconds[1]:12,.0f}"
                       f"{seconds[0]:9.2f}{seconds[1]:9.2f}", flush=True)
-                with open(path, "w") as f:  # after every row: a run cut short still leaves its numbers
-                    json.dump(dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
-                                   prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows), f, indent=1)
+                save()
     print(f"wrote {path}")
+
+
+def bench_fresh_processes(shapes, device, cold, save):
+    """bench_generate's gen_cold table: for each of gen_cold_variants, the first and second generate call of a
+    fresh process (generate_in_fresh_process), appended to `cold`; save() writes the json after each row."""
+    import ast
+
+    first = next(iter(shapes))
+    print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
+          f"against its second; {first} unless the variant says otherwise")
+    print(f"{'variant':34}{'first s':>9}{'second s':>10}{'ratio':>7}{'1st token s':>13}{'(2nd call)':>11}"
+          f"{'import s':>10}{'model s':>9}")
+    for variant in [v.strip() for v in gen_cold_variants.split(";")]:
+        args = dict(shape=first, batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
+                    cuda_graph=gen_cuda_graph, compile=False)
+        for kv in variant.split():
+            key, _, value = kv.partition("=")
+            if key not in args:
+                raise SystemExit(f"error: gen_cold_variants: unknown key {key!r} in {variant!r}; use "
+                                 f"{', '.join(args)}")
+            args[key] = value if key == "shape" else ast.literal_eval(value)
+        if args["shape"] not in shapes:
+            raise SystemExit(f"error: gen_cold_variants: shape {args['shape']!r} is not one of {', '.join(shapes)}")
+        r = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device))
+        cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
+        print(f"{variant or '(as sample.py)':34}{r['first_s']:9.3f}{r['second_s']:10.3f}{r['ratio']:6.2f}x"
+              f"{r['first_token_s'][0]:13.3f}{r['first_token_s'][1]:11.3f}{r['import_s']:10.2f}{r['model_s']:9.2f}",
+              flush=True)
+        save()
+        if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
+            ops = generate_in_fresh_process(dict(args, model=shapes[args["shape"]], device=device, profile=True))
+            cold[-1]["profile"] = ops["profile"]
+            api = "with the CUDA API calls, " if device.startswith("cuda") else ""
+            print(f"  its first call's most expensive ops (self CPU time, {api}under the profiler):")
+            for op, count, ms in ops["profile"]:
+                print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
+            save()
+
+
+def generate_in_fresh_process(args):
+    """The first and the second model.generate call of a new interpreter, made as sample.py makes them: the model
+    built in fp32 on the device, cast once to sample.pick_dtype's dtype, every token read on the host as it
+    streams. args: model (GPTConfig kwargs), device, batch, prompt_len, new_tokens, cuda_graph, compile; and
+    profile=True to profile the first call instead. Returns {first_s, second_s, ratio, first_token_s (both calls),
+    import_s, model_s} (import: torch and the scripts; model: building it and its first move to the device,
+    which makes the CUDA context), or {profile: [(op, calls, self CPU ms)]} for the 15 most expensive ops."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    child = """if 1:
+        import json, sys, time
+        t0 = time.perf_counter()
+        import torch
+        import sample
+        from model import GPT, GPTConfig
+        import_s = time.perf_counter() - t0
+        a = json.loads(sys.argv[1])
+        device = sample.pick_device(a["device"])
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**a["model"])).to(device).eval().to(sample.pick_dtype("auto", device))
+        prompt = torch.randint(model.config.vocab_size, (a["batch"], a["prompt_len"]), device=device)
+        sync()
+        model_s = time.perf_counter() - t0
+
+        def call():
+            g = torch.Generator(device=device).manual_seed(0)
+            sync()
+            t0, first = time.perf_counter(), None
+            for next_id in model.generate(prompt, a["new_tokens"], 0.8, 200, 1.0, generator=g,
+                                          cuda_graph=a["cuda_graph"], compile=a["compile"]):
+                next_id.tolist()  # as sample.py, which decodes each token as it comes
+                first = first or time.perf_counter() - t0
+            sync()
+            return time.perf_counter() - t0, first
+        if a.get("profile"):
+            from torch.profiler import ProfilerActivity, profile
+            cuda = [ProfilerActivity.CUDA] if device.startswith("cuda") else []
+            with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
+                call()
+            ops = [(e.key, e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
+            print(json.dumps(dict(profile=sorted(ops, key=lambda op: -op[2])[:15])))
+        else:
+            (first_s, t1), (second_s, t2) = call(), call()
+            print(json.dumps(dict(first_s=first_s, second_s=second_s, ratio=first_s / second_s,
+                                  first_token_s=[t1, t2], import_s=import_s, model_s=model_s)))
+    """
+    r = subprocess.run([sys.executable, "-c", child, json.dumps(args)], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise SystemExit(f"error: generate in a fresh process failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def bench_rlhf():
@@ -564,9 +682,129 @@ def bench_rlhf():
     print(f"wrote {rlhf_json}")
 
 
+def speedrun_data(data_root="data", name="stdlib-1mb", max_bytes=1_000_000):
+    """The small corpus of the speedrun recipes: ~1 MB of the default corpus (every 10th stdlib .py file in sorted
+    order, whole files, for variety), byte level (vocab 256 + the 5 special tokens), every 10th file held out."""
+    import subprocess
+    import sys
+
+    from prepare import corpus_files, read_documents
+    if os.path.exists(os.path.join(data_root, name, "meta.json")):
+        return
+    src = os.path.join(data_root, name + ".txt")
+    os.makedirs(data_root, exist_ok=True)
+    with open(src, "w", encoding="utf-8") as f:
+        size = 0
+        for doc in read_documents(corpus_files("stdlib")[::10], strict=False):
+            if "<|endoftext|>" in doc:
+                continue
+            f.write(doc + "\n<|endoftext|>\n")
+            size += len(doc.encode())
+            if size >= max_bytes:
+                break
+    subprocess.run([sys.executable, "prepare.py", f"--input={src}", f"--dataset={name}", f"--data_root={data_root}",
+                    "--vocab_size=261", "--val_fraction=0.1"], check=True)
+
+
+def speedrun_one(config, overrides, seed, out_dir):
+    """One train.py run in a fresh process; returns its eval rows, each with `wall` = seconds from launch."""
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+    import time
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
+           f"--seed={seed}", f"--out_dir={out_dir}", f"--data_root={speedrun_data_root}", "--save_checkpoints=False"]
+    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
+    return proc, t0, cmd
+
+
+def speedrun_rows(out_dir, t0):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    for r in rows:
+        if "time" in r:
+            r["wall"] = r["time"] - t0
+    return rows
+
+
+def bench_speedrun():
+    """Wall time from launch to a val-loss target, for a recipe against a baseline on the same tokens, over seeds.
+    Every run is `python train.py CONFIG --seed=S` in a fresh process, so start-up, data loading, compilation and
+    evaluations all count. The baseline's runs come first; the target is their best val loss (mean over seeds)
+    unless speedrun_target is set. Each recipe row (the recipe, then each variant: the ablation) reports the time
+    and steps to the first evaluation at or below the target, its best val loss, and its whole wall time, as
+    mean +- std over the seeds. Writes speedrun_dir/results.json and a val-loss-vs-time plot if matplotlib is there.
+        python bench.py --mode=speedrun                                        # config/speedrun_small*.py
+        python bench.py --mode=speedrun --speedrun_variants="unet_skips=False; value_embeds=False"
+        python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py \
+            --speedrun_baseline=config/speedrun_124m_base.py --speedrun_seeds=1"""
+    import statistics
+    import time
+    speedrun_data(speedrun_data_root)
+    if not speedrun_baseline and not speedrun_target:
+        raise SystemExit("error: speedrun_baseline='' needs a speedrun_target (the val loss to reach)")
+    runs = ([("baseline", speedrun_baseline, "")] if speedrun_baseline else []) + [("recipe", speedrun_config, "")]
+    runs += [(v.strip(), speedrun_config, v.strip()) for v in speedrun_variants.split(";") if v.strip()]
+    results = {}
+    jobs = [(name, config, ov, seed) for name, config, ov in runs for seed in range(speedrun_seeds)]
+    pending, active = list(jobs), []
+    while pending or active:  # the baseline's seeds first: with speedrun_parallel > 1 they overlap each other only
+        while pending and len(active) < speedrun_parallel and (pending[0][0] == "baseline" or
+                                                               all(a[0][0] != "baseline" for a in active)):
+            job = pending.pop(0)
+            out = os.path.join(speedrun_dir, f"{job[0].replace(' ', '_').replace('=', '-')}-s{job[3]}")
+            active.append((job, out, *speedrun_one(job[1], job[2], 1337 + job[3], out)))
+        time.sleep(0.2)
+        for a in [a for a in active if a[2].poll() is not None]:
+            active.remove(a)
+            (name, _, _, seed), out, proc, t0, cmd = a
+            if proc.returncode:
+                raise SystemExit(f"error: {' '.join(cmd)} failed:\n{open(out + '.log').read()[-2000:]}")
+            rows = speedrun_rows(out, t0)
+            results.setdefault(name, []).append(dict(seed=seed, rows=rows, wall=time.time() - t0))
+            print(f"{name} seed {seed}: best val {min(r['val_loss'] for r in rows if 'val_loss' in r):.4f}, "
+                  f"{time.time() - t0:.1f}s", flush=True)
+    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results.get("baseline", [])]
+    target = speedrun_target or statistics.mean(base_best)
+    ms = lambda xs: (f"{statistics.mean(xs):.4g} +- {statistics.stdev(xs):.2g}" if len(xs) > 1 else
+                     f"{xs[0]:.4g}") if xs and all(x == x for x in xs) else "-"
+    table = []
+    for name, _, _ in runs:
+        hit = [next((r for r in run["rows"] if r.get("val_loss", 1e9) <= target), None) for run in results[name]]
+        first = [next((r["first_step_s"] for r in run["rows"] if "first_step_s" in r), float("nan"))
+                 for run in results[name]]
+        row = dict(name=name, reached=sum(h is not None for h in hit), seeds=len(hit),
+                   time_to_target=[h["wall"] for h in hit if h], steps=[h["step"] for h in hit if h],
+                   tokens=[h["tokens"] for h in hit if h], first_step_s=first,
+                   best_val=[min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in results[name]],
+                   wall=[run["wall"] for run in results[name]])
+        table.append(row)
+    print(f"\ntarget val loss {target:.4f} (baseline best, mean of {len(base_best)} seeds)" if not speedrun_target
+          else f"\ntarget val loss {target:.4f}")
+    print(f"{'run':<34} {'reached':>7} {'s to target':>16} {'steps':>14} {'best val':>18} {'first step s':>14} "
+          f"{'wall s':>14}")
+    for r in table:
+        print(f"{r['name'][:34]:<34} {r['reached']:>3}/{r['seeds']:<3} {ms(r['time_to_target']):>16} "
+              f"{ms(r['steps']):>14} {ms(r['best_val']):>18} {ms(r['first_step_s']):>14} {ms(r['wall']):>14}")
+    os.makedirs(speedrun_dir, exist_ok=True)
+    with open(os.path.join(speedrun_dir, "results.json"), "w") as f:
+        json.dump(dict(target=target, table=table, runs=results), f, indent=1)
+    try:  # val loss against wall time from launch, the first seed of each row
+        import plot
+        path = plot.curves({name: results[name][0]["rows"] for name, _, _ in runs},
+                           os.path.join(speedrun_dir, "val_vs_time.png"), x="wall", title=f"target {target:.4f}")
+        print(f"wrote {path}")
+    except SystemExit as e:  # matplotlib missing: the table is the result
+        print(e)
+
+
 if __name__ == "__main__":
     configure(globals())
-    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf}
+    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf,
+             "speedrun": bench_speedrun}
     if mode not in modes:
         raise SystemExit(f"error: unknown mode '{mode}'; choose one of {', '.join(modes)}")
     modes[mode]()

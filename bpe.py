@@ -19,7 +19,8 @@ File format (human-readable, like tiktoken's own files): one JSON header line (f
 special tokens, number of ranks), then one line per token: `<base64 of its bytes> <rank>`.
 
 Run:  python bpe.py --input=PATH --vocab_size=32000 --out=tok.bpe
-      (PATH: a file or a directory of .txt/.md/.py files; empty: the Python standard library sources)
+      (PATH: a text file, or a directory whose .txt/.md/.py files are one document each; empty: the Python
+      standard library sources. prepare.py trains its tokenizers itself, from every corpus format it reads.)
 """
 import base64
 import contextlib
@@ -30,6 +31,7 @@ import json
 import multiprocessing
 import os
 import sys
+import sysconfig
 import time
 from collections import Counter, defaultdict
 
@@ -47,7 +49,7 @@ VERSION = 1
 
 # -----------------------------------------------------------------------------
 # config for the command line (python bpe.py --key=value)
-input = ""  # a file or a directory of .txt/.md/.py/.jsonl files (see prepare.py); "" = the stdlib sources
+input = ""  # a text file or a directory of .txt/.md/.py files; "" = the stdlib sources
 vocab_size = 32000  # includes the 256 byte tokens and the special tokens
 pattern = "gpt4"  # "gpt4", "gpt2", or a regex of your own
 out = "tok.bpe"
@@ -158,6 +160,22 @@ class Tokenizer:
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # (binascii and JSON errors are ValueErrors)
             raise SystemExit(f"error: tokenizer file {path} is corrupt: {e}; {fix}") from None
         return tok
+
+
+# -----------------------------------------------------------------------------
+# progress lines, for training here and for prepare.py's downloads and tokenizing
+STATUS_EVERY = 5.0  # seconds between progress lines when stderr is a log file rather than a terminal
+_status_last = [0.0]  # when the last such line was printed
+
+
+def status(text, final=False):
+    """A progress line on stderr. On a terminal, one line rewritten in place (carriage return); in a log file
+    (CI, nohup, a pipe) a plain line every STATUS_EVERY seconds and the final one, not thousands of \r updates."""
+    if sys.stderr.isatty():
+        print(f"\r{text}   ", end="\n" if final else "", file=sys.stderr, flush=True)
+    elif final or time.time() - _status_last[0] >= STATUS_EVERY:
+        print(text, file=sys.stderr, flush=True)
+        _status_last[0] = 0.0 if final else time.time()  # after a final line the next job's first line shows at once
 
 
 # -----------------------------------------------------------------------------
@@ -304,10 +322,10 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
         if verbose and (time.time() - last_print > 0.5 or len(ranks) == n_ranks):
             last_print, done = time.time(), len(ranks) - 256
             rate = done / (last_print - t1 + 1e-9)
-            print(f"\rmerges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | "
-                  f"ETA {(n_merges - done) / (rate + 1e-9):.0f}s ", end="", file=sys.stderr, flush=True)
+            eta = (n_merges - done) / (rate + 1e-9)
+            status(f"merges {done:,}/{n_merges:,} | {rate:,.0f} merges/s | ETA {eta:.0f}s", final=len(ranks) == n_ranks)
     if verbose:
-        print(f"\ntrained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"trained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
     specials = {s: n_ranks + i for i, s in enumerate(special_tokens)}
     return Tokenizer(ranks, pattern, specials)
 
@@ -371,12 +389,38 @@ def encode_reference(tok, text):
 # the command line
 
 
+def cli_documents(path):
+    """The command line's corpus: the one text file given, or each .txt/.md/.py file of a directory as a document;
+    "" = the standard library's .py files (minus site-packages, whose few mis-encoded test files are skipped)."""
+    if not path:
+        root = sysconfig.get_paths()["stdlib"]
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                       if f.endswith(".py") and "site-packages" not in d and "dist-packages" not in d)
+    elif os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                       if f.endswith((".txt", ".md", ".py")))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise SystemExit(f"error: input {path} does not exist; pass --input=FILE_OR_DIR")
+    docs = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                docs.append(fh.read())
+        except UnicodeDecodeError:
+            if path:
+                raise SystemExit(f"error: {f} is not UTF-8 text; convert it, e.g. `iconv -f latin1 -t utf-8`")
+    if not any(d.strip() for d in docs):
+        raise SystemExit(f"error: {path or 'the stdlib'} has no .txt/.md/.py text to train on; check --input")
+    return docs
+
+
 if __name__ == "__main__":
     from configurator import configure
-    from prepare import corpus_files, read_documents  # prepare.py owns corpus reading
 
     configure(globals())
-    docs = list(read_documents(corpus_files(input or "stdlib"), strict=bool(input)))
+    docs = cli_documents(input)
     n_held = int(len(docs) * holdout) if len(docs) > 1 else 0
     train_docs, held = docs[:len(docs) - n_held], docs[len(docs) - n_held:]
     pat = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}.get(pattern, pattern)

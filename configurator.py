@@ -1,27 +1,40 @@
 """
 The poor man's configurator, written once and used by every script.
 
-A script's config is its module-level globals of plain types (int, float, bool, str, None, tuple, list).
-`configure(globals())` reads the command line and overrides them, in order:
+A script's config keys are its module-level globals whose name starts with a lowercase letter and whose value is
+of a plain type (int, float, bool, str, None, tuple, list). UPPER_CASE names are constants, never keys
+(GPT2_PATTERN, REMOTE), nor are _private names, modules, functions or classes.
+`configure(globals())` reads the command line and overrides the keys, in order:
     python train.py config/small.py --learning_rate=3e-4 --compile=False
-- a bare argument is a config file: Python that is executed, its assignments become overrides
-  (config files are code: run only the ones you trust);
+- a bare argument is a config file: Python that is executed, its lowercase assignments become overrides
+  (config files are code: run only the ones you trust; UPPER_CASE names there are the file's own constants);
 - `--key=value` sets one key; the value is parsed as a Python literal, and kept as a string if it is not one;
   a bare `--key` sets a bool key to True.
 Every key must already exist in the script and keep its type (an int may widen to a float); anything else
 is a one-line error that names the key and the closest valid ones.
+`--help` (or `-h`) prints the usage lines of the script's docstring and every key with its default and its comment
+from the source, grouped as in the source, then exits.
 """
 import ast
+import dataclasses
 import difflib
+import inspect
+import io
 import os
 import sys
+import textwrap
+import tokenize
 import traceback
 
 PLAIN_TYPES = (int, float, bool, str, type(None), tuple, list)
 
 
+def is_key(name, value):
+    return name[:1].islower() and isinstance(value, PLAIN_TYPES)
+
+
 def config_keys(namespace):
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
+    return {k: v for k, v in namespace.items() if is_key(k, v)}
 
 
 def check_value(key, value, defaults, source="--"):
@@ -61,8 +74,14 @@ def parse_literal(text):
 
 def configure(namespace, argv=None):
     """Apply config files and --key=value from argv (default sys.argv[1:]) to `namespace` in place.
-    Returns the resulting config as a dict (what checkpoints store)."""
+    Returns the resulting config as a dict (what checkpoints store). --help / -h prints help_text and exits 0."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        try:
+            print(help_text(namespace), flush=True)
+        except BrokenPipeError:  # python train.py --help | head: the reader left, which is no error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
     defaults = config_keys(namespace)
     for arg in argv:
         if arg.startswith("--"):
@@ -87,8 +106,111 @@ def configure(namespace, argv=None):
                                                       if t.filename == arg][-1]
                 raise SystemExit(f"error: config file {arg} line {line}: {type(e).__name__}: {e}; fix the file "
                                  f"(config files are Python: plain assignments such as n_layer = 4)") from None
-            overrides = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)}
-            source = arg
+            overrides, source = config_keys(scope), arg
         for key, value in overrides.items():
             namespace[key] = check_value(key, value, defaults, source)
     return {k: namespace[k] for k in defaults}
+
+# ---------------------------------------------------------------------------- --help
+
+
+def source_notes(source, in_class=False):
+    """What a source file says about its top-level assignments (or, in_class, those of its first class):
+    {name: (line, section, comment lines)}, and (line, section) of the first top-level statement that is an expression,
+    such as train.py's globals().update(...), which sets keys without naming them (None if there is none).
+    comment: the comment on the assignment's line, then the comment-only lines right under it indented deeper.
+    section: the last run of comment-only lines at column 0 above it; `# ----` ends a section, `# ---- title`
+    starts one."""
+    lines = source.splitlines()
+    comments = {}  # line -> (column, text, whether the comment is alone on its line)
+    for t in tokenize.generate_tokens(io.StringIO(source).readline):
+        if t.type == tokenize.COMMENT:
+            (row, col), text = t.start, t.string.lstrip("#").strip()
+            comments[row] = (col, text, not lines[row - 1][:col].strip())
+    tree = ast.parse(source)
+    body = tree.body[0].body if in_class else tree.body
+    notes, bulk, section, run, row = {}, None, None, [], 0
+    for stmt in body:
+        for r in range(row + 1, stmt.lineno):  # the lines between the previous statement and this one
+            col, text, alone = comments.get(r, (None, "", False))
+            if not (alone and col == 0):
+                run = []
+                continue
+            if text.startswith("---"):
+                section, run = text.lstrip("-").strip() or None, []
+            else:
+                run.append(text)
+                section = " ".join(run)
+        row, run = stmt.end_lineno, []
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(
+            stmt, ast.AnnAssign) else []
+        if isinstance(stmt, ast.Expr) and not isinstance(stmt.value, ast.Constant) and bulk is None:
+            bulk = (stmt.lineno, section)
+        for target in targets:
+            if not isinstance(target, ast.Name) or target.id in notes:
+                continue
+            col, text, alone = comments.get(stmt.lineno, (0, "", True))
+            comment = [] if alone else [text]
+            r = stmt.end_lineno + 1
+            while r in comments and comments[r][2] and comments[r][0] > stmt.col_offset:
+                comment.append(comments[r][1])
+                r += 1
+            notes[target.id] = (stmt.lineno, section, comment)
+    return notes, bulk
+
+
+def usage_lines(doc):
+    """The docstring's usage: each block of indented lines (or lines such as 'Run:  python bpe.py ...') that
+    holds a command (a line starting with python or torchrun)."""
+    import re
+    command = re.compile(r"^\s*(\w+:\s+)?(python|torchrun)\s")
+    blocks, block = [], []
+    for line in (doc or "").splitlines() + [""]:
+        if line.strip() and (line[:1].isspace() or command.match(line)):
+            block.append(line)
+            continue
+        if any(command.match(b) for b in block):
+            blocks.append(textwrap.indent(textwrap.dedent("\n".join(block)), "    "))
+        block = []
+    return blocks
+
+
+def help_text(namespace):
+    """The script's one-line summary and usage (from __doc__), then every config key with its default and
+    its comment, grouped by the section comments of the source (__file__), in the source's order. The keys are
+    written as a config file would write them, so a few of those lines make a valid config/*.py."""
+    keys, path, doc = config_keys(namespace), namespace.get("__file__"), namespace.get("__doc__") or ""
+    notes, bulk = {}, None
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            notes, bulk = source_notes(f.read())
+    # keys the script sets without naming them (train.py: GPTConfig's fields) get the comment of that field
+    field_notes = {}
+    for v in list(namespace.values()):
+        if isinstance(v, type) and dataclasses.is_dataclass(v):
+            try:
+                field_notes.update(source_notes(textwrap.dedent(inspect.getsource(v)), in_class=True)[0])
+            except (OSError, TypeError, SyntaxError):
+                pass
+    rows = []
+    for i, (k, v) in enumerate(keys.items()):
+        line, section, comment = notes.get(k) or ((*bulk, []) if bulk else (float("inf"), None, []))
+        rows.append((line, i, section, f"{k} = {v!r}", comment or field_notes.get(k, (0, None, []))[2]))
+    rows.sort()
+    summary = next((l.strip() for l in doc.splitlines() if l.strip()), "")
+    name = os.path.basename(path) if path else "this script"
+    out = [f"{name}: {summary}" if summary else name]
+    usage = usage_lines(doc)
+    if usage:
+        out += ["", "usage:"] + usage
+    out += ["", f"config keys, with their defaults (override them with config files, python {name} config/FILE.py, "
+                f"and --key=value, in order; a bare --flag sets a bool key to True):"]
+    width = min(max((len(r[3]) for r in rows), default=0), 34) + 2
+    shown = object()
+    for _, _, section, assign, comment in rows:
+        if section != shown:
+            out += ["", f"# {section}"] if section else [""]
+            shown = section
+        out.append(f"{assign.ljust(width - 2)}  # {comment[0]}" if comment else assign)
+        out += [f"{'':{width}}# {more}" for more in comment[1:]]
+    return "\n".join(out)

@@ -2,15 +2,14 @@
 The GPT. Default: the classic GPT-2 layout (learned positions, pre-norm LayerNorm blocks, GELU MLP, full
 multi-head attention, biases, tied embeddings). Each modern piece is one GPTConfig switch; config/llama_*.py
 turn on the Llama-3 / Mistral set (RoPE, RMSNorm, SwiGLU, grouped-query attention, no bias).
-No data, no optimizer loop, no files: the network, its initialisation, its optimizer groups, and generation
-with a KV cache.
+No data, no optimizer loop, no files, no training knobs: the network, its initialisation, its AdamW groups,
+and generation with a KV cache. (Speed features - fp8.py, train.py's chunked loss - are swapped in by train.py.)
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256))
     logits, loss = model(idx, targets)      # idx, targets: (B, T) int64; logits: (B, T, vocab), detached if targets
     for next_id in model.generate(idx, 100, temperature=0.8, top_k=200): ...   # next_id: (B,)
 """
-import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -39,6 +37,10 @@ class GPTConfig:
     mlp_hidden: int = 0       # 0 = 4 * n_embd, or for swiglu 8/3 * n_embd rounded up to a multiple of 64
     sliding_window: int = 0   # >0: each token attends to itself and the window-1 tokens before it (Mistral)
     tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017), as GPT-2
+    zero_init_proj: bool = False  # the projections into the residual stream start at 0: each block starts as identity
+    logit_softcap: float = 0.0    # >0: logits = cap * tanh(logits / cap), bounded (Gemma 2; modded-nanogpt)
+    value_embeds: bool = False    # extra token tables added to the values of the first and last 3 layers (modded-nanogpt)
+    unet_skips: bool = False      # the first half's block outputs added, weighted, to the second half's inputs
 
 
 def rope_rotations(pos, head_dim, theta):
@@ -74,158 +76,22 @@ class Norm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-def to_fp8(t, dtype):
-    """t in 8-bit floats with one fp32 scale for the whole tensor, chosen so that its largest magnitude lands on
-    dtype's largest finite value (tensorwise dynamic scaling). Returns the fp8 tensor and the inverse scale."""
-    fmax = torch.finfo(dtype).max
-    scale = fmax / t.detach().abs().amax().float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
-
-
-@torch.library.custom_op("scratchlm::fp8_t", mutates_args=())
-def fp8_t(t: torch.Tensor) -> torch.Tensor:
-    """t.t().contiguous() for a 2-D fp8 tensor, as an op the compiler cannot fuse into the kernel that made t.
-    Fused, that kernel stores each fp8 value twice, as is and transposed, and Triton 3.6 (torch 2.11) miscompiles
-    the transposed store for 97 of the 147 launch configs we tried on an H100 (the bug of triton-lang/triton
-    #11111). Inductor autotunes the config, so some compiles trained on NaN gradients (every update skipped)."""
-    if t.is_cuda:  # compiled on its own (right in all 147 configs), 6x faster than torch's copy kernel
-        # once per shape and dtype (GPT-2's g8: 1.17 ms, against 1.79 compiled for any shape, H100): fp8='all'
-        # transposes more shapes than dynamo's default limit of 8 compiles per function
-        with torch._dynamo.config.patch(cache_size_limit=64):
-            return compiled_transpose()(t)
-    return t.t().clone(memory_format=torch.contiguous_format)
-
-
-@fp8_t.register_fake
-def _(t):
-    return t.new_empty(t.shape[1], t.shape[0])
-
-
-@functools.cache
-def compiled_transpose():
-    return torch.compile(lambda t: t.t().contiguous(), dynamic=False)
-
-
-def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
-    """(a * scale_a) @ (b * scale_b) for fp8 a (N, K) row-major and b (K, M) column-major. On the GPU this is
-    torch._scaled_mm. torch's CPU version is a slow reference loop (1.4 s for 1024x64 @ 64x256), so on the CPU
-    the same fp8 values are multiplied in fp32: equal up to the order of the sums."""
-    if a.is_cuda:
-        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
-
-
-def fp8_forward(x, w, out_dtype):
-    """y = x @ w.T with both operands in e4m3, and those operands (x8, w8 and their scales) for the backward."""
-    x8, sx = to_fp8(x, torch.float8_e4m3fn)
-    w8, sw = to_fp8(w, torch.float8_e4m3fn)
-    return scaled_mm(x8, w8.t(), sx, sw, out_dtype, fast_accum=True), x8, w8, sx, sw
-
-
-def fp8_grads(g8, sg, x8, w8, sx, sw, dtypes):
-    """The gradients of x and w for y = x @ w.T, from y's gradient g8 * sg (e5m2) and the fp8 operands."""
-    gx = scaled_mm(g8, fp8_t(w8).t(), sg, sw, dtypes[0])
-    gw = scaled_mm(fp8_t(g8), fp8_t(x8).t(), sg, sx, dtypes[1])  # (M, N) @ (N, K)
-    return gx, gw
-
-
-class Float8Matmul(torch.autograd.Function):
-    """x @ w.T for x (N, K) and w (M, K), with both operands and the output's gradient in 8-bit floats: e4m3
-    (more precision) forward, e5m2 (more range) for the gradient (Micikevicius et al. 2022, "FP8 formats for
-    deep learning"). The tensor cores multiply fp8 at twice their bf16 rate and accumulate in fp32; the scales
-    are multiplied back in the matmul's epilogue. Only x8 and w8 are kept for the backward: half the bytes of
-    bf16 activations. The fp8 matmul takes its first operand row-major and its second column-major, hence
-    the transposed copies in the backward."""
-
-    @staticmethod
-    def forward(ctx, x, w, out_dtype):
-        y, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)
-        ctx.save_for_backward(x8, w8, sx, sw)
-        ctx.dtypes = x.dtype, w.dtype  # the gradients come back in these
-        return y
-
-    @staticmethod
-    def backward(ctx, g):  # g: (N, M)
-        x8, w8, sx, sw = ctx.saved_tensors
-        return *fp8_grads(*to_fp8(g, torch.float8_e5m2), x8, w8, sx, sw, ctx.dtypes), None
-
-
-class Float8LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ w.T, targets, ignore_index=-1) with the matmuls in fp8 (lm_head, fp8='head' or 'all');
-    returns (loss, logits), the logits detached. Float8Matmul scales a gradient by its largest entry, which
-    costs one more pass over it: for the (N, vocab) logits, 3.3 GB in bf16 (GPT-2 at 32x1024). Here the bound
-    is known: d loss / d logits = (softmax - onehot) * grad / n, and softmax - onehot lies in [-1, 1]. So
-    (softmax - onehot) * e5m2's max goes straight to e5m2, with scale grad / (n * max). It is made in the
-    forward, by the kernel that reads the logits for the loss anyway, and grad, a scalar, only scales the fp8
-    matmuls: so the backward keeps 1.65 GB of e5m2 where it kept 3.3 GB of bf16 logits (GPT-2 at 32x1024)."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, out_dtype):  # x: (N, C), w: (vocab, C), targets: (N,)
-        logits, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)  # (N, vocab)
-        lf = logits.float()  # the loss and its gradient in fp32
-        lse = torch.logsumexp(lf, dim=-1)
-        keep = targets != -1
-        tgt = targets.clamp(min=0)
-        n = keep.sum()
-        loss = torch.where(keep, lse - lf.gather(1, tgt[:, None]).squeeze(1), 0.0).sum() / n
-        onehot = torch.arange(logits.size(1), device=logits.device) == tgt[:, None]
-        g = ((lf - lse[:, None]).exp() - onehot.float()) * keep[:, None]  # (N, vocab), in [-1, 1]
-        g8 = (g * torch.finfo(torch.float8_e5m2).max).to(torch.float8_e5m2)
-        ctx.save_for_backward(x8, w8, sx, sw, g8, n)
-        ctx.dtypes = x.dtype, w.dtype
-        ctx.mark_non_differentiable(logits)
-        ctx.set_materialize_grads(False)  # the logits get no gradient: not even a (N, vocab) fill of zeros
-        return loss, logits
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        x8, w8, sx, sw, g8, n = ctx.saved_tensors
-        sg = grad.float() / (n * torch.finfo(torch.float8_e5m2).max)  # may be negative: a scale is a factor
-        return *fp8_grads(g8, sg, x8, w8, sx, sw, ctx.dtypes), None, None
-
-
-def fp8_logits_loss(x, w, targets, dtype):
-    """Float8LinearCrossEntropy as a plain function: GPT keeps it as self.fp8_loss (train.parallelize may swap in
-    its torch.compile), and a Function's own .apply kept there broke torch 2.11's graph (112 ms/step, not 58.5)."""
-    return Float8LinearCrossEntropy.apply(x, w, targets, dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear. With fp8 set (train.py's fp8 option), its matmul runs through Float8Matmul while training,
-    where every dimension is a multiple of 16 (the fp8 kernels' rule); evaluation stays in bf16."""
-    fp8 = False
-
-    def fp8_dtype(self, x):
-        """The matmul's output dtype if it runs in fp8 for this x, else None."""
-        if not (self.fp8 and self.training and torch.is_grad_enabled() and x.numel() // x.size(-1) % 16 == 0
-                and self.in_features % 16 == 0 and self.out_features % 16 == 0):
-            return None
-        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-
-    def forward(self, x):
-        dt = self.fp8_dtype(x)
-        if dt is None:
-            return super().forward(x)
-        y = Float8Matmul.apply(x.reshape(-1, x.size(-1)), self.weight, dt).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias.to(dt)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
         # q, k, v in one matmul; with grouped-query attention k and v have only n_kv_head heads
-        self.c_attn = Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
-        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True  # scaled at init, see GPT._init_weights
         self.q_norm = Norm(self.head_dim, cfg.norm, cfg.bias) if cfg.qk_norm else None
         self.k_norm = Norm(self.head_dim, cfg.norm, cfg.bias) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
-        """x (B, T, C). rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None, ve=None):
+        """x (B, T, C). ve: a value embedding (B, T, n_kv_head * head_dim) added to v, or None. rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
         attend" mask, bool or additive, for the G = n_head / n_kv_head query heads that share a kv head: row
         g*T + t is query t's (GPT.sdpa_mask makes it). cache: (k, v) of shape (B, n_kv_head, S, head_dim) each;
         this call's keys and values are written at positions pos (T,), then attention runs over all S cached
@@ -234,6 +100,8 @@ class CausalSelfAttention(nn.Module):
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)  # (B, T, heads, hd): the q heads, k heads, v heads
         qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
+        if ve is not None:
+            v = v + ve.view_as(v)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :, :nh]), self.k_norm(qk[:, :, nh:])], dim=2)
         if rope is not None:  # q and k rotated together: one set of kernels, not two
@@ -268,8 +136,8 @@ class MLP(nn.Module):
         else:
             self.hidden = 4 * cfg.n_embd
         # SwiGLU's gate and up projections are one matmul of twice the width, split in forward
-        self.c_fc = Linear(cfg.n_embd, (2 if self.kind == "swiglu" else 1) * self.hidden, bias=cfg.bias)
-        self.c_proj = Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.kind == "swiglu" else 1) * self.hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.hidden, cfg.n_embd, bias=cfg.bias)
         self.c_proj.residual = True
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -295,68 +163,9 @@ class Block(nn.Module):
         self.ln_2 = Norm(cfg.n_embd, cfg.norm, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope=None, mask=None, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos)
+    def forward(self, x, rope=None, mask=None, cache=None, pos=None, ve=None):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, pos, ve)
         return x + self.mlp(self.ln_2(x))
-
-
-def logits_loss(logits, targets):
-    """Mean cross-entropy, in fp32, of logits (..., vocab) against targets (...); -1 marks positions without a
-    target (padding, prompt tokens in SFT)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-
-
-def chunk_loss(xs, w, ts, n, need_grad):
-    """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
-    need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
-    acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
-    logits = (xs @ w.t()).to(acc)  # (c, vocab)
-    lse = torch.logsumexp(logits, dim=-1)
-    keep = ts != -1
-    tgt = ts.clamp(min=0)[:, None]
-    loss = torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
-    if not need_grad:
-        return loss, None
-    g = (logits - lse[:, None]).exp().scatter_add(1, tgt, torch.full_like(lse[:, None], -1.0))  # softmax - onehot
-    return loss, (g * (keep.to(acc) / n)[:, None]).to(xs.dtype)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
-
-    The plain loss keeps B*T*vocab logits for the backward (3.3 GB in bf16 for GPT-2 at 32x1024, twice that
-    once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
-    loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
-    gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
-    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
-    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python.
-    (Traced whole into a compiled model, the chunks' buffers held ~5 GiB more, GPT-2 at 32x1024, H100.)"""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, chunk, step=chunk_loss):
-        need_x, need_w = ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        gw = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if need_w else None
-        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dt), w.to(dt)
-        n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
-        loss = 0.0
-        for s in range(0, x.size(0), chunk):
-            xs = x[s:s + chunk]
-            chunk_sum, g = step(xs, w, targets[s:s + chunk], n, need_x or need_w)
-            loss = loss + chunk_sum
-            if need_x:
-                gx[s:s + chunk] = g @ w
-            if need_w:
-                gw += g.t() @ xs
-        ctx.save_for_backward(gx, gw)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, gw = ctx.saved_tensors
-        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None, None)
 
 
 class GPT(nn.Module):
@@ -380,24 +189,24 @@ class GPT(nn.Module):
         ))
         if cfg.pos_encoding == "learned":
             self.transformer.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.value_embeds:  # layer i and layer n_layer-1-i share table i (the U-net pattern of modded-nanogpt)
+            kv_dim = (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head)
+            self.transformer.ve = nn.ModuleList([nn.Embedding(cfg.vocab_size, kv_dim)
+                                                 for _ in range(min(3, cfg.n_layer // 2))])
+        if cfg.unet_skips:  # one weight per skip: block n_layer-1-i's input gets skip_weights[i] x block i's output
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
         self.apply(self._init_weights)
-        # training knobs that are not part of the architecture (train.py sets them; checkpoints don't store them)
-        self.grad_ckpt = 0      # recompute every k-th block's activations in the backward instead of storing them
-        self.loss_chunk = 0     # >0: loss through LinearCrossEntropy, this many rows of logits at a time; no logits
-        self.residual_dtype = None  # torch.bfloat16: the residual stream between blocks in 16 bits, not fp32
-        self.loss_step = chunk_loss  # or its torch.compile
-        self.logits_loss = logits_loss  # or its torch.compile
-        self.fp8_loss = fp8_logits_loss  # or its torch.compile
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
         # because each block adds two of them, so the stream's variance stays ~constant with depth.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.0 if residual and self.config.zero_init_proj else std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -449,35 +258,48 @@ class GPT(nn.Module):
         cfg = self.config
         return mask.repeat(cfg.n_head // (cfg.n_kv_head or cfg.n_head), 1)
 
+    def blocks(self, x, rope, mask, idx, cache=None, pos=None):
+        """The residual stream x (B, T, C) through every block, then the final norm. idx: the tokens, for the
+        value embeddings. With unet_skips, block i's output is kept and added (weighted) to block
+        n_layer-1-i's input, as a U-net's encoder feeds its decoder."""
+        cfg, h = self.config, self.transformer.h
+        ve = [t(idx) for t in self.transformer.ve] if cfg.value_embeds else []
+        skips = []
+        for i, block in enumerate(h):
+            j = len(h) - 1 - i  # value tables: [0, 1, 2, None, ..., None, 2, 1, 0]... mirrored at the end
+            v = ve[i] if i < len(ve) else ve[j] if j < len(ve) else None
+            if cfg.unet_skips and i >= len(h) - len(skips):
+                x = x + self.skip_weights[j] * skips.pop()
+            x = block(x, rope, mask, None if cache is None else cache[i], pos, v)
+            if cfg.unet_skips and i < len(h) // 2:
+                skips.append(x)
+        return self.transformer.ln_f(x)
+
+    def head(self, x):
+        """Logits (..., vocab) of the final hidden states, soft-capped if logit_softcap."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
     def forward(self, idx, targets=None):
+        """Logits (B, T, vocab) of idx (B, T), and with targets (B, T) the mean cross-entropy (-1 = no target)."""
         B, T = idx.shape
         assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(T, device=idx.device)
         x, rope = self.embed(idx, pos)  # (B, T, C)
-        if self.residual_dtype is not None:  # bf16: LayerNorms and residual adds move half the bytes (Megatron's way)
-            x = x.to(self.residual_dtype)
         mask = self.sdpa_mask(pos, pos) if self.config.sliding_window else None  # None: causal kernel
-        for i, block in enumerate(self.transformer.h):
-            if self.grad_ckpt and i % self.grad_ckpt == 0 and torch.is_grad_enabled():
-                # gradient checkpointing (Chen et al. 2016): keep only the block's input, rerun it in the backward
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
-            else:
-                x = block(x, rope, mask)
-        x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_chunk:  # training: the loss without the (B, T, vocab) logits
-            return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                                  self.loss_chunk, self.loss_step)
-        # fp8 lm_head while training: the head and the loss in one Function, which scales the gradient for free
-        dt = self.lm_head.fp8_dtype(x) if targets is not None else None
-        if dt is not None:
-            loss, logits = self.fp8_loss(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), dt)
-            return logits.view(B, T, -1), loss
-        logits = self.lm_head(x)  # (B, T, vocab)
+        x = self.blocks(x, rope, mask, idx)
         if targets is None:
-            return logits, None
-        loss = self.logits_loss(logits, targets)
-        # With targets the loss is what trains, and the logits come back detached: a compiled model gives every
-        # returned tensor that needs grad a zero gradient in the backward (GPT-2 at 32x1024: a 3.3 GB fill, ~1 ms)
+            return self.head(x), None
+        return self.head_loss(x, targets)
+
+    def head_loss(self, x, targets):
+        """(logits, loss) of the final hidden states x (B, T, C) against targets (B, T). The logits come back detached:
+        the loss is what trains, and a compiled model gives every returned tensor that needs grad a zero gradient
+        in the backward (GPT-2 at 32x1024: a 3.3 GB fill). train.py may swap in a version that never holds all
+        the (N, vocab) logits (its chunked loss, fp8.py's head)."""
+        logits = self.head(x)  # in fp32 below, whatever the autocast dtype
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits.detach(), loss
 
     def forward_cached(self, idx, pos, cache):
@@ -485,9 +307,7 @@ class GPT(nn.Module):
         the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1."""
         x, rope = self.embed(idx, pos)
         mask = self.sdpa_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device), cache[0][0].dtype)
-        for block, layer_cache in zip(self.transformer.h, cache):
-            x = block(x, rope, mask, layer_cache, pos)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.head(self.blocks(x, rope, mask, idx, cache, pos))
 
     def new_cache(self, B, S, dtype, device):
         """Per layer, zeroed k and v of shape (B, n_kv_head, S, head_dim): allocated once for the whole

@@ -4,17 +4,31 @@ Turn a corpus into tokenized train/val shards that train.py reads.
     python prepare.py                                  # default corpus: this Python's own stdlib sources, no network
     python prepare.py --input=my_texts/ --vocab_size=8192
     python prepare.py --dataset=shakespeare            # downloads (resumable, checksummed, cached)
+    python prepare.py --dataset=fineweb-edu            # FineWeb-Edu's 10B-token sample (28.5 GB parquet; pyarrow)
 
-Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json.
-A document is a .py/.txt/.md file, or a "text" field of a .jsonl line (.gz accepted). In a .txt file a line
-`<|endoftext|>` separates documents (the TinyStories convention); a corpus of one document is split at blank
-lines so that train and val can be split by document. Every document is preceded by the end-of-text token,
-so sampling from that token starts a fresh document. Running it again with the same inputs does nothing.
+Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json. The output is built in
+data/<dataset>.tmp and moved into place only when complete, meta.json last: an error never leaves half of it behind.
+
+How documents are found (train and val are split by document, and every document is preceded by the end-of-text
+token, so sampling from that token starts a fresh document):
+- a .py or .md file is one document; so is a .txt file, unless it has lines `<|endoftext|>`, which separate
+  documents (the TinyStories convention); a .jsonl line's "text" field is one; a .parquet row's "text" column is one
+  (FineWeb's layout); .gz files are read the same way;
+- a corpus of one document is split at blank lines into paragraphs, which are then the documents;
+- every round(1/val_fraction)-th document goes to val. A corpus with fewer documents than that (one file without
+  blank lines, say) holds out its tail instead: the last val_fraction of its characters form one val document, as
+  nanoGPT holds out the last 10% of a text. The tokenizer is trained on the train split only.
+Running it again with the same inputs does nothing.
 """
+import collections
+import difflib
 import gzip
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
+import shutil
 import struct
 import sys
 import sysconfig
@@ -28,22 +42,47 @@ import bpe
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-dataset = "stdlib"          # stdlib | shakespeare | tinystories | any name (with `input`)
-input = ""                  # a file or directory of .txt/.md/.py/.jsonl[.gz]; overrides `dataset`'s source
+dataset = "stdlib"          # stdlib | shakespeare | tinystories | fineweb-edu | any name (with `input`)
+input = ""                  # a file or directory of .txt/.md/.py/.jsonl/.parquet[.gz]; overrides `dataset`'s source
 data_root = "data"
-vocab_size = 4096           # special tokens included
+vocab_size = 0              # special tokens included; 0 = the dataset's: 50257 (GPT-2's) for fineweb-edu, else 4096
 tokenizer = ""              # path of an existing tokenizer file to reuse instead of training one
 tokenizer_max_bytes = 200_000_000  # train the tokenizer on at most this much of the train split
 val_fraction = 0.02         # every round(1/val_fraction)-th document goes to val
 shard_tokens = 100_000_000  # tokens per shard file
+fineweb_shards = 14         # --dataset=fineweb-edu: use the first N of its 14 parquet files (~0.75B tokens each)
+num_proc = 0                # processes that tokenize; 0 = one per core
 # -----------------------------------------------------------------------------
 
-REMOTE = {  # name -> url, expected size in bytes (None = unknown), sha256 (None = pinned on first download)
-    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-                    1115394, None),
-    "tinystories": ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt",
-                    None, None),
+# FineWeb-Edu's sample/10BT (HuggingFaceFW/fineweb-edu, ~10B GPT-2 tokens) at a fixed revision, so the bytes never
+# change: (file, bytes, sha256) as the Hub's LFS index lists them for that revision.
+FINEWEB_EDU = ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/"
+               "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9/sample/10BT/")
+FINEWEB_EDU_FILES = [
+    ("000_00000.parquet", 2152819114, "b1ba7b2ce4cb5ea6ef42dca40263eabb85f37700d01693a68e9b30a31d78e871"),
+    ("001_00000.parquet", 2152222432, "3fcf2dc69cd52503986276d3d2d26a8c356d0f2ea28a0de4fdbda8cf87755693"),
+    ("002_00000.parquet", 2151796315, "547ae182d132c9f06b6ce63149567208ea9f57630bfd9b1a2938e504f0c9ebd7"),
+    ("003_00000.parquet", 2152437524, "22184e6eb25759ddd97783751ffc73e1705dfa2542e630dae1f2a8bac8ee6ddb"),
+    ("004_00000.parquet", 2152338550, "33557ddd87a07a4ae6fcaf7a4789c7b484e5cc0c273ca12a65b74200e6d8748b"),
+    ("005_00000.parquet", 2152189947, "e08d79927ecb377786572cd854817c748ceb8880878b1a0eb91abf8c85d505ea"),
+    ("006_00000.parquet", 2152689867, "554fa2613c9261d6c9c396caab881de3160175794c6c3e1856bf28a0e9cb9b76"),
+    ("007_00000.parquet", 2150686637, "4b7d1f697d4afff7f5f65cb7aa4d83acc6db716da4d46ea23399d0c50608c6e3"),
+    ("008_00000.parquet", 2151274846, "a6d9dcc0c72ecd7c7f0173c2d06b3a4249a2ccaa94961469d1a522ca689bbf1a"),
+    ("009_00000.parquet", 2151913277, "f836cd3c70b95776699eb6c356b2dbf702816e25dcf39992f5c80a29029d23c3"),
+    ("010_00000.parquet", 2152798864, "e5a2eae25f057f0856a10bfae314c6ca8ea8bb08456d2131e9e89b2b8305e2f6"),
+    ("011_00000.parquet", 2152323681, "db71cf0425bb3d1813a09f12ff1acd6dabdfb91a2e4f141960254ee5a7f036e7"),
+    ("012_00000.parquet", 2152069689, "08b47a3e1c25161f796d2f8dbf99ccf60affdebdcea4910833d0d5783315551f"),
+    ("013_00000.parquet", 540632672, "b393f51fefab26cd6f4c8f65707c1924f6666c4961a0ebebe04bb57f7ec832de"),
+]
+REMOTE = {  # name -> its files: (url, expected size in bytes or None, sha256 or None = pinned on first download)
+    "shakespeare": [("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                     1115394, None)],
+    "tinystories": [("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt",
+                     None, None)],
+    "fineweb-edu": [(FINEWEB_EDU + name, size, sha) for name, size, sha in FINEWEB_EDU_FILES],
 }
+DATASETS = ["stdlib", *REMOTE]  # the names prepare.py can prepare without --input
+DEFAULT_VOCAB = {"fineweb-edu": 50257}  # GPT-2's vocabulary size, for the GPT-2 reproduction (config/gpt2_124m.py)
 
 # ---------------------------------------------------------------------------- the shard format
 # A shard is a 256-byte header then the raw little-endian token ids. Writer and reader live here, together.
@@ -51,9 +90,12 @@ MAGIC, VERSION, HEADER_BYTES = b"SLMSHARD", 1, 256
 HEADER = struct.Struct("<8sIIIQ64s")  # magic, version, itemsize, vocab size, token count, tokenizer sha256 (hex)
 
 
+def shard_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
 def write_shard(path, tokens, vocab_size, tokenizer_hash):
-    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    tokens = np.asarray(tokens, dtype=dtype)
+    tokens = np.asarray(tokens, dtype=shard_dtype(vocab_size))
     header = HEADER.pack(MAGIC, VERSION, tokens.itemsize, vocab_size, len(tokens), tokenizer_hash.encode())
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -87,9 +129,7 @@ def read_shard(path):
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        raise SystemExit(f"error: no prepared data in {data_dir} (missing meta.json); run "
-                         f"`python prepare.py --dataset={name}` first")
+        raise SystemExit(f"error: no prepared data in {data_dir} (missing meta.json); {prepare_hint(data_dir)}")
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -100,6 +140,17 @@ def load_meta(data_dir):
     except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
         raise SystemExit(f"error: {path} is corrupt ({type(e).__name__}: {e}); re-run prepare.py") from None
     return meta
+
+
+def prepare_hint(data_dir):
+    """The command that makes data_dir: a known dataset's own, else the one for a corpus of your own."""
+    name = os.path.basename(os.path.normpath(data_dir))
+    root = os.path.dirname(os.path.normpath(data_dir))
+    flags = f" --data_root={root}" if root != "data" else ""
+    if name in DATASETS:
+        return f"run `python prepare.py --dataset={name}{flags}` first"
+    return (f"run `python prepare.py --input=PATH --dataset={name}{flags}` first (PATH: your corpus), or use a "
+            f"dataset prepare.py knows: {', '.join(DATASETS)}")
 
 # ---------------------------------------------------------------------------- reading a corpus
 
@@ -112,9 +163,9 @@ def corpus_files(src):
     if os.path.isfile(src):
         return [src]
     if os.path.isdir(src):
-        files = walk(src, (".txt", ".md", ".py", ".jsonl", ".txt.gz", ".md.gz", ".jsonl.gz"))
+        files = walk(src, (".txt", ".md", ".py", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz"))
         if not files:
-            raise SystemExit(f"error: {src} has no .txt/.md/.py/.jsonl[.gz] files; nothing to prepare")
+            raise SystemExit(f"error: {src} has no .txt/.md/.py/.jsonl[.gz] or .parquet files; nothing to prepare")
         return files
     raise SystemExit(f"error: input {src} does not exist; pass --input=FILE_OR_DIR")
 
@@ -123,10 +174,44 @@ def walk(root, suffixes):
     return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(suffixes))
 
 
-def read_documents(files, strict=True):
+def parquet_module():
+    try:
+        import pyarrow.parquet  # optional: only parquet corpora (FineWeb) need it
+    except ImportError:
+        raise SystemExit("error: reading .parquet files (fineweb-edu) needs pyarrow; `pip install pyarrow`") from None
+    return pyarrow.parquet
+
+
+def parquet_texts(path):
+    """Yield (document, fraction of the file's rows read) for each non-blank "text" of a parquet file."""
+    pq = parquet_module()
+    try:
+        f = pq.ParquetFile(path)
+        if "text" not in f.schema_arrow.names:
+            raise SystemExit(f'error: {path} has no "text" column (columns: {", ".join(f.schema_arrow.names)})')
+        n, rows = max(f.metadata.num_rows, 1), 0
+        for batch in f.iter_batches(batch_size=1024, columns=["text"]):
+            rows += batch.num_rows
+            for text in batch.column(0).to_pylist():
+                if text and text.strip():
+                    yield text, rows / n
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, ArrowInvalid a ValueError
+        raise SystemExit(f"error: cannot read {path} as parquet ({type(e).__name__}: {e})") from None
+
+
+def read_documents(files, strict=True, info=None):
     """Yield documents (str). Non-UTF-8 files are an error, or skipped when strict=False (the stdlib has a
-    few deliberately mis-encoded test files)."""
+    few deliberately mis-encoded test files). info: a dict whose "bytes" follows how much of the files is read."""
+    done = 0
     for path in files:
+        size = os.path.getsize(path)
+        if path.endswith(".parquet"):
+            for doc, frac in parquet_texts(path):
+                if info is not None:
+                    info["bytes"] = done + frac * size
+                yield doc
+            done += size
+            continue
         opener = gzip.open if path.endswith(".gz") else open
         try:
             with opener(path, "rb") as f:
@@ -139,6 +224,9 @@ def read_documents(files, strict=True):
                              f"`iconv -f latin1 -t utf-8`")
         except (OSError, EOFError) as e:
             raise SystemExit(f"error: cannot read {path}: {e}")
+        done += size
+        if info is not None:
+            info["bytes"] = done
         if path.endswith((".jsonl", ".jsonl.gz")):
             for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -158,6 +246,47 @@ def split_of(i):
     """Deterministic, streamable train/val split by document index: evenly spaced val documents."""
     return "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
 
+
+def documents(files, info=None):
+    docs = read_documents(files, strict=(dataset != "stdlib" or bool(input)), info=info)
+    first = next(docs, None)
+    if first is None:
+        raise SystemExit("error: the corpus is empty (no non-blank documents); check --input")
+    second = next(docs, None)
+    if second is None:  # one document: split it at blank lines so val can be held out by document
+        yield from (d for d in first.split("\n\n") if d.strip())
+        return
+    yield first
+    yield second
+    yield from docs
+
+
+def split_documents(files, info):
+    """Yield (split, document): by document index (split_of), or, for a corpus with fewer documents than the first
+    val index, every document to train but the tail: its last val_fraction of characters, one val document.
+    Sets info["val_split"] to "documents" or "tail"."""
+    docs = documents(files, info)
+    first_val = next(i for i in itertools.count() if split_of(i) == "val")
+    head = list(itertools.islice(docs, first_val + 1))
+    if len(head) > first_val:
+        info["val_split"] = "documents"
+        yield from ((split_of(i), d) for i, d in enumerate(itertools.chain(head, docs)))
+        return
+    info["val_split"] = "tail"
+    total = sum(map(len, head))
+    if total < 2:
+        raise SystemExit(f"error: the corpus has {total} character(s), too few to hold out a validation split")
+    cut, pos = total - min(max(1, round(total * val_fraction)), total - 1), 0  # characters before `cut`: train
+    for d in head:
+        if pos + len(d) <= cut:
+            yield "train", d
+        elif pos >= cut:
+            yield "val", d
+        else:
+            yield "train", d[:cut - pos]
+            yield "val", d[cut - pos:]
+        pos += len(d)
+
 # ---------------------------------------------------------------------------- downloads
 
 
@@ -167,30 +296,38 @@ def download(url, dest, size=None, sha256=None):
     pin = dest + ".sha256"
     if sha256 is None and os.path.exists(pin):
         sha256 = open(pin).read().strip()
+    offline = f"no network? Fetch it yourself to {dest} (it is checked all the same)"
     if not os.path.exists(dest):
         part = dest + ".part"
         have = os.path.getsize(part) if os.path.exists(part) else 0
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         try:
             resp = urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as e:
+            if e.code != 416 or not have:
+                raise SystemExit(f"error: cannot download {url} ({e}); {offline}") from None
+            resp = None  # 416, range not satisfiable: the partial file is already whole (killed before its rename)
         except (urllib.error.URLError, OSError) as e:
-            raise SystemExit(f"error: cannot download {url} ({e}); no network? Download it yourself and "
-                             f"run `python prepare.py --input=FILE`")
-        if getattr(resp, "status", None) != 206:
-            have = 0  # the server ignored the Range request: start over
-        total = have + int(resp.headers.get("Content-Length") or 0)
-        t0, done = time.time(), have
-        with resp, open(part, "ab" if have else "wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                progress(f"downloading {os.path.basename(dest)}", done - have, max(total - have, 0), t0)
-        print(file=sys.stderr)
+            raise SystemExit(f"error: cannot download {url} ({e}); {offline}") from None
+        if resp is not None:
+            if getattr(resp, "status", None) != 206:
+                have = 0  # the server ignored the Range request: start over
+            total = have + int(resp.headers.get("Content-Length") or 0)
+            t0, done, label = time.time(), have, f"downloading {os.path.basename(dest)}"
+            try:
+                with resp, open(part, "ab" if have else "wb") as f:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        done += len(chunk)
+                        progress(label, done - have, t0, done / total if total else None, have / max(total, 1))
+            except OSError as e:  # the connection dropped (or the disk filled) mid-way: the .part file stays
+                raise SystemExit(f"error: download of {url} interrupted ({e}); run again to resume it") from None
+            progress(label, done - have, t0, 1.0 if total else None, have / max(total, 1), final=True)
         os.replace(part, dest)
     if size is not None and os.path.getsize(dest) != size:
+        got = os.path.getsize(dest)
         os.remove(dest)
-        raise SystemExit(f"error: {dest} has {os.path.getsize(dest) if os.path.exists(dest) else 0} bytes, "
-                         f"expected {size}; removed it, run again to re-download")
+        raise SystemExit(f"error: {dest} has {got} bytes, expected {size}; removed it, run again to re-download")
     digest = file_sha256(dest)
     if sha256 is not None and digest != sha256:
         os.remove(dest)
@@ -210,13 +347,73 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def progress(label, done, total, t0):
-    """One updating line: amount done, rate, ETA."""
-    rate = done / max(time.time() - t0, 1e-9)
-    eta = f"ETA {(total - done) / rate:5.0f}s" if total and rate > 0 else ""
-    pct = f"{100 * done / total:5.1f}% " if total else ""
-    print(f"\r{label}: {pct}{done / 1e6:8.1f} MB  {rate / 1e6:6.2f} MB/s  {eta}   ", end="", file=sys.stderr,
-          flush=True)
+def progress(label, amount, t0, frac=None, frac0=0.0, final=False):
+    """A progress line: `amount` bytes processed since t0 and their rate; with frac (the fraction of the job done
+    now, frac0 of it at t0) the percentage and the ETA."""
+    dt = max(time.time() - t0, 1e-9)
+    line = f"{label}: {amount / 1e6:,.1f} MB | {amount / 1e6 / dt:.1f} MB/s"
+    if frac is not None and frac > frac0:
+        line += f" | {100 * frac:.1f}% | ETA {dt * (1 - frac) / (frac - frac0):.0f}s"
+    bpe.status(line, final)
+
+# ---------------------------------------------------------------------------- tokenizing, in parallel
+# tiktoken's batch encoder runs threads that release the GIL only inside the Rust encoder; the rest (making Python
+# lists of ids, numpy arrays) holds it. Processes, each encoding whole batches, scale with the cores instead.
+_worker = {}  # this process's tokenizer
+
+
+def _init_worker(tok_path):
+    _worker["tok"] = bpe.Tokenizer.load(tok_path)
+
+
+def encode_job(pairs):
+    """Worker: a batch of (split, document) -> {split: (ids with EOT before every document, documents, UTF-8 bytes)}."""
+    tok = _worker["tok"]
+    ids = tok.encode_ordinary_batch([d for _, d in pairs], num_threads=1)
+    out = {}
+    for split in ("train", "val"):
+        picked = [i for i, (s, _) in enumerate(pairs) if s == split]
+        if not picked:
+            continue
+        arr = np.empty(sum(len(ids[i]) + 1 for i in picked), shard_dtype(tok.vocab_size))
+        pos = 0
+        for i in picked:
+            arr[pos] = tok.eot
+            arr[pos + 1:pos + 1 + len(ids[i])] = ids[i]
+            pos += len(ids[i]) + 1
+        out[split] = (arr, len(picked), sum(len(pairs[i][1].encode("utf-8")) for i in picked))
+    return out
+
+
+def job_batches(pairs, batch_chars):
+    batch, size = [], 0
+    for pair in pairs:
+        batch.append(pair)
+        size += len(pair[1])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encoded_batches(pairs, tok, tok_path, procs, batch_chars=1 << 22):
+    """encode_job's results for consecutive batches of ~batch_chars characters of `pairs`, in order, encoded by
+    `procs` processes; at most 2 batches per process are in flight, so memory stays bounded on any corpus."""
+    jobs = job_batches(pairs, batch_chars)
+    head = list(itertools.islice(jobs, 2))
+    if procs <= 1 or len(head) < 2:  # a single batch: starting processes would cost more than it saves
+        _worker["tok"] = tok
+        yield from map(encode_job, itertools.chain(head, jobs))
+        return
+    with multiprocessing.Pool(procs, initializer=_init_worker, initargs=(tok_path,)) as pool:
+        pending = collections.deque()
+        for job in itertools.chain(head, jobs):
+            pending.append(pool.apply_async(encode_job, (job,)))
+            if len(pending) >= 2 * procs:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 # ---------------------------------------------------------------------------- the job
 
@@ -227,63 +424,39 @@ def source_files():
     if dataset == "stdlib":
         return corpus_files("stdlib")
     if dataset not in REMOTE:
-        raise SystemExit(f"error: unknown dataset '{dataset}'; choose stdlib, {', '.join(REMOTE)}, "
-                         f"or pass --input=PATH")
-    url, size, sha = REMOTE[dataset]
+        close = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.6)
+        hint = f"did you mean --dataset={close[0]}? " if close else ""
+        raise SystemExit(f"error: unknown dataset '{dataset}'; {hint}prepare.py knows {', '.join(DATASETS)}; for a "
+                         f"corpus of your own pass --input=PATH (then --dataset names its output)")
+    entries = REMOTE[dataset]
+    if dataset == "fineweb-edu":
+        parquet_module()  # before downloading 28 GB that could not be read
+        if not 1 <= fineweb_shards <= len(entries):
+            raise SystemExit(f"error: fineweb_shards must be 1 to {len(entries)}, got {fineweb_shards}")
+        entries = entries[:fineweb_shards]
     os.makedirs(os.path.join(data_root, "downloads"), exist_ok=True)
-    return [download(url, os.path.join(data_root, "downloads", os.path.basename(url)), size, sha)]
+    return [download(url, os.path.join(data_root, "downloads", os.path.basename(url)), size, sha)
+            for url, size, sha in entries]
 
 
-def documents(files):
-    docs = read_documents(files, strict=(dataset != "stdlib" or bool(input)))
-    first = next(docs, None)
-    if first is None:
-        raise SystemExit("error: the corpus is empty (no non-blank documents); check --input")
-    second = next(docs, None)
-    if second is None:  # one document: split it at blank lines so val can be held out by document
-        yield from (d for d in first.split("\n\n") if d.strip())
-        return
-    yield first
-    yield second
-    yield from docs
+def train_tokenizer(files, vocab):
+    """A BPE tokenizer trained on (a bounded prefix of) the train split only, so val stays held out."""
+    def train_texts():
+        seen = 0
+        for split, doc in split_documents(files, {}):
+            if seen >= tokenizer_max_bytes:
+                return  # stop reading: a 10B-token corpus needs only its first 200 MB for this
+            if split == "train":
+                seen += len(doc)
+                yield doc
+    print(f"training a {vocab}-token BPE tokenizer on {len(files)} files ...", file=sys.stderr)
+    return bpe.train(train_texts(), vocab, verbose=True)
 
 
-def prepare():
-    files = source_files()
-    out = os.path.join(data_root, dataset)
-    # The fingerprint covers the file list (names, sizes, mtimes) and every setting that changes the output.
-    listing = [(os.path.relpath(p, os.path.dirname(files[0])), os.path.getsize(p), os.stat(p).st_mtime_ns)
-               for p in files]
-    settings = dict(vocab_size=vocab_size, tokenizer=tokenizer and file_sha256(tokenizer),
-                    val_fraction=val_fraction, shard_tokens=shard_tokens, tokenizer_max_bytes=tokenizer_max_bytes)
-    fingerprint = hashlib.sha256(json.dumps([listing, settings]).encode()).hexdigest()
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint:
-        print(f"{out} is up to date (same inputs and settings); nothing to do")
-        return out
-    os.makedirs(out, exist_ok=True)
-
-    # 1) the tokenizer, trained on (a bounded prefix of) the train split only, so val stays held out
-    t0 = time.time()
-    if tokenizer:
-        tok = bpe.Tokenizer.load(tokenizer)
-    else:
-        def train_texts():
-            seen = 0
-            for i, doc in enumerate(documents(files)):
-                if split_of(i) == "train" and seen < tokenizer_max_bytes:
-                    seen += len(doc)
-                    yield doc
-        print(f"training a {vocab_size}-token BPE tokenizer on {len(files)} files ...", file=sys.stderr)
-        tok = bpe.train(train_texts(), vocab_size, verbose=True)
-    tok.save(os.path.join(out, "tokenizer.bpe"))
-    print(f"tokenizer: {tok.vocab_size} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
-
-    # 2) encode documents in batches and stream them into shards, EOT before every document
-    for stale in os.listdir(out):
-        if stale.endswith(".bin"):
-            os.remove(os.path.join(out, stale))
-    buffers = {"train": [], "val": []}
+def write_shards(files, tok, tok_path, out):
+    """Encode every document, EOT first, and stream the ids into out/{train,val}_NNN.bin.
+    Returns (shard names per split, counts per split, how val was split)."""
+    buffers, pending = {"train": [], "val": []}, {"train": 0, "val": 0}
     shards = {"train": [], "val": []}
     counts = {s: dict(docs=0, tokens=0, bytes=0) for s in buffers}
 
@@ -294,51 +467,86 @@ def prepare():
             write_shard(path, buf[:shard_tokens], tok.vocab_size, tok.hash)
             shards[split].append(os.path.basename(path))
             buf = buf[shard_tokens:]
-        buffers[split] = [buf]
+        buffers[split], pending[split] = [buf], len(buf)
 
-    total_bytes = sum(os.path.getsize(p) for p in files)
-    t0, done, batch = time.time(), 0, []
-
-    def encode(batch):
-        ids = tok.encode_ordinary_batch([d for _, d in batch])
-        for (split, doc), doc_ids in zip(batch, ids):
-            buffers[split].append(np.array([tok.eot] + doc_ids, dtype=np.uint32))
-            counts[split]["docs"] += 1
-            counts[split]["tokens"] += len(doc_ids) + 1
-            counts[split]["bytes"] += len(doc.encode("utf-8"))
-        for split in buffers:
-            if sum(len(b) for b in buffers[split]) >= shard_tokens:
+    info, t0, text_bytes = {"bytes": 0}, time.time(), 0
+    total = max(sum(os.path.getsize(p) for p in files), 1)
+    procs = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    label = f"tokenizing ({procs} process{'es' if procs > 1 else ''})"
+    for result in encoded_batches(split_documents(files, info), tok, tok_path, procs):
+        for split, (ids, n_docs, n_bytes) in result.items():
+            buffers[split].append(ids)
+            pending[split] += len(ids)
+            counts[split]["docs"] += n_docs
+            counts[split]["tokens"] += len(ids)
+            counts[split]["bytes"] += n_bytes
+            text_bytes += n_bytes
+            if pending[split] >= shard_tokens:
                 flush(split)
-
-    for i, doc in enumerate(documents(files)):
-        batch.append((split_of(i), doc))
-        done += len(doc)
-        if len(batch) == 256:
-            encode(batch)
-            batch = []
-            progress("tokenizing", done, total_bytes, t0)
-    encode(batch)
-    progress("tokenizing", done, total_bytes, t0)
-    print(file=sys.stderr)
-    if counts["val"]["docs"] == 0:
-        raise SystemExit(f"error: no validation documents ({counts['train']['docs']} documents in all, "
-                         f"val_fraction={val_fraction}); raise val_fraction or add documents")
+        progress(label, text_bytes, t0, info["bytes"] / total)
+    progress(label, text_bytes, t0, 1.0, final=True)
     for split in buffers:
         flush(split, final=True)
+    return shards, counts, info["val_split"]
 
-    meta = dict(dataset=dataset, source=input or dataset, vocab_size=tok.vocab_size, tokenizer="tokenizer.bpe",
-                tokenizer_hash=tok.hash, eot=tok.eot, dtype="uint16" if tok.vocab_size <= 2**16 else "uint32",
-                python_version=sys.version.split()[0], n_files=len(files),
-                file_list_sha256=hashlib.sha256(json.dumps([l[:2] for l in listing]).encode()).hexdigest(),
-                fingerprint=fingerprint, **{f"{s}_{k}": v for s in counts for k, v in counts[s].items()},
-                train_shards=shards["train"], val_shards=shards["val"])
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)  # written last: its presence means the shards are complete
+
+def prepare():
+    if not 0 < val_fraction < 1:
+        raise SystemExit(f"error: val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    files = source_files()
+    out = os.path.join(data_root, dataset)
+    vocab = vocab_size or DEFAULT_VOCAB.get(dataset, 4096)
+    # The fingerprint covers the file list (names, sizes, mtimes) and every setting that changes the output.
+    listing = [(os.path.relpath(p, os.path.dirname(files[0])), os.path.getsize(p), os.stat(p).st_mtime_ns)
+               for p in files]
+    settings = dict(vocab_size=vocab, tokenizer=tokenizer and file_sha256(tokenizer),
+                    val_fraction=val_fraction, shard_tokens=shard_tokens, tokenizer_max_bytes=tokenizer_max_bytes)
+    fingerprint = hashlib.sha256(json.dumps([listing, settings]).encode()).hexdigest()
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint:
+        print(f"{out} is up to date (same inputs and settings); nothing to do")
+        return out
+
+    tmp = out + ".tmp"  # everything is built here; on any error it goes, and `out` is left as it was
+    shutil.rmtree(tmp, ignore_errors=True)  # (left behind by a run that was killed)
+    os.makedirs(tmp)
+    try:
+        t0 = time.time()
+        tok = bpe.Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(files, vocab)
+        tok_path = os.path.join(tmp, "tokenizer.bpe")
+        tok.save(tok_path)
+        print(f"tokenizer: {tok.vocab_size} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
+        shards, counts, val_split = write_shards(files, tok, tok_path, tmp)
+        meta = dict(dataset=dataset, source=input or dataset, vocab_size=tok.vocab_size, tokenizer="tokenizer.bpe",
+                    tokenizer_hash=tok.hash, eot=tok.eot, dtype=np.dtype(shard_dtype(tok.vocab_size)).name,
+                    python_version=sys.version.split()[0], n_files=len(files), val_split=val_split,
+                    file_list_sha256=hashlib.sha256(json.dumps([l[:2] for l in listing]).encode()).hexdigest(),
+                    fingerprint=fingerprint, **{f"{s}_{k}": v for s in counts for k, v in counts[s].items()},
+                    train_shards=shards["train"], val_shards=shards["val"])
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)
     print(f"wrote {out}: train {counts['train']['tokens']:,} tokens ({counts['train']['docs']} docs), "
-          f"val {counts['val']['tokens']:,} tokens ({counts['val']['docs']} docs), "
+          f"val {counts['val']['tokens']:,} tokens ({counts['val']['docs']} docs, by {val_split}), "
           f"{counts['train']['bytes'] / max(counts['train']['tokens'], 1):.2f} bytes/token")
     return out
+
+
+def publish(tmp, out):
+    """Move a finished build from tmp into out. out may hold other files (rlhf.py's task data sits next to its
+    shards), so only prepare.py's own files are replaced: the old meta.json goes first and the new one comes last,
+    so at every moment out is either complete or has no meta.json (which readers take as "not prepared")."""
+    os.makedirs(out, exist_ok=True)
+    old = [f for f in os.listdir(out) if f.endswith(".bin") and f.startswith(("train_", "val_"))]
+    for f in ["meta.json", "tokenizer.bpe"] + old:
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    for f in sorted(os.listdir(tmp), key=lambda f: f == "meta.json"):
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    os.rmdir(tmp)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@ Generate text from a trained checkpoint, streaming tokens to the terminal as the
     python sample.py --out_dir=out/small
     python sample.py --out_dir=out/small --start="def fib(n):" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out/small --start=FILE:prompt.txt --temperature=0.8 --top_p=0.95 --stop='"\\n\\n"'
+    python sample.py --out_dir=out/add-sft --chat      # chat with a model fine-tuned by rlhf.py
 
 The num_samples samples are one batch through model.generate (KV cache; on CUDA the decode step is replayed as a
 CUDA graph). The first sample streams as it is produced; the others are printed whole once generation ends.
 A sample ends at <|endoftext|>, at the stop string (which is not printed), or after max_new_tokens.
+An out_dir without a checkpoint is an error that lists the runs that have one. Needs no training code: only
+model.py, checkpoint.py and bpe.py.
 """
 import codecs
 import os
@@ -16,10 +19,9 @@ import sys
 import torch
 
 import bpe
-from configurator import configure
 from bpe import encode_chat
 from checkpoint import load_checkpoint, model_from_checkpoint
-from train import resolve_dtype, autocast, setup_distributed
+from configurator import configure
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -28,30 +30,114 @@ num_samples = 2
 max_new_tokens = 300
 temperature = 0.8           # 0 = greedy
 top_k = 200                 # 0 = off
-top_p = 1.0                 # 1.0 = off
+top_p = 1.0                 # 1.0 = off; else in (0, 1): sample from the smallest set of tokens this likely
 seed = 1337
-device = "auto"
-dtype = "auto"
+device = "auto"             # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16; CPU fp32)
 chat = False                # interactive chat with the chat template (see chat_loop)
 stop = ""                   # a sample also ends where this text appears ("" = only at <|endoftext|>)
 compile = False             # torch.compile the decode step (pays off for long generations)
 # -----------------------------------------------------------------------------
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-def load(out_dir, device):
-    """Model (eval mode, on device) and tokenizer of a training run's out_dir."""
+
+def pick_device(device):
+    """'auto' is the best this machine has (cuda, mps, cpu); a device named must exist, else a one-line error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+        kind, index = d.type, d.index
+    except RuntimeError:
+        kind, index = None, None
+    if kind == "cuda" and not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"error: --device={device}, but {why}; use --device=cpu (or auto)")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device={device}, but there are {torch.cuda.device_count()} GPUs (cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device={device}, but this machine has no MPS (Apple GPU); use --device=cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"error: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(dtype, device):
+    """The dtype the weights are cast to, once: bf16 on GPUs that have it, else fp16; fp32 on CPU and MPS.
+    Not autocast: nothing is trained here, and autocast would cast every weight again at every decode step
+    (the CUDA graph records those casts too)."""
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in DTYPES:
+        raise SystemExit(f"error: unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p):
+    """Refuses the sampling settings that would fail or print garbage, naming the valid range."""
+    for name, value, ok, valid in (("num_samples", num_samples, num_samples >= 1, "1 or more"),
+                                   ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "1 or more"),
+                                   ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
+                                   ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
+                                   ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)")):
+        if not ok:
+            raise SystemExit(f"error: --{name}={value} is out of range; give {valid}")
+
+
+def find_runs(out_dir):
+    """The directories that hold a checkpoint (latest.json) under out_dir, next to it, and under out/
+    (two levels deep at most), for the error that says which runs exist."""
+    parent = os.path.dirname(os.path.normpath(out_dir)) or "."
+    runs = set()
+    for root in {out_dir, parent, "out"}:
+        if not os.path.isdir(root) or os.path.abspath(root) == os.path.abspath(os.sep):
+            continue
+        depth = os.path.normpath(root).count(os.sep)
+        for d, subdirs, files in os.walk(root):
+            if "latest.json" in files:
+                rel = os.path.relpath(d)
+                runs.add(os.path.abspath(d) if rel.startswith(os.pardir) else rel)
+            subdirs[:] = [s for s in subdirs if not s.startswith(".")] if d.count(os.sep) - depth < 2 else []
+    return sorted(runs)
+
+
+def load_run(out_dir, device):
+    """Model (eval mode, on device, fp32), tokenizer, and the checkpoint's other entries (its config, stage...)
+    of a training run's out_dir."""
+    if not os.path.isfile(os.path.join(out_dir, "latest.json")):
+        runs = find_runs(out_dir)
+        if not runs:
+            raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json), and no run under it or out/ "
+                             f"has one; train one first: python train.py config/small.py")
+        more = f" and {len(runs) - 8} more" if len(runs) > 8 else ""
+        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); runs with one: "
+                         f"{', '.join(runs[:8])}{more}; sample one with: python sample.py --out_dir={runs[0]}")
     ckpt = load_checkpoint(out_dir)
     tok = bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
     if tok.hash != ckpt["tokenizer_hash"]:
         raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
     model = model_from_checkpoint(ckpt).to(device).eval()
+    if model.config.vocab_size < tok.vocab_size:  # the tokenizer could give ids that the model has no row for
+        raise SystemExit(f"error: the model in {out_dir} has {model.config.vocab_size} token ids, fewer than its "
+                         f"tokenizer's {tok.vocab_size} tokens; the checkpoint is broken: retrain or re-export it "
+                         f"with vocab_size >= {tok.vocab_size}")
+    return model, tok, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+
+
+def load(out_dir, device):
+    """Model (eval mode, on device, fp32) and tokenizer of a training run's out_dir."""
+    model, tok, _ = load_run(out_dir, device)
     return model, tok
 
 
 # ---------------------------------------------------------------------------- chat
 
 
-def chat_loop(model, tok, device, ptdtype):
+def chat_loop(model, tok, device):
     """Interactive chat: the whole history is the prompt of each reply; the reply streams until <|end|>.
     /reset forgets the history, /quit (or end of input) exits. Replies sample with --temperature, --top_k,
     --top_p, at most --max_new_tokens tokens; the oldest turns are dropped when the context is full."""
@@ -83,28 +169,32 @@ def chat_loop(model, tok, device, ptdtype):
             ids, _ = encode_chat(tok, history, add_generation_prompt=True)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         reply = []
-        with autocast(device, ptdtype):
-            for next_id in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature,
-                                          top_k or None, top_p, generator=g, stop_ids=[end, tok.eot],
-                                          n_vocab=tok.vocab_size):
-                t = next_id.item()
-                if t in (end, tok.eot):
-                    break
-                reply.append(t)
-                sys.stdout.write(utf8.decode(tok.decode_bytes([t])))
-                sys.stdout.flush()
+        for next_id in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature,
+                                      top_k or None, top_p, generator=g, stop_ids=[end, tok.eot],
+                                      n_vocab=tok.vocab_size):
+            t = next_id.item()
+            if t in (end, tok.eot):
+                break
+            reply.append(t)
+            sys.stdout.write(utf8.decode(tok.decode_bytes([t])))
+            sys.stdout.flush()
         print(utf8.decode(b"", final=True), flush=True)
         history.append(dict(role="assistant", content=tok.decode(reply, errors="replace")))
 
 
 def main():
-    global device
     configure(globals())
-    _, _, _, device = setup_distributed(device)
-    _, ptdtype = resolve_dtype(dtype, device)
-    model, tok = load(out_dir, device)
+    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
+    dev = pick_device(device)
+    ptdtype = pick_dtype(dtype, dev)
+    model, tok, info = load_run(out_dir, dev)
+    model.to(ptdtype)
     if chat:
-        return chat_loop(model, tok, device, ptdtype)
+        if info.get("stage") is None:  # rlhf.py records its stage in every checkpoint; train.py has none
+            print(f"warning: {out_dir} holds a pretrained model that was never fine-tuned for chat: its replies will "
+                  f"read like its training text; fine-tune it first with python rlhf.py config/sft.py "
+                  f"--init_from={out_dir} (and your chat data as --data)", file=sys.stderr, flush=True)
+        return chat_loop(model, tok, dev)
     prompt = start
     if prompt.startswith("FILE:"):
         try:
@@ -117,30 +207,29 @@ def main():
         raise SystemExit(f"error: the prompt has {len(ids)} tokens, the model's context is "
                          f"{model.config.block_size}; give a --start of 1 to {model.config.block_size - 1} tokens")
     torch.manual_seed(seed)
-    g = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([ids] * num_samples, device=device)  # (num_samples, T): one batch
+    g = torch.Generator(device=dev).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, device=dev)  # (num_samples, T): one batch
     # a token can end inside a multi-byte character: each row's incremental decoder holds such bytes back
     utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
     texts, done, shown = [""] * num_samples, [False] * num_samples, 0  # shown: characters of sample 0 printed
     print(prompt, end="", flush=True)
-    with autocast(device, ptdtype):
-        for next_id in model.generate(idx, max_new_tokens, temperature, top_k or None, top_p, generator=g,
-                                      stop_ids=None if tok.eot is None else [tok.eot], n_vocab=tok.vocab_size,
-                                      compile=compile):
-            for r, t in enumerate(next_id.tolist()):
-                if done[r]:
-                    continue
-                done[r] = t == tok.eot
-                texts[r] += "" if done[r] else utf8[r].decode(tok.decode_bytes([t]))
-                if stop and stop in texts[r]:
-                    texts[r], done[r] = texts[r][:texts[r].index(stop)], True
-            # stream sample 0, holding back a tail that could still turn out to be the start of the stop string
-            safe = len(texts[0]) if done[0] or not stop else max(len(texts[0]) - len(stop) + 1, shown)
-            sys.stdout.write(texts[0][shown:safe])
-            sys.stdout.flush()
-            shown = safe
-            if all(done):
-                break
+    for next_id in model.generate(idx, max_new_tokens, temperature, top_k or None, top_p, generator=g,
+                                  stop_ids=None if tok.eot is None else [tok.eot], n_vocab=tok.vocab_size,
+                                  compile=compile):
+        for r, t in enumerate(next_id.tolist()):
+            if done[r]:
+                continue
+            done[r] = t == tok.eot
+            texts[r] += "" if done[r] else utf8[r].decode(tok.decode_bytes([t]))
+            if stop and stop in texts[r]:
+                texts[r], done[r] = texts[r][:texts[r].index(stop)], True
+        # stream sample 0, holding back a tail that could still turn out to be the start of the stop string
+        safe = len(texts[0]) if done[0] or not stop else max(len(texts[0]) - len(stop) + 1, shown)
+        sys.stdout.write(texts[0][shown:safe])
+        sys.stdout.flush()
+        shown = safe
+        if all(done):
+            break
     print(texts[0][shown:] + ("" if done[0] else utf8[0].decode(b"", final=True)))
     for r in range(1, num_samples):
         print("-" * 40 + "\n" + prompt + texts[r] + ("" if done[r] else utf8[r].decode(b"", final=True)))

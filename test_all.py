@@ -452,11 +452,11 @@ def test_model_parameter_count_matches_the_formula(name, one_thread):
     assert model.num_params() == n - lookups
 
 
-def test_model_llama_small_config_has_small_configs_parameter_count(one_thread):
+def test_model_llama_small_config_has_the_gpt2_small_configs_parameter_count(one_thread):
     import runpy
     from model import GPT, GPTConfig
     counts = []
-    for name in ("small", "llama_small"):
+    for name in ("small_gpt2", "llama_small"):
         c = runpy.run_path(os.path.join(HERE, "config", f"{name}.py"))
         cfg = GPTConfig(**{k: v for k, v in c.items() if k in GPTConfig.__dataclass_fields__}, vocab_size=4096)
         model = GPT(cfg)
@@ -701,21 +701,22 @@ def tiny_gpt(**kw):
 
 
 def test_grad_ckpt_full_and_every_2nd_block_give_identical_loss_and_grads():
-    from train import ckpt_interval
+    from train import checkpoint_blocks, ckpt_interval
     x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
     results = {}
     for setting in (None, "full", 2):
         model = tiny_gpt(dropout=0.1)  # dropout: the recomputed forward must replay the same random masks
-        model.grad_ckpt = ckpt_interval(setting)
+        if ckpt_interval(setting):
+            checkpoint_blocks(model, ckpt_interval(setting))
         torch.manual_seed(1)
         _, loss = model(x, y)
         loss.backward()
-        results[setting] = loss, {k: p.grad for k, p in model.named_parameters()}
-    (loss0, grads0) = results[None]
+        results[setting] = loss, [p.grad for p in model.parameters()], list(model.state_dict())
+    (loss0, grads0, names0) = results[None]
     for setting in ("full", 2):
-        loss, grads = results[setting]
-        assert torch.equal(loss, loss0)
-        assert all(torch.equal(grads[k], grads0[k]) for k in grads0), setting
+        loss, grads, names = results[setting]
+        assert torch.equal(loss, loss0) and names == names0  # the wrapped blocks keep the state dict's names
+        assert all(torch.equal(g, g0) for g, g0 in zip(grads, grads0)), setting
     with pytest.raises(SystemExit, match="grad_ckpt"):
         ckpt_interval("sometimes")
 
@@ -747,7 +748,7 @@ def test_grad_ckpt_under_compile_keeps_as_little_as_eager_with_the_same_grads():
 
 def test_grad_ckpt_under_compile_with_plain_logits_keeps_no_fp32_copy_of_them():
     """With loss_chunk=0 the loss on the logits is compiled on its own too. Run eagerly between compiled blocks it
-    kept fp32 log-probabilities of the bf16 logits (GPT-2 32x1024, H100: 22.8 GiB, more than with no checkpoints)."""
+    kept fp32 log-probabilities of the bf16 logits: more memory than no checkpointing at all."""
     from train import parallelize
     x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
     saved, losses = {}, {}
@@ -766,7 +767,7 @@ def test_grad_ckpt_under_compile_with_plain_logits_keeps_no_fp32_copy_of_them():
 
 def test_compiled_training_step_makes_no_zero_gradient_for_the_logits():
     """A compiled model gives each returned tensor that needs grad a zero gradient in the backward: for the
-    logits a (B, T, vocab) fill per step (3.3 GB, ~1 ms at GPT-2 32x1024 on an H200). With targets the model
+    logits a (B, T, vocab) fill per step (3.3 GB at GPT-2 32x1024). With targets the model
     returns them detached, so the compiled backward fills nothing of their shape, and the grads are eager's."""
     from torch.profiler import profile
     x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
@@ -788,7 +789,8 @@ def test_compiled_training_step_makes_no_zero_gradient_for_the_logits():
 
 def test_linear_cross_entropy_equals_cross_entropy_on_logits_in_loss_and_grads():
     import torch.nn.functional as F
-    from model import LinearCrossEntropy
+    import types
+    from train import LinearCrossEntropy, chunked_head_loss
     x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)   # 37 rows in chunks of 8: a ragged last one
     w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (37,))
@@ -805,7 +807,7 @@ def test_linear_cross_entropy_equals_cross_entropy_on_logits_in_loss_and_grads()
     model = tiny_gpt()  # in the model: tied head, loss_chunk on gives the same loss and returns no logits
     idx, y = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
     logits, plain = model(idx, y)
-    model.loss_chunk = 7
+    model.head_loss = types.MethodType(chunked_head_loss(7), model)
     none, fused = model(idx, y)
     assert logits.shape == (2, 16, 96) and none is None
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
@@ -816,7 +818,7 @@ def test_bf16_autocast_on_cpu_trains_through_train_step():
     from itertools import cycle
     model = tiny_gpt()
     run = train.parallelize(model, "cpu", 1, grad_ckpt=2, loss_chunk=8)
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")
+    opt = [model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")]
     scaler = torch.amp.GradScaler(enabled=False)
     guard = torch.zeros(len(train.GUARD_FIELDS))
     w = torch.randint(0, 96, (2, 4, 17))
@@ -828,21 +830,20 @@ def test_bf16_autocast_on_cpu_trains_through_train_step():
 
 
 def test_fp8_matmul_is_exact_on_its_fp8_operands_and_close_to_the_real_product():
-    from model import Float8Matmul, scaled_mm, to_fp8
-    x = torch.randn(64, 32, requires_grad=True)
-    w = (0.02 * torch.randn(48, 32)).requires_grad_()
+    from fp8 import fp8_forward, fp8_grads, scaled_mm, to_fp8
+    x = torch.randn(64, 32)
+    w = 0.02 * torch.randn(48, 32)
     g = 1e-4 * torch.randn(64, 48)                     # a gradient's scale: far below e5m2's range without scaling
-    y = Float8Matmul.apply(x, w, torch.float32)
-    y.backward(g)
-    (x8, sx), (w8, sw) = to_fp8(x, torch.float8_e4m3fn), to_fp8(w, torch.float8_e4m3fn)
+    y, x8, w8, sx, sw = fp8_forward(x, w, torch.float32)
     g8, sg = to_fp8(g, torch.float8_e5m2)
+    gx, gw = fp8_grads(g8, sg, x8, w8, sx, sw, (torch.float32, torch.float32))
     assert x8.float().abs().max() == 448 and g8.float().abs().max() == 57344  # the largest magnitude on fp8's max
     xd, wd, gd = (t.double() * s.double() for t, s in ((x8, sx), (w8, sw), (g8, sg)))
-    for got, want in ((y, xd @ wd.t()), (x.grad, gd @ wd), (w.grad, gd.t() @ xd)):   # fp64 on the same fp8 values
+    for got, want in ((y, xd @ wd.t()), (gx, gd @ wd), (gw, gd.t() @ xd)):   # fp64 on the same fp8 values
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
-    X, W, G = x.detach().double(), w.detach().double(), g.double()
-    assert rel(y, X @ W.t()) < 0.06 and rel(x.grad, G @ W) < 0.1 and rel(w.grad, G.t() @ X) < 0.1  # fp8's rounding
+    X, W, G = x.double(), w.double(), g.double()
+    assert rel(y, X @ W.t()) < 0.06 and rel(gx, G @ W) < 0.1 and rel(gw, G.t() @ X) < 0.1  # fp8's rounding
     # the CPU's fp32 emulation gives what torch's own (slow) fp8 matmul gives
     torch.testing.assert_close(scaled_mm(g8, w8.t().contiguous().t(), sg, sw, torch.float32),
                                torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=sg, scale_b=sw,
@@ -850,7 +851,7 @@ def test_fp8_matmul_is_exact_on_its_fp8_operands_and_close_to_the_real_product()
 
 
 def test_fp8_head_loss_gives_the_cross_entropy_and_its_gradients_without_an_amax_pass():
-    from model import Float8LinearCrossEntropy, to_fp8
+    from fp8 import Float8LinearCrossEntropy, to_fp8
     x = torch.randn(64, 32, requires_grad=True)
     w = (0.3 * torch.randn(80, 32)).requires_grad_()
     t = torch.randint(0, 80, (64,))
@@ -870,15 +871,14 @@ def test_fp8_head_loss_gives_the_cross_entropy_and_its_gradients_without_an_amax
 
 
 def test_fp8_is_transposed_only_by_fp8_t_which_the_compiler_cannot_fuse_into_the_cast():
-    # a kernel that stores an fp8 value both as is and transposed is miscompiled by Triton (see model.fp8_t):
+    # a kernel that stores an fp8 value both as is and transposed is miscompiled by Triton (see fp8.fp8_t):
     # fp8 -> fp8 ops may only be views and fp8_t, never a copy that the compiler could fuse into the cast
     from torch.fx.experimental.proxy_tensor import make_fx
-    from model import Float8LinearCrossEntropy, Float8Matmul
+    from fp8 import Float8LinearCrossEntropy
 
     def step(x, w, t):
         loss, _ = Float8LinearCrossEntropy.apply(x, w, t, torch.float32)
-        y = Float8Matmul.apply(x, w[:48], torch.float32)
-        return torch.autograd.grad(loss + y.square().mean(), (x, w))
+        return torch.autograd.grad(loss, (x, w))
 
     x, w = torch.randn(64, 32, requires_grad=True), torch.randn(80, 32, requires_grad=True)
     graph = make_fx(step, tracing_mode="fake")(x, w, torch.randint(-1, 80, (64,))).graph
@@ -886,12 +886,12 @@ def test_fp8_is_transposed_only_by_fp8_t_which_the_compiler_cannot_fuse_into_the
         torch.float8_e4m3fn, torch.float8_e5m2)
     fp8_to_fp8 = [str(n.target) for n in graph.nodes if is_fp8(n) and any(map(is_fp8, n.args))]
     assert set(fp8_to_fp8) == {"aten.t.default", "scratchlm.fp8_t.default"}, fp8_to_fp8
-    assert fp8_to_fp8.count("scratchlm.fp8_t.default") == 6  # x8, w8 and g8 in both backwards
+    assert fp8_to_fp8.count("scratchlm.fp8_t.default") == 3  # x8, w8 and g8 in the backward
 
 
 def test_fp8_head_keeps_no_16_or_32_bit_logits_for_the_backward():
     # the gradient is made in the forward, in e5m2: the backward holds 1 byte per logit, not the 2-4 of the logits
-    from model import Float8LinearCrossEntropy
+    from fp8 import Float8LinearCrossEntropy
     saved = []
     x, w = torch.randn(64, 32, requires_grad=True), torch.randn(80, 32, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -901,7 +901,7 @@ def test_fp8_head_keeps_no_16_or_32_bit_logits_for_the_backward():
 
 
 def test_compiled_training_forward_and_backward_are_one_graph_with_the_fp8_head_too():
-    # a graph break runs the rest eagerly: an fp8 head that broke torch 2.11's graph took 112 ms/step, not 58.5
+    # a graph break runs the rest eagerly, which is slower (and torch 2.11 broke on an autograd Function's .apply)
     import train
     from torch._dynamo.utils import counters
     x = torch.randint(0, 96, (2, 17))
@@ -931,19 +931,19 @@ def bf16_training_loss(model, run, steps=40):
 
 
 def test_fp8_training_tracks_bf16_training_and_is_refused_where_it_cannot_apply():
+    import fp8 as fp8_head
     import train
-    from model import Linear
     losses = {}
-    for fp8 in ("none", "head", "all"):
+    for fp8 in ("none", "head"):
         torch.manual_seed(0)
         model = tiny_gpt(bias=False)
         losses[fp8] = bf16_training_loss(model, train.parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8))
-        assert model.lm_head.fp8 == (fp8 != "none") and model.transformer.h[0].mlp.c_fc.fp8 == (fp8 == "all")
+        assert (getattr(model.head_loss, "__func__", None) is fp8_head.fp8_head_loss) == (fp8 == "head")
     assert losses["none"] < 3.0  # from ln(96) = 4.6
-    assert all(abs(losses[f] - losses["none"]) < 0.05 * losses["none"] for f in ("head", "all"))
+    assert abs(losses["head"] - losses["none"]) < 0.05 * losses["none"]
     with pytest.raises(SystemExit, match="fp8='head' needs loss_chunk=0"):
         train.parallelize(tiny_gpt(), "cpu", 1, loss_chunk=8, fp8="head")
-    with pytest.raises(SystemExit, match="fp8 must be 'none', 'head' or 'all'"):
+    with pytest.raises(SystemExit, match="fp8 must be 'none' or 'head'"):
         train.parallelize(tiny_gpt(), "cpu", 1, fp8=True)
     with pytest.raises(SystemExit, match="fp8 needs an NVIDIA GPU with fp8 tensor cores"):
         train.parallelize(tiny_gpt(), "mps", 1, loss_chunk=0, fp8="head")
@@ -988,7 +988,7 @@ def test_sharded_two_processes_match_one_process_and_checkpoints_load_across_sha
     model = model_from_checkpoint(b)
     assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape[:2] == (1, 4)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    load_optimizer_state(model, opt, b["optimizer"])
+    load_optimizer_state(model, [opt], b["optimizer"])
     p = model.transformer.h[0].mlp.c_fc.weight
     assert torch.equal(opt.state[p]["exp_avg_sq"], sb["transformer.h.0.mlp.c_fc.weight"]["exp_avg_sq"])
     # and training goes on across shardings, both ways: sharded -> one process, one process -> sharded
@@ -1190,6 +1190,7 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
     """For SOAK_SECONDS (default 20): a run is SIGKILLed at random moments and resumed until it finishes, then
     compared with the clean run; then the next run (round) starts. Prints how many kills were survived."""
     import random
+    import shutil
     import time
     budget = float(os.environ.get("SOAK_SECONDS", 20))
     seed = int(os.environ.get("SOAK_SEED", time.time()))
@@ -1200,6 +1201,8 @@ def test_kill9_at_random_moments_soak_ends_bit_identical_to_a_clean_run(tiny_dat
         while True:
             before = json.load(open(out / "latest.json"))["iter_num"] if (out / "latest.json").exists() else None
             extra = [] if before is None else ["--init_from=resume"]
+            if before is None:  # killed before its first checkpoint: nothing to resume, so start over afresh
+                shutil.rmtree(out, ignore_errors=True)
             proc = subprocess.Popen(faults_cmd(tiny_data, out, *extra), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=faults_env(), cwd=HERE)
             if time.time() < t_end:
@@ -1290,7 +1293,7 @@ def test_guard_skips_a_bad_update_exactly_and_spots_nan_inf_and_spikes(device, t
             (loss * scale).backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             bad = guard_update(g, loss * scale, norm, 2.0, 3)
-            apply_update(opt, scaler, bad)
+            apply_update([opt], scaler, bad)
             opt.zero_grad(set_to_none=True)
             return bad.item()
 
@@ -1437,13 +1440,15 @@ def copy_data(tiny_data, tmp_path):
 
 def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
     p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
-    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --dataset=nope` first")
+    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
+                      r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
+                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
 
 
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"input .*missing does not exist; pass --input="),
     ("empty", r"the corpus is empty"),
-    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] files"),
+    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] or \.parquet files"),
     ("latin1", r"latin1\.txt is not UTF-8 text \(byte 3\); convert it"),
     ("not_json", r"bad\.jsonl:2 is not a JSON object with a \"text\" field"),
     ("no_field", r"bad\.jsonl:3 is not a JSON object with a \"text\" field"),
@@ -1922,6 +1927,1104 @@ def test_task_writes_every_file_and_holds_problems_out(tmp_path):
     assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1 and rlhf.task_reward(r["prompt"], r["rejected"]) == 0
                for r in prefs)
 # ==== end rlhf.py ====
+
+
+# ============================================================ export
+# export.py: a GPT to a transformers directory and back, checked against transformers' own forward, generate,
+# tokenizer and chat template. Needs transformers and safetensors (test-only dependencies).
+import dataclasses
+import re
+import runpy
+
+EXPORT_LAYOUTS = {  # layout name -> GPTConfig options; each exercises a different mapping
+    "gpt2": {},  # biases, tied
+    "gpt2_no_bias_untied": dict(bias=False, tie_embeddings=False, mlp_hidden=96),  # config/small.py's kind
+    "llama_gqa": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, rope_theta=5e5),
+    "llama_mqa_bias_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=True,
+                                  tie_embeddings=False, mlp_hidden=96),
+    "mistral_window": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
+                           sliding_window=5, tie_embeddings=False),
+}
+HF_CLASS = dict(gpt2="GPT2LMHeadModel", llama="LlamaForCausalLM", mistral="MistralForCausalLM")
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """transformers, imported once for the whole block (the import alone takes seconds)."""
+    pytest.importorskip("safetensors")
+    return pytest.importorskip("transformers")
+
+
+def export_gpt(seed=0, **kw):
+    """A random 2-layer GPT of width 64 over bpe_tok's 1000 ids padded to 1024, with N(0, 0.05) noise on every
+    parameter so that biases and norm gains are not left at their 0 / 1 init (a lost bias would go unseen)."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=2, n_head=4, n_embd=64, vocab_size=1024, block_size=64), **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", EXPORT_LAYOUTS)
+def test_export_transformers_forward_gives_our_logits(name, hf, bpe_tok, tmp_path, one_thread):
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    layout = export.export(model, bpe_tok, str(tmp_path))
+    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == HF_CLASS[layout]
+    x = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))  # 48 > the window of 5
+    with torch.no_grad():
+        ours, hf_logits = model(x)[0], theirs(x).logits
+    assert (hf_logits - ours).abs().max() <= 1e-5 * ours.abs().max()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral_window"])
+def test_export_transformers_generate_with_its_cache_gives_our_greedy_tokens(name, hf, bpe_tok, tmp_path, one_thread):
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    export.export(model, bpe_tok, str(tmp_path))
+    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    prompt = torch.tensor([bpe_tok.encode("def main():\n    x = 1")])
+    ours = torch.stack(list(model.generate(prompt, 24, temperature=0, n_vocab=bpe_tok.vocab_size)), 1)[0].tolist()
+    new = theirs.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.size(1):].tolist()
+    stops = {bpe_tok.eot, bpe_tok.special_tokens["<|end|>"]}  # generation_config.json's eos_token_id
+    assert new == ours[:len(new)] and (len(new) == 24 or new[-1] in stops)
+    assert max(ours) < bpe_tok.vocab_size and max(new) < bpe_tok.vocab_size  # padding ids are never sampled
+
+
+@pytest.mark.parametrize("name", EXPORT_LAYOUTS)
+def test_export_then_import_gives_back_the_same_config_and_bits(name, bpe_tok, tmp_path):
+    pytest.importorskip("safetensors")
+    import export
+    model = export_gpt(**EXPORT_LAYOUTS[name])
+    export.export(model, bpe_tok, str(tmp_path))
+    args, sd = export.load_hf(str(tmp_path))
+    assert args == dataclasses.asdict(model.config)
+    ref = model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) and sd[k].dtype == ref[k].dtype for k in ref)
+    assert export.tokenizer_from_hf(str(tmp_path)).hash == bpe_tok.hash
+
+
+@pytest.mark.parametrize("pattern", ["gpt4", "gpt2"])
+def test_export_tokenizer_json_gives_tiktokens_ids_on_adversarial_text(pattern, hf, bpe_tok, tmp_path):
+    import tokenizers
+    import export
+    tok = bpe_tok if pattern == "gpt4" else bpe.train(BPE_CORPUS, 600, pattern=bpe.GPT2_PATTERN)
+    with open(tmp_path / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(export.tokenizer_json(tok), f)
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(0)
+    specials = "<|endoftext|>x<|user|> hi<|end|>\n<|assistant|><|system|><|endoftext|><|endoftext|>"
+    texts = ADVERSARIAL + [random_unicode(rng, 60) for _ in range(500)] + [BPE_CORPUS[0][:4000], BPE_CORPUS[-1],
+                                                                          specials, " <|end|> " * 3 + "1,234.5e6\r\n"]
+    for text in texts:
+        ids = tok.encode(text, allowed_special="all")  # HF matches special tokens anywhere in the text
+        assert theirs.encode(text).ids == ids, text
+        assert theirs.decode(ids, skip_special_tokens=False) == text
+
+
+def test_export_autotokenizer_and_chat_template_give_encode_chats_ids_and_mask(hf, bpe_tok, tmp_path):
+    import export
+    export.export(export_gpt(), bpe_tok, str(tmp_path))
+    theirs = hf.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "x = 3  # 東京 🎉\r\n\n\n   <|endoftext|>  y"
+    assert theirs(text)["input_ids"] == bpe_tok.encode(text, allowed_special="all")
+    chat = [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "What is 12+30?  🎉"},
+            {"role": "assistant", "content": " 42\n\n  done"}, {"role": "user", "content": "東京 again\r\n"}]
+    for messages, gen in ((chat, True), (chat[:3], False), (chat[:1], True)):
+        ids, mask = bpe.encode_chat(bpe_tok, messages, add_generation_prompt=gen)
+        out = theirs.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        assert out["input_ids"] == ids
+        assert [bool(m) for m in out["assistant_masks"]] == mask
+
+
+def test_export_tokenizer_json_in_gpt2s_own_form_imports_exactly(hf, tmp_path):
+    """GPT-2's tokenizer.json has a ByteLevel pre-tokenizer with its built-in regex, not a Split: importing it
+    must give a tiktoken encoding with the same ids as HF's."""
+    import tokenizers
+    import export
+    tok = bpe.train(BPE_CORPUS, 600, pattern=bpe.GPT2_PATTERN, special_tokens=["<|endoftext|>"])
+    j = export.tokenizer_json(tok)
+    j["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    with open(tmp_path / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(j, f)
+    theirs, ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), export.tokenizer_from_hf(str(tmp_path))
+    rng = random.Random(1)
+    for text in ADVERSARIAL + [random_unicode(rng, 60) for _ in range(300)]:
+        assert theirs.encode(text).ids == ours.encode(text, allowed_special="all"), text
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin"])
+def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thread):
+    import export
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        theirs = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64))
+    else:
+        theirs = hf.LlamaForCausalLM(hf.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    hidden_size=64, intermediate_size=96, vocab_size=300,
+                                                    max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5e5))
+    with torch.no_grad():  # noise: transformers initialises GPT-2's biases to zero
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    theirs.eval().save_pretrained(str(tmp_path))
+    if kind == "llama_bin":  # the older pytorch_model.bin form, read with weights_only=True
+        os.remove(tmp_path / "model.safetensors")
+        torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    args, sd = export.load_hf(str(tmp_path))
+    ours = GPT(GPTConfig(**args)).eval()
+    ours.load_state_dict(sd)
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = theirs(x).logits, ours(x)[0]
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kw, names", [
+    (dict(qk_norm=True), "qk_norm=True"),
+    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(pos_encoding="rope"), "norm='layernorm'"),  # rope with GPT-2's LayerNorm and GELU: no HF layout
+    (dict(n_kv_head=2), "n_kv_head=2"),
+    (dict(sliding_window=8), "sliding_window=8"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8, bias=True), "bias=True"),
+])
+def test_export_options_hf_cannot_express_are_one_line_errors(kw, names):
+    import export
+    from model import GPTConfig
+    with pytest.raises(SystemExit, match=r"^error: .*" + re.escape(names)) as e:
+        export.hf_layout(GPTConfig(**kw))
+    assert "\n" not in str(e.value)
+
+
+def test_export_refuses_a_gptconfig_field_it_does_not_know():
+    """A field added to GPTConfig later is refused once it leaves its default, until export.py learns it."""
+    import export
+    from model import GPTConfig
+
+    @dataclasses.dataclass
+    class FutureConfig(GPTConfig):
+        attn_softcap: float = 0.0
+
+    assert export.hf_layout(FutureConfig()) == "gpt2"
+    with pytest.raises(SystemExit, match=r"^error: export.py does not know the option attn_softcap=30.0"):
+        export.hf_layout(FutureConfig(attn_softcap=30.0))
+
+
+def test_export_load_pretrained_bad_sources_are_one_line_errors(tmp_path, monkeypatch):
+    import export
+    with pytest.raises(SystemExit, match="is neither a directory nor one of gpt2"):
+        export.load_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SystemExit, match="holds a 'bert' model; export.py reads gpt2, llama and mistral"):
+        export.load_pretrained(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(SystemExit, match="needs huggingface_hub"):
+        export.load_pretrained("gpt2")
+
+
+def test_export_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    import export
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network, and an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: cannot download openai-community/gpt2-medium \(") as e:
+        export.load_pretrained("gpt2-medium")
+    assert "\n" not in str(e.value)
+
+
+def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(hf, bpe_tok, tmp_path, monkeypatch, capsys):
+    from checkpoint import save_checkpoint
+    model = export_gpt(**EXPORT_LAYOUTS["llama_gqa"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    bpe_tok.save(str(run_dir / "tokenizer.bpe"))
+    save_checkpoint(str(run_dir), dict(model=model.state_dict(), model_args=dataclasses.asdict(model.config),
+                                       tokenizer_hash=bpe_tok.hash, iter_num=0))
+    monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={run_dir}"])
+    runpy.run_path(os.path.join(HERE, "export.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"wrote {run_dir}-hf: llama layout" in out and "token ids the same" in out
+    assert sorted(os.listdir(f"{run_dir}-hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                  "tokenizer.json", "tokenizer_config.json"]
+# ============================================================ evalprep
+# prepare.py (parquet, fineweb-edu, processes, val split of small corpora, errors), bpe.status, eval.py.
+import math
+import re
+
+
+def test_status_lines_rewrite_one_line_on_a_terminal_and_are_plain_lines_every_few_seconds_in_a_log(monkeypatch):
+    import io
+    import prepare
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    clock = [100.0]
+    monkeypatch.setattr(bpe.time, "time", lambda: clock[0])
+    for stream in (Terminal(), io.StringIO()):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bpe._status_last[0] = 0.0
+        for i in range(40):  # 10 s of updates, 4 a second
+            bpe.status(f"line {i}")
+            clock[0] += 0.25
+        bpe.status("done", final=True)
+        bpe.status("next")  # a new job after a final line: its first line shows at once
+        if isinstance(stream, Terminal):
+            assert stream.getvalue() == "".join(f"\rline {i}   " for i in range(40)) + "\rdone   \n\rnext   "
+        else:
+            assert stream.getvalue() == "line 0\nline 20\ndone\nnext\n"  # every 5 s, no carriage return
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bpe._status_last[0] = 0.0
+    prepare.progress("tokenizing", 50e6, clock[0] - 10, frac=0.25)  # prepare.py's lines go through bpe.status
+    assert sys.stderr.getvalue() == "tokenizing: 50.0 MB | 5.0 MB/s | 25.0% | ETA 30s\n"
+
+
+def test_scripts_import_each_other_without_a_cycle():
+    import ast
+    scripts = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f != "test_all.py"}
+    graph = {}
+    for s in scripts:  # every import, at the top or inside a function
+        names = set()
+        for node in ast.walk(ast.parse(open(os.path.join(HERE, s + ".py"), encoding="utf-8").read())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        graph[s] = (names & scripts) - {s}
+    state = {}
+
+    def visit(s, path):
+        assert state.get(s) != "open", f"import cycle: {' -> '.join(path + [s])}"
+        if state.get(s) is None:
+            state[s] = "open"
+            for t in sorted(graph[s]):
+                visit(t, path + [s])
+            state[s] = "done"
+    for s in sorted(scripts):
+        visit(s, [])
+    assert "prepare" not in graph["bpe"] and "prepare" in graph["eval"] and "train" not in graph["eval"]
+
+
+def write_parquet(path, docs, row_group_size=7):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": docs, "id": [f"doc{i}" for i in range(len(docs))]}), str(path),
+                   row_group_size=row_group_size)
+
+
+def words_docs(n, seed=0):
+    rng = random.Random(seed)
+    vocab = ["the", "cell", "energy", "water", "plants", "light", "ünï", "school", "of", "and", "is", "läuft"]
+    return [" ".join(rng.choice(vocab) for _ in range(rng.randint(5, 60))) + "." for _ in range(n)]
+
+
+def test_prepare_tokenizes_in_processes_exactly_as_in_one(tmp_path, bpe_tok):
+    import prepare
+    path = str(tmp_path / "tok.bpe")
+    bpe_tok.save(path)
+    pairs = [("val" if i % 7 == 3 else "train", d) for i, d in enumerate(words_docs(80))]
+    serial = list(prepare.encoded_batches(pairs, bpe_tok, path, procs=1))
+    parallel = list(prepare.encoded_batches(pairs, bpe_tok, path, procs=2, batch_chars=500))
+    assert len(serial) == 1 and len(parallel) > 4
+    for split in ("train", "val"):
+        docs = [d for s, d in pairs if s == split]
+        expected = np.concatenate([np.array([bpe_tok.eot] + bpe_tok.encode_ordinary(d)) for d in docs])
+        for results in (serial, parallel):
+            got = [r[split] for r in results if split in r]
+            assert np.array_equal(np.concatenate([ids for ids, _, _ in got]), expected)
+            assert sum(n for _, n, _ in got) == len(docs)
+            assert sum(b for _, _, b in got) == sum(len(d.encode()) for d in docs)
+
+
+def test_prepare_fineweb_edu_downloads_its_parquet_shards_and_splits_rows_into_documents(tmp_path, monkeypatch):
+    import prepare
+    assert len(prepare.REMOTE["fineweb-edu"]) == 14 and prepare.DEFAULT_VOCAB["fineweb-edu"] == 50257
+    assert sum(size for _, size, _ in prepare.REMOTE["fineweb-edu"]) == 28_518_193_415  # the sample's published size
+    assert all(url.startswith(prepare.FINEWEB_EDU) and len(sha) == 64 for url, _, sha in prepare.REMOTE["fineweb-edu"])
+    docs = words_docs(60)
+    write_parquet(tmp_path / "000_00000.parquet", docs[:30] + [None, "   "] + docs[30:])  # null and blank rows: skipped
+    src = tmp_path / "000_00000.parquet"
+    monkeypatch.setitem(prepare.REMOTE, "fineweb-edu", [(src.as_uri(), src.stat().st_size, prepare.file_sha256(src)),
+                                                        ("file:///nonexistent/001_00000.parquet", 1, "0" * 64)])
+    for key, value in dict(dataset="fineweb-edu", data_root=str(tmp_path / "data"), vocab_size=300,
+                           val_fraction=0.1, fineweb_shards=1, input="").items():
+        monkeypatch.setattr(prepare, key, value)
+    out = prepare.prepare()  # fineweb_shards=1: the second (unreachable) shard is never asked for
+    assert os.path.exists(tmp_path / "data" / "downloads" / "000_00000.parquet.sha256")
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    tok = bpe.Tokenizer.load(os.path.join(out, "tokenizer.bpe"))
+    assert meta["train_docs"] + meta["val_docs"] == 60 and meta["val_split"] == "documents"
+    for split in ("train", "val"):
+        ids = np.concatenate([prepare.read_shard(os.path.join(out, p)) for p in meta[f"{split}_shards"]])
+        expected = [d for i, d in enumerate(docs) if prepare.split_of(i) == split]
+        assert tok.decode(ids.tolist()) == "".join("<|endoftext|>" + d for d in expected)
+
+
+def test_parquet_without_pyarrow_is_a_one_line_error_before_any_download(tmp_path, monkeypatch):
+    import prepare
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow.parquet` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setattr(prepare, "dataset", "fineweb-edu")
+    monkeypatch.setattr(prepare, "input", "")
+    monkeypatch.setattr(prepare, "data_root", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: reading \.parquet files \(fineweb-edu\) needs pyarrow; "
+                                         r"`pip install pyarrow`$"):
+        prepare.source_files()
+    assert not os.path.exists(tmp_path / "downloads")
+
+
+def test_prepare_one_file_without_blank_lines_holds_out_its_tail_as_val(tmp_path):
+    import prepare
+    text = "\n".join(words_docs(120, seed=1)) + "\n"  # one document that no blank line splits
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    run("prepare.py", f"--input={tmp_path / 'one.txt'}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300",
+        "--val_fraction=0.1")
+    out = tmp_path / "data" / "one"
+    meta = json.load(open(out / "meta.json"))
+    tok = bpe.Tokenizer.load(str(out / "tokenizer.bpe"))
+    decoded = {s: tok.decode(np.concatenate([prepare.read_shard(str(out / p)) for p in meta[f"{s}_shards"]]).tolist())
+               for s in ("train", "val")}
+    cut = len(text) - round(len(text) * 0.1)
+    assert meta["val_split"] == "tail" and meta["train_docs"] == meta["val_docs"] == 1
+    assert decoded == {"train": "<|endoftext|>" + text[:cut], "val": "<|endoftext|>" + text[cut:]}
+    assert meta["val_bytes"] == len(text[cut:].encode()) and sorted(os.listdir(tmp_path / "data")) == ["one"]
+
+
+def test_prepare_error_mid_way_leaves_no_output_and_keeps_an_earlier_complete_one(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i, d in enumerate(words_docs(40)):
+        (src / f"a{i:02d}.txt").write_text(d)
+    common = [f"--input={src}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300", "--val_fraction=0.2",
+              "--tokenizer_max_bytes=2000"]  # the tokenizer is made from the first files, before the bad one is read
+    (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    one_line_error(run("prepare.py", *common, check=False), r"z_bad\.jsonl:2 is not a JSON object", True)
+    assert os.listdir(tmp_path / "data") == []  # no tokenizer, no shards, no .tmp left behind
+    (src / "z_bad.jsonl").unlink()
+    run("prepare.py", *common)
+    out = tmp_path / "data" / "corpus"
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    one_line_error(run("prepare.py", *common, check=False), r"z_bad\.jsonl:2 is not a JSON object", True)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert os.listdir(tmp_path / "data") == ["corpus"]
+
+
+def test_unknown_dataset_errors_name_choices_that_work(tmp_path):
+    import prepare
+    p = run("prepare.py", "--dataset=nosuch", f"--data_root={tmp_path}", check=False)
+    one_line_error(p, r"^error: unknown dataset 'nosuch'; prepare.py knows stdlib, shakespeare, tinystories, "
+                      r"fineweb-edu; for a corpus of your own pass --input=PATH \(then --dataset names its output\)$")
+    one_line_error(run("prepare.py", "--dataset=fineweb", f"--data_root={tmp_path}", check=False),
+                   r"unknown dataset 'fineweb'; did you mean --dataset=fineweb-edu\?")
+    with pytest.raises(SystemExit, match=r"run `python prepare.py --dataset=shakespeare --data_root=\S+` first$"):
+        prepare.load_meta(str(tmp_path / "shakespeare"))
+    with pytest.raises(SystemExit) as e:
+        prepare.load_meta(str(tmp_path / "mine"))
+    command = re.search(r"`python (prepare\.py [^`]*)`", str(e.value)).group(1).split()
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n".join(words_docs(30)))
+    run(*[a.replace("PATH", str(src)) for a in command], "--vocab_size=300")  # the suggested command works
+    assert prepare.load_meta(str(tmp_path / "mine"))["vocab_size"] == 300
+
+
+class Unigram(torch.nn.Module):
+    """A model whose loss for token t is exactly -log p[t] whatever the context: the same logits, log p, at every
+    position (tokens outside p get none of the probability)."""
+
+    def __init__(self, p, vocab, block_size=64):
+        super().__init__()
+        self.logp = torch.full((vocab,), -1e4)
+        for t, v in p.items():
+            self.logp[t] = math.log(v)
+        self.config = type("Config", (), dict(block_size=block_size))
+
+    def forward(self, idx, targets=None):
+        return self.logp.expand(*idx.shape, -1), None
+
+
+def test_mc_scores_only_the_endings_tokens_summed_for_acc_and_per_token_for_acc_norm():
+    import eval as ev
+    tok = bpe.train(["abcdz"], 256 + len(bpe.SPECIAL_TOKENS))  # bytes only: one token per character
+    p = {"z": 0.5, "c": 0.3, "a": 0.08, "b": 0.08, "d": 0.04}
+    model = Unigram({ord(k): v for k, v in p.items()}, tok.vocab_size)
+    endings = ["d", "ccc", "ab", "aaaa"]
+    sums = [-math.log(0.04), -3 * math.log(0.3), -2 * math.log(0.08), -4 * math.log(0.08)]  # 3.22 3.61 5.05 10.10
+    # per token: 3.22, 1.20, 2.53, 2.53. Least summed loss: ending 0; least per token: ending 1
+    rows = [dict(context="zzzzzzzzzz", endings=endings, label=label) for label in (0, 1, 1)]
+    got, counts = ev.ending_losses(model, ev.encode_rows(tok, rows[:1], 64), "cpu", ev.nullcontext())
+    assert torch.allclose(got, torch.tensor(sums)) and counts.tolist() == [1, 3, 2, 4]  # the context is not scored
+    r = ev.multiple_choice(model, tok, rows, "cpu", batch_rows=2)
+    assert r == dict(acc=pytest.approx(1 / 3), acc_norm=pytest.approx(2 / 3), n=3)
+
+
+def eval_gpt(tok, block_size=16):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    vocab = -(-tok.vocab_size // 64) * 64
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab))
+
+
+def test_mc_batched_forward_equals_a_naive_loop_over_the_endings(bpe_tok):
+    import eval as ev
+    model = eval_gpt(bpe_tok).eval()
+    rng = random.Random(0)
+    rows = [dict(context=" ".join(rng.choice(["def", "x", "return", "(", "):"]) for _ in range(rng.randint(0, 12))),
+                 endings=[" " + " ".join(rng.choice(["y", "1", "self", "+"]) for _ in range(rng.randint(1, 5)))
+                          for _ in range(rng.choice([2, 4]))], label=0) for _ in range(9)]
+    for r in rows:
+        r["label"] = rng.randrange(len(r["endings"]))
+    right = torch.zeros(2)
+    for r in rows:  # one ending at a time, unpadded; contexts longer than the model are cut on the left
+        losses = []
+        for e in r["endings"]:
+            end = bpe_tok.encode_ordinary(e)
+            seq = torch.tensor(((bpe_tok.encode_ordinary(r["context"]) or [bpe_tok.eot]) + end)[-17:])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(seq[None, :-1])[0][0].float(), -1)
+            losses.append((-logp[range(len(seq) - 1), seq[1:]][-len(end):].sum(), len(end)))
+        s = torch.tensor([l for l, _ in losses])
+        n = torch.tensor([k for _, k in losses])
+        sums, counts = ev.ending_losses(model, ev.encode_rows(bpe_tok, [r], 16), "cpu", ev.nullcontext())
+        assert torch.allclose(sums, s, atol=1e-4) and torch.equal(counts, n)
+        right += torch.tensor([s.argmin() == r["label"], (s / n).argmin() == r["label"]])
+    got = ev.multiple_choice(model, bpe_tok, rows, "cpu", batch_rows=4)
+    assert (got["acc"], got["acc_norm"], got["n"]) == (pytest.approx(right[0] / 9), pytest.approx(right[1] / 9), 9)
+    # under torchrun each rank scores every world-th row, all ranks the same number of forwards; the counts add up
+    parts = [ev.multiple_choice(model, bpe_tok, rows, "cpu", batch_rows=2, rank=k, world=2) for k in (0, 1)]
+    assert [p["n"] for p in parts] == [5, 4]
+    assert sum(p["acc"] * p["n"] for p in parts) == pytest.approx(right[0].item())
+    assert sum(p["acc_norm"] * p["n"] for p in parts) == pytest.approx(right[1].item())
+
+
+def test_bits_per_byte_scores_every_token_once_and_equals_a_direct_computation(bpe_tok):
+    import eval as ev
+    model = eval_gpt(bpe_tok).eval()
+    text = BPE_CORPUS[0][:400]
+    ids = [bpe_tok.eot] + bpe_tok.encode_ordinary(text)
+    T = 16
+    for stride in (5, 16):
+        total = 0.0
+        for t in range(1, len(ids)):  # token t is scored in the first window that holds it: start k*stride
+            s = max(0, -(-(t - T) // stride)) * stride
+            with torch.no_grad():
+                logits = model(torch.tensor([ids[s:t]]))[0][0, -1].float()
+            total += (torch.logsumexp(logits, -1) - logits[ids[t]]).item()
+        r = ev.bits_per_byte(model, bpe_tok, text, "cpu", stride=stride, batch_size=3)
+        assert r["tokens"] == len(ids) - 1 and r["bytes"] == len(text.encode())
+        assert r["bpb"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-5)
+
+
+HELLASWAG_LINES = [
+    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+     "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.", "is holding a cube.",
+                 "starts pulling up roofing on a roof."], "source_id": "activitynet~v_test"},
+    {"ind": 92, "activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell.", "ctx_b": "she",
+     "ctx": "A lady walks to a barbell. she", "split": "val", "split_type": "zeroshot", "label": 0,
+     "endings": ["lifts it over her head.", "sings.", "walks away from it.", "sits on the bar."],
+     "source_id": "activitynet~v_test2"},
+]
+
+
+def test_hellaswag_download_checks_the_file_and_rows_get_the_joining_space(tmp_path, monkeypatch):
+    import eval as ev
+    src = tmp_path / "hellaswag_val.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in HELLASWAG_LINES))
+    content = src.read_bytes()
+    monkeypatch.setattr(ev, "HELLASWAG_URL", src.as_uri())
+    monkeypatch.setattr(ev, "HELLASWAG_BLOB", hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest())
+    dest = ev.hellaswag_file(str(tmp_path / "data"))
+    assert dest == str(tmp_path / "data" / "downloads" / "hellaswag_val.jsonl") and open(dest, "rb").read() == content
+    assert open(dest + ".sha256").read().strip() == hashlib.sha256(content).hexdigest()
+    rows = ev.hellaswag_rows(dest)
+    assert rows[0] == dict(context="A man is sitting on a roof. he", label=3,
+                           endings=[" is using wrap to wrap a pair of skis.", " is ripping level tiles off.",
+                                    " is holding a cube.", " starts pulling up roofing on a roof."])
+    monkeypatch.setattr(ev, "HELLASWAG_BLOB", "0" * 40)  # a file that is not HellaSwag's: refused and removed
+    with pytest.raises(SystemExit, match=r"is not HellaSwag's val file \(git blob id mismatch\); removed it"):
+        ev.hellaswag_file(str(tmp_path / "data"))
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".sha256")
+    monkeypatch.setattr(ev, "HELLASWAG_URL", (tmp_path / "offline.jsonl").as_uri())
+    with pytest.raises(SystemExit, match=r"^error: cannot download .*; no network\? Fetch it yourself to "
+                                         r".*hellaswag_val\.jsonl \(it is checked all the same\)$"):
+        ev.hellaswag_file(str(tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def eval_run(bpe_tok, tmp_path_factory):
+    """An out_dir with an untrained tiny checkpoint and its tokenizer, as train.py leaves them."""
+    from checkpoint import save_checkpoint
+    out = tmp_path_factory.mktemp("eval_run")
+    model = eval_gpt(bpe_tok, block_size=32)
+    args = {k: getattr(model.config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    bpe_tok.save(str(out / "tokenizer.bpe"))
+    save_checkpoint(str(out), dict(model=model.state_dict(), model_args=args, iter_num=0, tokenizer_hash=bpe_tok.hash))
+    return out, model
+
+
+def test_eval_cli_scores_mc_and_bpb_and_bad_inputs_are_one_line_errors(eval_run, bpe_tok, tmp_path, capsys):
+    import eval as ev
+    out, model = eval_run
+    data = tmp_path / "rows.jsonl"
+    rows = [dict(context=l["ctx"], endings=[" " + e for e in l["endings"]], label=l["label"]) for l in HELLASWAG_LINES]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run("eval.py", f"--out_dir={out}", "--task=mc", f"--data={data}", "--device=cpu")
+    r = ev.multiple_choice(model.eval(), bpe_tok, rows, "cpu")
+    assert p.stdout.strip() == f"mc: acc {100 * r['acc']:.2f}% | acc_norm {100 * r['acc_norm']:.2f}% (2 rows)"
+    (tmp_path / "t.txt").write_text(BPE_CORPUS[1][:300])
+    r = fresh_main("eval.py", f"--out_dir={out}", "--task=bpb", f"--text={tmp_path / 't.txt'}", "--device=cpu")
+    assert r["bytes"] == 300 and capsys.readouterr().out == (
+        f"{tmp_path / 't.txt'}: {r['bpb']:.4f} bits/byte ({r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
+        f"300 bytes)\n")
+    one_line_error(run("eval.py", f"--out_dir={tmp_path / 'none'}", check=False),
+                   r"no checkpoint in .*none \(missing latest\.json\); train one")
+    (tmp_path / "bad.jsonl").write_text('{"context": "a", "endings": ["b"], "label": 0}\n')
+    for args, pattern in [
+        (["--task=mc", f"--data={tmp_path / 'missing.jsonl'}"], r"--task=mc needs --data=FILE\.jsonl; .*missing"
+                                                                r"\.jsonl does not exist$"),
+        (["--task=bpb"], r"--task=bpb needs --text=FILE; no text file given$"),
+        (["--task=mc", f"--data={tmp_path / 'bad.jsonl'}"], r"bad\.jsonl:1 is not a multiple-choice row"),
+        (["--task=nosuch"], r"unknown task 'nosuch'; choose one of hellaswag, mc, bpb$"),
+    ]:
+        with pytest.raises(SystemExit, match="^error: .*" + pattern):
+            fresh_main("eval.py", f"--out_dir={out}", "--device=cpu", *args)
+# ============================================================ surface
+# --help on every script, sample.py's everyday errors and warnings, bench's fresh-process first call, plot.py.
+def surface_script_ns(script):
+    import runpy
+    return runpy.run_path(os.path.join(HERE, script))
+
+
+def test_help_lists_every_train_key_with_its_default_and_comment_and_no_constants():
+    import train
+    from configurator import config_keys, source_notes
+    from model import GPTConfig
+    p = run("train.py", "--help")
+    assert p.returncode == 0 and p.stderr == ""
+    out = p.stdout.splitlines()
+    assert out[0].startswith("train.py: Pretrain a GPT") and "    python train.py config/small.py" in p.stdout
+    keys = config_keys(vars(train))
+    assert {"out_dir", "n_layer", "sharding", "vocab_size", "spike_factor"} <= set(keys)
+    assigns = {line.split("  #")[0].rstrip() for line in out}
+    assert {f"{k} = {v!r}" for k, v in keys.items()} <= assigns  # every key, with its default
+    notes = source_notes(open(os.path.join(HERE, "train.py")).read())[0]
+    fields = source_notes(textwrap.dedent(__import__("inspect").getsource(GPTConfig)), in_class=True)[0]
+    comments = [c for k in keys for c in (notes.get(k) or fields[k])[2]]
+    assert len(comments) > 30 and all(f"# {c}" in p.stdout for c in comments)  # the comments as written
+    assert "# fsdp (FSDP2: params, grads, AdamW state sharded)" in p.stdout  # a continuation line, on its own line
+    sections = [line for line in out if line.startswith("# ")]
+    assert sections[:3] == ["# I/O", "# data", "# model: every field of GPTConfig (model.py) is a config key here; "
+                                                 "vocab_size comes from the data"] and "# scale" in sections
+    assert not any(line.split(" = ")[0].isupper() for line in out if " = " in line)  # no GUARD_FIELDS, STOP...
+    with pytest.raises(SystemExit) as e:
+        __import__("configurator").configure(dict(vars(train)), ["--zzzzzz=1"])
+    suggested = str(e.value).split("valid keys: ")[1].rstrip(")").split(", ")
+    assert set(suggested) == set(keys) and not any(k.isupper() for k in suggested)
+
+
+@pytest.mark.parametrize("script", ["bpe.py", "prepare.py", "sample.py", "rlhf.py", "bench.py", "plot.py"])
+def test_help_and_h_print_every_key_and_exit_0_on_every_script(script, capsys):
+    from configurator import config_keys, configure
+    ns = surface_script_ns(script)
+    for flag in ("--help", "-h"):
+        with pytest.raises(SystemExit) as e:
+            configure(ns, ["--out_dir=x", flag])
+        assert e.value.code in (0, None)
+        out = capsys.readouterr().out
+        assert out.startswith(f"{script}: ") and "usage:" in out and f"python {script}" in out
+        assert all(f"{k} = {v!r}" in out for k, v in config_keys(ns).items())
+
+
+def test_configurator_keys_are_lowercase_so_config_file_constants_are_allowed(tmp_path, capsys):
+    from configurator import configure
+    (tmp_path / "c.py").write_text("LAYERS = 6  # a constant of the file itself\nn_layer = LAYERS\n")
+    ns = conf_defaults() | {"CHAT_TOKENS": ("a",), "REMOTE": "x"}
+    assert configure(ns, [str(tmp_path / "c.py")])["n_layer"] == 6
+    with pytest.raises(SystemExit, match=r"valid keys: betas, compile, learning_rate, n_layer, out_dir, vocab_size\)"):
+        configure(ns, ["--zzz=1"])
+    with pytest.raises(SystemExit):  # a namespace without __file__ or __doc__ still gets its keys listed
+        configure(conf_defaults(), ["-h"])
+    assert "n_layer = 12" in capsys.readouterr().out
+
+
+def surface_ckpt(out, vocab_size=261, stage=None):
+    """A tiny checkpoint in out/ with the chat tokenizer; stage: as rlhf.py records it (None: pretraining)."""
+    import bpe
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    tok = bpe.train(["12+34=46\n"], 261)
+    os.makedirs(out, exist_ok=True)
+    tok.save(str(out / "tokenizer.bpe"))
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=vocab_size, bias=False)
+    torch.manual_seed(0)
+    state = dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args, tokenizer_hash=tok.hash, iter_num=0)
+    save_checkpoint(str(out), dict(state, stage=stage) if stage else state)
+    return str(out)
+
+
+@pytest.mark.parametrize("arg, pattern", [
+    ("--num_samples=0", r"--num_samples=0 is out of range; give 1 or more$"),
+    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give 1 or more$"),
+    ("--temperature=-1", r"--temperature=-1.0 is out of range; give >= 0 \(0 = greedy\)$"),
+    ("--top_p=0", r"--top_p=0.0 is out of range; give in \(0, 1\] \(1 = off\)$"),
+    ("--top_p=1.5", r"--top_p=1.5 is out of range"),
+    ("--top_k=-1", r"--top_k=-1 is out of range"),
+    ("--device=gpu", r"unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps$"),
+    ("--dtype=fp8", r"unknown dtype 'fp8'; use auto, float32, bfloat16, float16$"),
+])
+def test_sample_bad_settings_are_one_line_errors_before_loading(arg, pattern, tmp_path):
+    with pytest.raises(SystemExit, match="^error: " + pattern) as e:
+        fresh_main("sample.py", f"--out_dir={tmp_path / 'none'}", arg)  # no checkpoint: refused before loading
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_sample_device_cuda_on_a_cpu_build_is_a_one_line_error_without_traceback(tmp_path):
+    p = run("sample.py", f"--out_dir={tmp_path}", "--device=cuda", check=False)
+    one_line_error(p, r"^error: --device=cuda, but this torch \(.*\) is a CPU build; use --device=cpu \(or auto\)$")
+
+
+def test_sample_refuses_a_model_with_fewer_token_ids_than_its_tokenizer(tmp_path):
+    out = surface_ckpt(tmp_path / "run", vocab_size=256)
+    with pytest.raises(SystemExit, match=r"^error: the model in .*run has 256 token ids, fewer than its tokenizer's "
+                                         r"261 tokens; .*vocab_size >= 261$"):
+        fresh_main("sample.py", f"--out_dir={out}", "--device=cpu")
+
+
+def test_sample_without_a_checkpoint_lists_the_runs_and_the_command_to_sample_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint in out \(missing latest\.json\), and no run under "
+                                         r".*python train\.py config/small\.py$"):
+        fresh_main("sample.py")
+    surface_ckpt(tmp_path / "out" / "small")
+    surface_ckpt(tmp_path / "out" / "sweep" / "lr3")
+    os.makedirs(tmp_path / "out" / "empty")
+    with pytest.raises(SystemExit) as e:
+        fresh_main("sample.py")  # out_dir = "out", as after README command 1
+    assert str(e.value) == ("error: no checkpoint in out (missing latest.json); runs with one: out/small, "
+                            "out/sweep/lr3; sample one with: python sample.py --out_dir=out/small")
+    with pytest.raises(SystemExit, match=r"no checkpoint in out/smal \(missing latest\.json\); runs with one: "
+                                         r"out/small, out/sweep/lr3;"):
+        fresh_main("sample.py", "--out_dir=out/smal")  # a typo: the runs next to it
+
+
+@pytest.mark.parametrize("stage", [None, "sft"])
+def test_sample_chat_warns_once_on_a_model_never_fine_tuned_then_chats(stage, tmp_path, monkeypatch, capsys):
+    import io
+    out = surface_ckpt(tmp_path / "run", stage=stage)
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1=\n/quit\n"))
+    fresh_main("sample.py", f"--out_dir={out}", "--chat", "--device=cpu", "--max_new_tokens=3", "--temperature=0")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("chat: type a message") and captured.out.count("> ") == 2  # it went on
+    if stage:
+        assert captured.err == ""  # rlhf.py's checkpoints record their stage
+    else:
+        warning, = captured.err.strip().splitlines()
+        assert warning.startswith(f"warning: {out} holds a pretrained model that was never fine-tuned for chat")
+        assert f"python rlhf.py config/sft.py --init_from={out}" in warning
+
+
+def test_sample_imports_no_training_code():
+    p = run("-c", "import sys, sample; print(sorted(m for m in ('train', 'rlhf', 'prepare') if m in sys.modules))")
+    assert p.stdout.strip() == "[]"
+
+
+def test_bench_generate_times_the_first_and_second_call_of_a_fresh_process(tmp_path):
+    p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_new_tokens=5", "--gen_batches=(1,)",
+            "--gen_no_cache=False", "--gen_device=cpu", "--gen_cold_variants=prompt_len=1", "--gen_cold_profile=True",
+            f"--gen_out_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    row, = json.load(open(tmp_path / "generate.json"))["cold"]
+    assert row["variant"] == "prompt_len=1" and row["prompt_len"] == 1 and row["batch"] == 1
+    assert row["first_s"] > 0 and row["second_s"] > 0 and row["ratio"] == pytest.approx(row["first_s"] / row["second_s"])
+    assert all(0 < t <= s for t, s in zip(row["first_token_s"], (row["first_s"], row["second_s"])))
+    assert row["import_s"] > 0 and any(op.startswith("aten::addmm") for op, _, _ in row["profile"])
+    assert "fresh process" in p.stdout and "prompt_len=1" in p.stdout and "most expensive ops" in p.stdout
+
+
+def surface_metrics(path, steps, k=1.0, elapsed=True, resumed_from=None):
+    """A tiny metrics.jsonl as train.py writes it: training rows every 10 steps, evaluations every 50."""
+    import math
+    rows = []
+    for s in range(0, steps + 1, 10):
+        extra = dict(elapsed_s=s * 0.5) if elapsed else {}
+        if s:
+            rows.append(dict(step=s, loss=2 + 5 * math.exp(-k * s / 80), lr=1e-3 * min(1, s / 50), tokens_per_s=1e3,
+                             **extra))
+        if s % 50 == 0:
+            rows.append(dict(step=s, train_loss=2 + 5 * math.exp(-k * s / 80), val_loss=2.1 + 5 * math.exp(-k * s / 80),
+                             val_bpb=1.0, **extra))
+    if resumed_from is not None:  # killed, then resumed from the checkpoint at resumed_from: those steps again
+        rows += [dict(r, **{"loss": r["loss"] - 0.5} if "loss" in r else {}) for r in rows if r["step"] > resumed_from]
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 3')  # a half-written last line
+    return str(path)
+
+
+def assert_png(path, min_side=300):
+    import matplotlib.image
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[2] in (3, 4) and min(img.shape[:2]) >= min_side
+    return img
+
+
+def test_plot_draws_several_runs_overlaid_into_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = surface_metrics(tmp_path / "baseline", 200)
+    b = surface_metrics(tmp_path / "recipe", 150, k=1.5, elapsed=False)
+    fresh_main("plot.py", a, b, f"--out={tmp_path / 'curves.png'}", "--title=baseline vs recipe")
+    img = assert_png(tmp_path / "curves.png")
+    assert img.shape[1] > img.shape[0]  # the 2 x 2 panels, landscape
+    with pytest.raises(SystemExit, match=r"^error: --labels=x gives 1 labels for 2 runs"):
+        fresh_main("plot.py", a, b, "--labels=x")
+    with pytest.raises(SystemExit, match=r"^error: no metrics in .*nope"):
+        fresh_main("plot.py", str(tmp_path / "nope.jsonl"))
+
+
+def test_plot_curves_draws_val_loss_against_wall_time_for_a_speedrun(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    runs = {"baseline": plot.read_metrics(surface_metrics(tmp_path / "a", 200)),
+            "recipe": plot.read_metrics(surface_metrics(tmp_path / "b", 200, k=2.0))}
+    assert plot.curves(runs, str(tmp_path / "val.png")) == str(tmp_path / "val.png")
+    assert_png(tmp_path / "val.png")
+
+
+def test_plot_reads_a_resumed_run_once_and_takes_tokens_from_the_checkpoint_config(tmp_path, sample_ckpt):
+    import plot
+    from checkpoint import load_checkpoint
+    rows = plot.read_metrics(surface_metrics(tmp_path / "r", 100, resumed_from=50))  # the torn last line: left out
+    train_steps = [r["step"] for r in rows if "loss" in r]
+    assert train_steps == list(range(10, 101, 10)) and [r["step"] for r in rows if "val_loss" in r] == [0, 50, 100]
+    assert [r["loss"] for r in rows if "loss" in r][5:] == pytest.approx(  # steps 60..100: the resumed run's rows
+        [r["loss"] - 0.5 for r in plot.read_metrics(surface_metrics(tmp_path / "s", 100)) if "loss" in r][5:])
+    config = load_checkpoint(sample_ckpt)["config"]
+    per_step = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    assert plot.tokens_per_step(sample_ckpt) == per_step and plot.tokens_per_step(str(tmp_path / "r")) is None
+    kept, xs = plot.x_values(plot.read_metrics(sample_ckpt), "tokens", per_step)
+    assert xs and xs == [r["step"] * per_step for r in kept]
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
+    import plot
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib then raises ImportError
+    with pytest.raises(SystemExit, match=r"^error: plot\.py needs matplotlib, which is not installed: "
+                                         r"pip install matplotlib$"):
+        plot.pyplot()
+
+
+# ============================================================ time to quality (train.py data order, Muon, model switches, speedrun)
+def windows_of(tiny_data, split="train", block_size=8):
+    from prepare import load_meta
+    from train import TokenWindows, split_paths
+    data_root, name, _ = tiny_data
+    data_dir = os.path.join(data_root, name)
+    return TokenWindows(split_paths(data_dir, load_meta(data_dir), split), block_size)
+
+
+def test_shifted_epochs_move_the_window_grid_and_still_deal_every_window_once(tiny_data):
+    from train import Batches
+    ds = windows_of(tiny_data)
+    offsets = []
+    for epoch in range(4):
+        starts = []
+        for rank in range(2):
+            b = Batches(ds, 3, rank, 2, seed=0, epoch=epoch, shift=True)
+            offsets.append(b.offset)
+            starts.append(b.order[:b.per_epoch * 3].tolist())
+            x, y = next(b)
+            first = int(b.order[0])  # the batch's first row is window `first` of the shifted grid
+            shard = int(np.searchsorted(b.starts, first, side="right")) - 1
+            s = b.offset + (first - b.starts[shard]) * 8
+            assert torch.equal(x[0], torch.from_numpy(ds.shards[shard][s:s + 8].astype(np.int64)))
+            assert torch.equal(x[:, 1:], y[:, :-1])
+        assert not set(starts[0]) & set(starts[1])                       # no window on both ranks
+        assert all(len(set(s)) == len(s) for s in starts)                # no window twice in an epoch
+        assert len(starts[0]) + len(starts[1]) >= int(b.starts[-1]) - 2 * 3 * 2
+    assert offsets[0] == offsets[1] == 0 and len(set(offsets[2::2])) > 1  # epoch 0 unshifted, later ones move
+    assert all(0 <= o < 8 for o in offsets)
+
+
+def test_evaluation_batches_stay_the_same_from_eval_to_eval(tiny_data):
+    from train import Batches
+    ds = windows_of(tiny_data, "val")
+    a, b = Batches(ds, 2, 0, 1, seed=1), Batches(ds, 2, 0, 1, seed=1)
+    for _ in range(3):
+        assert torch.equal(next(a)[0], next(b)[0])
+    assert a.offset == 0
+
+
+def test_resume_is_bit_exact_with_muon_and_shifted_epochs(tiny_data, tmp_path):
+    # 40 steps of 4 x 16 tokens run several epochs of the tiny corpus, so the resume crosses shifted grids
+    common = ["--max_iters=40", "--lr_decay_iters=40", "--eval_interval=20", "--optimizer=muon", "--log_interval=10",
+              "--lr_schedule=wsd", "--value_embeds=True", "--unet_skips=True", "--tie_embeddings=False"]
+    tiny_train(tiny_data, tmp_path / "once", *common)
+    tiny_train(tiny_data, tmp_path / "twice", *common[1:], "--max_iters=20")
+    tiny_train(tiny_data, tmp_path / "twice", *common, "--init_from=resume")
+    from checkpoint import load_checkpoint
+    a, b = load_checkpoint(str(tmp_path / "once")), load_checkpoint(str(tmp_path / "twice"))
+    assert a["data"]["epoch"] >= 2 and a["data"] == b["data"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert "momentum_buffer" in a["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]  # Muon's state saved
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_each_group_with_its_lr():
+    import train
+    model = gpt_with(n_layer=4, tie_embeddings=False, value_embeds=True, unet_skips=True)
+    adamw, muon = train.make_optimizers(model, 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", embed_lr=0.05,
+                                        head_lr=2e-3, muon_lr=0.03, muon_weight_decay=0.01)
+    names = {p: n for n, p in model.named_parameters()}
+    in_muon = {names[p] for p in muon.param_groups[0]["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    embed, head, gain = ({names[p] for p in g["params"]} for g in adamw.param_groups)
+    assert embed == {"transformer.wte.weight", "transformer.wpe.weight"} | {f"transformer.ve.{i}.weight" for i in range(2)}
+    assert head == {"lm_head.weight"} and "skip_weights" in gain and all(model.get_parameter(n).dim() == 1 for n in gain)
+    assert len(in_muon | embed | head | gain) == len(names)           # every parameter in exactly one group
+    assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
+    assert muon.param_groups[0]["weight_decay"] == 0.01
+    train.set_lr([adamw, muon], 0.5)  # the schedule scales every group's own lr
+    assert [g["lr"] for g in adamw.param_groups] == [0.025, 1e-3, 5e-4] and muon.param_groups[0]["lr"] == 0.015
+    with pytest.raises(SystemExit, match="optimizer='muon' orthogonalises whole matrices.*sharding='ddp'"):
+        train.make_optimizers(model, 2, "fsdp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+    with pytest.raises(SystemExit, match="optimizer must be 'adamw' or 'muon'"):
+        train.make_optimizers(model, 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
+
+
+def test_a_skipped_update_leaves_muon_and_its_momentum_untouched():
+    import train
+    model = gpt_with(n_layer=2)
+    opts = train.make_optimizers(model, 1, "ddp", 0.0, 1e-2, (0.9, 0.95), "cpu", "muon")
+    x = torch.randint(0, 64, (2, 8))
+    for bad in (0.0, 1.0):
+        model(x, x)[1].backward()
+        before = ({k: v.clone() for k, v in model.state_dict().items()},
+                  {id(p): {k: v.clone() for k, v in s.items()} for o in opts for p, s in o.state.items()})
+        train.apply_update(opts, torch.amp.GradScaler(enabled=False), torch.tensor(bad))
+        changed = any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+        assert changed == (bad == 0.0)
+        if bad:
+            assert all(torch.equal(v, before[1][id(p)][k]) for o in opts for p, s in o.state.items() for k, v in s.items())
+        for o in opts:
+            o.zero_grad()
+
+
+def test_wsd_schedule_is_flat_then_linear_to_the_floor():
+    from train import get_lr
+    lr = lambda it: get_lr(it, 1.0, 10, 110, 0.1, "wsd", cooldown_frac=0.5)
+    assert lr(0) == pytest.approx(1 / 11) and lr(10) == lr(55) == 1.0  # warmup, then flat until the cooldown
+    assert lr(55 + 27.5) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)  # linear to the floor
+
+
+def test_modern_switches_keep_generation_with_the_kv_cache_equal_to_the_full_forward():
+    for kw in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=2.0),
+               dict(value_embeds=True, unet_skips=True, n_layer=5, pos_encoding="rope", n_kv_head=1, mlp="relu2")):
+        model = gpt_with(spread=0.3, **kw).eval()
+        idx = torch.randint(0, 64, (2, 12))
+        logits, _ = model(idx)
+        cache = model.new_cache(2, 16, torch.float32, "cpu")
+        pre = model.forward_cached(idx[:, :7], torch.arange(7), cache)
+        step = model.forward_cached(idx[:, 7:8], torch.arange(7, 8), cache)
+        torch.testing.assert_close(pre, logits[:, :7], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step[:, 0], logits[:, 7], rtol=1e-5, atol=1e-5)
+        if "logit_softcap" in kw:
+            assert logits.abs().max() < 2.0
+
+
+def test_zero_init_projections_make_every_block_start_as_the_identity():
+    model = gpt_with(zero_init_proj=True, n_layer=3)
+    x = torch.randn(2, 5, 32)
+    for block in model.transformer.h:
+        assert torch.equal(block(x), x)
+    assert all(b.mlp.c_proj.weight.abs().sum() == 0 for b in model.transformer.h)
+
+
+def test_speedrun_bench_times_the_recipe_and_the_baseline_from_launch_on_cpu(tmp_path):
+    common = ("device=cpu n_layer=1 n_head=2 n_embd=32 block_size=32 batch_size=4 max_iters=6 lr_decay_iters=6 "
+              "eval_interval=3 eval_iters=2 log_interval=3 warmup_iters=0 compile=False")
+    p = run("bench.py", "--mode=speedrun", "--speedrun_seeds=2", f"--speedrun_common={common}",
+            "--speedrun_variants=unet_skips=False", f"--speedrun_dir={tmp_path / 'sr'}",
+            f"--speedrun_data_root={tmp_path / 'data'}", env={"OMP_NUM_THREADS": "1"})
+    res = json.load(open(tmp_path / "sr" / "results.json"))
+    rows = {r["name"]: r for r in res["table"]}
+    assert set(rows) == {"baseline", "recipe", "unet_skips=False"} and all(r["seeds"] == 2 for r in rows.values())
+    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in res["runs"]["baseline"]]
+    assert res["target"] == pytest.approx(sum(base_best) / 2)      # the target: the baseline's mean best
+    for r in rows.values():
+        assert len(r["time_to_target"]) == r["reached"] and all(0 < t <= w for t, w in zip(r["time_to_target"], r["wall"]))
+        assert all(f > 0 for f in r["first_step_s"])
+    table = p.stdout[p.stdout.index("s to target"):]
+    assert all(name in table for name in rows) and os.path.exists(tmp_path / "sr" / "val_vs_time.png")
+
+
+# ============================================================ trainux
+import re
+
+
+def trainux_metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def trainux_run(tiny_data, tmp_path_factory):
+    """A finished tiny run: its out_dir (20 steps, evaluated at step 20) and its stdout."""
+    out = tmp_path_factory.mktemp("trainux") / "src"
+    p = tiny_train(tiny_data, out, "--max_iters=20", "--eval_interval=20", "--gradient_accumulation_steps=1")
+    return out, p.stdout
+
+
+def test_a_run_ends_with_a_summary_of_best_val_loss_bits_per_byte_tokens_and_time(trainux_run):
+    out, stdout = trainux_run
+    best = min(r["val_loss"] for r in trainux_metrics(out) if "val_loss" in r)
+    bpb = [r["val_bpb"] for r in trainux_metrics(out) if r.get("val_loss") == best][0]
+    last = stdout.strip().splitlines()[-1]
+    assert re.match(rf"done: 20 steps, 1,280 tokens in \d+s; best val loss {best:.4f} \({bpb:.4f} bits/byte\); "
+                    rf"checkpoint in {re.escape(str(out))}$", last), last
+
+
+def test_a_run_from_scratch_into_a_used_out_dir_is_refused_with_the_fix(tiny_data, trainux_run):
+    out, _ = trainux_run
+    before = open(out / "metrics.jsonl").read()
+    p = tiny_train(tiny_data, out, "--max_iters=20", check=False)
+    one_line_error(p, r"already holds a run \(ckpt-0000020\.pt, latest\.json, metrics\.jsonl\); continue it with "
+                      r"--init_from=resume, or start this one in another --out_dir$")
+    assert open(out / "metrics.jsonl").read() == before  # nothing appended
+
+
+def test_fine_tune_from_a_run_dir_starts_at_step_0_from_its_weights_with_a_fresh_optimizer(tiny_data, trainux_run,
+                                                                                          tmp_path):
+    from checkpoint import load_checkpoint
+    src, _ = trainux_run
+    tiny_train(tiny_data, tmp_path / "ft", f"--init_from={src}", "--max_iters=0")
+    (first,) = [r for r in trainux_metrics(tmp_path / "ft") if "val_loss" in r]
+    last = [r for r in trainux_metrics(src) if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    a, b = load_checkpoint(str(src)), load_checkpoint(str(tmp_path / "ft"))
+    moments = lambda c: [s[k] for s in c["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")]
+    assert b["iter_num"] == 0 and not any(m.any() for m in moments(b)) and all(m.any() for m in moments(a))  # fresh
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fine_tune_from_an_exported_hugging_face_dir_and_a_tokenizer_mismatch_is_refused(tiny_data, trainux_run,
+                                                                                        other_data, tmp_path):
+    pytest.importorskip("safetensors")
+    import bpe
+    import export
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    src, _ = trainux_run
+    export.export(model_from_checkpoint(load_checkpoint(str(src))), bpe.Tokenizer.load(str(src / "tokenizer.bpe")),
+                  str(tmp_path / "hf"))
+    tiny_train(tiny_data, tmp_path / "ft", f"--init_from={tmp_path / 'hf'}", "--max_iters=0")
+    (first,) = [r for r in trainux_metrics(tmp_path / "ft") if "val_loss" in r]
+    last = [r for r in trainux_metrics(src) if "val_loss" in r][-1]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    for source in (tmp_path / "hf", src):  # data made with another tokenizer than the source's
+        with pytest.raises(SystemExit, match=r"^error: .* was trained with another tokenizer than .*other was made "
+                                             r"with; fine-tune on data prepared with its tokenizer"):
+            fresh_main("train.py", *TINY_TRAIN, f"--data_root={other_data[0]}", f"--dataset={other_data[1]}",
+                       f"--out_dir={tmp_path / 'no'}", f"--init_from={source}", "--max_iters=0")
+
+
+def test_lr_decay_iters_0_follows_max_iters_and_a_longer_one_is_a_one_line_warning(tiny_data, trainux_run, tmp_path):
+    from train import get_lr
+    out, stdout = trainux_run  # TINY_TRAIN: learning_rate 3e-3, warmup 2; min_lr the default 6e-5
+    lrs = [r["lr"] for r in trainux_metrics(out) if "lr" in r]
+    assert lrs == pytest.approx([get_lr(i, 3e-3, 2, 20, 6e-5) for i in range(20)]) and lrs[-1] < 1e-4
+    assert "lr_decay_iters=" not in stdout
+    p = tiny_train(tiny_data, tmp_path, "--max_iters=1", "--lr_decay_iters=100",
+                   "--gradient_accumulation_steps=1")
+    (line,) = [l for l in p.stdout.splitlines() if "lr_decay_iters=" in l]
+    assert line.startswith("warning: lr_decay_iters=100 > max_iters=1: the LR ends at") and \
+        line.endswith("set --lr_decay_iters=0 to follow max_iters")
+
+
+def test_a_one_process_config_runs_on_two_and_says_in_one_line_that_the_global_batch_grew(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path / "a", "--max_iters=2", "--gradient_accumulation_steps=1", torchrun=2)
+    assert p.stdout.count("grew") == 1 and "the global batch grew from 64 to 128 tokens per step" in p.stdout
+    assert "| 128 tokens/step |" in p.stdout and "done: 2 steps, 256 tokens" in p.stdout
+    from train import micro_steps  # the accumulation splits where it divides: the global batch is kept
+    assert [micro_steps(g, 2) for g in (1, 2, 3, 8)] == [1, 1, 2, 4]
+
+
+def test_a_user_error_under_torchrun_is_said_once_by_rank_0_without_a_traceback_from_train_py(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path, "--sharding=zero3", torchrun=2, check=False)
+    errors = [l for l in p.stderr.splitlines() if "error: " in l]
+    assert p.returncode != 0 and errors == ["error: sharding must be 'ddp', 'zero1' or 'fsdp', got 'zero3'"]
+    assert "train.py\", line" not in p.stderr  # (torchrun's own failure report, of the launcher, may follow)
+
+
+def test_a_gpu_sized_run_on_the_cpu_gets_a_one_line_warning_naming_small_py(tiny_data, tmp_path):
+    p = tiny_train(tiny_data, tmp_path, "--max_iters=0", "--gradient_accumulation_steps=1601")  # 102,464 tokens/step
+    (line,) = [l for l in p.stdout.splitlines() if "warning" in l]
+    assert "GPU-sized run on the CPU" in line and "102,464 tokens per step" in line and "config/small.py" in line
+    assert "warning" not in tiny_train(tiny_data, tmp_path / "b", "--max_iters=0").stdout
+
+
+TRAINUX_SLOW_SAVE = r'''
+import os, runpy, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import checkpoint
+real = checkpoint.save_checkpoint
+def save_checkpoint(*a, **k):  # a slow disk: the stop's save takes seconds, so a second Ctrl-C lands inside it
+    time.sleep(5)
+    return real(*a, **k)
+checkpoint.save_checkpoint = save_checkpoint
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "train.py"), run_name="__main__")
+'''
+
+
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tiny_data, tmp_path):
+    import signal
+    import time
+    driver = tmp_path / "slow_save.py"
+    driver.write_text(TRAINUX_SLOW_SAVE)
+    data_root, name, _ = tiny_data
+    proc = subprocess.Popen([sys.executable, str(driver), *TINY_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
+                             f"--out_dir={tmp_path / 'out'}", "--max_iters=100000", "--eval_interval=100000",
+                             "--gradient_accumulation_steps=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env=dict(os.environ, REPO=HERE, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().startswith("SIGINT: finishing this step and saving")
+    time.sleep(0.5)  # inside the slow save now
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert time.time() - t0 < 3 and proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines() == [
+        f"interrupted: quit without saving; the last checkpoint in {tmp_path / 'out'} is kept"]
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+def test_wandb_log_sends_metrics_jsonls_rows_and_wandb_is_imported_only_when_on(tiny_data, tmp_path):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "wandb.py").write_text(  # a stand-in for wandb that writes what it is given
+        "import json, os\nrows = open(os.environ['WANDB_ROWS'], 'w')\n"
+        "def init(project, name, config):\n    rows.write(json.dumps([project, name, config['n_layer']]) + '\\n')\n"
+        "def log(row):\n    rows.write(json.dumps(row) + '\\n')\n    rows.flush()\n")
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(fake), "WANDB_ROWS": str(tmp_path / "rows.jsonl")}
+    data_root, name, _ = tiny_data
+    args = ["train.py", *TINY_TRAIN, f"--data_root={data_root}", f"--dataset={name}", "--max_iters=3",
+            "--gradient_accumulation_steps=1"]
+    run(*args, f"--out_dir={tmp_path / 'on'}", "--wandb_log=True", "--wandb_project=p", "--wandb_run_name=r", env=env)
+    sent = [json.loads(l) for l in open(tmp_path / "rows.jsonl")]
+    assert sent[0] == ["p", "r", 2] and sent[1:] == trainux_metrics(tmp_path / "on") and len(sent) > 4
+    (fake / "wandb.py").write_text("raise ImportError('not installed')\n")
+    run(*args, f"--out_dir={tmp_path / 'off'}", env=env)  # off: never imported
+    one_line_error(run(*args, f"--out_dir={tmp_path / 'on2'}", "--wandb_log=True", env=env, check=False),
+                   r"^error: wandb_log=True needs the wandb package: pip install wandb, or set --wandb_log=False$")
 # ============================================================ rlhf
 def test_group_advantages_and_rloo_leave_one_out_on_a_hand_worked_case():
     import rlhf

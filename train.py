@@ -12,7 +12,7 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk); 8-bit float matmuls for lm_head or every Linear on H100-class GPUs (fp8); a bf16 residual
+logits (loss_chunk); 8-bit float matmuls for the lm_head on H100-class GPUs (fp8, fp8.py); a bf16 residual
 stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
 GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
@@ -36,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -47,17 +48,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 from configurator import configure
 from checkpoint import load_checkpoint, save_checkpoint
-from model import GPT, GPTConfig, Linear, chunk_loss, fp8_logits_loss, logits_loss
+from fp8 import fp8_logits_loss, use_fp8_head  # (on a CPU the fp8 matmuls are emulated: for tests)
+from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "out"
 eval_interval = 250         # evaluate (and checkpoint) every this many steps
-eval_iters = 20             # batches per split for an evaluation
+eval_iters = 20             # batches per split for an evaluation (at most one pass over the split)
+eval_train = True           # also estimate the train split's loss at each evaluation
 log_interval = 10
 always_save_checkpoint = True  # else only when val loss improves
-init_from = "scratch"       # scratch | resume (from out_dir's latest checkpoint)
+save_checkpoints = True     # False: write none at all (benchmarks, speedruns)
+wandb_log = False           # also log metrics.jsonl's rows to Weights & Biases (pip install wandb)
+wandb_project = "scratchlm"
+wandb_run_name = "run"
+init_from = "scratch"       # scratch | resume (out_dir's latest checkpoint) | another run's out_dir (its weights,
+                            # a fresh optimizer: fine-tuning) | a transformers directory | gpt2, gpt2-medium, ...
 # data
 dataset = "stdlib"          # reads data_root/dataset/, made by prepare.py
 data_root = "data"
@@ -67,18 +75,26 @@ gradient_accumulation_steps = 40  # micro-steps per update, summed over all proc
 # model: every field of GPTConfig (model.py) is a config key here; vocab_size comes from the data
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 vocab_size = None           # None: the tokenizer's vocab, padded up to a multiple of 128 (faster matmuls)
-# AdamW
-learning_rate = 6e-4
+# optimizer
+optimizer = "adamw"         # adamw | muon (Muon for the blocks' 2-D weights, AdamW for embeddings, head, gains)
+learning_rate = 6e-4        # AdamW's lr (with muon: of the parameters AdamW keeps)
 max_iters = 600000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0             # 0 disables clipping
-# learning-rate schedule: linear warmup, then cosine decay to min_lr
+embed_lr = 0.0              # AdamW lr of the embedding tables; 0 = learning_rate
+head_lr = 0.0               # AdamW lr of an untied lm_head; 0 = learning_rate
+muon_lr = 0.02              # Muon's lr (torch's "original" scaling: x sqrt(max(1, rows/cols)))
+muon_momentum = 0.95
+muon_weight_decay = 0.0
+# learning-rate schedule: linear warmup, then cosine (or wsd: flat, then linear) decay to min_lr at lr_decay_iters
 decay_lr = True
+lr_schedule = "cosine"      # cosine | wsd (warmup-stable-decay, Hu et al. 2024: flat, then linear over the last cooldown_frac)
+cooldown_frac = 0.2
 warmup_iters = 2000
-lr_decay_iters = 600000
-min_lr = 6e-5
+lr_decay_iters = 0          # 0 = max_iters (the decay ends with the run)
+min_lr = 6e-5               # the floor of the decay, as a fraction of each group's lr: min_lr / learning_rate
 # system
 device = "auto"             # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp16, fp32 on CPU)
@@ -87,23 +103,28 @@ compile = False             # torch.compile the model
 grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
                             # fsdp (FSDP2: params, grads, AdamW state sharded)
-loss_chunk = 4096           # rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
-ddp_bucket_mb = 100         # DDP all-reduces gradients in buckets of this many MB, each as soon as it is full
-fp8 = "none"                # none | head (lm_head; needs loss_chunk=0) | all (every Linear): those matmuls in 8 bits
+loss_chunk = 0              # > 0: rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
+fp8 = "none"                # none | head: the lm_head's matmuls in 8-bit floats (fp8.py; needs loss_chunk=0)
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
+stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss is at or below this (speedruns)
 # faults: a bad update (loss NaN/Inf, or above spike_factor x its running average) is skipped, not applied
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
 spike_factor = 2.0          # loss > spike_factor x running average is a spike; 0 = only NaN/Inf are bad
 # -----------------------------------------------------------------------------
 
 
-def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
-    """Linear warmup from ~0 to learning_rate over warmup_iters, then cosine down to min_lr at lr_decay_iters."""
+def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
+    """Linear warmup from ~0 to learning_rate over warmup_iters, then down to min_lr at lr_decay_iters: along a
+    cosine, or (wsd) flat until the last cooldown_frac of the steps and linear from there."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    if schedule == "wsd":
+        cooldown = max(int(cooldown_frac * lr_decay_iters), 1)
+        ratio = max(it - (lr_decay_iters - cooldown), 0) / cooldown
+        return learning_rate - ratio * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
@@ -179,7 +200,7 @@ def peak_flops(device, ptdtype):
 
 
 def ckpt_interval(grad_ckpt):
-    """The grad_ckpt config as GPT.grad_ckpt: 0 = off, 1 = every block ("full"), k = every k-th block."""
+    """The grad_ckpt config as a block interval: 0 = off, 1 = every block ("full"), k = every k-th block."""
     if grad_ckpt in (None, "none", 0):
         return 0
     if grad_ckpt == "full":
@@ -189,50 +210,115 @@ def ckpt_interval(grad_ckpt):
     raise SystemExit(f"error: grad_ckpt must be 'none', 'full' or a block interval k >= 1, got {grad_ckpt!r}")
 
 
-def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0,
-                ddp_bucket_mb=100, fp8="none", bf16_residual=False):
-    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Switches on
-    gradient checkpointing, the logits-free loss, fp8 matmuls and the bf16 residual stream, then under torchrun
-    shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from the GPT
-    itself, not from what this returns."""
-    model.grad_ckpt = ckpt_interval(grad_ckpt)
-    model.loss_chunk = loss_chunk
-    model.residual_dtype = torch.bfloat16 if bf16_residual else None
+def checkpoint_blocks(model, every):
+    """Gradient checkpointing (Chen et al. 2016) of every `every`-th block: only its input is kept, and its forward
+    runs again in the backward. torch's wrapper keeps the state dict's names."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for i in range(0, len(model.transformer.h), every):
+        model.transformer.h[i] = checkpoint_wrapper(model.transformer.h[i])
+
+# ---------------------------------------------------------------------------- the loss without the logits
+def chunk_loss(xs, w, ts, n, need_grad):
+    """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
+    need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
+    acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
+    logits = (xs @ w.t()).to(acc)  # (c, vocab)
+    lse = torch.logsumexp(logits, dim=-1)
+    keep = ts != -1
+    tgt = ts.clamp(min=0)[:, None]
+    loss = torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
+    if not need_grad:
+        return loss, None
+    g = (logits - lse[:, None]).exp().scatter_add(1, tgt, torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+    return loss, (g * (keep.to(acc) / n)[:, None]).to(xs.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
+
+    The plain loss keeps B*T*vocab logits for the backward (3.3 GB in bf16 for GPT-2 at 32x1024, twice that
+    once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
+    loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
+    gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
+    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
+    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python.
+    (Traced whole into a compiled model, the chunks' buffers held ~5 GiB more, GPT-2 at 32x1024, H100.)"""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, chunk, step=chunk_loss):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if need_w else None
+        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+        n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
+        loss = 0.0
+        for s in range(0, x.size(0), chunk):
+            xs = x[s:s + chunk]
+            chunk_sum, g = step(xs, w, targets[s:s + chunk], n, need_x or need_w)
+            loss = loss + chunk_sum
+            if need_x:
+                gx[s:s + chunk] = g @ w
+            if need_w:
+                gw += g.t() @ xs
+        ctx.save_for_backward(gx, gw)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None, None)
+
+
+def chunked_head_loss(chunk, step=chunk_loss):
+    """A GPT.head_loss for LinearCrossEntropy, `chunk` rows of logits at a time (no logits are returned)."""
+    def head_loss(self, x, targets):
+        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk, step)
+    return head_loss
+
+
+def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0, fp8="none",
+                bf16_residual=False):
+    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Swaps in the speed and
+    memory features (gradient checkpointing, the chunked loss, the fp8 head, the bf16 residual stream), then under
+    torchrun shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from
+    the GPT itself, not from what this returns."""
+    every = ckpt_interval(grad_ckpt)
     if sharding not in ("ddp", "zero1", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
-    if fp8 not in ("none", "head", "all"):
-        raise SystemExit(f"error: fp8 must be 'none', 'head' or 'all', got {fp8!r}")
-    # fp8 inside the chunked loss was tried, and was slower than fp8 on plain logits (GPT-2 at 32x1024, H100; timed
-    # before the fp8 fix that README tells of, so only the direction stands). So fp8 for the head needs plain logits.
+    if fp8 not in ("none", "head"):
+        raise SystemExit(f"error: fp8 must be 'none' or 'head', got {fp8!r}")
+    if model.config.logit_softcap and (loss_chunk or fp8 != "none"):
+        raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' (the fused losses do not cap)")
     if fp8 == "head" and loss_chunk:
         raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
                          "itself)")
-    if fp8 != "none":  # (on the CPU, model.scaled_mm emulates the fp8 matmuls in fp32: for tests)
-        if device != "cpu" and not (device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9)):
-            raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
-                             f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
-        for m in [model.lm_head] if fp8 == "head" else model.modules():
-            if isinstance(m, Linear):
-                m.fp8 = True
-    if compile and device.startswith("cuda"):
-        import torch._inductor.config as inductor
-        # search each generated Triton kernel's block sizes: GPT-2 compiles ~100 s longer, and a step is 0.75 ms
-        # (1.2%) faster on an H200, mostly in the cross-entropy kernels over the 50k-wide logits
-        inductor.coordinate_descent_tuning = True
-    if compile and (model.grad_ckpt or loss_chunk):
+    if fp8 == "head" and device != "cpu" and not (device.startswith("cuda") and
+                                                   torch.cuda.get_device_capability(device) >= (8, 9)):
+        raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
+                         f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
+    if bf16_residual:  # the residual stream in bf16 from the embeddings on: half the bytes for norms and adds
+        model.transformer.drop.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
+    separately = compile and (every or loss_chunk)
+    if separately:
         # Checkpointing and the chunked loss free memory by running as Python around compiled parts: traced into
-        # one whole-model graph, the compiler kept most of what they free (GPT-2 at 32x1024 on an H100, grad_ckpt=
-        # full: 7.8 GiB of activations, against 3.2 this way). So the blocks and the loss (the chunk step, or the
-        # plain loss on the logits) are compiled one by one, and the model around them stays eager. (Eager, the
-        # plain loss makes fp32 copies of the logits: grad_ckpt=full, loss_chunk=0 kept 22.8 GiB, 102 ms/step.)
+        # one whole-model graph, the compiler keeps most of what they free (GPT-2 at 32x1024, grad_ckpt=full: 7.8
+        # against 3.2 GiB of activations). So the blocks and the loss are compiled one by one, the rest is eager.
         for block in model.transformer.h:
             block.compile()
-        model.loss_step = torch.compile(chunk_loss, dynamic=False)
-        model.logits_loss = torch.compile(logits_loss, dynamic=False)
-        model.fp8_loss = torch.compile(fp8_logits_loss, dynamic=False)
-        compile = False
-        if model.grad_ckpt and torch.cuda.is_available():
+        if every and torch.cuda.is_available():
             torch.cuda.init()  # the first compile touches CUDA, which checkpoint forbids inside its forward
+        compile = False
+    if every:
+        checkpoint_blocks(model, every)
+    step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
+    if loss_chunk:
+        model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
+    elif fp8 == "head":
+        use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
+    elif separately:  # eager, the plain loss makes fp32 copies of the logits
+        model.head_loss = torch.compile(model.head_loss, dynamic=False)
     if world > 1 and sharding == "fsdp":
         from torch.distributed.fsdp import fully_shard
         # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
@@ -247,25 +333,67 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         # communication overlaps the rest of the backward; gradient_as_bucket_view: .grad are views into the
         # buckets (no copy, no second gradient-sized buffer)
         model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
-                    bucket_cap_mb=ddp_bucket_mb, gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True)
     # compiled after DDP, so that dynamo's DDPOptimizer cuts the graph at bucket boundaries and the all-reduce
     # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through
     return torch.compile(model) if compile else model
 
 
-def make_optimizer(model, world, sharding, weight_decay, learning_rate, betas, device):
-    """AdamW over the GPT's parameters: made after FSDP2 sharded them, it holds this process's shards only. With
+def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, device, kind="adamw",
+                    embed_lr=0.0, head_lr=0.0, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0):
+    """The optimizers of the GPT's parameters, as a list that the loop steps one after the other.
+    adamw: one AdamW (made after FSDP2 sharded the parameters, it holds this process's shards only). With
     sharding='zero1' (ZeRO stage 1, Rajbhandari et al. 2020) each process keeps whole weights and gradients, as
-    under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them."""
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
-    if world > 1 and sharding == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
-        # parameters_as_bucket_view: one broadcast per rank, not one per parameter (a 2-layer model on 2 CPU
-        # processes: 9.9 ms/step, as under DDP, against 15.2 ms with one per parameter)
-        optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
-                                            parameters_as_bucket_view=True,
-                                            **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
-    return optimizer
+    under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them.
+    muon: Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
+    blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for.
+    Each optimizer keeps its groups' own lrs in .base_lrs (not in the groups: checkpoints load into optimizers
+    made without them); the schedule scales them all by one factor."""
+    fused = device.startswith("cuda")
+    if kind not in ("adamw", "muon"):
+        raise SystemExit(f"error: optimizer must be 'adamw' or 'muon', got {kind!r}")
+    if kind == "adamw":
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
+        if world > 1 and sharding == "zero1":
+            from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
+            # parameters_as_bucket_view: one broadcast per rank, not one per parameter
+            optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
+                                                parameters_as_bucket_view=True,
+                                                **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
+        optimizers = [optimizer]
+    else:
+        if not hasattr(torch.optim, "Muon"):
+            raise SystemExit(f"error: optimizer='muon' needs torch >= 2.9 (torch.optim.Muon), this is torch "
+                             f"{torch.__version__}; upgrade torch or use optimizer='adamw'")
+        if world > 1 and sharding != "ddp":
+            raise SystemExit(f"error: optimizer='muon' orthogonalises whole matrices, and sharding={sharding!r} "
+                             f"gives each process only a slice of them; use sharding='ddp' or optimizer='adamw'")
+        groups = {"muon": [], "embed": [], "head": [], "gain": []}
+        for name, p in model.named_parameters():
+            if name.startswith("transformer.h.") and p.dim() == 2:
+                groups["muon"].append(p)
+            elif p.dim() < 2:
+                groups["gain"].append(p)
+            elif name.startswith("lm_head"):
+                groups["head"].append(p)
+            else:  # wte, wpe, value embeddings
+                groups["embed"].append(p)
+        adamw = torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr or learning_rate, weight_decay=0.0),
+                                   dict(params=groups["head"], lr=head_lr or learning_rate, weight_decay=0.0),
+                                   dict(params=groups["gain"], lr=learning_rate, weight_decay=0.0)],
+                                  lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+        muon = torch.optim.Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        optimizers = [adamw, muon]
+    for opt in optimizers:
+        opt.base_lrs = [group["lr"] for group in opt.param_groups]
+    return optimizers
+
+
+def set_lr(optimizers, factor):
+    """Every group's lr = its own initial lr x factor (the schedule's lr / learning_rate)."""
+    for opt in optimizers:
+        for group, base in zip(opt.param_groups, opt.base_lrs):
+            group["lr"] = base * factor
 
 
 def zero_names(model, optimizer):
@@ -274,16 +402,17 @@ def zero_names(model, optimizer):
     return [names[p] for g in optimizer.param_groups for p in g["params"]]
 
 
-def full_state_dicts(model, optimizer):
-    """The model's and AdamW's state dicts, whole and on the CPU, whatever the sharding: a checkpoint does not
-    depend on how many processes wrote it. The optimizer's state is keyed by parameter name, not position, so it
+def full_state_dicts(model, optimizers):
+    """The model's and the optimizers' state dicts, whole and on the CPU, whatever the sharding: a checkpoint does
+    not depend on how many processes wrote it. The optimizer state is keyed by parameter name, not position, so it
     loads into any sharding (load_optimizer_state). A collective under FSDP and ZeRO: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=opts)
+    optimizer = optimizers[0]
     if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return model_state, get_optimizer_state_dict(model, optimizer, options=opts)
+        return model_state, get_optimizer_state_dict(model, optimizers, options=opts)
     optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
     sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
     names = zero_names(model, optimizer)
@@ -292,12 +421,13 @@ def full_state_dicts(model, optimizer):
     return model_state, dict(state=state, param_groups=groups)
 
 
-def load_optimizer_state(model, optimizer, state):
-    """Loads full_state_dicts' optimizer state into AdamW over `model` (plain, DDP'd or FSDP-sharded GPT), or into
-    ZeRO, which keeps its rank's part."""
+def load_optimizer_state(model, optimizers, state):
+    """Loads full_state_dicts' optimizer state into the optimizers over `model` (plain, DDP'd or FSDP-sharded
+    GPT), or into ZeRO, which keeps its rank's part."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    optimizer = optimizers[0]
     if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
     index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
     optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
                                    param_groups=[dict(g, params=[index[n] for n in g["params"]])
@@ -307,46 +437,57 @@ def load_optimizer_state(model, optimizer, state):
 # ---------------------------------------------------------------------------- data
 
 
-class TokenWindows(torch.utils.data.Dataset):
-    """Every (block_size + 1)-token window of the shards, stepping by block_size: window i gives the
-    inputs x = tokens[s : s+T] and the targets y = tokens[s+1 : s+T+1]. Windows never cross shards."""
+class TokenWindows:
+    """The (block_size + 1)-token windows of the shards on a grid of stride block_size, started `shift` tokens
+    into each shard: window i gives the inputs x = tokens[s : s+T] and the targets y = tokens[s+1 : s+T+1].
+    Windows never cross shards. Training moves the grid every epoch (Batches), evaluation keeps shift 0."""
 
     def __init__(self, paths, block_size):
         self.shards = [read_shard(p) for p in paths]
         self.block_size = block_size
-        counts = [max((len(s) - 1) // block_size, 0) for s in self.shards]
-        self.starts = np.cumsum([0] + counts)  # window index -> shard, by binary search
-        if self.starts[-1] == 0:
+        if len(self) == 0:
             raise SystemExit(f"error: block_size {block_size} is longer than the data in {paths[0]}'s split "
                              f"({max(len(s) for s in self.shards)} tokens); lower block_size or add data")
 
-    def __len__(self):
-        return int(self.starts[-1])
+    def starts(self, shift=0):
+        """Cumulative window counts per shard under this shift: window index -> shard, by binary search."""
+        return np.cumsum([0] + [max((len(s) - 1 - shift) // self.block_size, 0) for s in self.shards])
 
-    def __getitem__(self, i):
-        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        s = (i - self.starts[shard]) * self.block_size
+    def __len__(self):
+        return int(self.starts()[-1])
+
+    def window(self, i, starts, shift=0):
+        shard = int(np.searchsorted(starts, i, side="right")) - 1
+        s = shift + (i - starts[shard]) * self.block_size
         w = torch.from_numpy(self.shards[shard][s:s + self.block_size + 1].astype(np.int64))
         return w[:-1], w[1:]
 
 
 class Batches:
     """Epochs over a TokenWindows: each epoch is a seeded permutation of every window, dealt round-robin
-    to the ranks (no overlap between ranks, no replacement), cut into micro-batches. The position
-    (epoch, batch) is saved in checkpoints, so a resumed run sees exactly the batches it would have."""
+    to the ranks (no overlap between ranks, no replacement), cut into micro-batches. With shift=True each epoch
+    also moves the window grid by a seeded offset in [0, block_size): on data seen for many epochs, a fixed grid
+    lets the model memorise the same windows every epoch (train loss falls while val loss turns up sooner).
+    The position (epoch, batch, shift) is saved in checkpoints, so a resumed run sees exactly the batches it
+    would have."""
 
-    def __init__(self, ds, batch_size, rank, world, seed, epoch=0, pos=0, pin=False):
+    def __init__(self, ds, batch_size, rank, world, seed, epoch=0, pos=0, offset=None, shift=False, pin=False):
         self.ds, self.batch_size, self.rank, self.world, self.seed = ds, batch_size, rank, world, seed
-        self.epoch, self.pos, self.pin = epoch, pos, pin
-        self.per_epoch = (len(ds) // world) // batch_size
+        self.epoch, self.pos, self.shift, self.pin = epoch, pos, shift, pin
+        self._order(offset)
         if self.per_epoch == 0:
             raise SystemExit(f"error: {len(ds)} windows of block_size {ds.block_size} are too few for "
                              f"batch_size {batch_size} x {world} processes; lower batch_size or block_size")
-        self._order()
 
-    def _order(self):
+    def _order(self, offset=None):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.order = torch.randperm(len(self.ds), generator=g)[self.rank::self.world]
+        # the grid offset of this epoch (drawn, or restored from a checkpoint); epoch 0 keeps the unshifted grid
+        drawn = int(torch.randint(self.ds.block_size, (1,), generator=g)) if self.shift and self.epoch else 0
+        self.offset = drawn if offset is None else offset
+        self.starts = self.ds.starts(self.offset)
+        n = int(self.starts[-1])
+        self.per_epoch = (n // self.world) // self.batch_size
+        self.order = torch.randperm(n, generator=g)[self.rank::self.world]
 
     def __next__(self):
         if self.pos >= self.per_epoch:  # (>: a run resumed on more processes has shorter epochs)
@@ -354,13 +495,13 @@ class Batches:
             self._order()
         idx = self.order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
         self.pos += 1
-        x, y = (torch.stack(t) for t in zip(*(self.ds[int(i)] for i in idx)))
+        x, y = (torch.stack(t) for t in zip(*(self.ds.window(int(i), self.starts, self.offset) for i in idx)))
         if self.pin:  # page-locked memory lets the copy to the GPU run asynchronously
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
 
     def state(self):
-        return dict(epoch=self.epoch, pos=self.pos)
+        return dict(epoch=self.epoch, pos=self.pos, offset=self.offset)
 
 
 def split_paths(data_dir, meta, split):
@@ -407,18 +548,19 @@ def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps):
     return bad.float()
 
 
-def apply_update(optimizer, scaler, bad):
-    """optimizer.step() unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
-    weights, not Adam's moments, not its step count. Fused AdamW (CUDA) takes the skip flag on the device
-    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU;
-    with fp16's GradScaler a sync that the scaler itself makes anyway for unfused optimizers."""
-    inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
-    if inner.defaults.get("fused") and not scaler.is_enabled():
-        inner.found_inf = bad
-        optimizer.step()
-        del inner.found_inf
-    elif not bad.item():
-        scaler.step(optimizer)
+def apply_update(optimizers, scaler, bad):
+    """Steps each optimizer unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
+    weights, not the moments, not the step count. Fused AdamW (CUDA) takes the skip flag on the device
+    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU; on a
+    GPU one sync a step (Muon has no such hook); with fp16's GradScaler a sync the scaler makes anyway."""
+    for optimizer in optimizers:
+        inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
+        if inner.defaults.get("fused") and not scaler.is_enabled():
+            inner.found_inf = bad
+            optimizer.step()
+            del inner.found_inf
+        elif not bad.item():
+            scaler.step(optimizer)
 
 
 STOP = {}  # {"signal": name} once SIGTERM (preemption) or SIGINT (Ctrl-C) arrived
@@ -434,10 +576,10 @@ def request_stop(signum, frame):
 # ---------------------------------------------------------------------------- the run
 
 
-def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
+def train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
-    and AdamW stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
+    and the optimizers stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
     No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
     and copied (non_blocking) while the GPU still computes the one before."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
@@ -458,31 +600,36 @@ def train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard
     if world > 1:  # every rank must make the same skip decision: judge the mean loss of all ranks
         dist.all_reduce(step_loss)
         step_loss /= world
-    scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and the guard see the true gradients
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)  # a no-op unless fp16: clipping and the guard see the true gradients
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (already summed over the shards)
         norm = norm.full_tensor()
     # under fp16 an Inf gradient is the GradScaler's business (it skips the step and lowers the scale, often a
     # few steps in a row at the start): only the loss speaks to the guard then
     norm = None if scaler.is_enabled() else norm
-    apply_update(optimizer, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
+    apply_update(optimizers, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return step_loss
 
 
+@torch.no_grad()
 def evaluate(model, loaders, ctx, eval_iters, world, device):
-    """Mean loss per split over eval_iters fixed batches, averaged over ranks."""
+    """Mean loss per split over its first eval_iters fixed batches (at most one pass over the split), averaged
+    over ranks. Called with the uncompiled model: a compiled one would compile again for eval mode."""
     model.eval()
     out = {}
     for split, make in loaders.items():
         batches = make()
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
+        n = min(eval_iters, batches.per_epoch)
+        total = torch.zeros((), device=device)
+        for _ in range(n):
             x, y = (t.to(device, non_blocking=True) for t in next(batches))
             with ctx:
-                losses[k] = model(x, y)[1].item()
-        mean = losses.mean().to(device)
+                total += model(x, y)[1].float()
+        mean = total / n
         if world > 1:
             dist.all_reduce(mean)
             mean /= world
@@ -491,202 +638,345 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
     return out
 
 
-def main():
-    global vocab_size, device
-    config = configure(globals())
-    rank, local_rank, world, device = setup_distributed(device)
-    master = rank == 0
-    dtype_name, ptdtype = resolve_dtype(dtype, device)
-    check_precision(dtype_name, sharding, bf16_residual)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    if gradient_accumulation_steps % world:
-        raise SystemExit(f"error: gradient_accumulation_steps={gradient_accumulation_steps} must be a "
-                         f"multiple of the {world} processes")
-    grad_accum = gradient_accumulation_steps // world
-    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
-        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
-                         f"(got {spike_factor})")
-    tokens_per_iter = grad_accum * world * batch_size * block_size
+def micro_steps(gradient_accumulation_steps, world):
+    """Micro-steps per process. The config counts them over all processes, so a config written for one process
+    trains the same global batch on N processes when N divides the count; when it does not, each process takes
+    ceil(count / N) and the global batch grows (to the smallest N processes can share)."""
+    if type(gradient_accumulation_steps) is not int or gradient_accumulation_steps < 1:
+        raise SystemExit(f"error: gradient_accumulation_steps must be an int >= 1, got "
+                         f"{gradient_accumulation_steps!r}")
+    return -(-gradient_accumulation_steps // world)
 
+
+def load_data(data_root, dataset):
+    """(data_dir, meta) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
     tok_path = os.path.join(data_dir, meta["tokenizer"])
     if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
         raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
                          f"with; re-run prepare.py")
-    ckpt = load_checkpoint(out_dir) if init_from == "resume" else None
-    if init_from not in ("scratch", "resume"):
-        raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-    if ckpt is not None:  # the model's shape comes from the checkpoint, and the data must match it
-        model_args = ckpt["model_args"]
-        if ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
+    return data_dir, meta
+
+
+def check_out_dir(out_dir, init_from):
+    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
+    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
+    if init_from == "resume" or not os.path.isdir(out_dir):
+        return
+    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
+        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
+    if held:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
+                         f"--init_from=resume, or start this one in another --out_dir")
+
+
+def check_guard_settings(max_bad_steps, spike_factor):
+    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
+        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
+                         f"(got {spike_factor})")
+
+
+def init_model(init_from, out_dir, data_dir, meta, config):
+    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
+    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
+    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
+    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
+    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
+    if init_from == "scratch":
+        vocab = config["vocab_size"]
+        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
+        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
+            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
+                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
+        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
+    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
+        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
+        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
             raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
                              f"resume on the same data or start a new out_dir")
+        if init_from == "resume":
+            return ckpt["model_args"], ckpt["model"], ckpt
+        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
+        model_args, weights = ckpt["model_args"], ckpt["model"]
     else:
-        if vocab_size is None:
-            vocab_size = -(-meta["vocab_size"] // 128) * 128
-        if type(vocab_size) is not int or vocab_size < meta["vocab_size"]:  # None-default keys take any type
-            raise SystemExit(f"error: vocab_size {vocab_size!r} must be an int >= the tokenizer's "
-                             f"{meta['vocab_size']} tokens (or None: the tokenizer's, padded to a multiple of 128)")
-        model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
-    if block_size > model_args["block_size"]:
-        raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
+        import export  # only here: it is the Hugging Face side of the pipeline
+        model_args, weights, tok = export.load_pretrained(init_from)
+        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
+    if not same_tokenizer:
+        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
+                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
+                         f"such a --dataset")
+    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
 
-    torch.manual_seed(seed)  # same initial weights on every rank
+
+def build_model(model_args, weights, seed, device):
+    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
+    torch.manual_seed(seed)
     model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-    model.to(device)
-    raw_model = model  # the GPT itself: state dicts and FLOPs come from it (FSDP2 shards it in place)
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, ddp_bucket_mb, fp8,
-                        bf16_residual)
-    optimizer = make_optimizer(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device)
-    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
-    iter_num, best_val_loss, data_state = 0, float("inf"), dict(epoch=0, pos=0)
-    guard = torch.zeros(len(GUARD_FIELDS))  # the bad-update guard's state (guard_update)
-    if ckpt is not None:
-        load_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss, data_state = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"]
-        guard = ckpt.get("guard", guard)
-    del ckpt
-    guard = guard.to(device)
-    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
-        if master:
-            print(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
-        return
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(device)
 
-    pin = device.startswith("cuda")
+
+def restore(ckpt, model, optimizers, scaler):
+    """A resumed run's state from its checkpoint: (iter_num, best_val_loss, data position, guard); fresh ones
+    for a run that starts at step 0."""
+    if ckpt is None:
+        return 0, float("inf"), dict(epoch=0, pos=0), torch.zeros(len(GUARD_FIELDS))
+    load_optimizer_state(model, optimizers, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"], ckpt.get("guard", torch.zeros(len(GUARD_FIELDS)))
+
+
+def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
+    """(the train windows, the training batches from data_state on, {split: a function making eval batches})."""
     train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
     val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
-    batches = Batches(train_ds, batch_size, rank, world, seed, pin=pin, **data_state)
+    batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
     # evaluation always uses the same windows (epoch 0 of a fixed permutation), so numbers are comparable
     loaders = {"train": lambda: Batches(train_ds, batch_size, rank, world, seed + 1, pin=pin),
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
+    if not eval_train:
+        del loaders["train"]
+    return train_ds, batches, loaders
+
+
+def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
+    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
+    params = model.num_params()
+    print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
+          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
+    if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
+        print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
+              f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
+    if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
+        count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
+        print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
+              f"{count(optimizers[0].param_groups):,} parameters on this process")
+
+
+def make_logger(out_dir, master, config, wandb_log=False, wandb_project="scratchlm", wandb_run_name="run"):
+    """log(**row): one JSON line of out_dir/metrics.jsonl, and with wandb_log the same row to Weights & Biases,
+    on rank 0; nothing on the other ranks. wandb is imported only when asked for."""
+    if not master:
+        return lambda **row: None
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                             "--wandb_log=False") from None
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(**row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if wandb_log:
+            wandb.log(row)
+    return log
+
+
+def read_guard(guard, bad_seen, iter_num, master):
+    """The guard's counters as floats (a host sync: at log steps only); says how many bad updates were skipped
+    since the count bad_seen."""
+    state = guard.tolist()
+    total = state[GUARD_FIELDS.index("total")]
+    if total > bad_seen and master:
+        print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
+              f"last loss {state[-1]:.4g}")
+    return state
+
+
+def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
+    """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
+    updates ran, which of guard_update's three faults the last one was, and what to do."""
+    ema, good, in_row, total, tripped, last = guard
+    first = iter_num - int(in_row)
+    avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
+    why = (f"loss {last}" if not math.isfinite(last) else
+           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
+           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
+           f"non-finite gradients at loss {last:.4g}")
+    return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
+            f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
+            f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")
+
+
+def stop_requested(world, at_log_step, group=None):
+    """Whether SIGTERM / SIGINT asked to stop. One process checks its flag every step (a Python bool: free); under
+    torchrun the ranks agree at log steps, by an all-reduce of the flag on a CPU (gloo) group, which needs no GPU
+    sync; so the grace period before SIGKILL must cover log_interval steps."""
+    if world == 1 or not at_log_step:
+        return world == 1 and bool(STOP)
+    flag = torch.tensor([float(bool(STOP))])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.item() > 0
+
+
+def resume_command(world, argv):
+    """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
+    args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
+    return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
+
+
+def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter, peak, device):
+    """Prints the progress line of a log step (dt: seconds per step); returns its metrics row."""
+    tok_s, mfu = tokens_per_iter / dt, flops_per_iter / dt / peak
+    mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
+    print(f"step {iter_num}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | "
+          f"mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {(max_iters - iter_num) * dt:.0f}s")
+    return dict(step=iter_num, loss=loss, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
+                tokens=iter_num * tokens_per_iter)
+
+
+def summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, seconds):
+    best = (f"best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2) / bytes_per_token:.4f} bits/byte)"
+            if math.isfinite(best_val_loss) else "no evaluation yet")
+    return f"{iter_num} steps, {iter_num * tokens_per_iter:,} tokens in {seconds:.0f}s; {best}"
+
+
+def main():
+    global device
+    t_launch = time.time()
+    config = configure(globals())
+    rank, local_rank, world, device = setup_distributed(device)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    dtype_name, ptdtype = resolve_dtype(dtype, device)
+    check_precision(dtype_name, sharding, bf16_residual)
+    check_guard_settings(max_bad_steps, spike_factor)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
+    torch.backends.cudnn.allow_tf32 = True
+    grad_accum = micro_steps(gradient_accumulation_steps, world)
+    tokens_per_iter = grad_accum * world * batch_size * block_size
+    if grad_accum * world != gradient_accumulation_steps:
+        say(f"note: gradient_accumulation_steps={gradient_accumulation_steps} does not divide by the {world} "
+            f"processes, so each takes {grad_accum} micro-step(s): the global batch grew from "
+            f"{gradient_accumulation_steps * batch_size * block_size:,} to {tokens_per_iter:,} tokens per step")
+    schedule = lambda it: get_lr(it, learning_rate, warmup_iters, lr_decay_iters or max_iters, min_lr, lr_schedule,
+                                 cooldown_frac)
+    if decay_lr and lr_decay_iters > max_iters:
+        say(f"warning: lr_decay_iters={lr_decay_iters} > max_iters={max_iters}: the LR ends at "
+            f"{schedule(max_iters - 1):.2e}, not min_lr {min_lr:.2e}; set --lr_decay_iters=0 to follow max_iters")
+
+    data_dir, meta = load_data(data_root, dataset)
+    check_out_dir(out_dir, init_from)
+    model_args, weights, ckpt = init_model(init_from, out_dir, data_dir, meta, config)
+    if block_size > model_args["block_size"]:
+        raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
+    raw_model = build_model(model_args, weights, seed, device)  # the GPT: state dicts and FLOPs come from it
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8=fp8,
+                        bf16_residual=bf16_residual)
+    optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
+                                 optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
+    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
+    iter_num, best_val_loss, data_state, guard = restore(ckpt, raw_model, optimizers, scaler)
+    del ckpt, weights
+    guard = guard.to(device)  # the bad-update guard's state (guard_update)
+    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
+        say(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
+        return
+    train_ds, batches, loaders = make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state,
+                                              eval_train, pin=device.startswith("cuda"))
     ctx = autocast(device, ptdtype)
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 
+    if world > 1:
+        dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
     if master:
         os.makedirs(out_dir, exist_ok=True)
         shutil.copyfile(os.path.join(data_dir, meta["tokenizer"]), os.path.join(out_dir, "tokenizer.bpe"))
-        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
-              f"{tokens_per_iter:,} tokens/step | {len(train_ds):,} train windows")
-        if hasattr(optimizer, "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
-            count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
-            print(f"zero1: AdamW state for {count(optimizer.optim.param_groups):,} of the "
-                  f"{count(optimizer.param_groups):,} parameters on this process")
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a") if master else None
-
-    def log(**row):
-        if master:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        announce(raw_model, optimizers, world, device, dtype_name, tokens_per_iter, len(train_ds))
+    log = make_logger(out_dir, master, config, wandb_log, wandb_project, wandb_run_name)
 
     def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
-        if not master and not (sharding != "ddp" and world > 1):
+        if not save_checkpoints or (not master and not (sharding != "ddp" and world > 1)):
             return
-        model_state, optimizer_state = full_state_dicts(raw_model, optimizer)
+        model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
         if master:
             save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
                                           scaler=scaler.state_dict(), model_args=model_args, config=config,
                                           iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
                                           tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
 
-    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0. One process checks its flag every
-    # step (a Python bool: free). Under torchrun the ranks agree at log steps, by an all-reduce of the flag on a
-    # CPU (gloo) group, which needs no GPU sync; so the grace period before SIGKILL must cover log_interval steps.
+    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0 (stop_requested)
     STOP.clear()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, request_stop)
     stop_group = dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
-    bad_seen = guard[GUARD_FIELDS.index("total")].item()
+    bad_seen, stopped = guard[GUARD_FIELDS.index("total")].item(), False
 
-    start_iter, t0, loss_sum = iter_num, time.time(), torch.zeros((), device=device)
-    t_start = t0
+    # the log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter
+    start_iter, t0, t0_iter, loss_sum, loss_from = iter_num, time.time(), iter_num, torch.zeros((), device=device), iter_num
     while True:
         if (iter_num % eval_interval == 0 and iter_num != start_iter) or iter_num == max_iters:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
             t_eval = time.time()
-            losses = evaluate(model, loaders, ctx, eval_iters, world, device)
+            losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
             bpb = losses["val"] / math.log(2) / bytes_per_token
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                      f"val bits/byte {bpb:.4f}")
-            log(step=iter_num, train_loss=losses["train"], val_loss=losses["val"], val_bpb=bpb)
+            say(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
+                f"val bits/byte {bpb:.4f}")
+            log(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
+                tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 checkpoint()
             t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
+            if stop_at_val_loss and losses["val"] <= stop_at_val_loss:
+                say(f"val loss {losses['val']:.4f} <= stop_at_val_loss {stop_at_val_loss} at step {iter_num}, "
+                    f"{time.time() - t_launch:.1f}s after start")
+                break
         if iter_num >= max_iters:
             break
 
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters, min_lr) if decay_lr else learning_rate
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule(iter_num) if decay_lr else learning_rate
+        set_lr(optimizers, lr / learning_rate)
         # Randomness (dropout) is re-seeded from (seed, rank, step): a resumed run replays it exactly.
         torch.manual_seed(seed + 1_000_003 * rank + iter_num)
-        loss_sum += train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
+        loss_sum += train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
                                spike_factor, max_bad_steps)
         iter_num += 1
+        if iter_num == start_iter + 1 and master:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            print(f"first step done {time.time() - t_launch:.1f}s after start (set-up and compilation included)")
+            log(step=iter_num, first_step_s=time.time() - t_launch, time=time.time())
+            if iter_num % log_interval:  # the step rate leaves the first step's compilation out
+                t0, t0_iter = time.time(), iter_num
 
         if iter_num % log_interval == 0 and master:  # the only host sync in the loop
-            loss_val = loss_sum.item() / log_interval
-            dt = (time.time() - t0) / log_interval
-            tok_s = tokens_per_iter / dt
-            mfu = flops_per_iter / dt / peak
-            mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
-                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
-            eta = (max_iters - iter_num) * dt
-            print(f"step {iter_num}/{max_iters} | loss {loss_val:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                  f"mfu {100 * mfu:.1f}% | mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {eta:.0f}s")
-            log(step=iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt)
-            t0, loss_sum = time.time(), torch.zeros((), device=device)
-        elif iter_num % log_interval == 0:
-            t0, loss_sum = time.time(), torch.zeros((), device=device)
+            row = progress(iter_num, max_iters, loss_sum.item() / (iter_num - loss_from), lr,  # fewer after a resume
+                           (time.time() - t0) / max(iter_num - t0_iter, 1), tokens_per_iter, flops_per_iter, peak, device)
+            log(**row, elapsed_s=time.time() - t_launch, time=time.time())
+        if iter_num % log_interval == 0:
+            t0, t0_iter, loss_sum, loss_from = time.time(), iter_num, torch.zeros((), device=device), iter_num
 
         # faults, acted on where every rank agrees (the guard's counters are the same on all ranks)
         if iter_num % log_interval == 0 or iter_num == max_iters:
-            ema, good, in_row, total, tripped, last = guard.tolist()  # a host sync, at log steps only
-            if total > bad_seen and master:
-                print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
-                      f"last loss {last:.4g}")
-            bad_seen = total
-            if tripped:
-                first = iter_num - int(in_row)
-                avg = ema / (1 - GUARD_BETA ** good) if good else math.nan
-                # guard_update's three faults; its ema and good stay put over bad steps, so avg is the one it used
-                why = (f"loss {last}" if not math.isfinite(last) else
-                       f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
-                       if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
-                       f"non-finite gradients at loss {last:.4g}")
+            state = read_guard(guard, bad_seen, iter_num, master)
+            bad_seen = state[GUARD_FIELDS.index("total")]
+            if state[GUARD_FIELDS.index("tripped")]:  # max_bad_steps in a row: save the weights from before them
                 guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
                 checkpoint()
-                raise SystemExit(f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped "
-                                 f"them all and saved the weights from before step {first} in {out_dir} (resuming "
-                                 f"skips those batches). Lower learning_rate or check the data, or raise "
-                                 f"max_bad_steps / spike_factor; then resume with --init_from=resume")
-        stop = world == 1 and bool(STOP)
-        if world > 1 and iter_num % log_interval == 0:
-            flag = torch.tensor([float(bool(STOP))])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=stop_group)
-            stop = flag.item() > 0
-        if stop:
+                raise SystemExit(guard_trip_error(state, iter_num, spike_factor, max_bad_steps, out_dir))
+        if stop_requested(world, iter_num % log_interval == 0, stop_group):
             checkpoint()
-            if master:
-                args = shlex.join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
-                launcher = "python" if world == 1 else "torchrun (same options)"
-                print(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint "
-                      f"saved in {out_dir}. Resume with: {launcher} {sys.argv[0]} {args} --init_from=resume",
-                      flush=True)
-            leave_process_group(world)
-            return
+            stopped = True
+            break
 
-    if master:
-        print(f"done: {iter_num} steps in {time.time() - t_start:.0f}s; checkpoint in {out_dir}")
+    summary = summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, time.time() - t_launch)
+    if stopped:
+        say(f"so far: {summary}")
+        say(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint saved in "
+            f"{out_dir}. Resume with: {resume_command(world, sys.argv)}", flush=True)
+    else:
+        say(f"done: {summary}; checkpoint in {out_dir}")
     leave_process_group(world)
 
 
@@ -696,7 +986,14 @@ if __name__ == "__main__":
         # DDP/FSDP wrappers sit in reference cycles that keep the process group's C++ objects alive until
         # interpreter shutdown, where gloo can abort ("terminate called without an active exception"): free them now
         gc.collect()
+    except SystemExit as e:  # a user error is the same on every rank: under torchrun, rank 0 alone says it
+        if os.environ.get("RANK", "0") != "0" and str(e.code).startswith("error:"):
+            raise SystemExit(1) from None
+        raise
     except torch.OutOfMemoryError:
         raise SystemExit(f"error: out of GPU memory with batch_size={batch_size} x block_size={block_size}; lower "
                          f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
                          f"or set --grad_ckpt=full to recompute activations") from None
+    except KeyboardInterrupt:  # Ctrl-C a second time (request_stop): quit at once, the last checkpoint stays
+        os.write(2, f"interrupted: quit without saving; the last checkpoint in {out_dir} is kept\n".encode())
+        raise SystemExit(130) from None

@@ -1,7 +1,7 @@
-# config/small.py with the Llama-3 / Mistral pieces: RoPE, RMSNorm, SwiGLU, grouped-query attention (2 kv heads
-# for 4 query heads), no biases. Same width, depth and training recipe as small.py, and the same non-embedding
-# parameter count: GQA's attention is 3*C^2 instead of 4*C^2, SwiGLU's 3*C*384 instead of 8*C^2 (12*C^2 per block
-# either way); only the 16k-entry position table is gone.
+# config/small_gpt2.py with the Llama-3 / Mistral pieces (RoPE, RMSNorm, SwiGLU, grouped-query attention with 2 kv heads
+# for 4 query heads, no biases), so the two layouts compare at one size: same width, depth and recipe, and the same
+# non-embedding parameter count. GQA's attention is 3*C^2 instead of 4*C^2 and SwiGLU's 3*C*384 instead of 8*C^2,
+# 12*C^2 per block either way; RoPE needs no position table.
 # python train.py config/llama_small.py && python sample.py --out_dir=out/llama_small
 out_dir = "out/llama_small"
 dataset = "stdlib"
@@ -19,7 +19,6 @@ batch_size = 16
 gradient_accumulation_steps = 1
 learning_rate = 2e-3
 max_iters = 1500
-lr_decay_iters = 1500
 warmup_iters = 50
 min_lr = 2e-4
 eval_interval = 250
