@@ -14,7 +14,7 @@ Each GPTConfig layout maps to the transformers architecture that computes exactl
   - RoPE + RMSNorm + SwiGLU (+ grouped-query attention): LlamaForCausalLM (bias=True: its attention_bias and
     mlp_bias); q and k rows reordered for its rotate_half RoPE (see rope_order); with sliding_window,
     MistralForCausalLM (the same window: a token sees itself and the window-1 tokens before it).
-  - anything else (qk_norm, relu2, mixed layouts, a GPTConfig field this file does not know) is a one-line error.
+  - anything else (qk_norm, value_embeds, mixed layouts, a GPTConfig field this file does not know) is a one-line error.
 The model's vocab_size is the tokenizer's padded up to a multiple of 128: config.json keeps the model's size (HF
 allows an embedding larger than the tokenizer) and generation_config.json suppresses the padding ids, as
 sample.py does. The tokenizer: byte-level BPE with every merge tiktoken's ranks imply, the same split regex,

@@ -381,12 +381,12 @@ import math
 
 MODEL_OPTIONS = {  # each switch alone, then combinations
     "gpt2": {}, "rope": dict(pos_encoding="rope"), "rmsnorm": dict(norm="rmsnorm"), "qk_norm": dict(qk_norm=True),
-    "swiglu": dict(mlp="swiglu"), "relu2": dict(mlp="relu2"), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
+    "swiglu": dict(mlp="swiglu"), "gqa": dict(n_kv_head=2), "mqa": dict(n_kv_head=1),
     "window": dict(sliding_window=5), "no_bias_untied": dict(bias=False, tie_embeddings=False),
     "llama": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
     "mistral_qk_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, qk_norm=True,
                               sliding_window=6, rope_theta=5e5, tie_embeddings=False, mlp_hidden=96),
-    "relu2_window_gqa_dropout": dict(mlp="relu2", sliding_window=4, n_kv_head=2, qk_norm=True, dropout=0.1),
+    "window_gqa_dropout": dict(sliding_window=4, n_kv_head=2, qk_norm=True, dropout=0.1),
 }
 
 
@@ -2086,7 +2086,7 @@ def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thr
 
 @pytest.mark.parametrize("kw, names", [
     (dict(qk_norm=True), "qk_norm=True"),
-    (dict(mlp="relu2"), "mlp='relu2'"),
+    (dict(value_embeds=True), "value_embeds=True"),
     (dict(pos_encoding="rope"), "norm='layernorm'"),  # rope with GPT-2's LayerNorm and GELU: no HF layout
     (dict(n_kv_head=2), "n_kv_head=2"),
     (dict(sliding_window=8), "sliding_window=8"),
@@ -2825,7 +2825,7 @@ def test_wsd_schedule_is_flat_then_linear_to_the_floor():
 
 def test_modern_switches_keep_generation_with_the_kv_cache_equal_to_the_full_forward():
     for kw in (dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=2.0),
-               dict(value_embeds=True, unet_skips=True, n_layer=5, pos_encoding="rope", n_kv_head=1, mlp="relu2")):
+               dict(value_embeds=True, unet_skips=True, n_layer=5, pos_encoding="rope", n_kv_head=1)):
         model = gpt_with(spread=0.3, **kw).eval()
         idx = torch.randint(0, 64, (2, 12))
         logits, _ = model(idx)

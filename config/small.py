@@ -1,5 +1,5 @@
 # A small GPT on the default corpus (the Python stdlib), sized to train in ~5 minutes on a 2-core CPU, with the
-# speedrun recipe's pieces (config/speedrun_small.py): Muon, RoPE, RMSNorm, ReLU², QK-norm, an untied head,
+# speedrun recipe's pieces (config/speedrun_small.py): Muon, RoPE, RMSNorm, QK-norm, an untied head,
 # zero-init projections, value embeddings, U-net skips, and a warmup-stable-decay schedule.
 # python prepare.py && python train.py config/small.py && python sample.py --out_dir=out/small
 out_dir = "out/small"
@@ -12,7 +12,7 @@ dropout = 0.0
 bias = False
 pos_encoding = "rope"
 norm = "rmsnorm"
-mlp = "relu2"
+mlp = "gelu"
 qk_norm = True
 tie_embeddings = False
 zero_init_proj = True
