@@ -10,24 +10,22 @@ Post-training: SFT, a reward model, PPO, DPO, GRPO and RLOO, one loss function e
     python rlhf.py config/rloo.py  # RLOO: the same, each sample scored against the mean of the others
 
 Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
-`{"prompt", "chosen", "rejected"}`; PPO / GRPO / RLOO prompts `{"prompt"}`. A prompt is a string (one user turn) or a
-list of messages, in bpe.py's chat template (`encode_chat`). The built-in task needs no download:
+`{"prompt", "chosen", "rejected"}`; PPO / GRPO / RLOO prompts `{"prompt"}`, a string (one user turn) or messages, in
+bpe.py's chat template. The built-in task needs no download (`python bench.py --mode=rlhf` runs every stage):
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
-    python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py
-    python rlhf.py config/ppo.py   # or any other stage after SFT; python bench.py --mode=rlhf runs all of them
+    python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py  # then any stage
 
 The task: two-digit addition ("37+48=" -> "37+48=85"), its corpus and demonstrations written by someone who forgets
-the carry half the time (37+48=75), so pretraining and SFT learn the slip as faithfully as the skill. A labeler only
-has to *check* answers, which is easier, so RM/PPO, DPO and GRPO can go past the demonstrators: the case RLHF is made
-for (Ouyang et al. 2022). The 300 held-out problems are in no training set. Offline pairs (one writer's guesses at
-wrong answers) teach an RM that ranks the SFT model's own answers badly, so, as InstructGPT did, the label stage has
-the task's judge (standing in for a human) compare the SFT model's samples; config/rm.py trains on both kinds.
+the carry half the time, so pretraining and SFT learn the slip with the skill; a labeler only has to *check* answers,
+so the preference stages can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300
+held-out problems are in no training set. An RM on offline pairs alone ranks the SFT model's own answers badly, so,
+as InstructGPT did, the label stage has the task's judge (a human's stand-in) compare the SFT model's samples.
 
-Every stage writes out_dir/: checkpoints in train.py's format (sample.py can chat with any of them), tokenizer.bpe,
-metrics.jsonl; `--resume=True` continues from out_dir's latest checkpoint. `init_from` is the parent run (pretrained
-for SFT; SFT for the others), which PPO, DPO, GRPO and RLOO also use as the frozen reference.
+Every stage writes out_dir/: checkpoints in train.py's format (sample.py chats with any), tokenizer.bpe, metrics.jsonl;
+`--resume=True` continues. `init_from` is the parent run (pretrained for SFT, SFT for the others), also the frozen
+reference of PPO, DPO, GRPO and RLOO.
 """
 import json
 import os
@@ -246,34 +244,19 @@ def sft_example(tok, row):
     return ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
 
 
-def pair_batch(tok, rows):
+def pair_batch(tok, rows, device=None):
     """Chosen rows then rejected rows: response_batch's ids (2B, T), mask (2B, T-1) and last indices."""
     seqs = [prompt_response(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in rows]
-    return response_batch([s for s, _ in seqs], [n for _, n in seqs], tok.eot)
+    return response_batch([s for s, _ in seqs], [n for _, n in seqs], tok.eot, device)
 
 # ---------------------------------------------------------------------------- model pieces
 
 
-def need_checkpoint(path, what, fix):
-    if not os.path.isfile(os.path.join(path, "latest.json")):
-        raise SystemExit(f"error: no {what} in {path} (missing latest.json); {fix}")
-
-
 def load_model(path, device, parent="train one with python rlhf.py config/sft.py"):
     """(model, tokenizer) of the run in `path`; parent: how that run is made, for the error when it is missing."""
-    need_checkpoint(path, "checkpoint", parent)
+    if not os.path.isfile(os.path.join(path, "latest.json")):
+        raise SystemExit(f"error: no checkpoint in {path} (missing latest.json); {parent}")
     return load(path, device)
-
-
-def scalar_head(n_embd, device, std):
-    """The reward or value head: hidden state -> one number; weights normal(0, std), or zero for std 0."""
-    head = nn.Linear(n_embd, 1).to(device)
-    if std:
-        nn.init.normal_(head.weight, std=std)
-    else:
-        nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    return head
 
 
 def forward_hidden(model, idx):
@@ -305,8 +288,9 @@ def whiten(x, mask):
 
 def load_reward_model(path, device):
     """(model, head, pool) of an rm run, frozen: what reward_scores takes first."""
-    need_checkpoint(path, "reward model", "train one with python rlhf.py config/rm.py, or score with the built-in "
-                    "task's judge: --reward_model=task")
+    if not os.path.isfile(os.path.join(path, "latest.json")):
+        raise SystemExit(f"error: no reward model in {path} (missing latest.json); train one with python rlhf.py "
+                         f"config/rm.py, or score with the built-in task's judge: --reward_model=task")
     ckpt = load_checkpoint(path)
     if "reward_head" not in ckpt:
         raise SystemExit(f"error: {path} is not a reward model (no reward_head); train one with python rlhf.py "
@@ -339,11 +323,6 @@ def scores(rm, prompts, texts, ids, mask, last, ended, no_end_score):
     s = reward_scores(*rm, ids, mask, last) if rm else torch.tensor(
         [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
     return torch.where(ended, s, torch.full_like(s, no_end_score))
-
-
-def sequence_logp(model, ids, mask):
-    """(B,) each sequence's log-prob summed over its response's tokens."""
-    return (token_logprobs(model(ids)[0], ids) * mask).sum(1)
 
 # ---------------------------------------------------------------------------- the losses, side by side
 
@@ -466,9 +445,8 @@ def evaluate(model, tok, prompts, ctx, max_new, no_end_score, ref=None, rm=None,
     reward (reward model, or the judge); KL(policy || ref) summed over the response, estimated from the samples."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    res = {}
-    _, _, _, texts, _ = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)
-    res["acc_greedy"] = sum(map(task_reward, prompts, texts)) / len(prompts)
+    texts = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)[3]
+    res = dict(acc_greedy=sum(map(task_reward, prompts, texts)) / len(prompts))
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, 1.0, gen, ctx)
     res["acc_sampled"] = sum(map(task_reward, prompts, texts)) / len(prompts)
     with ctx:
@@ -491,7 +469,7 @@ def sft_batch(model, tok, rows):
 
 
 def rm_batch(model, head, pool, tok, rows):
-    ids, mask, last = (t.to(next(model.parameters()).device) for t in pair_batch(tok, rows))
+    ids, mask, last = pair_batch(tok, rows, next(model.parameters()).device)
     r = reward_scores(model, head, pool, ids, mask, last)
     loss, acc = reward_loss(r[:len(rows)], r[len(rows):])
     return loss, dict(accuracy=acc.item(), margin=(r[:len(rows)] - r[len(rows):]).mean().item(),
@@ -501,9 +479,9 @@ def rm_batch(model, head, pool, tok, rows):
 def dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows):
     """DPO on rows that carry their reference log-probs, row["ref_logps"] = [chosen, rejected] (sequence_logps')."""
     dev = next(model.parameters()).device
-    ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows))
+    ids, mask, _ = pair_batch(tok, rows, dev)
     ref = torch.tensor([r["ref_logps"] for r in rows], device=dev)
-    logp = sequence_logp(model, ids, mask)
+    logp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
     B = len(rows)
     loss, rc, rr = dpo_loss(logp[:B], logp[B:], ref[:, 0], ref[:, 1], beta, loss_type)
     if rpo_alpha:  # + the chosen responses' per-token NLL (RPO, Pang et al. 2024): DPO alone can lower both
@@ -516,11 +494,10 @@ def dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows):
 def sequence_logps(model, tok, rows, ctx):
     """(N, 2) summed log-probs of each row's chosen and rejected response: DPO's reference, computed once."""
     out = []
-    dev = next(model.parameters()).device
     for i in range(0, len(rows), 64):
-        ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows[i:i + 64]))
+        ids, mask, _ = pair_batch(tok, rows[i:i + 64], next(model.parameters()).device)
         with ctx:
-            out.append(sequence_logp(model, ids, mask).view(2, -1).T)
+            out.append((token_logprobs(model(ids)[0], ids) * mask).sum(1).view(2, -1).T)
     return torch.cat(out)
 
 
@@ -771,7 +748,7 @@ def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, j
     for rs in (rows, val_rows) if ref is not None else ():
         for r, lp in zip(rs, sequence_logps(ref, tok, rs, ctx).tolist() if rs else []):
             r["ref_logps"] = lp
-    judged, state = held_out(model, tok, ctx, ref) if judge else dict, {}
+    judged, state = held_out(model, tok, ctx, ref) if judge else (lambda: {}), {}
 
     def evaluation():
         res = mean_over(model, batch_fn, val_rows, batch_size, ctx) if val_rows else {}
@@ -805,7 +782,9 @@ def run_sft(config):
 
 def run_rm(config):
     dev, ctx, model, tok = setup()
-    head = scalar_head(model.config.n_embd, dev, std=model.config.n_embd ** -0.5)  # random: the trunk learns at once
+    head = nn.Linear(model.config.n_embd, 1).to(dev)  # random, so the trunk gets gradients at once
+    nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5)
+    nn.init.zeros_(head.bias)
     rm_loss = lambda rows: rm_batch(model, head, reward_pool, tok, rows)  # noqa: E731
 
     def reward_stats(res, rows):  # the scores' mean and std, which load_reward_model normalises away
@@ -855,21 +834,23 @@ def online_setup(dev, ctx, model, tok):
     ref = load_model(init_from, dev)[0].requires_grad_(False)
     rm = load_reward_model(reward_model, dev) if reward_model != "task" else None
     block = model.config.block_size
-    rows = fitting_rows(data, [("prompt",)], lambda r: len(prompt_ids(tok, r["prompt"])) + 1 + max_new_tokens <= block,
-                        block)
-    gen, evaluation = torch.Generator(device=dev), held_out(model, tok, ctx, ref, rm)
+    rows = fitting_rows(data, [("prompt",)], lambda r: len(prompt_response(tok, r["prompt"], "")[0]) +
+                        max_new_tokens <= block, block)
+    prompts, gen = [r["prompt"] for r in rows], torch.Generator(device=dev)
 
     def step_prompts(it):  # the prompts and the samples are functions of the step: resumes replay exactly
         gen.manual_seed(seed + it)
-        return random.Random(seed + it).sample([r["prompt"] for r in rows], rollout_batch)
-    return ref, rm, gen, step_prompts, evaluation
+        return random.Random(seed + it).sample(prompts, rollout_batch)
+    return ref, rm, gen, step_prompts, held_out(model, tok, ctx, ref, rm)
 
 
 def run_ppo(config):
     dev, ctx, model, tok = setup()
     ref, rm, gen, step_prompts, evaluation = online_setup(dev, ctx, model.train(), tok)
-    head = scalar_head(model.config.n_embd, dev, std=0.0)  # zero: first values of 0 give no noisy first advantages
-    state = dict(kl_coef=kl_coef)  # for the shared trunk to learn from
+    head = nn.Linear(model.config.n_embd, 1).to(dev)  # the value head, zero: first values of 0 make no noisy first
+    nn.init.zeros_(head.weight)  # advantages for the shared trunk to learn from
+    nn.init.zeros_(head.bias)
+    state = dict(kl_coef=kl_coef)  # restored on resume: the adaptive controller moves it
 
     def step(it, opt):
         stats = ppo_step(model, head, ref, rm, tok, step_prompts(it), opt, ctx, gen, state["kl_coef"],
