@@ -1,5 +1,5 @@
 """
-Post-training: InstructGPT-style RLHF, DPO and GRPO, one loss function per stage, side by side:
+Post-training: SFT, a reward model, PPO, DPO, GRPO and RLOO, one loss function each, side by side:
 
     python rlhf.py config/sft.py   # supervised fine-tuning on chat demonstrations (loss on assistant tokens only)
     python rlhf.py config/label.py # on-policy preference pairs: the SFT model's samples, compared by a labeler
@@ -10,26 +10,22 @@ Post-training: InstructGPT-style RLHF, DPO and GRPO, one loss function per stage
     python rlhf.py config/rloo.py  # RLOO: the same, each sample scored against the mean of the others
 
 Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
-`{"prompt", "chosen", "rejected"}`; PPO / GRPO prompts `{"prompt"}`. A prompt is a string (one user turn) or a list
-of messages. The chat template is bpe.py's `encode_chat`. The built-in task below needs no download:
+`{"prompt", "chosen", "rejected"}`; PPO / GRPO / RLOO prompts `{"prompt"}`, a string (one user turn) or messages, in
+bpe.py's chat template. The built-in task needs no download (`python bench.py --mode=rlhf` runs every stage):
 
     python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
-    python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py
-    python rlhf.py config/ppo.py   # or any other stage after SFT; python bench.py --mode=rlhf runs all of them
+    python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py  # then any stage
 
-The task: two-digit addition, the user asks "37+48=", the assistant answers "37+48=85". Its corpus and its
-demonstrations come from a sloppy writer who forgets the carry half the time (37+48=75), so pretraining and SFT
-learn that slip as faithfully as the skill; a preference labeler only has to *check* answers, which is easier, so
-RM/PPO, DPO and GRPO can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300
-held-out problems appear in no training set, pretraining included. An RM trained only on the task's offline pairs
-(one writer's guesses at wrong answers) ranks the SFT model's own right and wrong samples badly, so, as InstructGPT
-did, the label stage samples the SFT model and has a labeler (the task's judge, standing in for a human) compare
-its answers; config/rm.py trains on both kinds of pairs.
+The task: two-digit addition ("37+48=" -> "37+48=85"), its corpus and demonstrations written by someone who forgets
+the carry half the time, so pretraining and SFT learn the slip with the skill; a labeler only has to *check* answers,
+so the preference stages can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300
+held-out problems are in no training set. An RM on offline pairs alone ranks the SFT model's own answers badly, so,
+as InstructGPT did, the label stage has the task's judge (a human's stand-in) compare the SFT model's samples.
 
-Every stage writes out_dir/: checkpoints in train.py's format (sample.py can chat with any of them), tokenizer.bpe,
-metrics.jsonl; `--resume=True` continues from out_dir's latest checkpoint. `init_from` is always the parent run
-(pretrained for SFT; SFT for the others), which PPO, DPO and GRPO also use as the frozen reference.
+Every stage writes out_dir/: checkpoints in train.py's format (sample.py chats with any), tokenizer.bpe, metrics.jsonl;
+`--resume=True` continues. `init_from` is the parent run (pretrained for SFT, SFT for the others), also the frozen
+reference of PPO, DPO, GRPO and RLOO.
 """
 import json
 import os
@@ -127,15 +123,20 @@ def task_reward(prompt, response):
     return float(m is not None and response.strip() == f"{m[0]}{int(m[1]) + int(m[2])}")
 
 
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def make_task(task_dir, slip, n_held, seed):
     rng = random.Random(seed)
     problems = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(problems)
     held, rest = problems[:n_held], problems[n_held:]
 
-    def worse(a, b):  # the answer a labeler rejects: the demonstrators' slip where there is a carry, else a
-        s, u = a + b, rng.random()  # carry that was not there, a wrong digit, a digit too many, no working
-        if (a % 10 + b % 10) >= 10:  # shown, or cut short
+    def worse(a, b):  # a rejected answer: the demonstrators' slip where there is a carry, else a carry that was not
+        s, u = a + b, rng.random()  # there, a wrong digit, a digit too many, no working shown, or cut short
+        if (a % 10 + b % 10) >= 10:
             return f"{a}+{b}={s - 10}"
         if u < 0.3:
             return f"{a}+{b}={s + 10}"
@@ -145,25 +146,21 @@ def make_task(task_dir, slip, n_held, seed):
             return f"{a}+{b}={s}{rng.randrange(10)}"
         return str(s) if u < 0.85 else f"{a}+{b}={str(s)[:-1]}"
 
-    def write(name, rows):
-        with open(os.path.join(task_dir, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
     os.makedirs(task_dir, exist_ok=True)
-    with open(os.path.join(task_dir, "corpus.txt"), "w") as f:  # documents of 40 lines, prepare.py's separator
+    out = lambda name: os.path.join(task_dir, name)  # noqa: E731
+    with open(out("corpus.txt"), "w") as f:  # documents of 40 lines, prepare.py's separator
         for _ in range(3000):
             lines = (f"{a}+{b}={task_answer(a, b, slip, rng)}" for a, b in (rng.choice(rest) for _ in range(40)))
             f.write("\n".join(lines) + "\n<|endoftext|>\n")
-    # The answer restates the problem: "37+48=" -> "37+48=85". Its digits then follow "=" as in pretraining,
-    # so the skill learned there carries over; a bare "85" after <|end|><|assistant|> would have to be relearned.
-    sft = [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={task_answer(a, b, slip, rng)}") for a, b in rest[:2000]]
-    write("sft.jsonl", sft)
-    write("sft_val.jsonl", [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={a + b}") for a, b in held])
-    pairs = lambda problems: [dict(prompt=f"{a}+{b}=", chosen=f"{a}+{b}={a + b}", rejected=worse(a, b))
-                              for a, b in problems]  # noqa: E731
-    write("prefs.jsonl", pairs(rest))
-    write("prefs_val.jsonl", pairs(held))
-    write("prompts.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in rest])
-    write("prompts_val.jsonl", [dict(prompt=f"{a}+{b}=") for a, b in held])
+    # The answer restates the problem, so its digits follow "=" as in pretraining and the skill learned there carries
+    # over; a bare "85" after <|end|><|assistant|> would have to be relearned.
+    write_jsonl(out("sft.jsonl"), [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={task_answer(a, b, slip, rng)}")
+                                   for a, b in rest[:2000]])
+    write_jsonl(out("sft_val.jsonl"), [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={a + b}") for a, b in held])
+    for suffix, ps in (("", rest), ("_val", held)):
+        write_jsonl(out(f"prefs{suffix}.jsonl"), [dict(prompt=f"{a}+{b}=", chosen=f"{a}+{b}={a + b}",
+                                                       rejected=worse(a, b)) for a, b in ps])
+        write_jsonl(out(f"prompts{suffix}.jsonl"), [dict(prompt=f"{a}+{b}=") for a, b in ps])
     print(f"wrote {task_dir}: corpus.txt, sft, prefs, prompts (.jsonl and held-out _val.jsonl); next: python "
           f"prepare.py --input={task_dir}/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py")
 
@@ -171,7 +168,7 @@ def make_task(task_dir, slip, n_held, seed):
 
 
 def read_jsonl(path, fields, hint=TASK_HINT):
-    """Rows of a JSONL file; each must be an object with one of the `fields` alternatives (tuples of keys).
+    """Rows of a JSONL file, each an object with all the keys of one of `fields` (tuples of keys).
     hint: where such a file comes from, for the error when it is missing."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: data file {path} does not exist ({hint})")
@@ -213,9 +210,13 @@ def as_messages(prompt):
     return [dict(role="user", content=prompt)] if isinstance(prompt, str) else list(prompt)
 
 
+def prompt_ids(tok, prompt):
+    return encode_chat(tok, as_messages(prompt), add_generation_prompt=True)[0]
+
+
 def prompt_response(tok, prompt, response):
     """(ids, n_prompt): the chat up to `<|assistant|>`, then the response and its `<|end|>`."""
-    p, _ = encode_chat(tok, as_messages(prompt), add_generation_prompt=True)
+    p = prompt_ids(tok, prompt)
     return p + tok.encode_ordinary(response) + [tok.special_tokens["<|end|>"]], len(p)
 
 
@@ -223,6 +224,16 @@ def pad(rows, value):
     """List of lists -> (B, T) long tensor, right-padded with value."""
     T = max(len(r) for r in rows)
     return torch.tensor([list(r) + [value] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
+def response_batch(seqs, n_prompts, pad_id, device=None):
+    """ids (B, T) right-padded, the responses' mask (B, T-1) on the prediction grid (the logit at position j predicts
+    token j+1), and each sequence's last index (where the reward model reads)."""
+    ids = pad(seqs, pad_id).to(device)
+    mask = torch.zeros(len(seqs), ids.shape[1] - 1, device=device)
+    for i, (s, n) in enumerate(zip(seqs, n_prompts)):
+        mask[i, n - 1:len(s) - 1] = 1.0
+    return ids, mask, torch.tensor([len(s) - 1 for s in seqs], device=device)
 
 
 def sft_example(tok, row):
@@ -233,22 +244,16 @@ def sft_example(tok, row):
     return ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
 
 
-def pair_batch(tok, rows):
-    """Chosen rows then rejected rows: ids (2B, T), response mask (2B, T-1) on the token-prediction grid,
-    and the index of each sequence's last token (where the reward model reads)."""
+def pair_batch(tok, rows, device=None):
+    """Chosen rows then rejected rows: response_batch's ids (2B, T), mask (2B, T-1) and last indices."""
     seqs = [prompt_response(tok, r["prompt"], r[k]) for k in ("chosen", "rejected") for r in rows]
-    ids = pad([s for s, _ in seqs], tok.eot)
-    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-    for i, (s, n) in enumerate(seqs):
-        mask[i, n - 1:len(s) - 1] = 1.0  # logit at position j predicts token j+1
-    return ids, mask, torch.tensor([len(s) - 1 for s, _ in seqs])
+    return response_batch([s for s, _ in seqs], [n for _, n in seqs], tok.eot, device)
 
 # ---------------------------------------------------------------------------- model pieces
 
 
 def load_model(path, device, parent="train one with python rlhf.py config/sft.py"):
-    """(model, tokenizer) of the run in `path`, on device: every load from `init_from` goes through here.
-    parent: how that run is made, for the error when it is missing."""
+    """(model, tokenizer) of the run in `path`; parent: how that run is made, for the error when it is missing."""
     if not os.path.isfile(os.path.join(path, "latest.json")):
         raise SystemExit(f"error: no checkpoint in {path} (missing latest.json); {parent}")
     return load(path, device)
@@ -282,6 +287,7 @@ def whiten(x, mask):
 
 
 def load_reward_model(path, device):
+    """(model, head, pool) of an rm run, frozen: what reward_scores takes first."""
     if not os.path.isfile(os.path.join(path, "latest.json")):
         raise SystemExit(f"error: no reward model in {path} (missing latest.json); train one with python rlhf.py "
                          f"config/rm.py, or score with the built-in task's judge: --reward_model=task")
@@ -292,14 +298,13 @@ def load_reward_model(path, device):
     model = model_from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
     head = nn.Linear(model.config.n_embd, 1).to(device).requires_grad_(False)
     head.load_state_dict(ckpt["reward_head"])
-    # normalised so the scores of held-out answers have mean 0 and std 1: PPO's KL coefficient (and TRL's default
-    # of 0.05) assumes rewards of about unit scale; a raw Bradley-Terry head's scale is arbitrary (margins of 20
-    # here), which lets the policy buy reward with any amount of KL and exploit the model off its data
+    # normalised to mean 0, std 1 on held-out answers: PPO's KL coefficient assumes rewards of about unit scale, and a
+    # raw Bradley-Terry head's scale is arbitrary (margins of 20 here), which lets the policy buy reward with any KL
     mean, std = ckpt.get("reward_stats", (0.0, 1.0))
     with torch.no_grad():
         head.weight /= std
         head.bias.sub_(mean).div_(std)
-    return model, head, ckpt.get("config", {}).get("reward_pool", "last")  # what reward_scores takes first
+    return model, head, ckpt.get("config", {}).get("reward_pool", "last")
 
 
 def reward_scores(model, head, pool, ids, mask, last):
@@ -343,9 +348,9 @@ def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip, clip_
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalized advantage estimation (Schulman et al. 2016) over (B, T) token grids whose masked runs are
-    the responses: A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, with V and A
-    zero past a response's end. Returns (advantages, returns = advantages + values)."""
+    """Generalized advantage estimation (Schulman et al. 2016) on (B, T) grids whose masked runs are the responses:
+    A_t = delta_t + gamma * lam * A_{t+1}, delta_t = r_t + gamma * V_{t+1} - V_t, V and A zero past a response's end.
+    Returns (advantages, returns = advantages + values)."""
     adv = torch.zeros_like(rewards)
     last = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
@@ -358,9 +363,8 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
-    """DPO: the policy's log-ratio to the reference is an implicit reward beta * log(pi / ref); the loss is
-    Bradley-Terry on it (sigmoid), or IPO's squared distance of the margin to 1 / (2 beta).
-    Returns (loss, chosen rewards, rejected rewards)."""
+    """DPO: beta * log(pi / ref) is an implicit reward; the loss is Bradley-Terry on it (sigmoid), or IPO's squared
+    distance of the log-ratio margin to 1 / (2 beta). Returns (loss, chosen rewards, rejected rewards)."""
     logits = (pi_c - ref_c) - (pi_r - ref_r)
     if loss_type == "sigmoid":
         loss = -F.logsigmoid(beta * logits)
@@ -372,28 +376,26 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
 
 
 def group_advantages(rewards, group, scale=True):
-    """GRPO's advantage (Shao et al. 2024): each sample's reward minus the mean of its group (the num_generations
-    samples of one prompt, adjacent in rewards), divided by the group's std if scale (as TRL: unbiased, + 1e-4).
-    A group whose samples all score the same gets advantage 0: it teaches nothing."""
+    """GRPO's advantage (Shao et al. 2024): each reward minus the mean of its group (a prompt's `group` samples,
+    adjacent), divided by the group's std if scale (as TRL: unbiased, + 1e-4). An all-alike group teaches nothing."""
     r = rewards.view(-1, group)
     adv = r - r.mean(1, keepdim=True)
     return (adv / (r.std(1, keepdim=True) + 1e-4) if scale else adv).flatten()
 
 
 def rloo_advantages(rewards, group):
-    """REINFORCE leave-one-out (Kool et al. 2019, Ahmadian et al. 2024): each sample's reward minus the mean of the
-    other group - 1 samples of its prompt, a baseline that does not depend on the sample itself."""
+    """REINFORCE leave-one-out (Kool et al. 2019, Ahmadian et al. 2024): each reward minus the mean of the other
+    group - 1 samples of its prompt, a baseline that does not depend on the sample itself."""
     r = rewards.view(-1, group)
     return (r - (r.sum(1, keepdim=True) - r) / (group - 1)).flatten()
 
 
 def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip, beta, loss_type, max_new):
-    """PPO's clipped surrogate with one advantage per sequence (B,) for all its tokens, no value model; + beta
-    times the k3 estimate of KL(policy || ref) per token, exp(q) - q - 1 with q = log ref - log pi (unbiased,
-    never negative; Schulman 2020). loss_type says how the (B, T) token losses become one number:
-    grpo: mean over each sequence's tokens, then over sequences (a long response's tokens weigh less);
-    dapo: mean over all the batch's tokens (Yu et al. 2025); dr_grpo: their sum / (B * max_new), a constant
-    (Liu et al. 2025). Returns (loss, clip fraction, mean per-token KL)."""
+    """PPO's clipped surrogate with one advantage per sequence (B,), no value model; + beta times the k3 estimate of
+    KL(policy || ref) per token, exp(q) - q - 1 with q = log ref - log pi (unbiased, never negative; Schulman 2020).
+    loss_type: how the (B, T) token losses become one number: grpo: mean per sequence, then over sequences (a long
+    response's tokens weigh less); dapo: mean over the batch's tokens (Yu et al. 2025); dr_grpo: their sum over
+    B * max_new, a constant (Liu et al. 2025). Returns (loss, clip fraction, mean per-token KL)."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     loss = torch.max(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
@@ -416,11 +418,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip, beta, loss_type, max_ne
 
 @torch.no_grad()
 def rollout(model, tok, prompts, max_new, temp, gen, ctx):
-    """Sample a response for each prompt (a string or messages) with the KV cache. generate wants one prompt
-    length per batch, so prompts are grouped by length. Returns (ids, mask, last, texts, ended):
-    ids (B, T) prompt + response right-padded, mask (B, T-1) on the response's prediction slots."""
+    """Sample a response to each prompt with the KV cache, grouping prompts by length (generate takes one length a
+    batch). Returns response_batch's (ids, mask, last), the texts, and whether each response reached its <|end|>."""
     end, out = tok.special_tokens["<|end|>"], [None] * len(prompts)
-    encoded = [encode_chat(tok, as_messages(p), add_generation_prompt=True)[0] for p in prompts]
+    encoded = [prompt_ids(tok, p) for p in prompts]
     by_len = {}
     for i, p in enumerate(encoded):
         by_len.setdefault(len(p), []).append(i)
@@ -428,32 +429,24 @@ def rollout(model, tok, prompts, max_new, temp, gen, ctx):
         idx = torch.tensor([encoded[i] for i in rows], device=gen.device)
         with ctx:  # responses of a few tokens: capturing a CUDA graph per call would cost more than it saves
             steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot], cuda_graph=False))
-        new = torch.stack(steps, 1).tolist()
-        for i, r in zip(rows, new):
-            cut = next((k + 1 for k, t in enumerate(r) if t in (end, tok.eot)), len(r))
-            out[i] = r[:cut]
-    seqs = [p + r for p, r in zip(encoded, out)]
-    ids = pad(seqs, tok.eot).to(gen.device)
-    mask = torch.zeros(len(seqs), ids.shape[1] - 1, device=gen.device)
-    for i, p in enumerate(encoded):
-        mask[i, len(p) - 1:len(seqs[i]) - 1] = 1.0
+        for i, r in zip(rows, torch.stack(steps, 1).tolist()):
+            out[i] = r[:next((k + 1 for k, t in enumerate(r) if t in (end, tok.eot)), len(r))]
+    ids, mask, last = response_batch([p + r for p, r in zip(encoded, out)], [len(p) for p in encoded], tok.eot,
+                                     gen.device)
     # ids past the tokenizer's vocab (the model's is padded to a multiple of 128) decode to nothing
     texts = [tok.decode([t for t in r if t < tok.vocab_size and t not in (end, tok.eot)], errors="replace")
              for r in out]
-    ended = torch.tensor([bool(r) and r[-1] == end for r in out], device=gen.device)
-    return ids, mask, torch.tensor([len(s) - 1 for s in seqs], device=gen.device), texts, ended
+    return ids, mask, last, texts, torch.tensor([bool(r) and r[-1] == end for r in out], device=gen.device)
 
 
 @torch.no_grad()
 def evaluate(model, tok, prompts, ctx, max_new, no_end_score, ref=None, rm=None, seed=0):
-    """On held-out prompts: exact-match accuracy (task judge) greedy and sampled at temperature 1, the mean
-    reward of the samples (reward model, or the judge), and KL(policy || ref) summed over the response
-    (a Monte Carlo estimate from the samples)."""
+    """On held-out prompts: the judge's exact-match accuracy, greedy and sampled at temperature 1; the samples' mean
+    reward (reward model, or the judge); KL(policy || ref) summed over the response, estimated from the samples."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    res = {}
-    _, _, _, texts, _ = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)
-    res["acc_greedy"] = sum(map(task_reward, prompts, texts)) / len(prompts)
+    texts = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)[3]
+    res = dict(acc_greedy=sum(map(task_reward, prompts, texts)) / len(prompts))
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, 1.0, gen, ctx)
     res["acc_sampled"] = sum(map(task_reward, prompts, texts)) / len(prompts)
     with ctx:
@@ -476,7 +469,7 @@ def sft_batch(model, tok, rows):
 
 
 def rm_batch(model, head, pool, tok, rows):
-    ids, mask, last = (t.to(next(model.parameters()).device) for t in pair_batch(tok, rows))
+    ids, mask, last = pair_batch(tok, rows, next(model.parameters()).device)
     r = reward_scores(model, head, pool, ids, mask, last)
     loss, acc = reward_loss(r[:len(rows)], r[len(rows):])
     return loss, dict(accuracy=acc.item(), margin=(r[:len(rows)] - r[len(rows):]).mean().item(),
@@ -484,9 +477,9 @@ def rm_batch(model, head, pool, tok, rows):
 
 
 def dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows):
-    """DPO on rows that carry their reference log-probs (sequence_logps'), as row["ref_logps"] = [chosen, rejected]."""
+    """DPO on rows that carry their reference log-probs, row["ref_logps"] = [chosen, rejected] (sequence_logps')."""
     dev = next(model.parameters()).device
-    ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows))
+    ids, mask, _ = pair_batch(tok, rows, dev)
     ref = torch.tensor([r["ref_logps"] for r in rows], device=dev)
     logp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
     B = len(rows)
@@ -501,12 +494,10 @@ def dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows):
 def sequence_logps(model, tok, rows, ctx):
     """(N, 2) summed log-probs of each row's chosen and rejected response: DPO's reference, computed once."""
     out = []
-    dev = next(model.parameters()).device
     for i in range(0, len(rows), 64):
-        ids, mask, _ = (t.to(dev) for t in pair_batch(tok, rows[i:i + 64]))
+        ids, mask, _ = pair_batch(tok, rows[i:i + 64], next(model.parameters()).device)
         with ctx:
-            lp = (token_logprobs(model(ids)[0], ids) * mask).sum(1)
-        out.append(lp.view(2, -1).T)
+            out.append((token_logprobs(model(ids)[0], ids) * mask).sum(1).view(2, -1).T)
     return torch.cat(out)
 
 
@@ -536,15 +527,25 @@ def optimize(opt, loss, grad_clip):
     opt.step()
 
 
+def minibatch_updates(update, B, epochs, minibatch, seed, device):
+    """`epochs` passes over a step's B samples in shuffled minibatches (the shuffles seeded by the step's seed, so
+    resumes replay them); update(mb) takes one optimizer step and returns its stats. Returns their means."""
+    sums, n = {}, 0
+    for _ in range(epochs):
+        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(seed + n)).split(minibatch):
+            for k, v in update(mb.to(device)).items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            n += 1
+    return {k: v / n for k, v in sums.items()}
+
+
 def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c, *, max_new, temperature, rm_baseline,
              no_end_score, gamma, lam, epochs, minibatch, clip, clip_v, vf_coef, grad_clip):
-    """Roll out, score, then `epochs` passes of clipped updates over minibatches. Returns the step's stats.
-    The value head shares the policy's trunk: one forward gives both logits and values, half the compute of
-    TRL's separate critic, which matters on a CPU; its gradients then reach the policy's weights, which
-    vf_coef = 0.1 keeps small."""
+    """Roll out, score, then `epochs` passes of clipped updates; returns the step's stats. The value head shares the
+    policy's trunk: one forward gives logits and values (half the compute of TRL's separate critic, which matters on
+    a CPU), and its gradients reach the policy's weights, which vf_coef = 0.1 keeps small."""
     model.eval()  # rollouts and their scoring without dropout
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
-    B, rows = len(prompts), torch.arange(len(prompts), device=ids.device)
     with torch.no_grad(), ctx:
         logits, h = forward_hidden(model, ids)
         old_logp = token_logprobs(logits / temperature, ids)
@@ -552,53 +553,45 @@ def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c, *, max_new
         ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
         score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
         if rm and rm_baseline:
-            # Bradley-Terry fixes rewards only up to a constant per prompt, and here that constant varies more
-            # between prompts than right and wrong answers differ: the reward model's score of the reference
-            # model's greedy answer to the same prompt is subtracted (a baseline: the optimal policy is the same)
+            # Bradley-Terry fixes rewards only up to a constant per prompt, which here varies more between prompts
+            # than right and wrong answers differ: subtract the score of the reference's greedy answer (a baseline)
             ref_ids, ref_mask, ref_last, _, _ = rollout(ref, tok, prompts, max_new, 0.0, gen, ctx)
             score = torch.where(ended, score - reward_scores(*rm, ref_ids, ref_mask, ref_last), score)
     kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
     rewards = -kl_c * kl
-    rewards[rows, last - 1] += score  # the score lands on the last response token's slot
+    rewards[torch.arange(len(prompts), device=ids.device), last - 1] += score  # on the last response token's slot
     adv, returns = gae(rewards, old_values, mask, gamma, lam)
     adv = whiten(adv, mask)
     model.train()
-    stats = dict(pg_loss=0.0, value_loss=0.0, clipfrac=0.0, entropy=0.0)
-    n = 0
-    for _ in range(epochs):
-        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
-            mb = mb.to(ids.device)
-            with ctx:
-                logits, h = forward_hidden(model, ids[mb])
-                logp = token_logprobs(logits / temperature, ids[mb])
-                values = head(h[:, :-1]).squeeze(-1).float()
-            pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb],
-                                  clip, clip_v)
-            optimize(opt, pg + vf_coef * vf, grad_clip)
-            with torch.no_grad():
-                lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
-                ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
-            for k, v in zip(stats, (pg, vf, cf, ent)):
-                stats[k] += v.item()
-            n += 1
-    stats = {k: v / n for k, v in stats.items()}
+
+    def update(mb):
+        with ctx:
+            logits, h = forward_hidden(model, ids[mb])
+            logp = token_logprobs(logits / temperature, ids[mb])
+            values = head(h[:, :-1]).squeeze(-1).float()
+        pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb], clip, clip_v)
+        optimize(opt, pg + vf_coef * vf, grad_clip)
+        with torch.no_grad():
+            lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
+            ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
+        return dict(pg_loss=pg, value_loss=vf, clipfrac=cf, entropy=ent)
+    stats = minibatch_updates(update, len(prompts), epochs, minibatch, gen.initial_seed(), ids.device)
     return dict(reward=score.mean().item(), kl=kl.sum(1).mean().item(), **stats,
                 response_len=mask.sum(1).mean().item(), kl_coef=kl_c)
 
 
 def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_out, scale_rewards, max_new,
               temperature, no_end_score, beta, loss_type, epochs, minibatch, clip, grad_clip):
-    """GRPO (or, leave_one_out, RLOO): `group` samples per prompt, scored, each against the others of its group;
-    then `epochs` passes of clipped updates over minibatches, as PPO's but with no value model. The KL to the
-    reference is, for GRPO, a term of the loss (beta, k3); for RLOO, as TRL's RLOOTrainer, a penalty on the
-    reward: beta times the sampled log-ratio summed over the response. Returns the step's stats."""
+    """GRPO (or, leave_one_out, RLOO): `group` samples per prompt, each scored against the others of its group; then
+    PPO's clipped updates with no value model. The KL to the reference is, for GRPO, a term of the loss (beta, k3);
+    for RLOO, as TRL's RLOOTrainer, a penalty on the reward: beta times the sampled log-ratio summed over the response.
+    Returns the step's stats."""
     model.eval()
     prompts = [p for p in prompts for _ in range(group)]  # a prompt's samples are adjacent: the groups are rows
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
-    B = len(prompts)
     # one update on all the samples (TRL's default): the policy is still the one that sampled, so the ratio is
     # exactly 1 and old_logp is the update's own forward, detached; no extra forward for it
-    one_update = epochs == 1 and minibatch >= B and not (leave_one_out and beta)
+    one_update = epochs == 1 and minibatch >= len(prompts) and not (leave_one_out and beta)
     with torch.no_grad(), ctx:
         old_logp = None if one_update else token_logprobs(model(ids)[0] / temperature, ids)
         ref_logp = token_logprobs(ref(ids)[0] / temperature, ids) if beta else None
@@ -606,21 +599,17 @@ def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_o
     reward = score - beta * ((old_logp - ref_logp) * mask).sum(1) if leave_one_out and beta else score
     adv = rloo_advantages(reward, group) if leave_one_out else group_advantages(reward, group, scale_rewards)
     model.train()
-    stats, n = dict(loss=0.0, clipfrac=0.0, kl=0.0), 0
-    for _ in range(epochs):
-        for mb in torch.randperm(B, generator=torch.Generator().manual_seed(gen.initial_seed() + n)).split(minibatch):
-            mb = mb.to(ids.device)
-            with ctx:
-                logp = token_logprobs(model(ids[mb])[0] / temperature, ids[mb])
-            loss, cf, kl = grpo_loss(logp, logp.detach() if one_update else old_logp[mb],
-                                     None if ref_logp is None else ref_logp[mb], adv[mb],
-                                     mask[mb], clip, 0.0 if leave_one_out else beta, loss_type, max_new)
-            optimize(opt, loss, grad_clip)
-            for k, v in zip(stats, (loss, cf, kl)):
-                stats[k] += v.item()
-            n += 1
-    stats = {k: v / n for k, v in stats.items() if k != "kl" or ref_logp is not None}  # kl: the k3 estimate's mean
-    groups = score.view(-1, group)
+
+    def update(mb):
+        with ctx:
+            logp = token_logprobs(model(ids[mb])[0] / temperature, ids[mb])
+        loss, cf, kl = grpo_loss(logp, logp.detach() if one_update else old_logp[mb],
+                                 None if ref_logp is None else ref_logp[mb], adv[mb],
+                                 mask[mb], clip, 0.0 if leave_one_out else beta, loss_type, max_new)
+        optimize(opt, loss, grad_clip)
+        return dict(loss=loss, clipfrac=cf, kl=kl) if ref_logp is not None else dict(loss=loss, clipfrac=cf)
+    stats = minibatch_updates(update, len(prompts), epochs, minibatch, gen.initial_seed(), ids.device)
+    groups = score.view(-1, group)  # stats' kl: the k3 estimate's mean, when there is a reference
     return dict(reward=score.mean().item(), **stats, reward_std=groups.std(1).mean().item(),
                 zero_std_frac=(groups.std(1) == 0).float().mean().item(), response_len=mask.sum(1).mean().item())
 
@@ -630,9 +619,8 @@ def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_o
 @torch.no_grad()
 def label_pairs(model, tok, prompts, ctx, gen, k, max_new, temperature, judge=task_reward):
     """InstructGPT's comparison data: k samples per prompt from the policy, and the labeler (here the task's judge,
-    standing in for a human) prefers a correct answer to each distinct wrong one. The offline rejected answers
-    are one writer's guesses at the mistakes; these are the policy's actual ones, the answers PPO will see.
-    Prompts with no correct or no wrong sample give no pair: a labeler only compares, it writes no answer."""
+    standing in for a human) prefers a correct answer to each distinct wrong one: the policy's actual mistakes, the
+    answers PPO will see. A prompt with no correct or no wrong sample gives no pair (a labeler writes no answer)."""
     model.eval()
     pairs = []
     for i in range(0, len(prompts), 64):
@@ -647,13 +635,6 @@ def label_pairs(model, tok, prompts, ctx, gen, k, max_new, temperature, judge=ta
     return pairs
 
 # ---------------------------------------------------------------------------- a run's plumbing
-
-
-def setup(device, dtype, seed):
-    """(device, autocast context), and the global seed set."""
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    torch.manual_seed(seed)
-    return dev, autocast(dev, resolve_dtype(dtype, dev)[1])
 
 
 def start(out_dir, init_from, stage, resume, model, opt, heads):
@@ -706,27 +687,57 @@ class Metrics:
             self.sums = {}
 
 # ---------------------------------------------------------------------------- the stages
-# Each is main's own code for one stage, reading the config globals as train.py's main does; every function
-# above takes what it needs as arguments.
+# Each run_* is main's own code for one stage, reading the config globals as train.py's main does (and so do the
+# few helpers here); every function above takes what it needs as arguments.
 
 
-def set_lr(opt, it):
-    lr = get_lr(it, learning_rate, warmup_iters, max_iters, min_lr)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    return lr
+def setup(parent="train one with python rlhf.py config/sft.py"):
+    """(device, autocast context, model, tokenizer): init_from's run, with the global seed set."""
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    torch.manual_seed(seed)
+    ctx = autocast(dev, resolve_dtype(dtype, dev)[1])
+    return (dev, ctx, *load_model(init_from, dev, parent))
 
 
-def held_out_prompts():
-    return [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] if eval_prompts else []
+def held_out(model, tok, ctx, ref=None, rm=None):
+    """The evaluation on eval_prompts, as a function: {} without them."""
+    prompts = [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] if eval_prompts else []
+    return lambda: evaluate(model, tok, prompts, ctx, max_new_tokens, no_end_score, ref, rm, seed) if prompts else {}
+
+
+def loop(config, model, tok, heads, step, evaluation, state):
+    """Every training stage's loop, as train.py's: evaluate (and checkpoint) -> step -> log. step(it, opt) takes the
+    step's optimizer steps and returns its stats; heads ({checkpoint key: module}) train with the model; state: more
+    values each checkpoint keeps, restored on resume."""
+    params = list(model.parameters()) + [p for h in heads.values() for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    it, ckpt = start(out_dir, init_from, stage, resume, model, opt, heads)
+    state.update({k: ckpt[k] for k in state if k in ckpt})
+    metrics, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), time.time()
+
+    def checkpoint():
+        metrics.log(it, **evaluation(), elapsed_s=time.time() - t0)
+        save(out_dir, stage, it, model, opt, tok, config, heads, **state)
+
+    if it == 0:
+        checkpoint()
+    while it < max_iters:
+        lr = get_lr(it, learning_rate, warmup_iters, max_iters, min_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        stats = step(it, opt)
+        it += 1
+        metrics.step(it, stats, lr)
+        if it % eval_interval == 0 or it == max_iters:
+            checkpoint()
+    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
 
 
 def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, judge=True, extra=None,
         hint=TASK_HINT):
-    """The offline stages' loop (sft, rm, dpo): a batch of rows drawn by the step's seed, a step of the loss of
-    batch_fn(rows); every eval_interval steps the held-out loss (and, if judge, the judge's accuracy on
-    eval_prompts) and a checkpoint, with extra(results, rows) in it. With a reference (dpo), each row carries its
-    log-probs; heads: {checkpoint key: module} trained with the model."""
+    """The offline stages (sft, rm, dpo): each step a step of the loss batch_fn(rows) on a batch drawn by the step's
+    seed; each evaluation the held-out loss and, if judge, the judge's figures; extra(results, rows): more for the
+    checkpoint. With a reference (dpo), each row carries its log-probs."""
     block = model.config.block_size
     rows = fitting_rows(data, fields, lambda r: fits(tok, block, r), block, hint)
     val_rows = fitting_rows(val_data, fields, lambda r: fits(tok, block, r), block, hint)
@@ -737,34 +748,21 @@ def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, j
     for rs in (rows, val_rows) if ref is not None else ():
         for r, lp in zip(rs, sequence_logps(ref, tok, rs, ctx).tolist() if rs else []):
             r["ref_logps"] = lp
-    prompts_val = held_out_prompts() if judge else []
-    heads = heads or {}
-    params = list(model.parameters()) + [p for h in heads.values() for p in h.parameters()]
-    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    it, _ = start(out_dir, init_from, stage, resume, model, opt, heads)
-    metrics = Metrics(out_dir, stage, it, max_iters, log_interval)
+    judged, state = held_out(model, tok, ctx, ref) if judge else (lambda: {}), {}
 
     def evaluation():
         res = mean_over(model, batch_fn, val_rows, batch_size, ctx) if val_rows else {}
-        if prompts_val:
-            res.update(evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref=ref, seed=seed))
-        metrics.log(it, **res, elapsed_s=time.time() - t0)
-        save(out_dir, stage, it, model, opt, tok, config, heads, **(extra(res, rows) if extra else {}))
+        res.update(judged())
+        state.update(extra(res, rows) if extra else {})
+        return res
 
-    t0 = time.time()
-    if it == 0:
-        evaluation()
-    while it < max_iters:
-        lr = set_lr(opt, it)
+    def step(it, opt):
         idx = random.Random(seed + it).sample(range(len(rows)), min(batch_size, len(rows)))  # resumes replay exactly
         with ctx:
             loss, stats = batch_fn([rows[i] for i in idx])
         optimize(opt, loss, grad_clip)
-        it += 1
-        metrics.step(it, dict(loss=loss.item(), **stats), lr)
-        if it % eval_interval == 0 or it == max_iters:
-            evaluation()
-    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+        return dict(loss=loss.item(), **stats)
+    loop(config, model, tok, heads or {}, step, evaluation, state)
 
 
 def sft_fits(tok, block, row):  # the whole example in the model's context, and some assistant tokens to learn
@@ -777,32 +775,30 @@ def pair_fits(tok, block, row):
 
 
 def run_sft(config):
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev, "pretrain one: python train.py config/add.py (the built-in task's)")
+    _, ctx, model, tok = setup("pretrain one: python train.py config/add.py (the built-in task's)")
     fit(config, model.train(), tok, ctx, lambda rows: sft_batch(model, tok, rows),
         [("messages",), ("prompt", "response")], sft_fits)
 
 
 def run_rm(config):
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev)
+    dev, ctx, model, tok = setup()
     head = nn.Linear(model.config.n_embd, 1).to(dev)  # random, so the trunk gets gradients at once
     nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5)
     nn.init.zeros_(head.bias)
+    rm_loss = lambda rows: rm_batch(model, head, reward_pool, tok, rows)  # noqa: E731
 
-    def reward_stats(res, rows):  # the mean and std of the scores, which load_reward_model normalises away
+    def reward_stats(res, rows):  # the scores' mean and std, which load_reward_model normalises away
         if not res:  # no held-out pairs: the training pairs'
-            res = mean_over(model, lambda rs: rm_batch(model, head, reward_pool, tok, rs), rows[:256], batch_size, ctx)
+            res = mean_over(model, rm_loss, rows[:256], batch_size, ctx)
         m = res["val_reward_mean"]
         return dict(reward_stats=(m, max(res["val_reward_sq"] - m * m, 1e-8) ** 0.5))
-    fit(config, model.train(), tok, ctx, lambda rows: rm_batch(model, head, reward_pool, tok, rows),
-        [("prompt", "chosen", "rejected")], pair_fits, heads=dict(reward_head=head), judge=False, extra=reward_stats,
+    fit(config, model.train(), tok, ctx, rm_loss, [("prompt", "chosen", "rejected")], pair_fits,
+        heads=dict(reward_head=head), judge=False, extra=reward_stats,
         hint="on-policy pairs: python rlhf.py config/label.py, after SFT; offline pairs: python rlhf.py --stage=task")
 
 
 def run_dpo(config):
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev)
+    dev, ctx, model, tok = setup()
     ref = load_model(init_from, dev)[0].requires_grad_(False)
     fit(config, model.train(), tok, ctx, lambda rows: dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows),
         [("prompt", "chosen", "rejected")], pair_fits, ref=ref)
@@ -811,8 +807,7 @@ def run_dpo(config):
 def run_label(config):
     """On-policy pairs of label_prompts prompts to label_out, and of label_val_prompts other prompts to its _val
     twin (`data` holds training prompts only, so the eval problems stay out of both)."""
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev)
+    dev, ctx, model, tok = setup()
     gen = torch.Generator(device=dev).manual_seed(seed)
     prompts = [r["prompt"] for r in read_jsonl(data, [("prompt",)])]
     random.Random(seed).shuffle(prompts)
@@ -827,60 +822,45 @@ def run_label(config):
         if ps and not pairs:
             raise SystemExit(f"error: no prompt of the {len(ps)} got both a right and a wrong answer in "
                              f"{label_samples} samples; train the SFT model ({init_from}) longer, or raise label_samples")
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in pairs)
+        write_jsonl(path, pairs)
         n = len({r["prompt"] for r in pairs})
         print(f"wrote {path}: {len(pairs)} pairs from {len(ps)} prompts x {label_samples} samples ({n} prompts with "
               f"a right and a wrong answer) in {time.time() - t0:.0f}s")
 
 
-def online_setup(dev, model, tok):
-    """What ppo, grpo and rloo share: the reference, the reward model (or None: the judge), the training prompts
-    that fit the context with the longest response, the held-out prompts."""
+def online_setup(dev, ctx, model, tok):
+    """What ppo, grpo and rloo share: the reference, the reward model (None: the judge), the generator, the step's
+    prompts (a function of it) among those that fit the context with the longest response, the evaluation."""
     ref = load_model(init_from, dev)[0].requires_grad_(False)
     rm = load_reward_model(reward_model, dev) if reward_model != "task" else None
     block = model.config.block_size
     rows = fitting_rows(data, [("prompt",)], lambda r: len(prompt_response(tok, r["prompt"], "")[0]) +
                         max_new_tokens <= block, block)
-    return ref, rm, [r["prompt"] for r in rows], held_out_prompts()
+    prompts, gen = [r["prompt"] for r in rows], torch.Generator(device=dev)
+
+    def step_prompts(it):  # the prompts and the samples are functions of the step: resumes replay exactly
+        gen.manual_seed(seed + it)
+        return random.Random(seed + it).sample(prompts, rollout_batch)
+    return ref, rm, gen, step_prompts, held_out(model, tok, ctx, ref, rm)
 
 
 def run_ppo(config):
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev)
-    ref, rm, prompts, prompts_val = online_setup(dev, model.train(), tok)
-    # the value head; zero, so the first values (0) do not make the first advantages noise that the shared trunk
-    # would learn from
-    head = nn.Linear(model.config.n_embd, 1).to(dev)
-    nn.init.zeros_(head.weight)
+    dev, ctx, model, tok = setup()
+    ref, rm, gen, step_prompts, evaluation = online_setup(dev, ctx, model.train(), tok)
+    head = nn.Linear(model.config.n_embd, 1).to(dev)  # the value head, zero: first values of 0 make no noisy first
+    nn.init.zeros_(head.weight)  # advantages for the shared trunk to learn from
     nn.init.zeros_(head.bias)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=learning_rate,
-                            betas=(beta1, beta2), weight_decay=weight_decay)
-    it, ckpt = start(out_dir, init_from, stage, resume, model, opt, dict(value_head=head))
-    kl_c = ckpt.get("kl_coef", kl_coef)
-    metrics, gen, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), torch.Generator(device=dev), time.time()
+    state = dict(kl_coef=kl_coef)  # restored on resume: the adaptive controller moves it
 
-    def evaluation():
-        metrics.log(it, **evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref, rm, seed)
-                    if prompts_val else {}, elapsed_s=time.time() - t0)
-        save(out_dir, stage, it, model, opt, tok, config, dict(value_head=head), kl_coef=kl_c)
-
-    if it == 0:
-        evaluation()
-    while it < max_iters:
-        lr = set_lr(opt, it)
-        gen.manual_seed(seed + it)  # the prompts and the samples are functions of the step: resumes replay exactly
-        stats = ppo_step(model, head, ref, rm, tok, random.Random(seed + it).sample(prompts, rollout_batch), opt,
-                         ctx, gen, kl_c, max_new=max_new_tokens, temperature=temperature, rm_baseline=rm_baseline,
+    def step(it, opt):
+        stats = ppo_step(model, head, ref, rm, tok, step_prompts(it), opt, ctx, gen, state["kl_coef"],
+                         max_new=max_new_tokens, temperature=temperature, rm_baseline=rm_baseline,
                          no_end_score=no_end_score, gamma=gamma, lam=lam, epochs=ppo_epochs, minibatch=minibatch,
                          clip=clip_range, clip_v=clip_range_value, vf_coef=vf_coef, grad_clip=grad_clip)
-        if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_c towards target_kl
-            kl_c *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
-        it += 1
-        metrics.step(it, stats, lr)
-        if it % eval_interval == 0 or it == max_iters:
-            evaluation()
-    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+        if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_coef towards target_kl
+            state["kl_coef"] *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
+        return stats
+    loop(config, model, tok, dict(value_head=head), step, evaluation, state)
 
 
 def run_grpo(config):
@@ -888,33 +868,15 @@ def run_grpo(config):
     if num_generations < 2:
         raise SystemExit(f"error: num_generations must be >= 2 (a group needs others to compare with), got "
                          f"{num_generations}")
-    dev, ctx = setup(device, dtype, seed)
-    model, tok = load_model(init_from, dev)
-    ref, rm, prompts, prompts_val = online_setup(dev, model.train(), tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    it, _ = start(out_dir, init_from, stage, resume, model, opt, {})
-    metrics, gen, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), torch.Generator(device=dev), time.time()
+    dev, ctx, model, tok = setup()
+    ref, rm, gen, step_prompts, evaluation = online_setup(dev, ctx, model.train(), tok)
 
-    def evaluation():
-        metrics.log(it, **evaluate(model, tok, prompts_val, ctx, max_new_tokens, no_end_score, ref, rm, seed)
-                    if prompts_val else {}, elapsed_s=time.time() - t0)
-        save(out_dir, stage, it, model, opt, tok, config)
-
-    if it == 0:
-        evaluation()
-    while it < max_iters:
-        lr = set_lr(opt, it)
-        gen.manual_seed(seed + it)  # the prompts and the samples are functions of the step: resumes replay exactly
-        stats = grpo_step(model, ref, rm, tok, random.Random(seed + it).sample(prompts, rollout_batch), opt, ctx,
-                          gen, group=num_generations, leave_one_out=stage == "rloo", scale_rewards=scale_rewards,
-                          max_new=max_new_tokens, temperature=temperature, no_end_score=no_end_score, beta=beta,
-                          loss_type=loss_type, epochs=ppo_epochs, minibatch=minibatch, clip=clip_range,
-                          grad_clip=grad_clip)
-        it += 1
-        metrics.step(it, stats, lr)
-        if it % eval_interval == 0 or it == max_iters:
-            evaluation()
-    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+    def step(it, opt):
+        return grpo_step(model, ref, rm, tok, step_prompts(it), opt, ctx, gen, group=num_generations,
+                         leave_one_out=stage == "rloo", scale_rewards=scale_rewards, max_new=max_new_tokens,
+                         temperature=temperature, no_end_score=no_end_score, beta=beta, loss_type=loss_type,
+                         epochs=ppo_epochs, minibatch=minibatch, clip=clip_range, grad_clip=grad_clip)
+    loop(config, model, tok, {}, step, evaluation, {})
 
 
 def main():
