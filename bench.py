@@ -105,11 +105,9 @@ def in_fresh_process(name, *args):
 
 
 def train_tokenizer(which, out, vocab_size, n_train):
-    """Run by bench_bpe in a fresh process: trains bpe.py ("ours") or HF tokenizers' BpeTrainer ("hf") on the first
-    n_train documents of the default corpus, saves it to out, returns {seconds, cpu_seconds, peak_mb}. CPU: this
-    process and its workers; peak: this process + its largest worker (an upper bound: workers share pages)."""
+    """In a fresh process: bpe.py ("ours") or HF's BpeTrainer ("hf") trained on the first n_train documents, saved
+    to out. CPU counts its workers; peak = this process + its largest worker (an upper bound: workers share pages)."""
     import resource  # Unix only
-
     import bpe
     from prepare import corpus_files, read_documents
 
@@ -134,8 +132,7 @@ def train_tokenizer(which, out, vocab_size, n_train):
 
 
 def encode_speed(encoders, mb, repeats):
-    """{name: encode fn of mb megabytes} -> {name: (wall MB/s, MB per CPU second)}, best of `repeats` rounds.
-    The encoders take turns, so that load from other jobs hits all alike."""
+    """{name: fn encoding mb MB} -> {name: (wall MB/s, MB per CPU second)}, best of `repeats` rounds, in turn."""
     wall = {name: math.inf for name in encoders}
     cpu = dict(wall)
     for _ in range(repeats):
@@ -148,7 +145,6 @@ def encode_speed(encoders, mb, repeats):
 
 
 def hf_tokenizer_row(tmp, held, held_mb, vocab_size, n_train, repeats):
-    """bench_bpe's row of HF tokenizers: trained in a fresh process, then encoding the held-out documents."""
     from tokenizers import Tokenizer
     hf = in_fresh_process("train_tokenizer", "hf", os.path.join(tmp, "hf.json"), vocab_size, n_train)
     tok = Tokenizer.from_file(os.path.join(tmp, "hf.json"))
@@ -160,12 +156,10 @@ def hf_tokenizer_row(tmp, held, held_mb, vocab_size, n_train, repeats):
 
 
 def bench_bpe(vocab_size=32000, repeats=7):
-    """bpe.py against HF tokenizers' BpeTrainer (if installed): a 32,000 vocab with the GPT-4 pattern on the
-    default corpus (the standard library's .py files, the last 5% held out). Each trainer runs in a fresh process,
-    so its time and peak memory are its own; encoding is timed here, best of 7. CPU seconds are printed next to
-    wall seconds: on a shared machine they are the number that other jobs disturb least."""
+    """bpe.py against HF tokenizers' BpeTrainer (if installed): a 32,000 vocab, GPT-4 pattern, on the default
+    corpus (stdlib .py files, the last 5% held out for encoding). CPU seconds are printed next to wall seconds: on
+    a shared machine they are what other jobs disturb least."""
     import tiktoken
-
     import bpe
     from prepare import corpus_files, read_documents
 
@@ -259,7 +253,6 @@ def train_batches(T, data, rank, world, cuda):
     """train.py's loader on the prepared train shards (data "real"; None if there are none), or a few fixed random
     batches, pinned like train.py's, different on every rank."""
     import torch
-
     import train
     if data == "real":
         data_dir = os.path.join(T.data_root, T.dataset)
@@ -278,10 +271,8 @@ def train_batches(T, data, rank, world, cuda):
 
 
 def time_train_steps(T, device, w, batches, grad_accum, ptdtype, peak_flops, out):
-    """Builds the variant's model and optimizer for w processes as train.py does, runs train_warmup steps, then
-    times train_steps of train.train_step; fills `out` with the row's figures as they come."""
+    """train.py's model, optimizer and step for w processes: train_warmup steps, then train_steps timed, into out."""
     import torch
-
     import train
     from model import GPT, GPTConfig
     cuda = device.startswith("cuda")
@@ -368,21 +359,16 @@ def print_train_table(rows, scaling):
 
 
 def bench_train():
-    """ms/step, tokens/s, MFU and GPU memory of train.py's step, for each variant (train_variant's config). MFU is
-    against this card's bf16 matmul rate, measured here (train.peak_flops). Memory: `state` is what stays allocated
-    between steps (weights, AdamW moments, DDP's gradient buckets), `peak` the most during a step, `act` = peak -
-    state (activations and temporaries: what gradient checkpointing and the fused loss shrink). Under torchrun every
-    rank runs every variant (sharding=ddp|zero1|fsdp picks the parallelism); rank 0 reports. With train_alone, each
-    rank first runs the variant alone on its GPU (all at once), and `scaling` = world x their mean step time / the
-    joint step time (2.0x for two GPUs is perfect). A variant that runs out of memory is reported as OOM. Prints a
-    table last; writes train_json. E.g.
+    """ms/step, tokens/s, MFU (against the matmul peak measured here) and GPU memory of train.py's step, per variant.
+    `state` stays allocated between steps (weights, AdamW moments, DDP buckets), `peak` is a step's most, `act` =
+    peak - state (what gradient checkpointing and the fused loss shrink). Under torchrun rank 0 reports; `scaling` =
+    world x the mean step time of each rank alone / the joint one (2.0x for two GPUs is perfect). E.g.
         CUDA_VISIBLE_DEVICES=0 python bench.py --mode=train --train_variants="; loss_chunk=0; grad_ckpt=full"
         torchrun --standalone --nproc_per_node=2 bench.py --mode=train \
             --train_variants="; sharding=zero1; sharding=fsdp" \
             --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
     import torch
     import torch.distributed as dist
-
     import train
     from configurator import config_keys
 
@@ -457,14 +443,10 @@ def time_generate(model, prompt, use_cache, compile, device):
 
 
 def bench_generate():
-    """Tokens/s of model.generate with and without the KV cache, batch 1 and 64, the first call (cold: each
-    new shape pays kernel selection, lazy CUDA set-up and graph capture) and the second (warm), on random
-    weights in bf16 (fp32 on CPU); sampling as sample.py's defaults (temperature 0.8, top-k 200). The cache
-    rows run before the cache-less ones, so "cold" for the cache is the first generate of the process for
-    that model and batch. With gen_cold, first the first and second call of a fresh process, as a user of
-    sample.py meets them (bench_fresh_processes). Writes gen_out_dir/generate.json."""
+    """Tokens/s of model.generate with and without the KV cache on random weights (bf16; fp32 on CPU), the first
+    call (cold: kernel selection, lazy CUDA set-up, graph capture) and the second (warm); with gen_cold, first
+    those of a fresh process, as sample.py meets them. Writes gen_out_dir/generate.json."""
     import torch
-
     from model import GPT, GPTConfig
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if gen_device == "auto" else gen_device
@@ -545,15 +527,12 @@ def bench_fresh_processes(shapes, device, cold, save):
 
 
 def generate_first_calls(a):
-    """Run by bench_fresh_processes in a fresh process: its first and second model.generate call, made as sample.py
-    makes them: the model built in fp32 on the device, cast once to sample.pick_dtype's dtype, every token read on
-    the host as it streams. a: model (GPTConfig kwargs), device, batch, prompt_len, new_tokens, cuda_graph, compile;
-    and profile=True to profile the first call instead. Returns {first_s, second_s, ratio, first_token_s (both
-    calls), import_s, model_s} (import: torch and the scripts; model: building it and its first move to the device,
-    which makes the CUDA context), or {profile: [(op, calls, self CPU ms)]} for the 15 most expensive ops."""
+    """In a fresh process: its first and second model.generate call as sample.py makes them (built in fp32, cast
+    once to sample.pick_dtype's dtype, each token read as it streams), and the seconds to import torch and the
+    scripts and to build the model (which makes the CUDA context); with a["profile"], the first call's 15 most
+    expensive ops instead."""
     t0 = time.perf_counter()
     import torch
-
     import sample
     from model import GPT, GPTConfig
     import_s = time.perf_counter() - t0
@@ -625,8 +604,7 @@ def rlhf_chain(s):
 
 
 def run_chain(s, chain, times_path):
-    """Runs a chain's stages in turn, each command a fresh process whose output goes to <stage>.log next to
-    times_path; times_path records the finished stages' seconds, and those whose file is there are skipped."""
+    """A chain's stages in turn, each a fresh process logging to <stage>.log; times_path keeps the finished ones."""
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
     for name, done, cmds in chain:
         if name in times and os.path.exists(done):
@@ -650,7 +628,6 @@ def run_chain(s, chain, times_path):
 def pairwise_accuracy(rm, tok, path):
     """How often a reward model scores the chosen answer above the rejected one, on a file of held-out pairs."""
     import torch
-
     import rlhf
     pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
     ids, mask, last = rlhf.pair_batch(tok, pairs)
@@ -660,9 +637,8 @@ def pairwise_accuracy(rm, tok, path):
 
 
 def rlhf_evaluate(s, out, prompts, times):
-    """Seed s's figures, each with its stage's wall_s: every policy on the held-out prompts (rlhf.evaluate, KL to
-    the seed's SFT model, reward by its rm-onpol), each RM's pairwise accuracy on the offline held-out pairs and on
-    the SFT model's own held-out samples, and the number of pairs the label stage made."""
+    """Seed s's figures: every policy by rlhf.evaluate (KL to its SFT model, reward by its rm-onpol), each RM's
+    pairwise accuracy on offline and on-policy held-out pairs, the label stage's pair count; each with wall_s."""
     import rlhf
     from sample import load
     d = os.path.join(rlhf_dir, f"seed{s}")
@@ -703,12 +679,10 @@ def print_rlhf_table(results, n_prompts):
 
 
 def bench_rlhf():
-    """rlhf.py's built-in task end to end, once per seed of rlhf_seeds: pretraining, SFT, RM, PPO, DPO, GRPO, RLOO,
-    each a subprocess running its config file (rlhf_chain), in rlhf_dir/seed<N>/. Then every model is evaluated the
-    same way on the held-out problems (rlhf_evaluate); the table shows each figure as mean +- std over the seeds.
-    Besides the offline pairs' RM, the InstructGPT way: the SFT model's own samples labelled by the judge (label),
-    an RM on those + the offline pairs (rm-onpol), PPO on it (ppo-onpol). Finished stages are reused: delete
-    rlhf_dir (or a stage's folder) to rerun them. Each stage's output goes to its log file next to its folder."""
+    """rlhf.py's built-in task end to end once per seed (rlhf_chain), then every model evaluated on the held-out
+    problems (rlhf_evaluate), mean +- std over the seeds. Besides the offline pairs' RM, the InstructGPT way: the
+    SFT model's samples labelled by the judge, an RM on those too, PPO on it. Finished stages are reused: delete
+    rlhf_dir (or a stage's folder) to rerun them."""
     import rlhf
     task, data = os.path.join(rlhf_dir, "task"), os.path.join(rlhf_dir, "data")
     t0 = time.time()
@@ -771,22 +745,12 @@ def speedrun_one(config, overrides, seed, out_dir):
     return proc, t0, cmd
 
 
-def speedrun_rows(out_dir, t0):
-    """A finished run's metrics rows, each with `wall` = seconds from launch."""
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    for r in rows:
-        if "time" in r:
-            r["wall"] = r["time"] - t0
-    return rows
-
-
 def best_val(rows):
     return min(r["val_loss"] for r in rows if "val_loss" in r)
 
 
 def run_speedruns(runs):
-    """Every (name, config, overrides) of runs once per seed, speedrun_parallel at a time, the baseline's seeds first
-    (they overlap only each other); returns {name: [{seed, rows, wall}]}."""
+    """Each run once per seed, speedrun_parallel at a time, the baseline's first (overlapping only each other)."""
     results, active = {}, []
     pending = [(name, config, ov, seed) for name, config, ov in runs for seed in range(speedrun_seeds)]
     while pending or active:
@@ -801,15 +765,16 @@ def run_speedruns(runs):
             (name, _, _, seed), out, proc, t0, cmd = a
             if proc.returncode:
                 raise SystemExit(f"error: {' '.join(cmd)} failed:\n{open(out + '.log').read()[-2000:]}")
-            rows = speedrun_rows(out, t0)
+            rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            for r in [r for r in rows if "time" in r]:
+                r["wall"] = r["time"] - t0  # seconds from launch
             results.setdefault(name, []).append(dict(seed=seed, rows=rows, wall=time.time() - t0))
             print(f"{name} seed {seed}: best val {best_val(rows):.4f}, {time.time() - t0:.1f}s", flush=True)
     return results
 
 
 def speedrun_table(runs, results, target):
-    """A row per run name: how many seeds reached the target and, one entry per seed, the time, steps and tokens to
-    the first evaluation at or below it, the first step's seconds, the best val loss and the whole wall time."""
+    """Per run name: seeds that reached the target, and per seed the time, steps, tokens to it, and more."""
     table = []
     for name, _, _ in runs:
         seeds = results[name]
@@ -823,12 +788,10 @@ def speedrun_table(runs, results, target):
 
 
 def bench_speedrun():
-    """Wall time from launch to a val-loss target, for a recipe against a baseline on the same tokens, over seeds.
-    Every run is `python train.py CONFIG --seed=S` in a fresh process, so start-up, data loading, compilation and
-    evaluations all count. The baseline's runs come first; the target is their best val loss (mean over seeds)
-    unless speedrun_target is set. Each recipe row (the recipe, then each variant: the ablation) reports the time
-    and steps to the first evaluation at or below the target, its best val loss, and its whole wall time, as
-    mean +- std over the seeds. Writes speedrun_dir/results.json and a val-loss-vs-time plot if matplotlib is there.
+    """Wall time from launch to a val-loss target (default: the baseline's best, mean over seeds), for a recipe and
+    its variants against a baseline on the same tokens, as mean +- std over seeds. Every run is `python train.py
+    CONFIG --seed=S` in a fresh process, so start-up, data, compilation and evals count. Writes
+    speedrun_dir/results.json and a val-loss-vs-time plot (if matplotlib is there).
         python bench.py --mode=speedrun                                        # config/speedrun_small*.py
         python bench.py --mode=speedrun --speedrun_variants="unet_skips=False; value_embeds=False"
         python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py \
