@@ -84,9 +84,9 @@ def mean_std(xs, fmt=".4g", sd_fmt=".2g"):
 
 
 def row_text(cells, widths):
-    """One line of a table: the first cell left-aligned, the others right-aligned, each in its width."""
+    """One line of a table: the first cell left-aligned, the others right-aligned, each in its width, a space apart."""
     first, *rest = cells
-    return f"{first:<{widths[0]}}" + "".join(f"{c:>{w}}" for c, w in zip(rest, widths[1:]))
+    return f"{first:<{widths[0]}}" + "".join(f" {c:>{w}}" for c, w in zip(rest, widths[1:]))
 
 
 def save_json(path, obj):
@@ -195,7 +195,7 @@ def bench_bpe(vocab_size=32000, repeats=7):
 
     print(f"BPE training: vocab {vocab_size:,}, GPT-4 pattern, {n_train} documents ({train_mb:.1f} MB) of "
           f"{sysconfig.get_paths()['stdlib']}, held out the last {len(held)} ({held_mb:.1f} MB); {n_cpu} CPUs")
-    widths = (28, 9, 7, 9, 13, 16, 16)
+    widths = (28, 8, 6, 8, 12, 15, 15)
     print(row_text(("", "train s", "CPU s", "peak MB", "bytes/token", "enc MB/s 1 thr", f"enc MB/s {n_cpu} thr"),
                    widths))
     for name, seconds, cpu_seconds, peak, bpt, one, many in rows:
@@ -333,16 +333,18 @@ def measure_train(T, device, w, batches, grad_accum, ptdtype, peak_flops):
 
 
 def print_train_table(rows, scaling):
-    widths = (44, 7, 9, 11, 11, 7, 8, 8, 8)
-    print("\n" + row_text(("variant", "data", "ms/step", "tok/s", "tok/s/gpu", "MFU", "state", "peak", "act"), widths)
-          + " GiB" + ("  scaling (ms alone)" if scaling else ""))
+    def first(r):
+        return f"{r['variant'][:44]:<44} {r['data']:<6}"
+    widths = (51, 8, 10, 10, 6, 7, 7, 7)
+    print("\n" + row_text((first(dict(variant="variant", data="data")), "ms/step", "tok/s", "tok/s/gpu", "MFU",
+                            "state", "peak", "act"), widths) + " GiB" + ("  scaling (ms alone)" if scaling else ""))
     for r in rows:
         if r.get("oom"):
-            print(row_text((r["variant"][:44], r["data"], "OOM"), widths))
+            print(row_text((first(r), "OOM"), widths))
             continue
         mem = [f"{r[k]:.2f}" if k in r else "-" for k in ("state_gib", "peak_gib", "act_gib")]
         alone = f"  {r['scaling']:.3f}x ({', '.join(f'{t:.1f}' for t in r['alone_ms'])})" if "scaling" in r else ""
-        print(row_text((r["variant"][:44], r["data"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
+        print(row_text((first(r), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
                         f"{r['tokens_per_s_per_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%", *mem), widths) + alone)
     for r in rows:
         if r.get("skipped"):
@@ -469,7 +471,7 @@ def bench_generate():
         torch.manual_seed(0)
         models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
     print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
-    widths = (12, 6, 15, 12, 12, 9, 9)
+    widths = (12, 5, 14, 11, 11, 8, 8)
     print(row_text(("model", "batch", "path", "cold tok/s", "warm tok/s", "cold s", "warm s"), widths))
     for path_name in ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache:  # the slow ones last
         for shape, model in models.items():
@@ -505,7 +507,7 @@ def bench_fresh_processes(shapes, device, cold, save):
     fresh process (generate_first_calls), appended to `cold`; save() writes the json after each row."""
     print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
           f"against its second; {next(iter(shapes))} unless the variant says otherwise")
-    widths = (34, 9, 10, 7, 13, 11, 10, 9)
+    widths = (34, 8, 9, 6, 12, 10, 9, 8)
     print(row_text(("variant", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s", "model s"),
                    widths))
     for variant in [v.strip() for v in gen_cold_variants.split(";")]:
@@ -665,7 +667,7 @@ def print_rlhf_table(results, n_prompts):
           f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge / grpo / rloo = on the programmatic "
           f"judge; rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO "
           f"on it")
-    widths = (10, 16, 16, 16, 16, 11)
+    widths = (10, 15, 15, 15, 15, 9)
     print(row_text(("stage", "acc(sampled)", "acc(greedy)", "reward", "KL", "wall s"), widths))
     for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "label", "rm-onpol", "ppo-onpol"):
         if name in ("rm", "rm-onpol"):
@@ -674,7 +676,7 @@ def print_rlhf_table(results, n_prompts):
             cells = [ms(name, "pairs", ".0f") + " on-policy pairs (prefs_sft.jsonl)"]
         else:
             cells = [ms(name, k) for k in ("acc_sampled", "acc_greedy", "reward", "kl")]
-        spans = widths[1:5] if len(cells) == 4 else [sum(widths[1:5])]  # one text across the four columns
+        spans = widths[1:5] if len(cells) == 4 else [sum(widths[1:5]) + 3]  # one text across the four columns
         print(row_text((name, *cells, ms(name, "wall_s", ".0f")), (widths[0], *spans, widths[5])))
 
 
@@ -807,7 +809,7 @@ def bench_speedrun():
     table = speedrun_table(runs, results, target)
     print(f"\ntarget val loss {target:.4f}" + ("" if speedrun_target else
                                              f" (baseline best, mean of {len(base_best)} seeds)"))
-    widths = (34, 8, 17, 15, 19, 15, 15)
+    widths = (34, 7, 16, 14, 18, 14, 14)
     print(row_text(("run", "reached", "s to target", "steps", "best val", "first step s", "wall s"), widths))
     for r in table:
         print(row_text((r["name"][:34], f"{r['reached']}/{r['seeds']}", *(mean_std(r[k]) for k in (
