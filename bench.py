@@ -667,7 +667,7 @@ def print_rlhf_table(results, n_prompts):
           f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge / grpo / rloo = on the programmatic "
           f"judge; rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO "
           f"on it")
-    widths = (10, 15, 15, 15, 15, 9)
+    widths = (10, 15, 15, 15, 15, 12)
     print(row_text(("stage", "acc(sampled)", "acc(greedy)", "reward", "KL", "wall s"), widths))
     for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "label", "rm-onpol", "ppo-onpol"):
         if name in ("rm", "rm-onpol"):
