@@ -575,23 +575,22 @@ def rlhf_task(name):
 
 
 def rlhf_chain(s):
-    """Seed s's out_dirs {stage: folder} and its chain [(stage, the file that shows it finished, its commands)]:
+    """Seed s's out_dirs {stage: folder} and its chain [(stage, the file that shows it finished, its command)]:
     each stage runs its config file, as a user runs it, with --seed=s."""
     d, t = os.path.join(rlhf_dir, f"seed{s}"), rlhf_task
     out = {n: os.path.join(d, n) for n in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol",
                                             "grpo", "rloo")}
     ev, prompts = f"--eval_prompts={t('prompts_val.jsonl')}", f"--data={t('prompts.jsonl')}"
 
-    def rl(cfg, name, *args, parent="sft"):
-        return name, os.path.join(out[name], "latest.json"), [["rlhf.py", cfg, f"--init_from={out[parent]}",
-                                                               f"--out_dir={out[name]}", f"--seed={s}", *args,
-                                                               *rlhf_args]]
+    def rl(cfg, name, *args, parent="sft"):  # an rlhf.py stage, from its parent's checkpoint
+        cmd = ["rlhf.py", cfg, f"--init_from={out[parent]}", f"--out_dir={out[name]}", f"--seed={s}", *args, *rlhf_args]
+        return name, os.path.join(out[name], "latest.json"), cmd
     base = ["train.py", "config/add.py", f"--data_root={os.path.join(rlhf_dir, 'data')}", f"--out_dir={out['base']}",
             f"--seed={s}", *rlhf_train_args]
     label = ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", prompts, f"--label_out={d}/prefs_sft.jsonl",
              f"--seed={s}", *rlhf_args]
     return out, [
-        ("base", os.path.join(out["base"], "latest.json"), [base]),
+        ("base", os.path.join(out["base"], "latest.json"), base),
         rl("config/sft.py", "sft", f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}", ev, parent="base"),
         rl("config/rm.py", "rm", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"),
         rl("config/ppo.py", "ppo", f"--reward_model={out['rm']}", prompts, ev),
@@ -599,7 +598,7 @@ def rlhf_chain(s):
         rl("config/dpo.py", "dpo", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}", ev),
         rl("config/grpo.py", "grpo", "--reward_model=task", prompts, ev),
         rl("config/rloo.py", "rloo", "--reward_model=task", prompts, ev),
-        ("label", os.path.join(d, "prefs_sft_val.jsonl"), [label]),
+        ("label", os.path.join(d, "prefs_sft_val.jsonl"), label),
         rl("config/rm.py", "rm-onpol", f"--data={t('prefs.jsonl')},{d}/prefs_sft.jsonl",  # config/rm.py's mix
            f"--val_data={d}/prefs_sft_val.jsonl"),
         rl("config/ppo.py", "ppo-onpol", f"--reward_model={out['rm-onpol']}", prompts, ev)]
@@ -608,19 +607,18 @@ def rlhf_chain(s):
 def run_chain(s, chain, times_path):
     """A chain's stages in turn, each a fresh process logging to <stage>.log; times_path keeps the finished ones."""
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    for name, done, cmds in chain:
+    for name, done, cmd in chain:
         if name in times and os.path.exists(done):
             continue
         if done.endswith("latest.json") and os.path.isdir(os.path.dirname(done)):  # a run cut short: again
             shutil.rmtree(os.path.dirname(done))
         t0, log = time.time(), os.path.join(os.path.dirname(times_path), f"{name}.log")
         with open(log, "w") as f:
-            for cmd in cmds:
-                f.write(f"--- python {' '.join(cmd)}\n")
-                f.flush()
-                if subprocess.run([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-                    raise SystemExit(f"error: seed {s}, stage {name} failed (see {log}); fix it and rerun, "
-                                     f"finished stages in {rlhf_dir} are reused")
+            f.write(f"--- python {' '.join(cmd)}\n")
+            f.flush()
+            if subprocess.run([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+                raise SystemExit(f"error: seed {s}, stage {name} failed (see {log}); fix it and rerun, "
+                                 f"finished stages in {rlhf_dir} are reused")
         times[name] = time.time() - t0
         save_json(times_path, times)
         print(f"seed {s}: {name} done in {times[name]:.0f}s ({log})", flush=True)
@@ -688,10 +686,10 @@ def bench_rlhf():
     import rlhf
     task, data = os.path.join(rlhf_dir, "task"), os.path.join(rlhf_dir, "data")
     t0 = time.time()
-    shared = [("task", rlhf_task("prompts_val.jsonl"), [["rlhf.py", "--stage=task", f"--task_dir={task}"]]),
-              ("data", os.path.join(data, "add", "meta.json"), [
-                  ["prepare.py", f"--input={rlhf_task('corpus.txt')}", f"--data_root={data}", "--dataset=add",
-                   "--vocab_size=261"]])]
+    shared = [("task", rlhf_task("prompts_val.jsonl"), ["rlhf.py", "--stage=task", f"--task_dir={task}"]),
+              ("data", os.path.join(data, "add", "meta.json"), ["prepare.py", f"--input={rlhf_task('corpus.txt')}",
+                                                                f"--data_root={data}", "--dataset=add",
+                                                                "--vocab_size=261"])]
     os.makedirs(rlhf_dir, exist_ok=True)
     run_chain("-", shared, os.path.join(rlhf_dir, "times.json"))
     chains = {s: rlhf_chain(s) for s in rlhf_seeds}
