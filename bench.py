@@ -774,7 +774,8 @@ def run_speedruns(runs):
 
 
 def speedrun_table(runs, results, target):
-    """Per run name: seeds that reached the target, and per seed the time, steps, tokens to it, and more."""
+    """Per run name: the seeds that reached the target; per seed, the time, steps and tokens to it (of those that
+    reached it), the first step's seconds, the best val loss and the whole wall time."""
     table = []
     for name, _, _ in runs:
         seeds = results[name]
