@@ -5,6 +5,7 @@ Measurements anyone can rerun.
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
     python bench.py --mode=rlhf       # the post-training pipeline on the built-in task: accuracy, reward, KL
     python bench.py --mode=speedrun   # wall time from launch to a target val loss: recipe against baseline, seeds
+    python bench.py --mode=prepare    # prepare.py's tokenization MB/s on 1 to all cores (parquet corpus, pyarrow)
 """
 import ast
 import gc
@@ -70,6 +71,11 @@ speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val los
 speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
 speedrun_dir = "out/speedrun"
 speedrun_data_root = "data" # where the small corpus is made (data_root/stdlib-1mb)
+# --mode=prepare: prepare.py on a parquet corpus made of the default corpus's documents, shuffled and repeated
+prepare_mb = 300            # corpus size in MB of text
+prepare_procs = (1, 4, 8, 16)  # --num_proc of each run (the same tokenizer each time)
+prepare_vocab = 50257       # GPT-2's vocabulary size, as for fineweb-edu
+prepare_dir = "out/bench-prepare"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -823,10 +829,63 @@ def bench_speedrun():
         print(e)
 
 
+def prepare_corpus(root, mb):
+    """root/NNN.parquet files of about mb MB of text: the stdlib corpus's documents, reshuffled for each file."""
+    import random
+    from prepare import corpus_files, parquet_module, read_documents
+    pq = parquet_module()
+    import pyarrow as pa
+    docs = list(read_documents(corpus_files("stdlib"), strict=False))
+    rng, size, k = random.Random(0), 0, 0
+    os.makedirs(root, exist_ok=True)
+    while size < mb * 1e6:
+        batch = []
+        for d in rng.sample(docs, len(docs)):
+            if size >= mb * 1e6:
+                break
+            batch.append(d)
+            size += len(d.encode())
+        pq.write_table(pa.table({"text": batch}), os.path.join(root, f"{k:03d}.parquet"), row_group_size=1024)
+        k += 1
+    return size
+
+
+def bench_prepare():
+    """prepare.py's own tokenizing rate (its final progress line: text bytes over the time from the first batch to
+    the last) and the whole run's wall time, once per prepare_procs, on the same corpus and tokenizer; the shards
+    must come out byte-identical whatever the number of processes."""
+    import filecmp
+    import re
+    corpus, data = os.path.join(prepare_dir, "corpus"), os.path.join(prepare_dir, "data")
+    shutil.rmtree(prepare_dir, ignore_errors=True)
+    size = prepare_corpus(corpus, prepare_mb)
+    prep = [sys.executable, os.path.join(HERE, "prepare.py"), f"--input={corpus}", f"--data_root={data}"]
+    subprocess.run(prep + ["--dataset=tok", f"--vocab_size={prepare_vocab}", "--tokenizer_max_bytes=30000000"],
+                   check=True, capture_output=True)
+    print(f"{size / 1e6:.0f} MB of parquet text, a {prepare_vocab}-id tokenizer, {os.cpu_count()} cores")
+    print(row_text(["processes", "tokenizing MB/s", "wall s"], [10, 16, 8]))
+    rows = []
+    for n in prepare_procs:
+        t0 = time.time()
+        p = subprocess.run(prep + [f"--dataset=p{n}", f"--tokenizer={data}/tok/tokenizer.bpe", f"--num_proc={n}"],
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"error: prepare.py --num_proc={n} failed:\n{p.stderr[-2000:]}")
+        rate = float(re.findall(r"tokenizing \(\d+ process(?:es)?\): [\d,.]+ MB \| ([\d.]+) MB/s", p.stderr)[-1])
+        rows.append(dict(procs=n, mb_per_s=rate, wall_s=time.time() - t0))
+        print(row_text([n, f"{rate:.1f}", f"{rows[-1]['wall_s']:.1f}"], [10, 16, 8]), flush=True)
+    first = os.path.join(data, f"p{prepare_procs[0]}")
+    same = all(filecmp.cmp(os.path.join(first, f), os.path.join(data, f"p{n}", f), shallow=False)
+               for n in prepare_procs[1:] for f in os.listdir(first) if f.endswith(".bin"))
+    print("the same shards from every number of processes" if same else "warning: the shards differ")
+    save_json(os.path.join(prepare_dir, "results.json"), dict(mb=size / 1e6, rows=rows, same_shards=same))
+    return rows, same
+
+
 if __name__ == "__main__":
     configure(globals())
     modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf,
-             "speedrun": bench_speedrun}
+             "speedrun": bench_speedrun, "prepare": bench_prepare}
     if mode not in modes:
         raise SystemExit(f"error: unknown mode '{mode}'; choose one of {', '.join(modes)}")
     modes[mode]()
