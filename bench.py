@@ -8,11 +8,14 @@ Measurements anyone can rerun.
     python bench.py --mode=prepare    # prepare.py's tokenization MB/s on 1 to all cores (parquet corpus, pyarrow)
 """
 import ast
+import filecmp
 import gc
 import importlib.util
 import json
 import math
 import os
+import random
+import re
 import shlex
 import shutil
 import statistics
@@ -831,7 +834,6 @@ def bench_speedrun():
 
 def prepare_corpus(root, mb):
     """root/NNN.parquet files of about mb MB of text: the stdlib corpus's documents, reshuffled for each file."""
-    import random
     from prepare import corpus_files, parquet_module, read_documents
     pq = parquet_module()
     import pyarrow as pa
@@ -854,8 +856,6 @@ def bench_prepare():
     """prepare.py's own tokenizing rate (its final progress line: text bytes over the time from the first batch to
     the last) and the whole run's wall time, once per prepare_procs, on the same corpus and tokenizer; the shards
     must come out byte-identical whatever the number of processes."""
-    import filecmp
-    import re
     corpus, data = os.path.join(prepare_dir, "corpus"), os.path.join(prepare_dir, "data")
     shutil.rmtree(prepare_dir, ignore_errors=True)
     size = prepare_corpus(corpus, prepare_mb)
