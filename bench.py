@@ -23,6 +23,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -37,7 +38,7 @@ mode = "train"
 rlhf_dir = "out/bench-rlhf"
 rlhf_json = "out/bench-rlhf/results.json"
 rlhf_seeds = (1337, 1, 2)   # the whole pipeline once per seed, in rlhf_dir/seed<N>; the table: mean +- std
-rlhf_parallel = 1           # seeds whose stages run at the same time (a GPU has room for all three tiny chains)
+rlhf_parallel = 1           # stage processes at once, over all seeds; a stage starts when the ones it reads are done
 rlhf_args = ()              # extra --key=value for every rlhf.py stage, e.g. ("--device=cpu",)
 rlhf_train_args = ()        # extra --key=value for the pretraining (train.py config/add.py)
 # --mode=train: train.py's own step (train.parallelize + train.train_step) timed on the model of train_config
@@ -584,53 +585,67 @@ def rlhf_task(name):
 
 
 def rlhf_chain(s):
-    """Seed s's out_dirs {stage: folder} and its chain [(stage, the file that shows it finished, its command)]:
-    each stage runs its config file, as a user runs it, with --seed=s."""
+    """Seed s's out_dirs {stage: folder} and its stages [(stage, the file that shows it finished, its command,
+    the stages it reads)]: each stage runs its config file, as a user runs it, with --seed=s."""
     d, t = os.path.join(rlhf_dir, f"seed{s}"), rlhf_task
     out = {n: os.path.join(d, n) for n in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol",
                                             "grpo", "rloo")}
     ev, prompts = f"--eval_prompts={t('prompts_val.jsonl')}", f"--data={t('prompts.jsonl')}"
 
-    def rl(cfg, name, *args, parent="sft"):  # an rlhf.py stage, from its parent's checkpoint
+    def rl(cfg, name, *args, parent="sft", rm=None):  # an rlhf.py stage, from its parent's checkpoint
         cmd = ["rlhf.py", cfg, f"--init_from={out[parent]}", f"--out_dir={out[name]}", f"--seed={s}", *args, *rlhf_args]
-        return name, os.path.join(out[name], "latest.json"), cmd
+        if rm:
+            cmd.append(f"--reward_model={out[rm]}")
+        return name, os.path.join(out[name], "latest.json"), cmd, [parent] + ([rm] if rm else [])
     base = ["train.py", "config/add.py", f"--data_root={os.path.join(rlhf_dir, 'data')}", f"--out_dir={out['base']}",
             f"--seed={s}", *rlhf_train_args]
     label = ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", prompts, f"--label_out={d}/prefs_sft.jsonl",
              f"--seed={s}", *rlhf_args]
     return out, [
-        ("base", os.path.join(out["base"], "latest.json"), base),
+        ("base", os.path.join(out["base"], "latest.json"), base, []),
         rl("config/sft.py", "sft", f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}", ev, parent="base"),
         rl("config/rm.py", "rm", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"),
-        rl("config/ppo.py", "ppo", f"--reward_model={out['rm']}", prompts, ev),
+        rl("config/ppo.py", "ppo", prompts, ev, rm="rm"),
         rl("config/ppo.py", "ppo-judge", "--reward_model=task", prompts, ev),
         rl("config/dpo.py", "dpo", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}", ev),
         rl("config/grpo.py", "grpo", "--reward_model=task", prompts, ev),
         rl("config/rloo.py", "rloo", "--reward_model=task", prompts, ev),
-        ("label", os.path.join(d, "prefs_sft_val.jsonl"), label),
+        ("label", os.path.join(d, "prefs_sft_val.jsonl"), label, ["sft"]),
         rl("config/rm.py", "rm-onpol", f"--data={t('prefs.jsonl')},{d}/prefs_sft.jsonl",  # config/rm.py's mix
-           f"--val_data={d}/prefs_sft_val.jsonl"),
-        rl("config/ppo.py", "ppo-onpol", f"--reward_model={out['rm-onpol']}", prompts, ev)]
+           f"--val_data={d}/prefs_sft_val.jsonl", parent="sft"),
+        rl("config/ppo.py", "ppo-onpol", prompts, ev, rm="rm-onpol")]
 
 
-def run_chain(s, chain, times_path):
-    """A chain's stages in turn, each a fresh process logging to <stage>.log; times_path keeps the finished ones."""
+def run_chain(s, chain, times_path, slots):
+    """A chain's stages, each a fresh process logging to <stage>.log, started once the stages it reads have
+    finished and one of `slots` (a semaphore shared by all chains) is free; times_path keeps the finished ones."""
     times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    for name, done, cmd in chain:
+    lock, futures = threading.Lock(), {}
+
+    def run(name, done, cmd, needs):
+        for n in needs:
+            futures[n].result()  # a failed stage fails the stages that read it
         if name in times and os.path.exists(done):
-            continue
+            return
         if done.endswith("latest.json") and os.path.isdir(os.path.dirname(done)):  # a run cut short: again
             shutil.rmtree(os.path.dirname(done))
-        t0, log = time.time(), os.path.join(os.path.dirname(times_path), f"{name}.log")
-        with open(log, "w") as f:
+        log = os.path.join(os.path.dirname(times_path), f"{name}.log")
+        with slots, open(log, "w") as f:
+            t0 = time.time()
             f.write(f"--- python {' '.join(cmd)}\n")
             f.flush()
             if subprocess.run([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
                 raise SystemExit(f"error: seed {s}, stage {name} failed (see {log}); fix it and rerun, "
                                  f"finished stages in {rlhf_dir} are reused")
-        times[name] = time.time() - t0
-        save_json(times_path, times)
+            with lock:
+                times[name] = time.time() - t0
+                save_json(times_path, times)
         print(f"seed {s}: {name} done in {times[name]:.0f}s ({log})", flush=True)
+    with ThreadPoolExecutor(len(chain)) as pool:  # threads only wait on their parents and their process
+        for name, done, cmd, needs in chain:  # a chain lists a stage after the stages it reads
+            futures[name] = pool.submit(run, name, done, cmd, needs)
+        for f in futures.values():
+            f.result()
     return times
 
 
@@ -669,7 +684,7 @@ def print_rlhf_table(results, n_prompts):
     def ms(name, key, fmt=".3f"):  # results[seed][name][key] over the seeds
         return mean_std([r[name][key] for r in results.values()], fmt, fmt)
     print(f"\nbuilt-in task ({n_prompts} held-out problems), mean +- std over seeds {', '.join(map(str, results))} "
-          f"({rlhf_parallel} run at a time: wall s includes their contention); acc = exact match, sampled at "
+          f"({rlhf_parallel} stage(s) at a time: wall s includes their contention); acc = exact match, sampled at "
           f"temperature 1 or greedy; reward = the samples' mean score by the seed's rm-onpol; KL = to the seed's SFT "
           f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge / grpo / rloo = on the programmatic "
           f"judge; rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO "
@@ -695,19 +710,20 @@ def bench_rlhf():
     import rlhf
     task, data = os.path.join(rlhf_dir, "task"), os.path.join(rlhf_dir, "data")
     t0 = time.time()
-    shared = [("task", rlhf_task("prompts_val.jsonl"), ["rlhf.py", "--stage=task", f"--task_dir={task}"]),
+    shared = [("task", rlhf_task("prompts_val.jsonl"), ["rlhf.py", "--stage=task", f"--task_dir={task}"], []),
               ("data", os.path.join(data, "add", "meta.json"), ["prepare.py", f"--input={rlhf_task('corpus.txt')}",
                                                                 f"--data_root={data}", "--dataset=add",
-                                                                "--vocab_size=261"])]
+                                                                "--vocab_size=261"], ["task"])]
     os.makedirs(rlhf_dir, exist_ok=True)
-    run_chain("-", shared, os.path.join(rlhf_dir, "times.json"))
+    slots = threading.Semaphore(rlhf_parallel)
+    run_chain("-", shared, os.path.join(rlhf_dir, "times.json"), slots)
     chains = {s: rlhf_chain(s) for s in rlhf_seeds}
     for s in rlhf_seeds:
         os.makedirs(os.path.join(rlhf_dir, f"seed{s}"), exist_ok=True)
-    print(f"{len(rlhf_seeds)} seeds, {rlhf_parallel} at a time: {', '.join(n for n, _, _ in chains[rlhf_seeds[0]][1])}",
-          flush=True)
-    with ThreadPoolExecutor(rlhf_parallel) as pool:  # threads only wait on the stages' processes
-        futures = {s: pool.submit(run_chain, s, chains[s][1], os.path.join(rlhf_dir, f"seed{s}", "times.json"))
+    print(f"{len(rlhf_seeds)} seeds, {rlhf_parallel} stage(s) at a time: "
+          f"{', '.join(n for n, *_ in chains[rlhf_seeds[0]][1])}", flush=True)
+    with ThreadPoolExecutor(len(rlhf_seeds)) as pool:
+        futures = {s: pool.submit(run_chain, s, chains[s][1], os.path.join(rlhf_dir, f"seed{s}", "times.json"), slots)
                    for s in rlhf_seeds}
         times = {s: f.result() for s, f in futures.items()}
     print(f"all stages in {time.time() - t0:.0f}s; evaluating", flush=True)
