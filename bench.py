@@ -598,11 +598,11 @@ def rlhf_chain(s):
                                             "grpo", "rloo")}
     ev, prompts = f"--eval_prompts={t('prompts_val.jsonl')}", f"--data={t('prompts.jsonl')}"
 
-    def rl(cfg, name, *args, parent="sft", rm=None):  # an rlhf.py stage, from its parent's checkpoint
+    def rl(cfg, name, *args, parent="sft", rm=None, after=()):  # an rlhf.py stage, from its parent's checkpoint
         cmd = ["rlhf.py", cfg, f"--init_from={out[parent]}", f"--out_dir={out[name]}", f"--seed={s}", *args, *rlhf_args]
         if rm:
             cmd.append(f"--reward_model={out[rm]}")
-        return name, os.path.join(out[name], "latest.json"), cmd, [parent] + ([rm] if rm else [])
+        return name, os.path.join(out[name], "latest.json"), cmd, [parent, *([rm] if rm else []), *after]
     base = ["train.py", "config/add.py", f"--data_root={os.path.join(rlhf_dir, 'data')}", f"--out_dir={out['base']}",
             f"--seed={s}", *rlhf_train_args]
     label = ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", prompts, f"--label_out={d}/prefs_sft.jsonl",
@@ -618,7 +618,7 @@ def rlhf_chain(s):
         rl("config/rloo.py", "rloo", "--reward_model=task", prompts, ev),
         ("label", os.path.join(d, "prefs_sft_val.jsonl"), label, ["sft"]),
         rl("config/rm.py", "rm-onpol", f"--data={t('prefs.jsonl')},{d}/prefs_sft.jsonl",  # config/rm.py's mix
-           f"--val_data={d}/prefs_sft_val.jsonl", parent="sft"),
+           f"--val_data={d}/prefs_sft_val.jsonl", after=["label"]),
         rl("config/ppo.py", "ppo-onpol", prompts, ev, rm="rm-onpol")]
 
 
