@@ -61,8 +61,8 @@ from checkpoint import CKPT_FORMAT, load_checkpoint, model_from_checkpoint, save
 from configurator import config_keys, configure, source_notes  # noqa: E402
 from fp8 import Float8LinearCrossEntropy, fp8_forward, fp8_grads, scaled_mm, to_fp8  # noqa: E402
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
-from train import (GUARD_FIELDS, Batches, LinearCrossEntropy, TokenWindows, apply_update, checkpoint_blocks,  # noqa: E402
-                   chunked_head_loss, ckpt_interval, get_lr, guard_update, load_optimizer_state, make_optimizers,
+from train import (GUARD_FIELDS, Batches, LinearCrossEntropy, TokenWindows, apply_update,  # noqa: E402
+                   checkpoint_blocks, chunked_head_loss, ckpt_interval, get_lr, guard_update, load_optimizer_state, make_optimizers,
                    micro_steps, parallelize, set_lr, split_paths)
 
 
@@ -469,7 +469,22 @@ def status_output(monkeypatch, stream):
     return stream.getvalue()
 
 
+@pytest.fixture(scope="module")
+def bpe_cli(tmp_path_factory):
+    """`python bpe.py` on BPE_CORPUS as files, vocab 400, a quarter held out: (the process, the tokenizer file)."""
+    d = tmp_path_factory.mktemp("bpe_cli")
+    (d / "corpus").mkdir()
+    for i, text in enumerate(BPE_CORPUS):
+        (d / "corpus" / f"{i}.txt").write_text(text, encoding="utf-8")
+    out = d / "tok.bpe"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bpe.py"), f"--input={d / 'corpus'}", "--vocab_size=400",
+                        f"--out={out}", "--holdout=0.25"], capture_output=True, text=True, cwd=HERE)
+    return r, out
+
+
 class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
     def isatty(self):
         return True
 
@@ -646,16 +661,15 @@ def test_bpe_pattern_that_is_no_regex_is_a_clear_error():
         bpe.train(["hello, world"], 300, pattern=r"(\w+")
 
 
-def test_bpe_cli_trains_saves_and_summarises(tmp_path):
-    (tmp_path / "corpus").mkdir()
-    for i, text in enumerate(BPE_CORPUS):
-        (tmp_path / "corpus" / f"{i}.txt").write_text(text, encoding="utf-8")
-    out = tmp_path / "tok.bpe"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bpe.py"), f"--input={tmp_path / 'corpus'}",
-                        "--vocab_size=400", f"--out={out}", "--holdout=0.25"], capture_output=True, text=True, cwd=HERE)
+def test_bpe_cli_saves_a_tokenizer_of_the_vocab_size_asked_for(bpe_cli):
+    r, out = bpe_cli
     assert r.returncode == 0, r.stderr
-    assert "vocab_size 400" in r.stdout and "bytes/token" in r.stdout and "merges/s" in r.stderr
     assert bpe.Tokenizer.load(out).vocab_size == 400
+
+
+def test_bpe_cli_summarises_the_tokenizer_and_its_training(bpe_cli):
+    r, _ = bpe_cli
+    assert "vocab_size 400" in r.stdout and "bytes/token" in r.stdout and "merges/s" in r.stderr
 
 
 def test_status_lines_rewrite_one_line_on_a_terminal(monkeypatch):
@@ -1436,7 +1450,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 def test_a_truncated_or_bit_flipped_checkpoint_is_refused_as_corrupt(saved_ckpt, damage):
     d, path, _ = saved_ckpt
     good = path.read_bytes()
-    path.write_bytes(good[:len(good) // 2] if damage == "truncated" else good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    flipped = good[:100] + bytes([good[100] ^ 1]) + good[101:]
+    path.write_bytes(good[:len(good) // 2] if damage == "truncated" else flipped)
     with pytest.raises(SystemExit, match="^error: checkpoint .* is corrupt or truncated"):
         load_checkpoint(str(d))
 
@@ -1764,7 +1779,8 @@ def sharded(tiny_data, tmp_path_factory):
     def run_sharded(sharding):
         p = tiny_train(tiny_data, d / sharding, *common, f"--sharding={sharding}", torchrun=2)
         return types.SimpleNamespace(single_dir=d / "single", dir=d / sharding, stdout=p.stdout,
-                                     single=load_checkpoint(str(d / "single")), sharded=load_checkpoint(str(d / sharding)))
+                                     single=load_checkpoint(str(d / "single")),
+                                     sharded=load_checkpoint(str(d / sharding)))
     return run_sharded
 
 
@@ -2221,7 +2237,8 @@ def test_a_sharded_checkpoint_loads_into_one_process_for_sampling_and_adamw(shar
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     load_optimizer_state(model, [opt], b["optimizer"])
     p = model.transformer.h[0].mlp.c_fc.weight
-    assert torch.equal(opt.state[p]["exp_avg_sq"], b["optimizer"]["state"]["transformer.h.0.mlp.c_fc.weight"]["exp_avg_sq"])
+    saved = b["optimizer"]["state"]["transformer.h.0.mlp.c_fc.weight"]
+    assert torch.equal(opt.state[p]["exp_avg_sq"], saved["exp_avg_sq"])
 
 
 MORE_STEPS = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gradient_accumulation_steps=2",
@@ -2714,6 +2731,17 @@ def chat_ckpt(out, vocab_size=261, stage=None):
 
 
 @pytest.fixture(scope="module")
+def chat_session(rlhf_tiny):
+    """`sample.py --chat` on the rlhf.py fixture's SFT model, greedy, fed "1+1=", /reset, "1+1=", /quit and a line
+    after it: the finished process."""
+    # that model answers "1+1=" with "1+1=2" (or the demonstrators' "1+1=3")
+    return subprocess.run([sys.executable, "sample.py", f"--out_dir={rlhf_tiny['sft']}", "--chat=True",
+                           "--temperature=0", "--max_new_tokens=8", "--device=cpu"],
+                          input="1+1=\n/reset\n1+1=\n/quit\nnever read\n", capture_output=True, text=True, cwd=HERE,
+                          timeout=60)
+
+
+@pytest.fixture(scope="module")
 def three_samples(sample_ckpt, tmp_path_factory):
     """sample.py's options for 3 seeded samples of 30 tokens after a prompt file "def f(x):\n", and its stdout."""
     prompt = tmp_path_factory.mktemp("prompt") / "prompt.txt"
@@ -2853,16 +2881,20 @@ def test_sample_chat_warns_once_on_a_model_never_fine_tuned_then_chats(stage, tm
         assert f"python rlhf.py config/sft.py --init_from={out}" in warning
 
 
-def test_chat_loop_from_stdin_replies_resets_and_quits(rlhf_tiny):
-    # the SFT model of the rlhf.py fixture answers "1+1=" with "1+1=2" (or the demonstrators' "1+1=3")
-    p = subprocess.run([sys.executable, "sample.py", f"--out_dir={rlhf_tiny['sft']}", "--chat=True", "--temperature=0",
-                        "--max_new_tokens=8", "--device=cpu"], input="1+1=\n/reset\n1+1=\n/quit\nnever read\n",
-                       capture_output=True, text=True, cwd=HERE, timeout=60)
-    assert p.returncode == 0, p.stderr
-    turns = p.stdout.split("> ")
-    assert turns[1].strip() in ("1+1=2", "1+1=3") and "(history cleared)" in turns[2]
+def test_chat_loop_replies_to_a_message(chat_session):
+    assert chat_session.returncode == 0, chat_session.stderr
+    assert chat_session.stdout.split("> ")[1].strip() in ("1+1=2", "1+1=3")
+
+
+def test_chat_loop_reset_clears_the_history(chat_session):
+    turns = chat_session.stdout.split("> ")
+    assert "(history cleared)" in turns[2]
     assert turns[3].strip() == turns[1].strip()  # greedy, and the history was reset: the same reply
-    assert len(turns) == 5 and turns[4] == ""  # /quit ended it before the last line
+
+
+def test_chat_loop_quit_ends_it_before_the_next_line(chat_session):
+    turns = chat_session.stdout.split("> ")
+    assert chat_session.returncode == 0 and len(turns) == 5 and turns[4] == ""
 
 
 def test_sample_imports_no_training_code():
@@ -3901,6 +3933,15 @@ def bench_train_variants(tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bench_train_profile(tmp_path_factory):
+    """bench.py --mode=train profiling 2 steps of the common settings: its stdout and the row's profile."""
+    out = tmp_path_factory.mktemp("bench_profile")
+    p = run("bench.py", "--mode=train", f"--train_common={TINY_BENCH} compile=False", "--train_steps=2",
+            "--train_warmup=1", "--train_profile=2", f"--train_json={out / 'b.json'}")
+    return p.stdout, json.load(open(out / "b.json"))["rows"][0]["profile"]
+
+
+@pytest.fixture(scope="module")
 def bench_speedrun(tmp_path_factory):
     """bench.py --mode=speedrun with 2 seeds of baseline, recipe and one variant, tiny, on the CPU: its stdout, its
     results.json and its dir."""
@@ -3975,16 +4016,21 @@ def test_bench_train_flags_a_variant_whose_updates_the_guard_skipped(tmp_path):
     assert "warning: (common)" not in p.stdout
 
 
-def test_bench_train_profile_splits_a_step_into_kinds_of_kernel(tmp_path):
-    common = f"{TINY_BENCH} compile=False"
-    p = run("bench.py", "--mode=train", f"--train_common={common}", "--train_steps=2", "--train_warmup=1",
-            "--train_profile=2", f"--train_json={tmp_path / 'b.json'}")
-    prof = json.load(open(tmp_path / "b.json"))["rows"][0]["profile"]
+def test_bench_train_profile_splits_a_step_into_kinds_of_kernel(bench_train_profile):
+    prof = bench_train_profile[1]
     assert prof["busy_ms"] > 0 and prof["kinds"]["matmul"] > 0 and prof["kinds"]["optimizer"] > 0
     assert sum(prof["kinds"].values()) == pytest.approx(prof["busy_ms"])  # every op in exactly one kind
+
+
+def test_bench_train_profile_lists_the_12_costliest_ops_costliest_first(bench_train_profile):
+    prof = bench_train_profile[1]
     times = [ms for *_, ms in prof["top"]]
     assert len(times) == 12 and times == sorted(times, reverse=True) and times[0] <= prof["busy_ms"]
-    assert "where a step's time goes" in p.stdout and "aten::mm" in p.stdout
+
+
+def test_bench_train_profile_prints_where_a_steps_time_goes(bench_train_profile):
+    stdout = bench_train_profile[0]
+    assert "where a step's time goes" in stdout and "aten::mm" in stdout
 
 
 def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_path):
@@ -4028,7 +4074,8 @@ def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_
     p = run("bench.py", "--mode=prepare", "--prepare_mb=1", "--prepare_procs=(1, 2)", "--prepare_vocab=300",
             f"--prepare_dir={tmp_path / 'bench'}")
     res = json.load(open(tmp_path / "bench" / "results.json"))
-    assert [r["procs"] for r in res["rows"]] == [1, 2] and all(r["mb_per_s"] > 0 and r["wall_s"] > 0 for r in res["rows"])
+    assert [r["procs"] for r in res["rows"]] == [1, 2]
+    assert all(r["mb_per_s"] > 0 and r["wall_s"] > 0 for r in res["rows"])
     table = p.stdout.splitlines()
     for r in res["rows"]:  # a row per process count: processes, tokenizing MB/s, wall s
         assert any(line.split()[:2] == [str(r["procs"]), f"{r['mb_per_s']:.1f}"] for line in table), p.stdout
