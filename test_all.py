@@ -47,6 +47,7 @@ from torch.profiler import profile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the scripts under test, wherever pytest is started from
+import bench  # noqa: E402
 import bpe  # noqa: E402
 import checkpoint  # noqa: E402
 import eval as ev  # noqa: E402
@@ -4081,6 +4082,57 @@ def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_
         assert any(line.split()[:2] == [str(r["procs"]), f"{r['mb_per_s']:.1f}"] for line in table), p.stdout
     assert res["same_shards"] is True and "the same shards from every number of processes" in p.stdout
     assert res["mb"] >= 1  # MB of text, at least prepare_mb
+
+
+def test_rlhf_bench_starts_a_stage_once_the_stages_it_reads_are_done_and_runs_siblings_together(tmp_path):
+    d = tmp_path
+
+    def stage(name, needs, wait_for=None):
+        # writes <name>.start, waits (up to 60 s) for wait_for's start file if any, then writes <name>.done
+        code = (f"import os, time, sys; d = {str(d)!r}; open(os.path.join(d, '{name}.start'), 'w').close(); "
+                f"w = {wait_for!r}; t = time.time()\n"
+                f"while w and not os.path.exists(os.path.join(d, w + '.start')):\n"
+                f"    time.sleep(0.01); assert time.time() - t < 60, 'sibling never started'\n"
+                f"assert all(os.path.exists(os.path.join(d, n + '.done')) for n in {needs!r})\n"
+                f"open(os.path.join(d, '{name}.done'), 'w').close()")
+        return name, str(d / f"{name}.done"), ["-c", code], needs
+    chain = [stage("a", []), stage("b", ["a"], wait_for="c"), stage("c", ["a"], wait_for="b"), stage("d", ["b", "c"])]
+    times = bench.run_chain("x", chain, str(d / "times.json"), threading.Semaphore(2))
+    assert set(times) == {"a", "b", "c", "d"} and all((d / f"{n}.done").exists() for n in "abcd")
+    (d / "a.done").unlink()  # a finished stage is reused only while its output is there
+    for n in "abcd":
+        (d / f"{n}.start").unlink()
+    again = bench.run_chain("x", chain, str(d / "times.json"), threading.Semaphore(2))
+    assert (d / "a.start").exists() and not (d / "d.start").exists() and again["d"] == times["d"]
+
+
+def test_rlhf_bench_names_the_failed_stage_and_skips_the_stages_that_read_it(tmp_path):
+    fail = ("a", str(tmp_path / "a.done"), ["-c", "raise SystemExit(3)"], [])
+    child = ("b", str(tmp_path / "b.done"), ["-c", f"open({str(tmp_path / 'b.done')!r}, 'w').close()"], ["a"])
+    with pytest.raises(SystemExit, match="stage a failed"):
+        bench.run_chain("x", [fail, child], str(tmp_path / "times.json"), threading.Semaphore(2))
+    assert not (tmp_path / "b.done").exists()
+
+
+def test_rlhf_bench_stage_waits_for_every_stage_whose_output_its_command_reads():
+    _, chain = bench.rlhf_chain(1)
+    # what a stage leaves behind: its out_dir, or (the label stage) the prefix of its two pair files
+    made = {n: os.path.dirname(done) if done.endswith("latest.json") else done[:-len("_val.jsonl")]
+            for n, done, _, _ in chain}
+    needs = {n: set(ns) for n, _, _, ns in chain}
+    for name, _, cmd, _ in chain:
+        seen, todo = set(), list(needs[name])  # every stage finished before this one starts
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += needs[n]
+        values = [p for a in cmd if "=" in a and not a.startswith("--out_dir=")
+                  for p in a.split("=", 1)[1].split(",")]
+        for other, product in made.items():
+            if other != name and any(v == product or v.startswith(product + ".") or v.startswith(product + "_")
+                                     for v in values):
+                assert other in seen, f"{name} reads {other}'s output but does not wait for it"
 
 
 # ============================================================================ repo-wide
