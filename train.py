@@ -12,7 +12,7 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk); 8-bit float matmuls for the lm_head on H100-class GPUs (fp8, fp8.py); a bf16 residual
+logits (loss_chunk) or 8-bit float matmuls for the lm_head on H100-class GPUs (fp8), both in fp8.py; a bf16 residual
 stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
 GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
@@ -252,8 +252,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         compile = False
     if every:
         checkpoint_blocks(model, every)
-    step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
     if loss_chunk:
+        step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
         model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
     elif fp8 == "head":
         use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
