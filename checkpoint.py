@@ -5,12 +5,16 @@ out_dir/ckpt-NNNNNNN.pt are torch.save files; out_dir/latest.json names the newe
 sha256. Each file is written under a temporary name, fsynced and renamed, and latest.json is replaced
 only after that: a kill at any moment leaves latest.json pointing at a whole, verified checkpoint.
 Loading verifies the checksum and uses torch.load(weights_only=True): a checkpoint can never run code.
+
+A checkpoint holds whole state dicts whatever the sharding that wrote it (full_state_dicts), the optimizer state
+keyed by parameter name, so any run resumes from any other's on any number of processes (load_optimizer_state).
 """
 import hashlib
 import json
 import os
 
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
 
@@ -107,3 +111,41 @@ def model_from_checkpoint(ckpt):
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def zero_names(model, optimizer):
+    """The parameter names in the order ZeRO numbers them in its state dicts (that of its param_groups)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model, optimizers):
+    """The model's and the optimizers' state dicts, whole and on the CPU, whatever the sharding: a checkpoint does
+    not depend on how many processes wrote it. The optimizer state is keyed by parameter name, not position, so it
+    loads into any sharding (load_optimizer_state). A collective under FSDP and ZeRO: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    optimizer = optimizers[0]
+    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
+        return model_state, get_optimizer_state_dict(model, optimizers, options=opts)
+    optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper hangs on it)
+    sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
+    names = zero_names(model, optimizer)
+    state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
+    return model_state, dict(state=state, param_groups=groups)
+
+
+def load_optimizer_state(model, optimizers, state):
+    """Loads full_state_dicts' optimizer state into the optimizers over `model` (plain, DDP'd or FSDP-sharded
+    GPT), or into ZeRO, which keeps its rank's part."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    optimizer = optimizers[0]
+    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
+        return set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
+    index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
+    optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
+                                   param_groups=[dict(g, params=[index[n] for n in g["params"]])
+                                                 for g in state["param_groups"]]))

@@ -12,7 +12,7 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
 
 Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
 where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk); 8-bit float matmuls for the lm_head on H100-class GPUs (fp8, fp8.py); a bf16 residual
+logits (loss_chunk) or 8-bit float matmuls for the lm_head on H100-class GPUs (fp8), both in fp8.py; a bf16 residual
 stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
 with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
 GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
@@ -26,7 +26,6 @@ Config files are executed Python: run only the ones you trust. Checkpoints are l
 weights_only=True, so a checkpoint can never run code.
 """
 import gc
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ import sys
 import time
 import types
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -47,8 +46,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from configurator import configure
-from checkpoint import load_checkpoint, save_checkpoint
-from fp8 import fp8_logits_loss, use_fp8_head  # (on a CPU the fp8 matmuls are emulated: for tests)
+from checkpoint import full_state_dicts, load_checkpoint, load_optimizer_state, save_checkpoint
+from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head
+from fp8 import LinearCrossEntropy  # noqa: F401 (importable from train, as test_all does)
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
 
@@ -103,7 +103,7 @@ compile = False             # torch.compile the model
 grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
                             # fsdp (FSDP2: params, grads, AdamW state sharded)
-loss_chunk = 0              # > 0: rows of logits alive at once in the loss (model.LinearCrossEntropy); 0: plain logits
+loss_chunk = 0              # > 0: rows of logits alive at once in the loss (fp8.LinearCrossEntropy); 0: plain logits
 fp8 = "none"                # none | head: the lm_head's matmuls in 8-bit floats (fp8.py; needs loss_chunk=0)
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
@@ -217,66 +217,6 @@ def checkpoint_blocks(model, every):
     for i in range(0, len(model.transformer.h), every):
         model.transformer.h[i] = checkpoint_wrapper(model.transformer.h[i])
 
-# ---------------------------------------------------------------------------- the loss without the logits
-def chunk_loss(xs, w, ts, n, need_grad):
-    """One chunk of LinearCrossEntropy: the summed loss of rows xs (c, C) against targets ts (c,), and, if
-    need_grad, d loss / d logits (c, vocab) in xs's dtype, for a loss that is a mean over n rows."""
-    acc = torch.promote_types(w.dtype, torch.float32)  # fp32 (fp64 in tests) for logits and sums
-    logits = (xs @ w.t()).to(acc)  # (c, vocab)
-    lse = torch.logsumexp(logits, dim=-1)
-    keep = ts != -1
-    tgt = ts.clamp(min=0)[:, None]
-    loss = torch.where(keep, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
-    if not need_grad:
-        return loss, None
-    g = (logits - lse[:, None]).exp().scatter_add(1, tgt, torch.full_like(lse[:, None], -1.0))  # softmax - onehot
-    return loss, (g * (keep.to(acc) / n)[:, None]).to(xs.dtype)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """cross_entropy(x @ w.T, targets, ignore_index=-1) without ever holding the (N, vocab) logits.
-
-    The plain loss keeps B*T*vocab logits for the backward (3.3 GB in bf16 for GPT-2 at 32x1024, twice that
-    once upcast to fp32). Here the rows go through `chunk` at a time: a chunk's logits are made in fp32, its
-    loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
-    gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
-    the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
-    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python.
-    (Traced whole into a compiled model, the chunks' buffers held ~5 GiB more, GPT-2 at 32x1024, H100.)"""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, chunk, step=chunk_loss):
-        need_x, need_w = ctx.needs_input_grad[:2]
-        gx = torch.empty_like(x) if need_x else None
-        gw = torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if need_w else None
-        if torch.is_autocast_enabled(x.device.type):  # cast once here, not once per chunk and matmul
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dt), w.to(dt)
-        n = (targets != -1).sum()  # the mean is over positions with a target, as F.cross_entropy's
-        loss = 0.0
-        for s in range(0, x.size(0), chunk):
-            xs = x[s:s + chunk]
-            chunk_sum, g = step(xs, w, targets[s:s + chunk], n, need_x or need_w)
-            loss = loss + chunk_sum
-            if need_x:
-                gx[s:s + chunk] = g @ w
-            if need_w:
-                gw += g.t() @ xs
-        ctx.save_for_backward(gx, gw)
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, gw = ctx.saved_tensors
-        return (None if gx is None else gx * grad, None if gw is None else gw * grad, None, None, None)
-
-
-def chunked_head_loss(chunk, step=chunk_loss):
-    """A GPT.head_loss for LinearCrossEntropy, `chunk` rows of logits at a time (no logits are returned)."""
-    def head_loss(self, x, targets):
-        return None, LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), chunk, step)
-    return head_loss
-
 
 def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0, fp8="none",
                 bf16_residual=False):
@@ -312,8 +252,8 @@ def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="d
         compile = False
     if every:
         checkpoint_blocks(model, every)
-    step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
     if loss_chunk:
+        step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
         model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
     elif fp8 == "head":
         use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
@@ -396,44 +336,6 @@ def set_lr(optimizers, factor):
             group["lr"] = base * factor
 
 
-def zero_names(model, optimizer):
-    """The parameter names in the order ZeRO numbers them in its state dicts (that of its param_groups)."""
-    names = {p: n for n, p in model.named_parameters()}
-    return [names[p] for g in optimizer.param_groups for p in g["params"]]
-
-
-def full_state_dicts(model, optimizers):
-    """The model's and the optimizers' state dicts, whole and on the CPU, whatever the sharding: a checkpoint does
-    not depend on how many processes wrote it. The optimizer state is keyed by parameter name, not position, so it
-    loads into any sharding (load_optimizer_state). A collective under FSDP and ZeRO: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
-    optimizer = optimizers[0]
-    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return model_state, get_optimizer_state_dict(model, optimizers, options=opts)
-    optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper above hung on it)
-    sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
-    names = zero_names(model, optimizer)
-    state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
-    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
-    return model_state, dict(state=state, param_groups=groups)
-
-
-def load_optimizer_state(model, optimizers, state):
-    """Loads full_state_dicts' optimizer state into the optimizers over `model` (plain, DDP'd or FSDP-sharded
-    GPT), or into ZeRO, which keeps its rank's part."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    optimizer = optimizers[0]
-    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
-        return set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
-    index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
-    optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
-                                   param_groups=[dict(g, params=[index[n] for n in g["params"]])
-                                                 for g in state["param_groups"]]))
-
-
 # ---------------------------------------------------------------------------- data
 
 
@@ -514,10 +416,34 @@ def split_paths(data_dir, meta, split):
                              f"re-run prepare.py")
     return paths
 
+
+def load_data(data_root, dataset):
+    """(data_dir, meta) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
+    data_dir = os.path.join(data_root, dataset)
+    meta = load_meta(data_dir)
+    tok_path = os.path.join(data_dir, meta["tokenizer"])
+    if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
+        raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
+                         f"with; re-run prepare.py")
+    return data_dir, meta
+
+
+def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
+    """(the train windows, the training batches from data_state on, {split: a function making eval batches})."""
+    train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
+    val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
+    batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
+    # evaluation always uses the same windows (epoch 0 of a fixed permutation), so numbers are comparable
+    loaders = {"train": lambda: Batches(train_ds, batch_size, rank, world, seed + 1, pin=pin),
+               "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
+    if not eval_train:
+        del loaders["train"]
+    return train_ds, batches, loaders
+
 # ---------------------------------------------------------------------------- faults
 # A bad update (loss NaN/Inf, or a spike far above the running average) is skipped, and the run stops after
-# max_bad_steps of them in a row, saving the weights from before the first one. We stop rather than roll back
-# and lower the LR: a silent LR change would alter the experiment, while a stop with the pre-fault weights
+# max_bad_steps of them in a row, saving the weights from before the first one. It stops rather than roll
+# back and lower the LR: a silent LR change would alter the experiment, while a stop with the pre-fault weights
 # lets a person choose (the PaLM remedy for spikes is the same: restart from before the spike and skip the bad
 # batches, which is what resuming from this checkpoint does, since the data position is past them).
 # The decision is made on the device: no host sync per step. The host reads the counters at log steps only.
@@ -563,6 +489,42 @@ def apply_update(optimizers, scaler, bad):
             scaler.step(optimizer)
 
 
+def check_guard_settings(max_bad_steps, spike_factor):
+    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
+        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
+                         f"(got {spike_factor})")
+
+
+def read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, out_dir):
+    """The guard's count of bad updates, read by the host (a sync: at log steps only), saying how many were skipped
+    since the count bad_seen. Returns (that count, the error to stop with if the guard tripped, else None); a tripped
+    guard is reset first, so that the checkpoint saved with it trains on when resumed."""
+    state = guard.tolist()
+    total = state[GUARD_FIELDS.index("total")]
+    if total > bad_seen and master:
+        print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
+              f"last loss {state[-1]:.4g}")
+    if not state[GUARD_FIELDS.index("tripped")]:
+        return total, None
+    guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
+    return total, guard_trip_error(state, iter_num, spike_factor, max_bad_steps, out_dir)
+
+
+def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
+    """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
+    updates ran, which of guard_update's three faults the last one was, and what to do."""
+    ema, good, in_row, total, tripped, last = guard
+    first = iter_num - int(in_row)
+    avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
+    why = (f"loss {last}" if not math.isfinite(last) else
+           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
+           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
+           f"non-finite gradients at loss {last:.4g}")
+    return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
+            f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
+            f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")
+
+
 STOP = {}  # {"signal": name} once SIGTERM (preemption) or SIGINT (Ctrl-C) arrived
 
 
@@ -573,7 +535,150 @@ def request_stop(signum, frame):
     os.write(2, f"{STOP['signal']}: finishing this step and saving a checkpoint "
                 f"(send it again to quit without saving)\n".encode())
 
+
+def catch_stop_signals(world, device):
+    """From here on SIGTERM (preemption) and SIGINT (Ctrl-C) make the loop finish its step, save and exit 0
+    (request_stop). Returns the CPU (gloo) group over which the ranks agree to stop (stop_requested), or None."""
+    STOP.clear()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
+    return dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
+
+
+def stop_requested(world, at_log_step, group=None):
+    """Whether SIGTERM / SIGINT asked to stop. One process checks its flag every step (a Python bool: free); under
+    torchrun the ranks agree at log steps, by an all-reduce of the flag on a CPU (gloo) group, which needs no GPU
+    sync; so the grace period before SIGKILL must cover log_interval steps."""
+    if world == 1 or not at_log_step:
+        return world == 1 and bool(STOP)
+    flag = torch.tensor([float(bool(STOP))])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return flag.item() > 0
+
+
+def resume_command(world, argv):
+    """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
+    args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
+    return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
+
 # ---------------------------------------------------------------------------- the run
+
+
+def micro_steps(gradient_accumulation_steps, world):
+    """Micro-steps per process. The config counts them over all processes, so a config written for one process
+    trains the same global batch on N processes when N divides the count; when it does not, each process takes
+    ceil(count / N) and the global batch grows (to the smallest N processes can share)."""
+    if type(gradient_accumulation_steps) is not int or gradient_accumulation_steps < 1:
+        raise SystemExit(f"error: gradient_accumulation_steps must be an int >= 1, got "
+                         f"{gradient_accumulation_steps!r}")
+    return -(-gradient_accumulation_steps // world)
+
+
+def check_out_dir(out_dir, init_from):
+    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
+    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
+    if init_from == "resume" or not os.path.isdir(out_dir):
+        return
+    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
+        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
+    if held:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
+                         f"--init_from=resume, or start this one in another --out_dir")
+
+
+def init_model(init_from, out_dir, data_dir, meta, config):
+    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
+    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
+    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
+    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
+    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
+    if init_from == "scratch":
+        vocab = config["vocab_size"]
+        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
+        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
+            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
+                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
+        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
+    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
+        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
+        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
+            raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
+                             f"resume on the same data or start a new out_dir")
+        if init_from == "resume":
+            return ckpt["model_args"], ckpt["model"], ckpt
+        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
+        model_args, weights = ckpt["model_args"], ckpt["model"]
+    else:
+        import export  # only here: it is the Hugging Face side of the pipeline
+        model_args, weights, tok = export.load_pretrained(init_from)
+        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
+    if not same_tokenizer:
+        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
+                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
+                         f"such a --dataset")
+    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
+
+
+def build_model(model_args, weights, seed, device):
+    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**model_args))
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(device)
+
+
+def restore(ckpt, model, optimizers, scaler, device):
+    """A resumed run's state from its checkpoint: (iter_num, best_val_loss, data position, guard on device); fresh
+    ones for a run that starts at step 0."""
+    if ckpt is None:
+        return 0, float("inf"), dict(epoch=0, pos=0), torch.zeros(len(GUARD_FIELDS), device=device)
+    load_optimizer_state(model, optimizers, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    guard = ckpt.get("guard", torch.zeros(len(GUARD_FIELDS)))
+    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"], guard.to(device)
+
+
+def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
+    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
+    params = model.num_params()
+    print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
+          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
+    if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
+        print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
+              f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
+    if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
+        count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
+        print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
+              f"{count(optimizers[0].param_groups):,} parameters on this process")
+
+
+def open_out_dir(out_dir, tokenizer, world, master, config, wandb_log=False, wandb_project="scratchlm",
+                 wandb_run_name="run"):
+    """Makes out_dir (on rank 0, once every rank has checked it), copies the tokenizer file in, and returns
+    log(**row): one JSON line of out_dir/metrics.jsonl, and with wandb_log the same row to Weights & Biases, on
+    rank 0; nothing on the other ranks. wandb is imported only when asked for."""
+    if world > 1:
+        dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
+    if not master:
+        return lambda **row: None
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.bpe"))
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                             "--wandb_log=False") from None
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(**row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if wandb_log:
+            wandb.log(row)
+    return log
 
 
 def train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
@@ -638,187 +743,14 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
     return out
 
 
-def micro_steps(gradient_accumulation_steps, world):
-    """Micro-steps per process. The config counts them over all processes, so a config written for one process
-    trains the same global batch on N processes when N divides the count; when it does not, each process takes
-    ceil(count / N) and the global batch grows (to the smallest N processes can share)."""
-    if type(gradient_accumulation_steps) is not int or gradient_accumulation_steps < 1:
-        raise SystemExit(f"error: gradient_accumulation_steps must be an int >= 1, got "
-                         f"{gradient_accumulation_steps!r}")
-    return -(-gradient_accumulation_steps // world)
-
-
-def load_data(data_root, dataset):
-    """(data_dir, meta) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
-    data_dir = os.path.join(data_root, dataset)
-    meta = load_meta(data_dir)
-    tok_path = os.path.join(data_dir, meta["tokenizer"])
-    if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
-        raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
-                         f"with; re-run prepare.py")
-    return data_dir, meta
-
-
-def check_out_dir(out_dir, init_from):
-    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
-    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
-    if init_from == "resume" or not os.path.isdir(out_dir):
-        return
-    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
-        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
-    if held:
-        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
-                         f"--init_from=resume, or start this one in another --out_dir")
-
-
-def check_guard_settings(max_bad_steps, spike_factor):
-    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
-        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
-                         f"(got {spike_factor})")
-
-
-def init_model(init_from, out_dir, data_dir, meta, config):
-    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
-    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
-    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
-    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
-    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
-    if init_from == "scratch":
-        vocab = config["vocab_size"]
-        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
-        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
-            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
-                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
-        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
-    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
-        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
-        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
-            raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
-                             f"resume on the same data or start a new out_dir")
-        if init_from == "resume":
-            return ckpt["model_args"], ckpt["model"], ckpt
-        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
-        model_args, weights = ckpt["model_args"], ckpt["model"]
-    else:
-        import export  # only here: it is the Hugging Face side of the pipeline
-        model_args, weights, tok = export.load_pretrained(init_from)
-        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
-    if not same_tokenizer:
-        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
-                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
-                         f"such a --dataset")
-    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
-
-
-def build_model(model_args, weights, seed, device):
-    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if weights is not None:
-        model.load_state_dict(weights)
-    return model.to(device)
-
-
-def restore(ckpt, model, optimizers, scaler):
-    """A resumed run's state from its checkpoint: (iter_num, best_val_loss, data position, guard); fresh ones
-    for a run that starts at step 0."""
-    if ckpt is None:
-        return 0, float("inf"), dict(epoch=0, pos=0), torch.zeros(len(GUARD_FIELDS))
-    load_optimizer_state(model, optimizers, ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"], ckpt.get("guard", torch.zeros(len(GUARD_FIELDS)))
-
-
-def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
-    """(the train windows, the training batches from data_state on, {split: a function making eval batches})."""
-    train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
-    val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
-    batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
-    # evaluation always uses the same windows (epoch 0 of a fixed permutation), so numbers are comparable
-    loaders = {"train": lambda: Batches(train_ds, batch_size, rank, world, seed + 1, pin=pin),
-               "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
-    if not eval_train:
-        del loaders["train"]
-    return train_ds, batches, loaders
-
-
-def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
-    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
-    params = model.num_params()
-    print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
-          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
-    if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
-        print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
-              f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
-    if hasattr(optimizers[0], "optim"):  # ZeRO-1: how much of AdamW's state this process keeps
-        count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
-        print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
-              f"{count(optimizers[0].param_groups):,} parameters on this process")
-
-
-def make_logger(out_dir, master, config, wandb_log=False, wandb_project="scratchlm", wandb_run_name="run"):
-    """log(**row): one JSON line of out_dir/metrics.jsonl, and with wandb_log the same row to Weights & Biases,
-    on rank 0; nothing on the other ranks. wandb is imported only when asked for."""
-    if not master:
-        return lambda **row: None
-    if wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
-                             "--wandb_log=False") from None
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-
-    def log(**row):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if wandb_log:
-            wandb.log(row)
-    return log
-
-
-def read_guard(guard, bad_seen, iter_num, master):
-    """The guard's counters as floats (a host sync: at log steps only); says how many bad updates were skipped
-    since the count bad_seen."""
-    state = guard.tolist()
-    total = state[GUARD_FIELDS.index("total")]
-    if total > bad_seen and master:
-        print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
-              f"last loss {state[-1]:.4g}")
-    return state
-
-
-def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
-    """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
-    updates ran, which of guard_update's three faults the last one was, and what to do."""
-    ema, good, in_row, total, tripped, last = guard
-    first = iter_num - int(in_row)
-    avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
-    why = (f"loss {last}" if not math.isfinite(last) else
-           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
-           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
-           f"non-finite gradients at loss {last:.4g}")
-    return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
-            f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
-            f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")
-
-
-def stop_requested(world, at_log_step, group=None):
-    """Whether SIGTERM / SIGINT asked to stop. One process checks its flag every step (a Python bool: free); under
-    torchrun the ranks agree at log steps, by an all-reduce of the flag on a CPU (gloo) group, which needs no GPU
-    sync; so the grace period before SIGKILL must cover log_interval steps."""
-    if world == 1 or not at_log_step:
-        return world == 1 and bool(STOP)
-    flag = torch.tensor([float(bool(STOP))])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return flag.item() > 0
-
-
-def resume_command(world, argv):
-    """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
-    args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
-    return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
+def eval_report(iter_num, losses, bytes_per_token, tokens_per_iter):
+    """Prints the line of an evaluation (losses: evaluate's), with the val loss in bits per byte; returns its
+    metrics row."""
+    bpb = losses["val"] / math.log(2) / bytes_per_token
+    print(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
+          f"val bits/byte {bpb:.4f}")
+    return dict(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
+                tokens=iter_num * tokens_per_iter)
 
 
 def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter, peak, device):
@@ -832,17 +764,22 @@ def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter,
                 tokens=iter_num * tokens_per_iter)
 
 
-def summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, seconds):
+def farewell(stopped, iter_num, tokens_per_iter, best_val_loss, bytes_per_token, seconds, world, out_dir):
+    """The run's last lines: how far it got, and how to go on if a signal stopped it."""
     best = (f"best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2) / bytes_per_token:.4f} bits/byte)"
             if math.isfinite(best_val_loss) else "no evaluation yet")
-    return f"{iter_num} steps, {iter_num * tokens_per_iter:,} tokens in {seconds:.0f}s; {best}"
+    summary = f"{iter_num} steps, {iter_num * tokens_per_iter:,} tokens in {seconds:.0f}s; {best}"
+    if not stopped:
+        return f"done: {summary}; checkpoint in {out_dir}"
+    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; "
+            f"checkpoint saved in {out_dir}. Resume with: {resume_command(world, sys.argv)}")
 
 
 def main():
     global device
     t_launch = time.time()
     config = configure(globals())
-    rank, local_rank, world, device = setup_distributed(device)
+    rank, _, world, device = setup_distributed(device)
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     dtype_name, ptdtype = resolve_dtype(dtype, device)
@@ -857,7 +794,7 @@ def main():
             f"processes, so each takes {grad_accum} micro-step(s): the global batch grew from "
             f"{gradient_accumulation_steps * batch_size * block_size:,} to {tokens_per_iter:,} tokens per step")
     schedule = lambda it: get_lr(it, learning_rate, warmup_iters, lr_decay_iters or max_iters, min_lr, lr_schedule,
-                                 cooldown_frac)
+                                 cooldown_frac) if decay_lr else learning_rate
     if decay_lr and lr_decay_iters > max_iters:
         say(f"warning: lr_decay_iters={lr_decay_iters} > max_iters={max_iters}: the LR ends at "
             f"{schedule(max_iters - 1):.2e}, not min_lr {min_lr:.2e}; set --lr_decay_iters=0 to follow max_iters")
@@ -868,14 +805,12 @@ def main():
     if block_size > model_args["block_size"]:
         raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
     raw_model = build_model(model_args, weights, seed, device)  # the GPT: state dicts and FLOPs come from it
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8=fp8,
-                        bf16_residual=bf16_residual)
+    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8, bf16_residual)
     optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
                                  optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
-    iter_num, best_val_loss, data_state, guard = restore(ckpt, raw_model, optimizers, scaler)
+    iter_num, best_val_loss, data_state, guard = restore(ckpt, raw_model, optimizers, scaler, device)
     del ckpt, weights
-    guard = guard.to(device)  # the bad-update guard's state (guard_update)
     if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
         say(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
         return
@@ -885,32 +820,22 @@ def main():
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-
-    if world > 1:
-        dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        shutil.copyfile(os.path.join(data_dir, meta["tokenizer"]), os.path.join(out_dir, "tokenizer.bpe"))
         announce(raw_model, optimizers, world, device, dtype_name, tokens_per_iter, len(train_ds))
-    log = make_logger(out_dir, master, config, wandb_log, wandb_project, wandb_run_name)
+    log = open_out_dir(out_dir, os.path.join(data_dir, meta["tokenizer"]), world, master, config, wandb_log,
+                       wandb_project, wandb_run_name)
 
     def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
-        if not save_checkpoints or (not master and not (sharding != "ddp" and world > 1)):
-            return
-        model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
-        if master:
-            save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
-                                          scaler=scaler.state_dict(), model_args=model_args, config=config,
-                                          iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
-                                          tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
+        if save_checkpoints and (master or (sharding != "ddp" and world > 1)):
+            model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
+            if master:
+                save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
+                                              scaler=scaler.state_dict(), model_args=model_args, config=config,
+                                              iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
+                                              tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
 
-    # SIGTERM (preemption) / SIGINT (Ctrl-C): finish the step, save, exit 0 (stop_requested)
-    STOP.clear()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, request_stop)
-    stop_group = dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
+    stop_group = catch_stop_signals(world, device)
     bad_seen, stopped = guard[GUARD_FIELDS.index("total")].item(), False
-
     # the log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter
     start_iter, t0, t0_iter, loss_sum, loss_from = iter_num, time.time(), iter_num, torch.zeros((), device=device), iter_num
     while True:
@@ -919,11 +844,9 @@ def main():
                 torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
             t_eval = time.time()
             losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
-            bpb = losses["val"] / math.log(2) / bytes_per_token
-            say(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
-                f"val bits/byte {bpb:.4f}")
-            log(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
-                tokens=iter_num * tokens_per_iter, elapsed_s=time.time() - t_launch, time=time.time())
+            if master:
+                log(**eval_report(iter_num, losses, bytes_per_token, tokens_per_iter), elapsed_s=time.time() - t_launch,
+                    time=time.time())
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 checkpoint()
@@ -935,48 +858,39 @@ def main():
         if iter_num >= max_iters:
             break
 
-        lr = schedule(iter_num) if decay_lr else learning_rate
+        lr = schedule(iter_num)
         set_lr(optimizers, lr / learning_rate)
-        # Randomness (dropout) is re-seeded from (seed, rank, step): a resumed run replays it exactly.
-        torch.manual_seed(seed + 1_000_003 * rank + iter_num)
+        torch.manual_seed(seed + 1_000_003 * rank + iter_num)  # dropout, from (seed, rank, step): a resume replays it
         loss_sum += train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
                                spike_factor, max_bad_steps)
         iter_num += 1
+        at_log = iter_num % log_interval == 0
         if iter_num == start_iter + 1 and master:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             print(f"first step done {time.time() - t_launch:.1f}s after start (set-up and compilation included)")
             log(step=iter_num, first_step_s=time.time() - t_launch, time=time.time())
-            if iter_num % log_interval:  # the step rate leaves the first step's compilation out
+            if not at_log:  # the step rate leaves the first step's compilation out
                 t0, t0_iter = time.time(), iter_num
-
-        if iter_num % log_interval == 0 and master:  # the only host sync in the loop
-            row = progress(iter_num, max_iters, loss_sum.item() / (iter_num - loss_from), lr,  # fewer after a resume
-                           (time.time() - t0) / max(iter_num - t0_iter, 1), tokens_per_iter, flops_per_iter, peak, device)
-            log(**row, elapsed_s=time.time() - t_launch, time=time.time())
-        if iter_num % log_interval == 0:
+        if at_log:
+            if master:  # the only host sync in the loop
+                row = progress(iter_num, max_iters, loss_sum.item() / (iter_num - loss_from), lr,
+                               (time.time() - t0) / max(iter_num - t0_iter, 1), tokens_per_iter, flops_per_iter,
+                               peak, device)
+                log(**row, elapsed_s=time.time() - t_launch, time=time.time())
             t0, t0_iter, loss_sum, loss_from = time.time(), iter_num, torch.zeros((), device=device), iter_num
-
-        # faults, acted on where every rank agrees (the guard's counters are the same on all ranks)
-        if iter_num % log_interval == 0 or iter_num == max_iters:
-            state = read_guard(guard, bad_seen, iter_num, master)
-            bad_seen = state[GUARD_FIELDS.index("total")]
-            if state[GUARD_FIELDS.index("tripped")]:  # max_bad_steps in a row: save the weights from before them
-                guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
+        if at_log or iter_num == max_iters:  # faults, acted on where every rank agrees (the guard is the same on all)
+            bad_seen, error = read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, out_dir)
+            if error:  # max_bad_steps in a row: save the weights from before them
                 checkpoint()
-                raise SystemExit(guard_trip_error(state, iter_num, spike_factor, max_bad_steps, out_dir))
-        if stop_requested(world, iter_num % log_interval == 0, stop_group):
+                raise SystemExit(error)
+        if stop_requested(world, at_log, stop_group):
             checkpoint()
             stopped = True
             break
 
-    summary = summary_line(iter_num, tokens_per_iter, best_val_loss, bytes_per_token, time.time() - t_launch)
-    if stopped:
-        say(f"so far: {summary}")
-        say(f"stopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; checkpoint saved in "
-            f"{out_dir}. Resume with: {resume_command(world, sys.argv)}", flush=True)
-    else:
-        say(f"done: {summary}; checkpoint in {out_dir}")
+    say(farewell(stopped, iter_num, tokens_per_iter, best_val_loss, bytes_per_token, time.time() - t_launch, world,
+                 out_dir), flush=True)
     leave_process_group(world)
 
 
