@@ -3,7 +3,7 @@ The GPT. Default: the classic GPT-2 layout (learned positions, pre-norm LayerNor
 multi-head attention, biases, tied embeddings). Each modern piece is one GPTConfig switch; config/llama_*.py
 turn on the Llama-3 / Mistral set (RoPE, RMSNorm, SwiGLU, grouped-query attention, no bias).
 No data, no optimizer loop, no files, no training knobs: the network, its initialisation, its AdamW groups,
-and generation with a KV cache. (Speed features - fp8.py, train.py's chunked loss - are swapped in by train.py.)
+and generation with a KV cache. (Speed features - fp8.py's fp8 head and chunked loss - are swapped in by train.py.)
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256))
@@ -295,7 +295,7 @@ class GPT(nn.Module):
         """(logits, loss) of the final hidden states x (B, T, C) against targets (B, T). The logits come back detached:
         the loss is what trains, and a compiled model gives every returned tensor that needs grad a zero gradient
         in the backward (GPT-2 at 32x1024: a 3.3 GB fill). train.py may swap in a version that never holds all
-        the (N, vocab) logits (its chunked loss, fp8.py's head)."""
+        the (N, vocab) logits (fp8.py's chunked loss and fp8 head)."""
         logits = self.head(x)  # in fp32 below, whatever the autocast dtype
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits.detach(), loss

@@ -58,13 +58,14 @@ import prepare  # noqa: E402
 import rlhf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from checkpoint import CKPT_FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import (CKPT_FORMAT, load_checkpoint, load_optimizer_state, model_from_checkpoint,  # noqa: E402
+                        save_checkpoint)
 from configurator import config_keys, configure, source_notes  # noqa: E402
-from fp8 import Float8LinearCrossEntropy, fp8_forward, fp8_grads, scaled_mm, to_fp8  # noqa: E402
+from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
+                 scaled_mm, to_fp8)
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
-from train import (GUARD_FIELDS, Batches, LinearCrossEntropy, TokenWindows, apply_update,  # noqa: E402
-                   checkpoint_blocks, chunked_head_loss, ckpt_interval, get_lr, guard_update, load_optimizer_state, make_optimizers,
-                   micro_steps, parallelize, set_lr, split_paths)
+from train import (GUARD_FIELDS, Batches, TokenWindows, apply_update, checkpoint_blocks, ckpt_interval,  # noqa: E402
+                   get_lr, guard_update, make_optimizers, micro_steps, parallelize, set_lr, split_paths)
 
 
 # ---------------------------------------------------------------------------- running the scripts

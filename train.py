@@ -45,10 +45,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
-from configurator import configure
 from checkpoint import full_state_dicts, load_checkpoint, load_optimizer_state, save_checkpoint
+from configurator import configure
 from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head
-from fp8 import LinearCrossEntropy  # noqa: F401 (importable from train, as test_all does)
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
 
