@@ -16,7 +16,7 @@ tokens that start `stride` tokens apart; each window scores only the tokens no e
 is scored once, with at least block_size - stride tokens of context past the first window. bpb = the summed loss
 in nats / ln 2 / the text's UTF-8 bytes, which compares models with different tokenizers.
 
-train.py calls multiple_choice(model, tok, rows, device, ctx) at its evaluations (with rank and world under torchrun).
+train.py calls multiple_choice at its evaluations with --eval_mc (with rank and world under torchrun).
 """
 import hashlib
 import json
@@ -115,6 +115,13 @@ def hellaswag_rows(path):
         rows.append(check_row(dict(context=obj.get("ctx"), endings=[" " + str(e) for e in obj.get("endings", [])],
                                    label=obj.get("label")), f"{path}:{lineno}"))
     return rows
+
+
+def mc_rows(source, data_root="data", limit=0):
+    """The first `limit` (0: all) multiple-choice rows of source: "hellaswag" (downloaded once into data_root) or
+    a JSONL file of rows."""
+    rows = hellaswag_rows(hellaswag_file(data_root)) if source == "hellaswag" else read_mc(source)
+    return rows[:limit] if limit else rows
 
 # ---------------------------------------------------------------------------- multiple choice
 
@@ -270,8 +277,7 @@ def main():
         print(f"{text}: {r['bpb']:.4f} bits/byte ({r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
               f"{r['bytes']:,} bytes)")
         return r
-    rows = hellaswag_rows(hellaswag_file(data_root)) if task == "hellaswag" else read_mc(data)
-    rows = rows[:limit] if limit else rows
+    rows = mc_rows("hellaswag" if task == "hellaswag" else data, data_root, limit)
     r = multiple_choice(model, tok, rows, dev, ctx, mc_batch, verbose=True)
     print(f"{task}: acc {100 * r['acc']:.2f}% | acc_norm {100 * r['acc_norm']:.2f}% ({r['n']:,} rows)")
     return r

@@ -2075,6 +2075,21 @@ def test_training_copies_the_tokenizer_into_the_run_dir(run_30_steps):
     assert os.path.exists(run_30_steps[0] / "tokenizer.bpe")
 
 
+def test_eval_mc_scores_multiple_choice_at_each_evaluation_as_eval_py_scores_the_checkpoint(tiny_data, tmp_path):
+    docs = tiny_data[2]
+    rows = [dict(context=d[:30], endings=[d[30:60], docs[(i + 7) % 40][30:60], docs[(i + 13) % 40][30:60]], label=0)
+            for i, d in enumerate(docs[:16])]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = tiny_train(tiny_data, tmp_path / "run", "--max_iters=4", "--eval_interval=2", "--always_save_checkpoint=True",
+                   f"--eval_mc={tmp_path / 'rows.jsonl'}", "--eval_mc_rows=12")
+    evals = [r for r in metrics_rows(tmp_path / "run") if "val_loss" in r]
+    assert [(r["step"], r["mc_n"]) for r in evals] == [(2, 12), (4, 12)]
+    model, tok = ev.load(str(tmp_path / "run"), "cpu")  # the checkpoint of the last evaluation
+    r = ev.multiple_choice(model, tok, rows[:12], "cpu")
+    assert (evals[-1]["mc_acc"], evals[-1]["mc_acc_norm"]) == (r["acc"], r["acc_norm"])
+    assert f"multiple choice acc_norm {r['acc_norm']:.4f} (12 rows)" in p.stdout
+
+
 def test_logged_step_rate_leaves_evaluation_out(tiny_data, tmp_path):
     # on train_on_a_fake_clock a step takes 1 s and the evaluation at step 8 1000 s, in the log window of steps 9-12
     tiny_train(tiny_data, tmp_path, "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=8", "--log_interval=4",

@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 from checkpoint import full_state_dicts, load_checkpoint, load_optimizer_state, save_checkpoint
 from configurator import configure
+from eval import mc_rows, multiple_choice
 from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
@@ -57,6 +58,8 @@ out_dir = "out"
 eval_interval = 250         # evaluate (and checkpoint) every this many steps
 eval_iters = 20             # batches per split for an evaluation (at most one pass over the split)
 eval_train = True           # also estimate the train split's loss at each evaluation
+eval_mc = ""                # also score multiple choice at each evaluation: "hellaswag" or a JSONL of eval.py's rows
+eval_mc_rows = 500          # the first rows of eval_mc scored each time (0 = all)
 log_interval = 10
 always_save_checkpoint = True  # else only when val loss improves
 save_checkpoints = True     # False: write none at all (benchmarks, speedruns)
@@ -742,14 +745,15 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
     return out
 
 
-def eval_report(iter_num, losses, bytes_per_token, tokens_per_iter):
-    """Prints the line of an evaluation (losses: evaluate's), with the val loss in bits per byte; returns its
-    metrics row."""
+def eval_report(iter_num, losses, bytes_per_token, tokens_per_iter, mc=None):
+    """Prints the line of an evaluation (losses: evaluate's; mc: multiple_choice's scores, if any), with the val
+    loss in bits per byte; returns its metrics row."""
     bpb = losses["val"] / math.log(2) / bytes_per_token
+    scored = f", multiple choice acc_norm {mc['acc_norm']:.4f} ({mc['n']} rows)" if mc else ""
     print(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
-          f"val bits/byte {bpb:.4f}")
+          f"val bits/byte {bpb:.4f}{scored}")
     return dict(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
-                tokens=iter_num * tokens_per_iter)
+                tokens=iter_num * tokens_per_iter, **({f"mc_{k}": v for k, v in mc.items()} if mc else {}))
 
 
 def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter, peak, device):
@@ -816,6 +820,8 @@ def main():
     train_ds, batches, loaders = make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state,
                                               eval_train, pin=device.startswith("cuda"))
     ctx = autocast(device, ptdtype)
+    mc = mc_rows(eval_mc, data_root, eval_mc_rows) if eval_mc else None
+    tok = bpe.Tokenizer.load(os.path.join(data_dir, meta["tokenizer"])) if mc else None
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
@@ -843,9 +849,10 @@ def main():
                 torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
             t_eval = time.time()
             losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
+            scores = multiple_choice(raw_model, tok, mc, device, ctx, rank=rank, world=world) if mc else None
             if master:
-                log(**eval_report(iter_num, losses, bytes_per_token, tokens_per_iter), elapsed_s=time.time() - t_launch,
-                    time=time.time())
+                log(**eval_report(iter_num, losses, bytes_per_token, tokens_per_iter, scores),
+                    elapsed_s=time.time() - t_launch, time=time.time())
             if losses["val"] < best_val_loss or always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 checkpoint()
