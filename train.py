@@ -420,14 +420,15 @@ def split_paths(data_dir, meta, split):
 
 
 def load_data(data_root, dataset):
-    """(data_dir, meta) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
+    """(data_dir, meta, tokenizer) of a dataset made by prepare.py, its tokenizer file checked against the shards'."""
     data_dir = os.path.join(data_root, dataset)
     meta = load_meta(data_dir)
     tok_path = os.path.join(data_dir, meta["tokenizer"])
-    if bpe.Tokenizer.load(tok_path).hash != meta["tokenizer_hash"]:
+    tok = bpe.Tokenizer.load(tok_path)
+    if tok.hash != meta["tokenizer_hash"]:
         raise SystemExit(f"error: {tok_path} is not the tokenizer {data_dir}/meta.json and the shards were made "
                          f"with; re-run prepare.py")
-    return data_dir, meta
+    return data_dir, meta, tok
 
 
 def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
@@ -802,7 +803,7 @@ def main():
         say(f"warning: lr_decay_iters={lr_decay_iters} > max_iters={max_iters}: the LR ends at "
             f"{schedule(max_iters - 1):.2e}, not min_lr {min_lr:.2e}; set --lr_decay_iters=0 to follow max_iters")
 
-    data_dir, meta = load_data(data_root, dataset)
+    data_dir, meta, tok = load_data(data_root, dataset)
     check_out_dir(out_dir, init_from)
     model_args, weights, ckpt = init_model(init_from, out_dir, data_dir, meta, config)
     if block_size > model_args["block_size"]:
@@ -821,7 +822,6 @@ def main():
                                               eval_train, pin=device.startswith("cuda"))
     ctx = autocast(device, ptdtype)
     mc = mc_rows(eval_mc, data_root, eval_mc_rows) if eval_mc else None
-    tok = bpe.Tokenizer.load(os.path.join(data_dir, meta["tokenizer"])) if mc else None
     bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
     peak = peak_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
