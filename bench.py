@@ -63,8 +63,10 @@ gen_device = "auto"
 gen_out_dir = "out/bench"
 gen_cold = True             # also the first and second generate call of a fresh process, batch 1: what sample.py meets
 gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1"
-                            # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile; "" = as sample.py)
+                            # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile, warm_up; "" = as
+                            # sample.py; warm_up=False: no sample.warm_up while the checkpoint loads)
 gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
+gen_sample_runs = 3         # and `python sample.py` itself on the same checkpoint, from launch to exit, so many times
 # --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
 speedrun_config = "config/speedrun_small.py"     # the recipe
 speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens; "": none
@@ -501,7 +503,7 @@ def bench_generate():
 def cold_args(variant, shapes):
     """One entry of gen_cold_variants as the arguments of a fresh process's run: sample.py's defaults, overridden."""
     args = dict(shape=next(iter(shapes)), batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
-                cuda_graph=gen_cuda_graph, compile=False)
+                cuda_graph=gen_cuda_graph, compile=False, warm_up=None)
     for kv in variant.split():
         key, _, value = kv.partition("=")
         if key not in args:
@@ -517,23 +519,32 @@ def bench_fresh_processes(shapes, device, cold, save):
     fresh process (generate_first_calls), appended to `cold`; save() writes the json after each row. One untimed
     process runs first, as a training run before sample.py would: a row's figure then does not depend on the rows
     before it."""
-    print(f"fresh process (a new interpreter per row, as `python sample.py` runs): its first generate call "
-          f"against its second; {next(iter(shapes))} unless the variant says otherwise")
-    widths = (34, 8, 9, 6, 12, 10, 9, 8)
-    print(row_text(("variant", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s", "model s"),
-                   widths))
+    print(f"fresh process (a new interpreter per row, as `python sample.py` runs): it loads a checkpoint, then its "
+          f"first generate call against its second; {next(iter(shapes))} unless the variant says otherwise; "
+          f"total = import + load + first call")
+    widths = (34, 8, 8, 9, 6, 12, 10, 9, 8)
+    print(row_text(("variant", "load s", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s",
+                    "total s"), widths))
     variants = [v.strip() for v in gen_cold_variants.split(";")]
-    first = cold_args(variants[0], shapes)
-    # untimed: the OS then holds the CUDA libraries in its page cache, so no row pays for reading them from disk
-    in_fresh_process("generate_first_calls", dict(first, model=shapes[first["shape"]], device=device))
-    for variant in variants:
+    ckpts = {}  # shape -> a checkpoint of random weights, written once
+
+    def call_of(variant):
         args = cold_args(variant, shapes)
-        call = dict(args, model=shapes[args["shape"]], device=device)
+        if args["shape"] not in ckpts:
+            ckpts[args["shape"]] = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"),
+                                                     shapes[args["shape"]])
+        return args, dict(args, ckpt=ckpts[args["shape"]], device=device)
+    # untimed: the OS then holds the CUDA libraries and the checkpoint in its page cache, so no row pays for reading
+    # them from disk
+    in_fresh_process("generate_first_calls", call_of(variants[0])[1])
+    for variant in variants:
+        args, call = call_of(variant)
         r = in_fresh_process("generate_first_calls", call)
         cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
-        print(row_text((variant or "(as sample.py)", f"{r['first_s']:.3f}", f"{r['second_s']:.3f}",
-                        f"{r['ratio']:.2f}x", f"{r['first_token_s'][0]:.3f}", f"{r['first_token_s'][1]:.3f}",
-                        f"{r['import_s']:.2f}", f"{r['model_s']:.2f}"), widths), flush=True)
+        print(row_text((variant or "(as sample.py)", f"{r['load_s']:.3f}", f"{r['first_s']:.3f}",
+                        f"{r['second_s']:.3f}", f"{r['ratio']:.2f}x", f"{r['first_token_s'][0]:.3f}",
+                        f"{r['first_token_s'][1]:.3f}", f"{r['import_s']:.2f}", f"{r['total_s']:.2f}"), widths),
+              flush=True)
         save()
         if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
             cold[-1]["profile"] = in_fresh_process("generate_first_calls", dict(call, profile=True))["profile"]
@@ -542,33 +553,48 @@ def bench_fresh_processes(shapes, device, cold, save):
             for op, count, ms in cold[-1]["profile"]:
                 print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
             save()
+    if gen_sample_runs:
+        cmd = [sys.executable, "sample.py", f"--out_dir={call_of('')[1]['ckpt']}", f"--device={device}",
+               "--num_samples=1", f"--max_new_tokens={gen_new_tokens}"]
+        seconds = []
+        for _ in range(gen_sample_runs):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, cwd=HERE, check=True, capture_output=True)
+            seconds.append(time.perf_counter() - t0)
+        cold.append(dict(variant="python sample.py", cmd=shlex.join(cmd[1:]), seconds=seconds))
+        print(f"{shlex.join(['python'] + cmd[1:])}: {', '.join(f'{t:.2f}' for t in seconds)} s from launch to exit")
+        save()
 
 
 def generate_first_calls(a):
-    """In a fresh process: its first and second model.generate call as sample.py makes them (built in fp32, cast
-    once to sample.pick_dtype's dtype, each token read as it streams), and the seconds to import torch and the
-    scripts and to build the model (which makes the CUDA context); with a["profile"], the first call's 15 most
-    expensive ops instead."""
+    """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by sample.load_run (with sample.warm_up
+    meanwhile, as sample.py does
+    on CUDA; a["warm_up"] True or False: always or never) and cast once to sample.pick_dtype's dtype, then its first and second model.generate
+    call, each token read as it streams; and the seconds to import torch and the scripts and to load. With
+    a["profile"], the first call's 15 most expensive ops instead."""
     t0 = time.perf_counter()
     import torch
     import sample
-    from model import GPT, GPTConfig
     import_s = time.perf_counter() - t0
     device = sample.pick_device(a["device"])
+    dtype = sample.pick_dtype("auto", device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    shape, sampling = (a["batch"], a["prompt_len"]), dict(temperature=0.8, top_k=200)
+    on = device.startswith("cuda") if a["warm_up"] is None else a["warm_up"]  # None: as sample.py, on CUDA only
+    warm = (lambda args: sample.warm_up(args, device, dtype, shape, a["new_tokens"], **sampling)) if on else None
     t0 = time.perf_counter()
+    model = sample.load_run(a["ckpt"], device, warm_up=warm)[0].to(dtype)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**a["model"])).to(device).eval().to(sample.pick_dtype("auto", device))
-    prompt = torch.randint(model.config.vocab_size, (a["batch"], a["prompt_len"]), device=device)
+    prompt = torch.randint(model.config.vocab_size, shape, device=device)
     sync()
-    model_s = time.perf_counter() - t0
+    load_s = time.perf_counter() - t0
 
     def call():
         g = torch.Generator(device=device).manual_seed(0)
         sync()
         t0, first = time.perf_counter(), None
-        for next_id in model.generate(prompt, a["new_tokens"], 0.8, 200, 1.0, generator=g,
-                                      cuda_graph=a["cuda_graph"], compile=a["compile"]):
+        for next_id in model.generate(prompt, a["new_tokens"], generator=g, cuda_graph=a["cuda_graph"],
+                                      compile=a["compile"], **sampling):
             next_id.tolist()  # as sample.py, which decodes each token as it comes
             first = first or time.perf_counter() - t0
         sync()
@@ -582,7 +608,26 @@ def generate_first_calls(a):
         return dict(profile=sorted(ops, key=lambda op: -op[2])[:15])
     (first_s, t1), (second_s, t2) = call(), call()
     return dict(first_s=first_s, second_s=second_s, ratio=first_s / second_s, first_token_s=[t1, t2],
-                import_s=import_s, model_s=model_s)
+                import_s=import_s, load_s=load_s, total_s=import_s + load_s + first_s)
+
+
+def random_checkpoint(out_dir, model_args):
+    """out_dir as a training run leaves it, with random weights (seed 0) of model_args and a byte-level tokenizer
+    without special tokens (so that no sample ends early at <|endoftext|>); kept, so that every fresh process reads
+    the same files (as the OS caches them)."""
+    import torch
+    import bpe
+    from checkpoint import manifest_model_args, save_checkpoint
+    from model import GPT, GPTConfig
+    if manifest_model_args(out_dir) == model_args:
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    tok = bpe.train(["x"], 256, special_tokens=())
+    tok.save(os.path.join(out_dir, "tokenizer.bpe"))
+    torch.manual_seed(0)
+    save_checkpoint(out_dir, dict(model=GPT(GPTConfig(**model_args)).state_dict(), model_args=model_args,
+                                  tokenizer_hash=tok.hash, iter_num=0))
+    return out_dir
 
 
 def rlhf_task(name):

@@ -55,7 +55,7 @@ def save_checkpoint(out_dir, state, keep=2):
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
         atomic_write_json(manifest, dict(file=name, sha256=w.sha.hexdigest(), format=CKPT_FORMAT,
-                                         iter_num=state["iter_num"]))
+                                         iter_num=state["iter_num"], model_args=state.get("model_args")))
     except OSError as e:  # disk full (ENOSPC), quota, I/O error: latest.json still names the previous checkpoint
         for p in (path + ".tmp", manifest + ".tmp"):
             if os.path.exists(p):
@@ -107,8 +107,20 @@ def load_checkpoint(out_dir):
     return ckpt
 
 
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def manifest_model_args(out_dir):
+    """The model_args that out_dir/latest.json names: the model's shape without reading its weights. None if the
+    manifest has none (saved by older code) or cannot be read; load_checkpoint says what is wrong with it."""
+    try:
+        with open(os.path.join(out_dir, "latest.json")) as f:
+            args = json.load(f).get("model_args")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return args if isinstance(args, dict) else None
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    with torch.device(device):  # built where it will run: on a GPU its random init (overwritten next) is quick
+        model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model
 

@@ -7,7 +7,8 @@ Generate text from a trained checkpoint, streaming tokens to the terminal as the
     python sample.py --out_dir=out/add-sft --chat      # chat with a model fine-tuned by rlhf.py
 
 The num_samples samples are one batch through model.generate (KV cache; on CUDA the decode step is replayed as a
-CUDA graph). The first sample streams as it is produced; the others are printed whole once generation ends.
+CUDA graph). On CUDA the GPU's lazy set-up is paid while the checkpoint is read (warm_up), so the first sample runs
+as fast as a second would. The first sample streams as it is produced; the others are printed whole at the end.
 A sample ends at <|endoftext|>, at the stop string (which is not printed), or after max_new_tokens.
 An out_dir without a checkpoint is an error that lists the runs that have one. Needs no training code: only
 model.py, checkpoint.py and bpe.py.
@@ -15,13 +16,15 @@ model.py, checkpoint.py and bpe.py.
 import codecs
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 import bpe
 from bpe import encode_chat
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, manifest_model_args, model_from_checkpoint
 from configurator import configure
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -105,9 +108,24 @@ def find_runs(out_dir):
     return sorted(runs)
 
 
-def load_run(out_dir, device):
-    """Model (eval mode, on device, fp32), tokenizer, and the checkpoint's other entries (its config, stage...)
-    of a training run's out_dir."""
+def warm_up(model_args, device, dtype, shape, max_new_tokens, **sampling):
+    """Two tokens of model.generate through a twin of the model: its widths and options, at most 2 layers, random
+    weights, the batch and prompt length of the coming call (shape), the same sampling. A fresh process's first
+    sample otherwise pays the GPU's lazy set-up itself (kernel loading, the cuBLAS handle, cuDNN's attention plans
+    for these shapes: about the sample's own time again on an H200); load_run runs this while the weights are read."""
+    with torch.device(device):
+        twin = GPT(GPTConfig(**dict(model_args, n_layer=min(2, model_args["n_layer"]))))
+    twin.to(dtype).eval()
+    idx = torch.zeros(shape, dtype=torch.long, device=device)
+    for i, next_id in enumerate(twin.generate(idx, max_new_tokens, **sampling)):  # the whole cache: its shapes
+        next_id.tolist()
+        if i == 1:
+            break
+
+
+def load_tokenizer(out_dir):
+    """The tokenizer of a training run's out_dir; an out_dir without a checkpoint is an error that lists the runs
+    that have one."""
     if not os.path.isfile(os.path.join(out_dir, "latest.json")):
         runs = find_runs(out_dir)
         if not runs:
@@ -116,11 +134,23 @@ def load_run(out_dir, device):
         more = f" and {len(runs) - 8} more" if len(runs) > 8 else ""
         raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); runs with one: "
                          f"{', '.join(runs[:8])}{more}; sample one with: python sample.py --out_dir={runs[0]}")
-    ckpt = load_checkpoint(out_dir)
-    tok = bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
+    return bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
+
+
+def load_run(out_dir, device, tok=None, warm_up=None):
+    """Model (eval mode, on device, fp32), tokenizer (tok, or load_tokenizer's), and the checkpoint's other entries
+    (its config, stage...) of a training run's out_dir. warm_up(model_args), if given, runs on this thread while
+    another one reads and verifies the checkpoint (latest.json names model_args)."""
+    tok = tok or load_tokenizer(out_dir)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(load_checkpoint, out_dir)  # the checksum and torch.load: disk and CPU
+        model_args = manifest_model_args(out_dir)
+        if warm_up and model_args:
+            warm_up(model_args)
+        ckpt = reading.result()
     if tok.hash != ckpt["tokenizer_hash"]:
         raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
-    model = model_from_checkpoint(ckpt).to(device).eval()
+    model = model_from_checkpoint(ckpt, device).eval()
     if model.config.vocab_size < tok.vocab_size:  # the tokenizer could give ids that the model has no row for
         raise SystemExit(f"error: the model in {out_dir} has {model.config.vocab_size} token ids, fewer than its "
                          f"tokenizer's {tok.vocab_size} tokens; the checkpoint is broken: retrain or re-export it "
@@ -187,14 +217,6 @@ def main():
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     dev = pick_device(device)
     ptdtype = pick_dtype(dtype, dev)
-    model, tok, info = load_run(out_dir, dev)
-    model.to(ptdtype)
-    if chat:
-        if info.get("stage") is None:  # rlhf.py records its stage in every checkpoint; train.py has none
-            print(f"warning: {out_dir} holds a pretrained model that was never fine-tuned for chat: its replies will "
-                  f"read like its training text; fine-tune it first with python rlhf.py config/sft.py "
-                  f"--init_from={out_dir} (and your chat data as --data)", file=sys.stderr, flush=True)
-        return chat_loop(model, tok, dev)
     prompt = start
     if prompt.startswith("FILE:"):
         try:
@@ -202,8 +224,23 @@ def main():
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: cannot read the prompt file {prompt[5:]} ({e}); give a UTF-8 text file") from None
+    tok = load_tokenizer(out_dir)
     ids = tok.encode(prompt, allowed_special="all")
-    if not ids or len(ids) >= model.config.block_size:
+    if not ids:
+        raise SystemExit("error: the prompt has 0 tokens; give a --start of 1 token or more")
+    gen = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, n_vocab=tok.vocab_size,
+               stop_ids=None if chat or tok.eot is None else [tok.eot])
+    shape = (1, 1) if chat else (num_samples, len(ids))  # a chat's prompts are not known yet
+    model, tok, info = load_run(out_dir, dev, tok, (lambda args: warm_up(args, dev, ptdtype, shape, max_new_tokens,
+                                                                        **gen)) if dev.startswith("cuda") else None)
+    model.to(ptdtype)
+    if chat:
+        if info.get("stage") is None:  # rlhf.py records its stage in every checkpoint; train.py has none
+            print(f"warning: {out_dir} holds a pretrained model that was never fine-tuned for chat: its replies will "
+                  f"read like its training text; fine-tune it first with python rlhf.py config/sft.py "
+                  f"--init_from={out_dir} (and your chat data as --data)", file=sys.stderr, flush=True)
+        return chat_loop(model, tok, dev)
+    if len(ids) >= model.config.block_size:
         raise SystemExit(f"error: the prompt has {len(ids)} tokens, the model's context is "
                          f"{model.config.block_size}; give a --start of 1 to {model.config.block_size - 1} tokens")
     torch.manual_seed(seed)
@@ -213,9 +250,7 @@ def main():
     utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
     texts, done, shown = [""] * num_samples, [False] * num_samples, 0  # shown: characters of sample 0 printed
     print(prompt, end="", flush=True)
-    for next_id in model.generate(idx, max_new_tokens, temperature, top_k or None, top_p, generator=g,
-                                  stop_ids=None if tok.eot is None else [tok.eot], n_vocab=tok.vocab_size,
-                                  compile=compile):
+    for next_id in model.generate(idx, max_new_tokens, generator=g, compile=compile, **gen):
         for r, t in enumerate(next_id.tolist()):
             if done[r]:
                 continue

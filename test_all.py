@@ -1492,6 +1492,18 @@ def test_a_dir_without_latest_json_has_no_checkpoint(saved_ckpt):
         load_checkpoint(str(d))
 
 
+def test_latest_json_names_the_model_args_so_a_reader_knows_the_shape_before_the_weights(tmp_path):
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64)
+    save_checkpoint(str(tmp_path), dict(iter_num=1, model={}, model_args=args))
+    assert checkpoint.manifest_model_args(str(tmp_path)) == args
+
+
+@pytest.mark.parametrize("manifest", ['{"file": "ckpt-0000001.pt"}', '{"file": "ckpt', "[]"])
+def test_a_manifest_without_model_args_or_torn_names_none(tmp_path, manifest):
+    (tmp_path / "latest.json").write_text(manifest)  # written by older code, or torn
+    assert checkpoint.manifest_model_args(str(tmp_path)) is None
+
+
 def test_load_checkpoint_reads_onto_the_cpu_with_weights_only(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(str(tmp_path), dict(iter_num=3, model={"w": torch.arange(5.0)}))
     seen = []
@@ -2914,6 +2926,36 @@ def test_chat_loop_quit_ends_it_before_the_next_line(chat_session):
     assert chat_session.returncode == 0 and len(turns) == 5 and turns[4] == ""
 
 
+def test_sample_load_run_warms_up_on_the_manifests_model_args_while_the_weights_load(sample_ckpt):
+    seen = []
+    model, _, info = sample.load_run(sample_ckpt, "cpu", warm_up=seen.append)
+    assert seen == [info["model_args"]] and model.config == GPTConfig(**info["model_args"])
+
+
+def test_sample_warm_up_runs_a_two_layer_twin_on_the_coming_calls_cache_shape(sample_ckpt, monkeypatch):
+    args = dict(checkpoint.manifest_model_args(sample_ckpt), n_layer=4)
+    caches, real = [], GPT.new_cache
+    monkeypatch.setattr(GPT, "new_cache", lambda self, B, T, *a: caches.append((self.config.n_layer, B, T)) or
+                        real(self, B, T, *a))
+    sample.warm_up(args, "cpu", torch.float32, (3, 5), 40, temperature=0.8, top_k=200, top_p=0.9, n_vocab=100)
+    assert caches == [(2, 3, min(args["block_size"], 5 + 40))]
+
+
+def test_sample_py_prints_the_same_samples_after_a_warm_up(sample_ckpt, three_samples, one_thread, monkeypatch,
+                                                          capsys):
+    args, expected = three_samples
+    importlib.reload(sample)  # fresh config globals
+    real = sample.load_run  # sample.py warms up on CUDA only: here the warm-up is forced onto the CPU
+    monkeypatch.setattr(sample, "load_run", lambda out_dir, device, tok, warm_up: real(
+        out_dir, device, tok, lambda a: sample.warm_up(a, "cpu", torch.float32, (3, 4), 30, temperature=0.8)))
+    monkeypatch.setattr(sys, "argv", ["sample.py", f"--out_dir={sample_ckpt}", "--device=cpu", *args])
+    try:
+        sample.main()
+    finally:
+        importlib.reload(sample)
+    assert capsys.readouterr().out == expected
+
+
 def test_sample_imports_no_training_code():
     p = run("-c", "import sys, sample; print(sorted(m for m in ('train', 'rlhf', 'prepare') if m in sys.modules))")
     assert p.stdout.strip() == "[]"
@@ -3927,14 +3969,14 @@ def bench_generate(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench_generate_cold(tmp_path_factory):
-    """bench.py --mode=generate timing a fresh process's first and second call (prompt_len=1, profiled): its stdout
-    and its one cold row."""
+    """bench.py --mode=generate timing a fresh process's first and second call (prompt_len=1, with the warm-up that
+    sample.py makes on CUDA only, profiled), and `python sample.py` once: its stdout, its cold row, the sample.py row."""
     out = tmp_path_factory.mktemp("bench_cold")
     p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_new_tokens=5", "--gen_batches=(1,)",
-            "--gen_no_cache=False", "--gen_device=cpu", "--gen_cold_variants=prompt_len=1", "--gen_cold_profile=True",
-            f"--gen_out_dir={out}", env={"OMP_NUM_THREADS": "1"})
-    row, = json.load(open(out / "generate.json"))["cold"]
-    return p.stdout, row
+            "--gen_no_cache=False", "--gen_device=cpu", "--gen_cold_variants=prompt_len=1 warm_up=True",
+            "--gen_cold_profile=True", "--gen_sample_runs=1", f"--gen_out_dir={out}", env={"OMP_NUM_THREADS": "1"})
+    row, sample_py = json.load(open(out / "generate.json"))["cold"]
+    return p.stdout, row, sample_py
 
 
 @pytest.fixture(scope="module")
@@ -3983,23 +4025,34 @@ def test_bench_generate_prints_its_table(bench_generate):
 
 
 def test_bench_generate_times_the_first_and_second_call_of_a_fresh_process(bench_generate_cold):
-    _, row = bench_generate_cold
-    assert row["variant"] == "prompt_len=1" and row["prompt_len"] == 1 and row["batch"] == 1
+    _, row, _ = bench_generate_cold
+    assert row["variant"] == "prompt_len=1 warm_up=True" and row["prompt_len"] == 1 and row["batch"] == 1
     assert row["first_s"] > 0 and row["second_s"] > 0 and row["ratio"] == pytest.approx(row["first_s"] / row["second_s"])
 
 
+def test_bench_generate_times_python_sample_py_from_launch_to_exit_on_the_same_checkpoint(bench_generate_cold):
+    _, row, sample_py = bench_generate_cold
+    assert sample_py["variant"] == "python sample.py" and len(sample_py["seconds"]) == 1
+    assert sample_py["seconds"][0] > row["import_s"] and "--max_new_tokens=5" in sample_py["cmd"]
+
+
+def test_bench_generate_fresh_process_loads_a_checkpoint_and_totals_import_load_and_first_call(bench_generate_cold):
+    _, row, _ = bench_generate_cold
+    assert row["load_s"] > 0 and row["total_s"] == pytest.approx(row["import_s"] + row["load_s"] + row["first_s"])
+
+
 def test_bench_generate_times_each_calls_first_token_within_the_call(bench_generate_cold):
-    _, row = bench_generate_cold
+    _, row, _ = bench_generate_cold
     assert all(0 < t <= s for t, s in zip(row["first_token_s"], (row["first_s"], row["second_s"])))
 
 
 def test_bench_generate_times_the_imports_and_profiles_the_first_call(bench_generate_cold):
-    _, row = bench_generate_cold
+    _, row, _ = bench_generate_cold
     assert row["import_s"] > 0 and any(op.startswith("aten::addmm") for op, _, _ in row["profile"])
 
 
 def test_bench_generate_prints_the_fresh_process_table_and_its_most_expensive_ops(bench_generate_cold):
-    stdout, _ = bench_generate_cold
+    stdout, _, _ = bench_generate_cold
     assert "fresh process" in stdout and "prompt_len=1" in stdout and "most expensive ops" in stdout
 
 
