@@ -568,10 +568,10 @@ def bench_fresh_processes(shapes, device, cold, save):
 
 def generate_first_calls(a):
     """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by sample.load_run (with sample.warm_up
-    meanwhile, as sample.py does
-    on CUDA; a["warm_up"] True or False: always or never) and cast once to sample.pick_dtype's dtype, then its first and second model.generate
-    call, each token read as it streams; and the seconds to import torch and the scripts and to load. With
-    a["profile"], the first call's 15 most expensive ops instead."""
+    meanwhile, on CUDA as sample.py does; a["warm_up"] True or False: always or never) and cast once to
+    sample.pick_dtype's dtype, then its first and second model.generate call, each token read as it streams; and the
+    seconds to import torch and the scripts and to load. With a["profile"], the first call's 15 most expensive ops
+    instead."""
     t0 = time.perf_counter()
     import torch
     import sample

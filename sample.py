@@ -212,27 +212,32 @@ def chat_loop(model, tok, device):
         history.append(dict(role="assistant", content=tok.decode(reply, errors="replace")))
 
 
+def read_prompt(start):
+    """--start as text: FILE:path is read from that UTF-8 file."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the prompt file {start[5:]} ({e}); give a UTF-8 text file") from None
+
+
 def main():
     configure(globals())
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
     dev = pick_device(device)
     ptdtype = pick_dtype(dtype, dev)
-    prompt = start
-    if prompt.startswith("FILE:"):
-        try:
-            with open(prompt[5:], encoding="utf-8") as f:
-                prompt = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: cannot read the prompt file {prompt[5:]} ({e}); give a UTF-8 text file") from None
+    prompt = "" if chat else read_prompt(start)
     tok = load_tokenizer(out_dir)
     ids = tok.encode(prompt, allowed_special="all")
-    if not ids:
+    if not ids and not chat:
         raise SystemExit("error: the prompt has 0 tokens; give a --start of 1 token or more")
     gen = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, n_vocab=tok.vocab_size,
                stop_ids=None if chat or tok.eot is None else [tok.eot])
     shape = (1, 1) if chat else (num_samples, len(ids))  # a chat's prompts are not known yet
-    model, tok, info = load_run(out_dir, dev, tok, (lambda args: warm_up(args, dev, ptdtype, shape, max_new_tokens,
-                                                                        **gen)) if dev.startswith("cuda") else None)
+    warm = (lambda args: warm_up(args, dev, ptdtype, shape, max_new_tokens, **gen)) if dev.startswith("cuda") else None
+    model, tok, info = load_run(out_dir, dev, tok, warm)
     model.to(ptdtype)
     if chat:
         if info.get("stage") is None:  # rlhf.py records its stage in every checkpoint; train.py has none

@@ -2813,6 +2813,11 @@ def test_sample_py_prompt_longer_than_context_is_a_one_line_error(sample_ckpt):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_sample_py_empty_prompt_is_a_one_line_error(sample_ckpt):
+    with pytest.raises(SystemExit, match=r"^error: the prompt has 0 tokens; give a --start of 1 token or more$"):
+        fresh_main("sample.py", f"--out_dir={sample_ckpt}", "--start=", "--device=cpu")
+
+
 @pytest.mark.parametrize("case, pattern", [
     ("prompt_file", r"cannot read the prompt file .*prompt\.txt .*invalid continuation byte.*give a UTF-8 text file"),
     ("tokenizer_corrupt", r"tokenizer file .*tokenizer\.bpe is corrupt: .*truncated"),
