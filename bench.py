@@ -526,14 +526,11 @@ def bench_fresh_processes(shapes, device, cold, save):
     print(row_text(("variant", "load s", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s",
                     "total s"), widths))
     variants = [v.strip() for v in gen_cold_variants.split(";")]
-    ckpts = {}  # shape -> a checkpoint of random weights, written once
 
-    def call_of(variant):
+    def call_of(variant):  # the variant's arguments, and its fresh process's (with its shape's checkpoint)
         args = cold_args(variant, shapes)
-        if args["shape"] not in ckpts:
-            ckpts[args["shape"]] = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"),
-                                                     shapes[args["shape"]])
-        return args, dict(args, ckpt=ckpts[args["shape"]], device=device)
+        ckpt = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"), shapes[args["shape"]])
+        return args, dict(args, ckpt=ckpt, device=device)
     # untimed: the OS then holds the CUDA libraries and the checkpoint in its page cache, so no row pays for reading
     # them from disk
     in_fresh_process("generate_first_calls", call_of(variants[0])[1])
