@@ -564,23 +564,25 @@ def bench_fresh_processes(shapes, device, cold, save):
 
 
 def generate_first_calls(a):
-    """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by sample.load_run (with sample.warm_up
+    """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by checkpoint.load_run (with sample.warm_up
     meanwhile, on CUDA as sample.py does; a["warm_up"] True or False: always or never) and cast once to
-    sample.pick_dtype's dtype, then its first and second model.generate call, each token read as it streams; and the
+    compute.pick_dtype's dtype, then its first and second model.generate call, each token read as it streams; and the
     seconds to import torch and the scripts and to load. With a["profile"], the first call's 15 most expensive ops
     instead."""
     t0 = time.perf_counter()
     import torch
+    import checkpoint
+    import compute
     import sample
     import_s = time.perf_counter() - t0
-    device = sample.pick_device(a["device"])
-    dtype = sample.pick_dtype("auto", device)
+    device = compute.pick_device(a["device"])
+    dtype = compute.pick_dtype("auto", device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     shape, sampling = (a["batch"], a["prompt_len"]), dict(temperature=0.8, top_k=200)
     on = device.startswith("cuda") if a["warm_up"] is None else a["warm_up"]  # None: as sample.py, on CUDA only
     warm = (lambda args: sample.warm_up(args, device, dtype, shape, a["new_tokens"], **sampling)) if on else None
     t0 = time.perf_counter()
-    model = sample.load_run(a["ckpt"], device, warm_up=warm)[0].to(dtype)
+    model = checkpoint.load_run(a["ckpt"], device, warm_up=warm)[0].to(dtype)
     torch.manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, shape, device=device)
     sync()

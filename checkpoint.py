@@ -1,5 +1,7 @@
 """
 Checkpoint I/O shared by every script that reads or writes a model: train, sample, rlhf, eval, export, bench.
+Also a run's out_dir as a whole: loading a run (checkpoint + tokenizer, checked to belong together: load_run) and
+an out_dir's life (a new run refuses another's out_dir: check_out_dir; tokenizer and metrics.jsonl: open_out_dir).
 
 out_dir/ckpt-NNNNNNN.pt are torch.save files; out_dir/latest.json names the newest complete one and its
 sha256. Each file is written under a temporary name, fsynced and renamed, and latest.json is replaced
@@ -12,10 +14,13 @@ keyed by parameter name, so any run resumes from any other's on any number of pr
 import hashlib
 import json
 import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
+import bpe
 from model import GPT, GPTConfig
 
 CKPT_FORMAT = 1
@@ -161,3 +166,86 @@ def load_optimizer_state(model, optimizers, state):
     optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
                                    param_groups=[dict(g, params=[index[n] for n in g["params"]])
                                                  for g in state["param_groups"]]))
+
+
+# ---------------------------------------------------------------------------- a run's out_dir
+
+
+def find_runs(out_dir):
+    """The directories that hold a checkpoint (latest.json) under out_dir, next to it, and under out/
+    (two levels deep at most), for the error that says which runs exist."""
+    parent = os.path.dirname(os.path.normpath(out_dir)) or "."
+    runs = set()
+    for root in {out_dir, parent, "out"}:
+        if not os.path.isdir(root) or os.path.abspath(root) == os.path.abspath(os.sep):
+            continue
+        depth = os.path.normpath(root).count(os.sep)
+        for d, subdirs, files in os.walk(root):
+            if "latest.json" in files:
+                rel = os.path.relpath(d)
+                runs.add(os.path.abspath(d) if rel.startswith(os.pardir) else rel)
+            subdirs[:] = [s for s in subdirs if not s.startswith(".")] if d.count(os.sep) - depth < 2 else []
+    return sorted(runs)
+
+
+def load_tokenizer(out_dir, parent="train one first: python train.py config/small.py"):
+    """The tokenizer of a run's out_dir; an out_dir without a checkpoint is an error that lists the runs that have
+    one (parent: how such a run is made, when there is none)."""
+    if not os.path.isfile(os.path.join(out_dir, "latest.json")):
+        runs = find_runs(out_dir)
+        if not runs:
+            raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json), and no run under it or out/ "
+                             f"has one; {parent}")
+        more = f" and {len(runs) - 8} more" if len(runs) > 8 else ""
+        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); runs with one: "
+                         f"{', '.join(runs[:8])}{more}; sample one with: python sample.py --out_dir={runs[0]}")
+    return bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
+
+
+def load_run(out_dir, device="cpu", tok=None, warm_up=None):
+    """Model (eval mode, on device, fp32), tokenizer (tok, or load_tokenizer's), and the checkpoint's other entries
+    (its config, stage...) of a run's out_dir, the tokenizer checked to be the checkpoint's. warm_up(model_args),
+    if given, runs on this thread while another one reads and verifies the checkpoint (latest.json names
+    model_args): sample.py warms the GPU up meanwhile."""
+    tok = tok or load_tokenizer(out_dir)
+    with ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(load_checkpoint, out_dir)  # the checksum and torch.load: disk and CPU
+        model_args = manifest_model_args(out_dir)
+        if warm_up and model_args:
+            warm_up(model_args)
+        ckpt = reading.result()
+    if tok.hash != ckpt.get("tokenizer_hash"):
+        raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
+    model = model_from_checkpoint(ckpt, device).eval()
+    if model.config.vocab_size < tok.vocab_size:  # the tokenizer could give ids that the model has no row for
+        raise SystemExit(f"error: the model in {out_dir} has {model.config.vocab_size} token ids, fewer than its "
+                         f"tokenizer's {tok.vocab_size} tokens; the checkpoint is broken: retrain or re-export it "
+                         f"with vocab_size >= {tok.vocab_size}")
+    return model, tok, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+
+
+def check_out_dir(out_dir, resume, resume_flag="--init_from=resume"):
+    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
+    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
+    if resume or not os.path.isdir(out_dir):
+        return
+    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
+        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
+    if held:
+        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
+                         f"{resume_flag}, or start this one in another --out_dir")
+
+
+def open_out_dir(out_dir, tokenizer):
+    """Makes out_dir, copies the tokenizer file in (as tokenizer.bpe, what load_run reads) and returns log(**row),
+    which appends the row to out_dir/metrics.jsonl as one JSON line."""
+    os.makedirs(out_dir, exist_ok=True)
+    dst = os.path.join(out_dir, "tokenizer.bpe")
+    if not (os.path.exists(dst) and os.path.samefile(tokenizer, dst)):
+        shutil.copyfile(tokenizer, dst)
+    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+
+    def log(**row):
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    return log

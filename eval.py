@@ -30,7 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import bpe
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_run
+from compute import autocast, pick_device, pick_dtype
 from configurator import configure
 from prepare import download
 
@@ -237,23 +238,6 @@ def bits_per_byte(model, tok, text, device, ctx=nullcontext(), stride=0, batch_s
 # ---------------------------------------------------------------------------- the command line
 
 
-def load(out_dir, device):
-    """The latest checkpoint's model (eval mode, on device) and the run's tokenizer."""
-    ckpt = load_checkpoint(out_dir)
-    tok = bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
-    if tok.hash != ckpt["tokenizer_hash"]:
-        raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
-    return model_from_checkpoint(ckpt).to(device).eval(), tok
-
-
-def autocast_for(device, dtype):
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype))
-
-
 def main():
     configure(globals())
     if task not in TASKS:
@@ -262,9 +246,9 @@ def main():
     if need and not os.path.isfile(need[1]):
         raise SystemExit(f"error: --task={task} needs {need[2]}; "
                          + (f"{need[1]} does not exist" if need[1] else f"no {need[0]} file given"))
-    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    ctx = autocast_for(dev, dtype)
-    model, tok = load(out_dir, dev)
+    dev = pick_device(device)
+    ctx = autocast(dev, pick_dtype(dtype, dev))
+    model, tok = load_run(out_dir, dev)[:2]
     if task == "bpb":
         try:
             with open(text, encoding="utf-8") as f:

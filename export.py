@@ -32,7 +32,7 @@ from dataclasses import asdict, fields
 import torch
 
 import bpe
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_run
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -519,11 +519,7 @@ if __name__ == "__main__":
 
     configure(globals())
     hf_dir = hf_dir or out_dir.rstrip("/") + "-hf"
-    ckpt = load_checkpoint(out_dir)
-    tok = bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
-    if tok.hash != ckpt.get("tokenizer_hash"):
-        raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
-    model = model_from_checkpoint(ckpt).eval()
+    model, tok, _ = load_run(out_dir)
     layout = export(model, tok, hf_dir, dtype)
     print(f"wrote {hf_dir}: {layout} layout, {model.num_params(False) / 1e6:.2f}M parameters in {dtype}, "
           f"tokenizer of {tok.vocab_size} tokens (model vocab {model.config.vocab_size})")

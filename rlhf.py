@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from configurator import configure
 from bpe import encode_chat
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from sample import load
-from train import autocast, get_lr, resolve_dtype
+from checkpoint import load_checkpoint, load_run, model_from_checkpoint, save_checkpoint
+from compute import autocast, pick_device, pick_dtype
+from train import get_lr
 
 # -----------------------------------------------------------------------------
 stage = "sft"               # task | sft | label | rm | ppo | dpo | grpo | rloo
@@ -256,7 +256,7 @@ def load_model(path, device, parent="train one with python rlhf.py config/sft.py
     """(model, tokenizer) of the run in `path`; parent: how that run is made, for the error when it is missing."""
     if not os.path.isfile(os.path.join(path, "latest.json")):
         raise SystemExit(f"error: no checkpoint in {path} (missing latest.json); {parent}")
-    return load(path, device)
+    return load_run(path, device)[:2]
 
 
 def forward_hidden(model, idx):
@@ -693,9 +693,9 @@ class Metrics:
 
 def setup(parent="train one with python rlhf.py config/sft.py"):
     """(device, autocast context, model, tokenizer): init_from's run, with the global seed set."""
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = pick_device(device)
     torch.manual_seed(seed)
-    ctx = autocast(dev, resolve_dtype(dtype, dev)[1])
+    ctx = autocast(dev, pick_dtype(dtype, dev))
     return (dev, ctx, *load_model(init_from, dev, parent))
 
 

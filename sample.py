@@ -11,18 +11,16 @@ CUDA graph). On CUDA the GPU's lazy set-up is paid while the checkpoint is read 
 as fast as a second would. The first sample streams as it is produced; the others are printed whole at the end.
 A sample ends at <|endoftext|>, at the stop string (which is not printed), or after max_new_tokens.
 An out_dir without a checkpoint is an error that lists the runs that have one. Needs no training code: only
-model.py, checkpoint.py and bpe.py.
+model.py, checkpoint.py, compute.py and bpe.py.
 """
 import codecs
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-import bpe
 from bpe import encode_chat
-from checkpoint import load_checkpoint, manifest_model_args, model_from_checkpoint
+from checkpoint import load_run, load_tokenizer
+from compute import pick_device, pick_dtype
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -42,44 +40,6 @@ stop = ""                   # a sample also ends where this text appears ("" = o
 compile = False             # torch.compile the decode step (pays off for long generations)
 # -----------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device):
-    """'auto' is the best this machine has (cuda, mps, cpu); a device named must exist, else a one-line error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        d = torch.device(device)
-        kind, index = d.type, d.index
-    except RuntimeError:
-        kind, index = None, None
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None else "no GPU is visible"
-        raise SystemExit(f"error: --device={device}, but {why}; use --device=cpu (or auto)")
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise SystemExit(f"error: --device={device}, but there are {torch.cuda.device_count()} GPUs (cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1})")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"error: --device={device}, but this machine has no MPS (Apple GPU); use --device=cpu")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise SystemExit(f"error: unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def pick_dtype(dtype, device):
-    """The dtype the weights are cast to, once: bf16 on GPUs that have it, else fp16; fp32 on CPU and MPS.
-    Not autocast: nothing is trained here, and autocast would cast every weight again at every decode step
-    (the CUDA graph records those casts too)."""
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise SystemExit(f"error: unknown dtype {dtype!r}; use auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p):
     """Refuses the sampling settings that would fail or print garbage, naming the valid range."""
     for name, value, ok, valid in (("num_samples", num_samples, num_samples >= 1, "1 or more"),
@@ -89,23 +49,6 @@ def check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p):
                                    ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)")):
         if not ok:
             raise SystemExit(f"error: --{name}={value} is out of range; give {valid}")
-
-
-def find_runs(out_dir):
-    """The directories that hold a checkpoint (latest.json) under out_dir, next to it, and under out/
-    (two levels deep at most), for the error that says which runs exist."""
-    parent = os.path.dirname(os.path.normpath(out_dir)) or "."
-    runs = set()
-    for root in {out_dir, parent, "out"}:
-        if not os.path.isdir(root) or os.path.abspath(root) == os.path.abspath(os.sep):
-            continue
-        depth = os.path.normpath(root).count(os.sep)
-        for d, subdirs, files in os.walk(root):
-            if "latest.json" in files:
-                rel = os.path.relpath(d)
-                runs.add(os.path.abspath(d) if rel.startswith(os.pardir) else rel)
-            subdirs[:] = [s for s in subdirs if not s.startswith(".")] if d.count(os.sep) - depth < 2 else []
-    return sorted(runs)
 
 
 def warm_up(model_args, device, dtype, shape, max_new_tokens, **sampling):
@@ -121,47 +64,6 @@ def warm_up(model_args, device, dtype, shape, max_new_tokens, **sampling):
         next_id.tolist()
         if i == 1:
             break
-
-
-def load_tokenizer(out_dir):
-    """The tokenizer of a training run's out_dir; an out_dir without a checkpoint is an error that lists the runs
-    that have one."""
-    if not os.path.isfile(os.path.join(out_dir, "latest.json")):
-        runs = find_runs(out_dir)
-        if not runs:
-            raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json), and no run under it or out/ "
-                             f"has one; train one first: python train.py config/small.py")
-        more = f" and {len(runs) - 8} more" if len(runs) > 8 else ""
-        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); runs with one: "
-                         f"{', '.join(runs[:8])}{more}; sample one with: python sample.py --out_dir={runs[0]}")
-    return bpe.Tokenizer.load(os.path.join(out_dir, "tokenizer.bpe"))
-
-
-def load_run(out_dir, device, tok=None, warm_up=None):
-    """Model (eval mode, on device, fp32), tokenizer (tok, or load_tokenizer's), and the checkpoint's other entries
-    (its config, stage...) of a training run's out_dir. warm_up(model_args), if given, runs on this thread while
-    another one reads and verifies the checkpoint (latest.json names model_args)."""
-    tok = tok or load_tokenizer(out_dir)
-    with ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(load_checkpoint, out_dir)  # the checksum and torch.load: disk and CPU
-        model_args = manifest_model_args(out_dir)
-        if warm_up and model_args:
-            warm_up(model_args)
-        ckpt = reading.result()
-    if tok.hash != ckpt["tokenizer_hash"]:
-        raise SystemExit(f"error: {out_dir}/tokenizer.bpe is not the tokenizer this checkpoint was trained with")
-    model = model_from_checkpoint(ckpt, device).eval()
-    if model.config.vocab_size < tok.vocab_size:  # the tokenizer could give ids that the model has no row for
-        raise SystemExit(f"error: the model in {out_dir} has {model.config.vocab_size} token ids, fewer than its "
-                         f"tokenizer's {tok.vocab_size} tokens; the checkpoint is broken: retrain or re-export it "
-                         f"with vocab_size >= {tok.vocab_size}")
-    return model, tok, {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-
-
-def load(out_dir, device):
-    """Model (eval mode, on device, fp32) and tokenizer of a training run's out_dir."""
-    model, tok, _ = load_run(out_dir, device)
-    return model, tok
 
 
 # ---------------------------------------------------------------------------- chat
