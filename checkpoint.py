@@ -11,9 +11,13 @@ Loading verifies the checksum and uses torch.load(weights_only=True): a checkpoi
 A checkpoint holds whole state dicts whatever the sharding that wrote it (full_state_dicts), the optimizer state
 keyed by parameter name, so any run resumes from any other's on any number of processes (load_optimizer_state).
 """
+import atexit
+import errno
 import hashlib
 import json
 import os
+import socket
+import sys
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,14 +31,19 @@ CKPT_FORMAT = 1
 
 
 class HashingWriter:
-    """A file wrapper that hashes what torch.save writes, so the checksum costs no second read."""
+    """A file wrapper that hashes what torch.save writes, so the checksum costs no second read. It keeps the
+    OSError of a failed write: torch's writer reports a full disk as a RuntimeError ("unexpected pos")."""
 
     def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
+        self.f, self.sha, self.error = f, hashlib.sha256(), None
 
     def write(self, b):
         self.sha.update(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self):
         self.f.flush()
@@ -48,10 +57,31 @@ def atomic_write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def ckpt_files(out_dir):
+    """The checkpoint files of out_dir, newest first."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((f for f in names if f.startswith("ckpt-") and f.endswith(".pt")), reverse=True)
+
+
+def read_manifest(out_dir):
+    """latest.json as a dict; None if missing, "corrupt" if it cannot be read as one."""
+    try:
+        with open(os.path.join(out_dir, "latest.json")) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) and isinstance(m.get("file"), str) else "corrupt"
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8
+        return "corrupt"
+
+
 def save_checkpoint(out_dir, state, keep=2):
     name = f"ckpt-{state['iter_num']:07d}.pt"
     path = os.path.join(out_dir, name)
     manifest = os.path.join(out_dir, "latest.json")
+    prev = read_manifest(out_dir)
+    shas = prev.get("shas", {prev["file"]: prev.get("sha256")}) if isinstance(prev, dict) else {}
+    w = None
     try:
         with open(path + ".tmp", "wb") as f:
             w = HashingWriter(f)
@@ -59,57 +89,97 @@ def save_checkpoint(out_dir, state, keep=2):
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
+        kept = [f for f in ckpt_files(out_dir) if f != name][:keep - 1]
         atomic_write_json(manifest, dict(file=name, sha256=w.sha.hexdigest(), format=CKPT_FORMAT,
-                                         iter_num=state["iter_num"], model_args=state.get("model_args")))
-    except OSError as e:  # disk full (ENOSPC), quota, I/O error: latest.json still names the previous checkpoint
+                                         iter_num=state["iter_num"], model_args=state.get("model_args"),
+                                         shas={name: w.sha.hexdigest(), **{f: shas.get(f) for f in kept}}))
+    except (OSError, RuntimeError) as e:  # disk full, quota, read-only, I/O error: latest.json is untouched
+        if isinstance(e, RuntimeError) and not (w and w.error):
+            raise
+        e = w.error if w and w.error else e
         for p in (path + ".tmp", manifest + ".tmp"):
             if os.path.exists(p):
                 os.remove(p)
-        try:
-            with open(manifest) as f:
-                prev = f"the previous checkpoint {os.path.join(out_dir, json.load(f)['file'])} is intact"
-        except (OSError, ValueError, KeyError, TypeError):
-            prev = "there is no earlier checkpoint"
-        raise SystemExit(f"error: could not save checkpoint {path} ({e.strerror or e}); {prev}; free disk space "
-                         f"or change out_dir, then resume with --init_from=resume") from None
+        had = f"the previous checkpoint {os.path.join(out_dir, prev['file'])} is intact" if isinstance(prev, dict) \
+            else "there is no earlier checkpoint"
+        fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        raise SystemExit(f"error: could not save checkpoint {path} ({e.strerror or e}); {had}; {fix} or change "
+                         f"out_dir, then resume with --init_from=resume") from None
     # keep the newest `keep`; leftovers of a save that was killed (*.tmp) go too. Never the one just named.
-    old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt"))
-    for f in old[:-keep] + [f for f in os.listdir(out_dir) if f.startswith("ckpt-") and f.endswith(".pt.tmp")]:
+    old = ckpt_files(out_dir)[keep:] + [f for f in os.listdir(out_dir) if f.startswith("ckpt-") and
+                                        f.endswith(".pt.tmp")]
+    for f in old:
         if f != name:
             os.remove(os.path.join(out_dir, f))
     return path
 
 
-def load_checkpoint(out_dir):
-    """The latest checkpoint of out_dir, verified, on the CPU (so resuming needs no extra GPU memory)."""
-    manifest = os.path.join(out_dir, "latest.json")
-    if not os.path.isfile(manifest):
-        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); train one with train.py")
-    try:
-        with open(manifest) as f:
-            m = json.load(f)
-        path, sha = os.path.join(out_dir, m["file"]), m["sha256"]
-    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or not UTF-8
-        raise SystemExit(f"error: {manifest} is corrupt; delete out_dir to start over") from None
-    if m.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"error: {path} has checkpoint format {m.get('format')}, this code reads {CKPT_FORMAT}")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} named by {manifest} is missing")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    if h.hexdigest() != sha:
-        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated (sha256 mismatch); restore it or "
-                         f"start over with init_from='scratch'")
+class Unreadable(Exception):
+    """A checkpoint file that cannot be used; its message is the one-line reason."""
+
+
+def read_checkpoint(path, sha=None):
+    """One checkpoint file, verified (sha256, if known) and loaded with weights_only on the CPU."""
+    if sha:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != sha:
+            raise Unreadable(f"checkpoint {path} is corrupt or truncated (sha256 mismatch)")
     try:  # on the CPU first: resuming never needs more GPU memory than the run itself
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the checksum matched, so it was written so: by other code, or holding pickled code
-        raise SystemExit(f"error: cannot load checkpoint {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                         f"only checkpoints written by train.py can be loaded") from None
+    except Exception as e:  # written by other code, holding pickled code, or (no checksum known) damaged
+        raise Unreadable(f"cannot load checkpoint {path} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}); only checkpoints written by train.py can be loaded")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise SystemExit(f"error: {path} is not a format-{CKPT_FORMAT} train.py checkpoint")
+        raise Unreadable(f"{path} is not a format-{CKPT_FORMAT} train.py checkpoint")
     return ckpt
+
+
+def load_checkpoint(out_dir):
+    """The latest checkpoint of out_dir, verified, on the CPU (so resuming needs no extra GPU memory). If the newest
+    is damaged, or latest.json is torn or missing, the newest intact one is used, saying so, and latest.json is
+    rebuilt to name it: an intact checkpoint is never given up for a damaged neighbour."""
+    m, files = read_manifest(out_dir), ckpt_files(out_dir)
+    if m is None and not files:
+        raise SystemExit(f"error: no checkpoint in {out_dir} (missing latest.json); train one with train.py")
+    if isinstance(m, dict) and m.get("format") != CKPT_FORMAT:
+        raise SystemExit(f"error: {os.path.join(out_dir, m['file'])} has checkpoint format {m.get('format')}, this "
+                         f"code reads {CKPT_FORMAT}")
+    shas = dict(m.get("shas") or {}, **{m["file"]: m.get("sha256")}) if isinstance(m, dict) else {}
+    order = ([m["file"]] if isinstance(m, dict) else []) + [f for f in files if not isinstance(m, dict) or
+                                                            f < m["file"]]
+    problems = [] if isinstance(m, dict) else [f"{out_dir}/latest.json is {m or 'missing'}"]
+    for name in order:
+        path = os.path.join(out_dir, name)
+        try:
+            if not os.path.isfile(path):
+                raise Unreadable(f"checkpoint {path} named by latest.json is missing")
+            ckpt = read_checkpoint(path, shas.get(name))
+        except Unreadable as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; using {path}, the newest intact checkpoint", file=sys.stderr)
+            rebuild_manifest(out_dir, name, ckpt)
+        return ckpt
+    raise SystemExit(f"error: {'; '.join(problems)}; and {out_dir} holds no older intact checkpoint: restore it, "
+                     f"or start the run again in another --out_dir")
+
+
+def rebuild_manifest(out_dir, name, ckpt):
+    """latest.json naming out_dir/name again; a read-only out_dir keeps its damaged one (the loader copes)."""
+    h = hashlib.sha256()
+    with open(os.path.join(out_dir, name), "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    try:
+        atomic_write_json(os.path.join(out_dir, "latest.json"), dict(
+            file=name, sha256=h.hexdigest(), format=CKPT_FORMAT, iter_num=ckpt.get("iter_num"),
+            model_args=ckpt.get("model_args"), shas={name: h.hexdigest()}))
+    except OSError:
+        pass
 
 
 def manifest_model_args(out_dir):
@@ -225,25 +295,65 @@ def load_run(out_dir, device="cpu", tok=None, warm_up=None):
 
 
 def check_out_dir(out_dir, resume, resume_flag="--init_from=resume"):
-    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
-    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
+    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: its
+    checkpoints would replace that run's. An out_dir whose run died before its first checkpoint holds nothing to
+    keep: starting over there is allowed (open_out_dir restarts its metrics.jsonl)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: out_dir {out_dir} is a file, not a directory; choose another --out_dir")
     if resume or not os.path.isdir(out_dir):
         return
-    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
-        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
+    held = sorted(set(ckpt_files(out_dir)) | ({"latest.json"} & set(os.listdir(out_dir))))
     if held:
         raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
                          f"{resume_flag}, or start this one in another --out_dir")
 
 
-def open_out_dir(out_dir, tokenizer):
-    """Makes out_dir, copies the tokenizer file in (as tokenizer.bpe, what load_run reads) and returns log(**row),
-    which appends the row to out_dir/metrics.jsonl as one JSON line."""
-    os.makedirs(out_dir, exist_ok=True)
-    dst = os.path.join(out_dir, "tokenizer.bpe")
-    if not (os.path.exists(dst) and os.path.samefile(tokenizer, dst)):
-        shutil.copyfile(tokenizer, dst)
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+def claim_out_dir(out_dir):
+    """One run owns an out_dir at a time: out_dir/lock holds its host and pid. A lock whose process is gone (killed)
+    is stale and taken over; the lock goes when this process exits."""
+    path, me = os.path.join(out_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    try:
+        with open(path, "x") as f:
+            f.write(me)
+    except FileExistsError:
+        with open(path) as f:
+            other = f.read().strip()
+        host, _, pid = other.rpartition(" ")
+        if other != me and host == socket.gethostname() and pid.isdigit() and pid_alive(int(pid)):
+            raise SystemExit(f"error: {out_dir} is in use by another run (pid {pid}); wait for it to end, or choose "
+                             f"another --out_dir") from None
+        if other != me and host != socket.gethostname():
+            raise SystemExit(f"error: {out_dir} is in use by a run on {host or 'another host'}; if that run is over, "
+                             f"delete {path}") from None
+        with open(path, "w") as f:
+            f.write(me)
+    atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def open_out_dir(out_dir, tokenizer, resume=True):
+    """Makes out_dir and claims it (claim_out_dir), copies the tokenizer file in (as tokenizer.bpe, what load_run
+    reads) and returns log(**row), which appends the row to out_dir/metrics.jsonl as one JSON line. A run that
+    starts at step 0 (resume=False) starts metrics.jsonl afresh: rows there are of a run that died before saving."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        claim_out_dir(out_dir)
+        dst = os.path.join(out_dir, "tokenizer.bpe")
+        if not (os.path.exists(dst) and os.path.samefile(tokenizer, dst)):
+            shutil.copyfile(tokenizer, dst)
+        metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a" if resume else "w")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to out_dir {out_dir} ({e.strerror or e}); make it writable or "
+                         f"choose another --out_dir") from None
 
     def log(**row):
         metrics.write(json.dumps(row) + "\n")

@@ -1419,6 +1419,11 @@ def disk_full(fd):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def socket_hostname():
+    import socket
+    return socket.gethostname()
+
+
 def step_state(it):
     return dict(iter_num=it, model={"w": torch.full((4,), float(it))})
 
@@ -1471,11 +1476,35 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused(saved_ckpt):
         load_checkpoint(str(d))
 
 
-def test_a_torn_latest_json_is_refused(saved_ckpt):
-    d, _, _ = saved_ckpt
-    (d / "latest.json").write_text('{"file": "ckpt-0000001.pt", "sha')
-    with pytest.raises(SystemExit, match="latest.json is corrupt"):
-        load_checkpoint(str(d))
+@pytest.mark.parametrize("manifest", ['{"file": "ckpt-0000001.pt", "sha', None])
+def test_a_torn_or_missing_latest_json_is_rebuilt_from_the_checkpoint_files(saved_ckpt, manifest, capsys):
+    d, _, before = saved_ckpt
+    if manifest is None:
+        os.remove(d / "latest.json")
+    else:
+        (d / "latest.json").write_text(manifest)
+    assert torch.equal(load_checkpoint(str(d))["model"]["w"], torch.ones(1000))
+    assert "the newest intact checkpoint" in capsys.readouterr().err
+    after = json.loads((d / "latest.json").read_text())
+    assert (after["file"], after["sha256"]) == (before["file"], before["sha256"])
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_intact_one_saying_so(tmp_path, capsys):
+    save_checkpoint(str(tmp_path), step_state(10))
+    save_checkpoint(str(tmp_path), step_state(20))
+    newest = tmp_path / "ckpt-0000020.pt"
+    newest.write_bytes(newest.read_bytes()[:50])
+    assert torch.equal(load_checkpoint(str(tmp_path))["model"]["w"], torch.full((4,), 10.0))
+    err = capsys.readouterr().err
+    assert "ckpt-0000020.pt is corrupt or truncated" in err and "ckpt-0000010.pt, the newest intact" in err
+    assert json.loads((tmp_path / "latest.json").read_text())["file"] == "ckpt-0000010.pt"
+
+
+def test_a_damaged_older_checkpoint_is_caught_by_its_own_recorded_checksum(tmp_path):
+    save_checkpoint(str(tmp_path), step_state(10))
+    save_checkpoint(str(tmp_path), step_state(20))
+    shas = json.loads((tmp_path / "latest.json").read_text())["shas"]
+    assert set(shas) == {"ckpt-0000010.pt", "ckpt-0000020.pt"} and all(shas.values())
 
 
 def test_a_checkpoint_of_another_format_is_refused(saved_ckpt):
@@ -1485,11 +1514,64 @@ def test_a_checkpoint_of_another_format_is_refused(saved_ckpt):
         load_checkpoint(str(d))
 
 
-def test_a_dir_without_latest_json_has_no_checkpoint(saved_ckpt):
-    d, _, _ = saved_ckpt
+def test_a_dir_without_latest_json_or_checkpoint_files_has_no_checkpoint(saved_ckpt):
+    d, path, _ = saved_ckpt
     os.remove(d / "latest.json")
+    os.remove(path)
     with pytest.raises(SystemExit, match="no checkpoint in"):
         load_checkpoint(str(d))
+
+
+def test_disk_full_reported_by_torchs_writer_as_a_runtime_error_is_the_same_one_line(tmp_path, monkeypatch):
+    save_checkpoint(str(tmp_path), step_state(10))
+    real_write = checkpoint.HashingWriter.write
+    monkeypatch.setattr(checkpoint.HashingWriter, "write", lambda self, b: real_write(self, b) if len(b) < 64 else
+                        (setattr(self, "error", OSError(errno.ENOSPC, "No space left on device")),
+                         (_ for _ in ()).throw(RuntimeError("unexpected pos")))[1])
+    with pytest.raises(SystemExit, match=r"No space left on device\); the previous checkpoint .*ckpt-0000010.pt"):
+        save_checkpoint(str(tmp_path), step_state(20))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000010.pt", "latest.json"]
+
+
+def test_a_read_only_out_dir_is_one_line_that_says_make_it_writable(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(SystemExit, match=r"^error: could not save .*; make it writable or change out_dir"):
+            save_checkpoint(str(tmp_path), step_state(10))
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+def test_an_out_dir_in_use_by_a_live_run_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    tok = tmp_path / "t.bpe"
+    tok.write_text("x")
+    host = socket_hostname()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "lock").write_text(f"{host} {os.getppid()}")  # a live process that is not this one
+    with pytest.raises(SystemExit, match=r"^error: .*run is in use by another run \(pid \d+\); wait"):
+        checkpoint.open_out_dir(str(tmp_path / "run"), str(tok))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run" / "lock").write_text(f"{host} {dead.pid}")
+    checkpoint.open_out_dir(str(tmp_path / "run"), str(tok))
+    assert (tmp_path / "run" / "lock").read_text() == f"{host} {os.getpid()}"
+
+
+def test_a_fresh_run_may_start_over_an_out_dir_whose_run_died_before_its_first_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    checkpoint.check_out_dir(str(tmp_path), resume=False)
+    tok = tmp_path / "t.bpe"
+    tok.write_text("x")
+    checkpoint.open_out_dir(str(tmp_path), str(tok), resume=False)(step=0)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: out_dir .*f is a file, not a directory"):
+        checkpoint.check_out_dir(str(tmp_path / "f"), resume=False)
 
 
 def test_latest_json_names_the_model_args_so_a_reader_knows_the_shape_before_the_weights(tmp_path):
@@ -2188,7 +2270,7 @@ def test_a_run_from_scratch_into_a_used_out_dir_is_refused_with_the_fix(tiny_dat
     out, _ = finished_run
     before = open(out / "metrics.jsonl").read()
     p = tiny_train(tiny_data, out, "--max_iters=20", check=False)
-    one_line_error(p, r"already holds a run \(ckpt-0000020\.pt, latest\.json, metrics\.jsonl\); continue it with "
+    one_line_error(p, r"already holds a run \(ckpt-0000020\.pt, latest\.json\); continue it with "
                       r"--init_from=resume, or start this one in another --out_dir$")
     assert open(out / "metrics.jsonl").read() == before  # nothing appended
 
