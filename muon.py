@@ -14,7 +14,7 @@ import math
 
 import torch
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's: the largest slope at 0 that still converges (roughly)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's: the steepest slope at 0, converging only roughly to 1
 NS_STEPS = 5
 EPS = 1e-7  # the norm's floor: a zero gradient stays zero
 
