@@ -1,6 +1,6 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, checkpoint, train, sample, rlhf, eval, export, plot, bench), each test
+(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench), each test
 in the section of the script whose behaviour it proves; then repo-wide checks. Tiny models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
@@ -64,6 +64,7 @@ from configurator import config_keys, configure, source_notes  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
                  scaled_mm, to_fp8)
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
+from muon import Muon, orthogonalise  # noqa: E402
 from train import (GUARD_FIELDS, Batches, TokenWindows, apply_update, checkpoint_blocks, ckpt_interval,  # noqa: E402
                    get_lr, guard_update, make_optimizers, micro_steps, parallelize, set_lr, split_paths)
 
@@ -1412,6 +1413,121 @@ def test_fp8_head_training_tracks_bf16_training(fp8_vs_bf16):
     none, head = fp8_vs_bf16["none"][0], fp8_vs_bf16["head"][0]
     assert none < 3.0  # from ln(96) = 4.6
     assert abs(head - none) < 0.05 * none
+
+
+# ============================================================================ muon.py
+MUON_SHAPES = ((32, 32), (48, 16), (16, 40))  # square, tall, wide
+MUON_HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.95)
+
+
+def muon_run(make, steps=4, params=None, resume_from=None, start=0):
+    """Optimizer make(params) over `steps` steps of fixed random gradients (step i's are seeded by i, whatever the
+    params): the params and the optimizer. Starts from MUON_SHAPES' seeded params unless given params (and
+    resume_from, a state dict to load, and start, the first step's number)."""
+    if params is None:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(*shape) * 0.1) for shape in MUON_SHAPES]
+    opt = make(params)
+    if resume_from is not None:
+        opt.load_state_dict(resume_from)
+    for i in range(start, start + steps):
+        gen = torch.Generator().manual_seed(1000 + i)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, opt
+
+
+def muon_reference(steps=4, lr=0.02, weight_decay=0.1, momentum=0.95):
+    """The same run as muon_run, written out in float64: Nesterov momentum, 5 quintic Newton-Schulz steps on the
+    wide orientation, decoupled weight decay, lr x sqrt(max(1, rows/cols))."""
+    torch.manual_seed(0)
+    params = [(torch.randn(*shape) * 0.1).double() for shape in MUON_SHAPES]
+    bufs = [torch.zeros_like(p) for p in params]
+    for i in range(steps):
+        gen = torch.Generator().manual_seed(1000 + i)
+        for p, buf in zip(params, bufs):
+            g = torch.randn(p.shape, generator=gen).double()
+            buf.mul_(momentum).add_((1 - momentum) * g)
+            x = momentum * buf + (1 - momentum) * g
+            x = x.T if p.shape[0] > p.shape[1] else x
+            x = x / x.norm()
+            for _ in range(5):
+                gram = x @ x.T
+                x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+            x = x.T if p.shape[0] > p.shape[1] else x
+            p.mul_(1 - lr * weight_decay).sub_(lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * x)
+    return params
+
+
+@pytest.fixture(scope="module")
+def muon_runs():
+    """{name: params after 4 steps}: torch.optim.Muon, ours in bf16, fp32 and ns_dtype=None (on this CPU), the
+    fp64 reference; and the initial params."""
+    runs = {"torch": muon_run(lambda ps: torch.optim.Muon(ps, **MUON_HYPER))[0]}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("none", None)):
+        runs[name] = muon_run(lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=dtype))[0]
+    runs["fp64"] = muon_reference()
+    runs["start"] = muon_reference(steps=0)
+    return runs
+
+
+def test_muon_in_bf16_is_torchs_muon_bit_for_bit(muon_runs):
+    for ours, theirs in zip(muon_runs["bf16"], muon_runs["torch"]):
+        assert torch.equal(ours, theirs)
+
+
+def test_muon_in_fp32_is_the_exact_math_up_to_fp32_rounding(muon_runs):
+    # compared on the updates (the params moved), not the params, which would hide them
+    err = lambda name: max(rel_error(p - p0.float(), q - p0) for p, q, p0 in
+                           zip(muon_runs[name], muon_runs["fp64"], muon_runs["start"]))
+    assert err("fp32") < 1e-5 and err("bf16") > 100 * err("fp32")  # bf16's rounding is far larger
+
+
+def test_muon_orthogonalises_in_fp32_on_the_cpu_by_default(muon_runs):
+    for a, b in zip(muon_runs["none"], muon_runs["fp32"]):
+        assert torch.equal(a, b)
+
+
+def test_muon_orthogonalise_leaves_its_input_alone():
+    # in fp32 the cast is a no-op: an in-place scaling would corrupt the momentum buffer (nesterov=False passes it)
+    g = torch.randn(8, 12)
+    g0 = g.clone()
+    orthogonalise(g, torch.float32)
+    assert torch.equal(g, g0)
+
+
+def test_muon_resumes_from_torchs_muon_and_torchs_from_ours_bit_for_bit(muon_runs):
+    ours = lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.bfloat16)
+    theirs = lambda ps: torch.optim.Muon(ps, **MUON_HYPER)
+    for first, second in ((theirs, ours), (ours, theirs)):
+        params, opt = muon_run(first, steps=2)
+        params, _ = muon_run(second, steps=2, params=params, resume_from=opt.state_dict(), start=2)
+        for a, b in zip(params, muon_runs["torch"]):
+            assert torch.equal(a, b)
+
+
+def test_muon_state_dict_round_trips_through_torchs_muon():
+    _, opt = muon_run(lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.float32), steps=2)
+    sd = opt.state_dict()
+    theirs = torch.optim.Muon([torch.nn.Parameter(torch.zeros(*shape)) for shape in MUON_SHAPES])
+    theirs.load_state_dict(copy.deepcopy(sd))
+    back = Muon([torch.nn.Parameter(torch.zeros(*shape)) for shape in MUON_SHAPES])
+    back.load_state_dict(theirs.state_dict())
+    got = back.state_dict()
+    assert got["param_groups"] == sd["param_groups"] and got["state"].keys() == sd["state"].keys()
+    for i, state in sd["state"].items():
+        assert state.keys() == {"momentum_buffer"} and torch.equal(got["state"][i]["momentum_buffer"],
+                                                                    state["momentum_buffer"])
+
+
+def test_muon_refuses_a_non_matrix_with_torchs_message():
+    messages = []
+    for make in (Muon, torch.optim.Muon):
+        with pytest.raises(ValueError, match="Muon only supports 2D parameters") as e:
+            make([torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(4))])
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
 
 
 # ============================================================================ checkpoint.py
