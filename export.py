@@ -4,8 +4,8 @@ transformers directory (or GPT-2 from the Hub) becomes our config and weights.
 
     python export.py --out_dir=out/small --hf_dir=out/small-hf     # writes the directory, then checks it
     # then, anywhere with transformers:
-    #   AutoModelForCausalLM.from_pretrained("out/small-hf", trust_remote_code=True)  # (needed for ScratchLM only)
-    #   AutoTokenizer.from_pretrained("out/small-hf")
+    #   AutoModelForCausalLM.from_pretrained("out/small-hf", trust_remote_code=True)
+    #   AutoTokenizer.from_pretrained("out/small-hf", trust_remote_code=True)  # (trust_remote_code: ScratchLM only)
 
 The directory: model.safetensors, config.json, generation_config.json, tokenizer.json, tokenizer_config.json (and
 modeling_scratchlm.py for the ScratchLM layout). Every GPTConfig exports; each model goes to a stock transformers
@@ -329,7 +329,7 @@ def compare(hf_dir, model, tok, text):
     text's tokens, whether HF's tokenizer gives tok's ids for text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ids = tok.encode(text, allowed_special="all")[:model.config.block_size]
-    hf_ids = AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
+    hf_ids = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)(text)["input_ids"]  # for ScratchLM's config
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
     x = torch.tensor([ids])
     with torch.no_grad():
