@@ -3718,6 +3718,9 @@ def test_export_transformers_forward_gives_our_logits(name, hf, bpe_tok, tmp_pat
     with torch.no_grad():
         ours, hf_logits = model(x)[0], theirs(x).logits
     assert (hf_logits - ours).abs().max() <= 1e-5 * ours.abs().max()
+    if layout == "scratchlm":  # transformers' labels convention (shifted inside) gives our loss: it fine-tunes the same
+        with torch.no_grad():
+            assert torch.allclose(theirs(x, labels=x).loss, model(x[:, :-1], x[:, 1:])[1], rtol=1e-5)
 
 
 def test_export_transformers_generate_with_its_cache_gives_our_greedy_tokens(hf_greedy, bpe_tok):
@@ -3796,11 +3799,15 @@ def test_export_tokenizer_json_in_gpt2s_own_form_imports_exactly(hf, tmp_path):
         assert theirs.encode(text).ids == ours.encode(text, allowed_special="all"), text
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin", "qwen3"])
 def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thread):
     torch.manual_seed(0)
     if kind == "gpt2":
         theirs = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64))
+    elif kind == "qwen3":  # QK-norm
+        theirs = hf.Qwen3ForCausalLM(hf.Qwen3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    hidden_size=64, head_dim=16, intermediate_size=96, vocab_size=300,
+                                                    max_position_embeddings=64, rms_norm_eps=1e-5))
     else:
         theirs = hf.LlamaForCausalLM(hf.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                     hidden_size=64, intermediate_size=96, vocab_size=300,
