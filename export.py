@@ -4,17 +4,24 @@ transformers directory (or GPT-2 from the Hub) becomes our config and weights.
 
     python export.py --out_dir=out/small --hf_dir=out/small-hf     # writes the directory, then checks it
     # then, anywhere with transformers:
-    #   AutoModelForCausalLM.from_pretrained("out/small-hf"), AutoTokenizer.from_pretrained("out/small-hf")
+    #   AutoModelForCausalLM.from_pretrained("out/small-hf", trust_remote_code=True)
+    #   AutoTokenizer.from_pretrained("out/small-hf", trust_remote_code=True)  # (trust_remote_code: ScratchLM only)
 
-The directory: model.safetensors, config.json, generation_config.json, tokenizer.json, tokenizer_config.json.
-Each GPTConfig layout maps to the transformers architecture that computes exactly the same function:
+The directory: model.safetensors, config.json, generation_config.json, tokenizer.json, tokenizer_config.json (and
+modeling_scratchlm.py for the ScratchLM layout). Every GPTConfig exports; each model goes to a stock transformers
+architecture where one computes exactly the same function, else to ScratchLM (hf_layout decides):
   - learned positions + LayerNorm + GELU (model.py's default): GPT2LMHeadModel. GPT-2's Conv1D stores each
     matrix transposed, and it always has biases: a model with bias=False is written with zero biases (exact:
     adding zero changes nothing) and config.json says "scratchlm_bias": false, so importing drops them again.
   - RoPE + RMSNorm + SwiGLU (+ grouped-query attention): LlamaForCausalLM (bias=True: its attention_bias and
     mlp_bias); q and k rows reordered for its rotate_half RoPE (see rope_order); with sliding_window,
-    MistralForCausalLM (the same window: a token sees itself and the window-1 tokens before it).
-  - anything else (qk_norm, value_embeds, mixed layouts, a GPTConfig field this file does not know) is a one-line error.
+    MistralForCausalLM (the same window: a token sees itself and the window-1 tokens before it); with qk_norm,
+    Qwen3ForCausalLM (per-head RMSNorm of q and k before RoPE, as ours). Mistral and Qwen3 have no biases.
+  - anything else (value_embeds, unet_skips, logit_softcap, RoPE with LayerNorm or GELU, ...): ScratchLM, the
+    transformers model in hf_modeling.py, written beside the weights as modeling_scratchlm.py; config.json's
+    auto_map names it, so transformers loads it with trust_remote_code=True. Its weights are our state dict.
+  zero_init_proj and dropout only shape training; they never decide the layout (config.json keeps them).
+  A GPTConfig field this file does not know (a future switch) is a one-line error until hf_modeling.py learns it.
 The model's vocab_size is the tokenizer's padded up to a multiple of 128: config.json keeps the model's size (HF
 allows an embedding larger than the tokenizer) and generation_config.json suppresses the padding ids, as
 sample.py does. The tokenizer: byte-level BPE with every merge tiktoken's ranks imply, the same split regex,
@@ -27,6 +34,7 @@ Exporting and importing again gives back the same model_args and a bit-identical
 """
 import json
 import os
+import shutil
 from dataclasses import asdict, fields
 
 import torch
@@ -44,46 +52,43 @@ check = True        # reload with transformers (if installed) and compare its lo
 # -----------------------------------------------------------------------------
 
 HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-# The GPTConfig fields this file maps (each checked below); any other field must keep its default.
+# The GPTConfig fields this file and hf_modeling.py know; any other field must keep its default (a new switch is
+# taught to hf_modeling.py, and here to the stock layouts that can express it).
 KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head",
                 "pos_encoding", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "sliding_window",
-                "tie_embeddings"}
+                "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embeds", "unet_skips"}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2: (in, out)
+HF_MODELING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
+AUTO_MAP = {"AutoConfig": "modeling_scratchlm.ScratchLMConfig",
+            "AutoModelForCausalLM": "modeling_scratchlm.ScratchLMForCausalLM"}
 
 
 # ---------------------------------------------------------------------------- which architecture
 
 
 def hf_layout(cfg):
-    """'gpt2', 'llama' or 'mistral': the transformers architecture that computes what GPT(cfg) computes, or a
-    one-line error naming the option it cannot express."""
+    """The transformers architecture that computes exactly what GPT(cfg) computes: a stock class where one does
+    ('gpt2', 'llama', 'mistral', 'qwen3'), else 'scratchlm' (hf_modeling.py, written beside the weights). The
+    init-only options (zero_init_proj, dropout) never decide it. A field this file does not know is a one-line error."""
     odd = [f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)
            if f.name not in KNOWN_FIELDS and getattr(cfg, f.name) != f.default]
     if odd:
         raise SystemExit(f"error: export.py does not know the option {', '.join(odd)}; export a model with its "
-                         f"default, or teach export.py its Hugging Face equivalent")
-    if cfg.qk_norm:
-        raise SystemExit("error: qk_norm=True has no equivalent in GPT-2, Llama or Mistral; export a model trained "
-                         "without it")
-    want = dict(norm="layernorm", mlp="gelu") if cfg.pos_encoding == "learned" else dict(norm="rmsnorm", mlp="swiglu")
-    name = "GPT-2" if cfg.pos_encoding == "learned" else "Llama"
-    for key, value in want.items():
-        if getattr(cfg, key) != value:
-            raise SystemExit(f"error: {key}={getattr(cfg, key)!r} with pos_encoding={cfg.pos_encoding!r} has no "
-                             f"Hugging Face layout: {name} needs {key}={value!r} (GPT-2: learned, layernorm, gelu; "
-                             f"Llama/Mistral: rope, rmsnorm, swiglu)")
-    if cfg.pos_encoding == "rope":
-        if cfg.sliding_window and cfg.bias:
-            raise SystemExit("error: bias=True with sliding_window has no Hugging Face layout (Mistral has no "
-                             "biases); export a model with bias=False")
-        return "mistral" if cfg.sliding_window else "llama"
-    if (cfg.n_kv_head or cfg.n_head) != cfg.n_head:
-        raise SystemExit(f"error: n_kv_head={cfg.n_kv_head} (grouped-query attention) has no GPT-2 equivalent; "
-                         f"use the Llama layout (pos_encoding='rope', norm='rmsnorm', mlp='swiglu')")
-    if cfg.sliding_window:
-        raise SystemExit(f"error: sliding_window={cfg.sliding_window} has no GPT-2 equivalent; use the Llama "
-                         f"layout (pos_encoding='rope', norm='rmsnorm', mlp='swiglu'), exported as Mistral")
-    return "gpt2"
+                         f"default, or teach hf_modeling.py and export.py its math")
+    if cfg.value_embeds or cfg.unet_skips or cfg.logit_softcap:
+        return "scratchlm"  # no stock class has them (Gemma 2's soft-cap comes with its other differences)
+    layout = (cfg.pos_encoding, cfg.norm, cfg.mlp)
+    if layout == ("learned", "layernorm", "gelu") and not cfg.qk_norm and not cfg.sliding_window \
+            and (cfg.n_kv_head or cfg.n_head) == cfg.n_head:
+        return "gpt2"
+    if layout == ("rope", "rmsnorm", "swiglu"):
+        if not cfg.qk_norm and not cfg.sliding_window:
+            return "llama"  # biases or not: its attention_bias and mlp_bias
+        if not cfg.qk_norm and not cfg.bias:
+            return "mistral"  # the same window: a token sees itself and the window-1 tokens before it; no biases
+        if not cfg.sliding_window and not cfg.bias:
+            return "qwen3"  # Llama + per-head RMSNorm of q and k before RoPE, as ours; no MLP bias
+    return "scratchlm"
 
 
 def rope_order(head_dim):
@@ -124,8 +129,8 @@ def gpt2_tensors(sd, cfg):
 
 
 def llama_tensors(sd, cfg):
-    """Our state dict -> LlamaForCausalLM's (and Mistral's): c_attn split into q, k, v (q and k heads' channels
-    reordered for rotate_half RoPE), SwiGLU's c_fc split into gate and up."""
+    """Our state dict -> LlamaForCausalLM's (and Mistral's, Qwen3's): c_attn split into q, k, v (q and k heads'
+    channels reordered for rotate_half RoPE, and so the QK-norm gains), SwiGLU's c_fc split into gate and up."""
     nh, nkv, hd = cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
     order = rope_order(hd)
     out = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"]}
@@ -135,6 +140,9 @@ def llama_tensors(sd, cfg):
         ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = sd[ours + "ln_1.weight"]
         out[hf + "post_attention_layernorm.weight"] = sd[ours + "ln_2.weight"]
+        if cfg.qk_norm:
+            out[hf + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"][order]
+            out[hf + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"][order]
         for p in ("weight", "bias") if cfg.bias else ("weight",):
             q, k, v = sd[ours + "attn.c_attn." + p].split([nh * hd, nkv * hd, nkv * hd])
             out[hf + "self_attn.q_proj." + p] = reorder_heads(q, hd, order)
@@ -148,10 +156,16 @@ def llama_tensors(sd, cfg):
 
 
 def hf_config(cfg, layout, tok, dtype_name):
-    """config.json for the layout. The special token ids come from the tokenizer."""
+    """config.json for the layout. The special token ids come from the tokenizer. ScratchLM's holds every
+    GPTConfig field; the stock ones note zero_init_proj (init only) so that importing gives back the same config."""
     eot = tok.eot if tok is not None else None
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eot,
                   eos_token_id=eot, dtype=dtype_name, torch_dtype=dtype_name)  # dtype: transformers >= 4.56
+    if layout == "scratchlm":
+        ours = {k: v for k, v in asdict(cfg).items() if k != "tie_embeddings"}
+        return dict(architectures=["ScratchLMForCausalLM"], model_type="scratchlm", auto_map=AUTO_MAP,
+                    **ours, **{k: v for k, v in common.items() if k not in ours})
+    common["scratchlm_zero_init_proj"] = cfg.zero_init_proj
     hidden = default_hidden(cfg.n_embd, cfg.mlp) if not cfg.mlp_hidden else cfg.mlp_hidden
     if layout == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_positions=cfg.block_size,
@@ -159,7 +173,7 @@ def hf_config(cfg, layout, tok, dtype_name):
                     activation_function="gelu_new",  # the tanh GELU, as model.py's
                     resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                     layer_norm_epsilon=1e-5, scratchlm_bias=cfg.bias, **common)
-    arch = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM")[layout]
+    arch = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM", qwen3="Qwen3ForCausalLM")[layout]
     out = dict(architectures=[arch], model_type=layout, hidden_size=cfg.n_embd, intermediate_size=hidden,
                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                num_key_value_heads=cfg.n_kv_head or cfg.n_head, head_dim=cfg.n_embd // cfg.n_head,
@@ -169,6 +183,8 @@ def hf_config(cfg, layout, tok, dtype_name):
                attention_dropout=cfg.dropout, **common)
     if layout == "mistral":
         out["sliding_window"] = cfg.sliding_window
+    elif layout == "qwen3":
+        out.update(attention_bias=False, use_sliding_window=False)
     else:
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     return out
@@ -276,7 +292,8 @@ def write_json(path, obj):
 
 
 def export(model, tok, hf_dir, dtype_name="float32"):
-    """Write model (a GPT) and tok (a bpe.Tokenizer, or None) as a transformers directory hf_dir."""
+    """Write model (a GPT) and tok (a bpe.Tokenizer, or None) as a transformers directory hf_dir; -> the layout.
+    The scratchlm layout's tensors are our state dict itself (lm_head left out when tied), with hf_modeling.py."""
     try:
         from safetensors.torch import save_file
     except ImportError:
@@ -290,11 +307,16 @@ def export(model, tok, hf_dir, dtype_name="float32"):
         raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{cfg.vocab_size}: they do not belong together")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tensors = gpt2_tensors(sd, cfg) if layout == "gpt2" else llama_tensors(sd, cfg)
+    if layout == "scratchlm":
+        tensors = {k: v for k, v in sd.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    else:
+        tensors = gpt2_tensors(sd, cfg) if layout == "gpt2" else llama_tensors(sd, cfg)
     tensors = {k: v.to(getattr(torch, dtype_name)).contiguous() for k, v in tensors.items()}
     os.makedirs(hf_dir, exist_ok=True)
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(hf_dir, "config.json"), hf_config(cfg, layout, tok, dtype_name))
+    if layout == "scratchlm":
+        shutil.copyfile(HF_MODELING, os.path.join(hf_dir, "modeling_scratchlm.py"))
     if tok is not None:
         write_json(os.path.join(hf_dir, "generation_config.json"), generation_config(tok, cfg.vocab_size))
         write_json(os.path.join(hf_dir, "tokenizer.json"), tokenizer_json(tok))
@@ -307,8 +329,8 @@ def compare(hf_dir, model, tok, text):
     text's tokens, whether HF's tokenizer gives tok's ids for text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     ids = tok.encode(text, allowed_special="all")[:model.config.block_size]
-    hf_ids = AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"]
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_ids = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)(text)["input_ids"]  # for ScratchLM's config
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=True).eval()
     x = torch.tensor([ids])
     with torch.no_grad():
         ours = model(x)[0]
@@ -381,11 +403,13 @@ def from_gpt2(c, t, path):
     sd["lm_head.weight"] = sd["transformer.wte.weight"] if tie else take(t, "lm_head.weight", path)
     return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                 n_embd=c["n_embd"], dropout=float(c.get("resid_pdrop", 0.1)), bias=bias,
-                mlp_hidden=c.get("n_inner") or 0, tie_embeddings=tie), sd
+                mlp_hidden=c.get("n_inner") or 0, tie_embeddings=tie,
+                zero_init_proj=bool(c.get("scratchlm_zero_init_proj"))), sd
 
 
 def from_llama(c, t, path):
-    """LlamaForCausalLM's or MistralForCausalLM's config and tensors -> our model_args and state dict."""
+    """LlamaForCausalLM's, MistralForCausalLM's or Qwen3ForCausalLM's config and tensors -> our model_args and
+    state dict."""
     C, nh, L = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
     nkv = c.get("num_key_value_heads") or nh
     hd = c.get("head_dim") or C // nh
@@ -395,10 +419,12 @@ def from_llama(c, t, path):
     problems = [f"{k}={v!r} (model.py: {want})" for k, v, want in (
         ("hidden_act", c.get("hidden_act", "silu"), "silu"), ("head_dim", hd, C // nh),
         ("rms_norm_eps", c.get("rms_norm_eps", 1e-6), 1e-5), ("mlp_bias", c.get("mlp_bias", False), bias),
-        ("rope_type", rope.get("rope_type", rope.get("type", "default")), "default")) if v != want]
+        ("rope_type", rope.get("rope_type", rope.get("type", "default")), "default"),
+        ("use_sliding_window", c.get("use_sliding_window", False), False)) if v != want]
     if problems:
         raise SystemExit(f"error: {path} has {', '.join(problems)}: model.py cannot compute this model exactly")
     tie = c.get("tie_word_embeddings", False)
+    qk_norm = c["model_type"] == "qwen3"
     order = torch.argsort(rope_order(hd))  # HF's channel order back to ours
     get = lambda k: take(t, k, path)
     sd = {"transformer.wte.weight": get("model.embed_tokens.weight"), "transformer.ln_f.weight": get("model.norm.weight")}
@@ -406,6 +432,9 @@ def from_llama(c, t, path):
         ours, hf = f"transformer.h.{i}.", f"model.layers.{i}."
         sd[ours + "ln_1.weight"] = get(hf + "input_layernorm.weight")
         sd[ours + "ln_2.weight"] = get(hf + "post_attention_layernorm.weight")
+        if qk_norm:
+            sd[ours + "attn.q_norm.weight"] = get(hf + "self_attn.q_norm.weight")[order]
+            sd[ours + "attn.k_norm.weight"] = get(hf + "self_attn.k_norm.weight")[order]
         for p in ("weight", "bias") if bias else ("weight",):
             sd[ours + "attn.c_attn." + p] = torch.cat([reorder_heads(get(hf + "self_attn.q_proj." + p), hd, order),
                                                        reorder_heads(get(hf + "self_attn.k_proj." + p), hd, order),
@@ -418,19 +447,31 @@ def from_llama(c, t, path):
     return dict(block_size=c["max_position_embeddings"], vocab_size=c["vocab_size"], n_layer=L, n_head=nh,
                 n_embd=C, dropout=float(c.get("attention_dropout", 0.0)), bias=bias,
                 n_kv_head=None if nkv == nh else nkv, pos_encoding="rope", rope_theta=float(theta), norm="rmsnorm",
-                mlp="swiglu", mlp_hidden=0 if hidden == default_hidden(C, "swiglu") else hidden,
+                qk_norm=qk_norm, mlp="swiglu", mlp_hidden=0 if hidden == default_hidden(C, "swiglu") else hidden,
                 sliding_window=c.get("sliding_window", 4096 if c["model_type"] == "mistral" else 0) or 0,
-                tie_embeddings=tie), sd
+                tie_embeddings=tie, zero_init_proj=bool(c.get("scratchlm_zero_init_proj"))), sd
+
+
+def from_scratchlm(c, t, path):
+    """ScratchLM's config (every GPTConfig field) and tensors (our state dict; lm_head absent when tied) -> ours."""
+    args = {f.name: c[f.name] for f in fields(GPTConfig) if f.name in c}
+    args["tie_embeddings"] = c.get("tie_word_embeddings", True)
+    sd = dict(t)
+    if args["tie_embeddings"]:
+        sd["lm_head.weight"] = take(t, "transformer.wte.weight", path)
+    return args, sd
 
 
 def load_hf(path):
-    """A transformers directory (GPT-2, Llama or Mistral) -> (model_args: GPTConfig's fields as a dict, state_dict
-    for model.GPT). Every name and shape is checked against the GPT those model_args build."""
+    """A transformers directory (GPT-2, Llama, Mistral, Qwen3 or ScratchLM) -> (model_args: GPTConfig's fields as
+    a dict, state_dict for model.GPT). Every name and shape is checked against the GPT those model_args build."""
     c = read_json(os.path.join(path, "config.json"))
     kind = c.get("model_type")
-    if kind not in ("gpt2", "llama", "mistral"):
-        raise SystemExit(f"error: {path} holds a {kind!r} model; export.py reads gpt2, llama and mistral")
-    args, sd = (from_gpt2 if kind == "gpt2" else from_llama)(c, read_tensors(path), path)
+    readers = dict(gpt2=from_gpt2, llama=from_llama, mistral=from_llama, qwen3=from_llama, scratchlm=from_scratchlm)
+    if kind not in readers:
+        raise SystemExit(f"error: {path} holds a {kind!r} model; export.py reads gpt2, llama, mistral, qwen3 and "
+                         f"scratchlm")
+    args, sd = readers[kind](c, read_tensors(path), path)
     args = asdict(GPTConfig(**args))
     with torch.device("meta"):  # the model's own names and shapes, without allocating or initialising anything
         want = {k: v.shape for k, v in GPT(GPTConfig(**args)).state_dict().items()}

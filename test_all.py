@@ -3832,15 +3832,33 @@ def test_eval_cli_bad_task_inputs_are_one_line_errors(eval_run, tmp_path, case, 
 EXPORT_LAYOUTS = {  # layout name -> GPTConfig options; each exercises a different mapping
     "gpt2": {},  # biases, tied
     "gpt2_no_bias_untied": dict(bias=False, tie_embeddings=False, mlp_hidden=96),  # config/small.py's kind
-    "llama_gqa": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, rope_theta=5e5),
+    "llama_gqa": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, rope_theta=5e5,
+                      zero_init_proj=True),  # init only: kept in config.json, round trip included
     "llama_mqa_bias_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=True,
                                   tie_embeddings=False, mlp_hidden=96),
     "mistral_window": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
                            sliding_window=5, tie_embeddings=False),
+    "qwen3_qk_norm": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, qk_norm=True),
+    "scratchlm_speedrun": dict(n_layer=4, pos_encoding="rope", norm="rmsnorm", mlp="gelu", qk_norm=True, bias=False,
+                               tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0, value_embeds=True,
+                               unet_skips=True, dropout=0.2),  # config/speedrun_small.py's options
+    "scratchlm_every_switch": dict(n_layer=4, mlp="swiglu", qk_norm=True, n_kv_head=2, sliding_window=5,
+                                   logit_softcap=30.0, value_embeds=True, unet_skips=True),  # learned, biases, tied
 }
 
 
-HF_CLASS = dict(gpt2="GPT2LMHeadModel", llama="LlamaForCausalLM", mistral="MistralForCausalLM")
+HF_CLASS = dict(gpt2="GPT2LMHeadModel", llama="LlamaForCausalLM", mistral="MistralForCausalLM",
+                qwen3="Qwen3ForCausalLM", scratchlm="ScratchLMForCausalLM")
+SHAPE_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden"}
+PRETRAIN_RECIPES = sorted(f[:-3] for f in os.listdir(os.path.join(HERE, "config"))
+                          if re.search(r"^n_layer\s*=", open(os.path.join(HERE, "config", f)).read(), re.M))
+RECIPE_LAYOUTS = dict(small="scratchlm", speedrun_small="scratchlm", speedrun_124m="scratchlm", llama_small="llama",
+                      llama_124m="llama", gpt2_124m="gpt2", small_gpt2="gpt2", add="gpt2")
+
+
+def load_exported(hf, path):
+    """An exported directory loaded by transformers (trust_remote_code: ScratchLM's class is in the directory)."""
+    return hf.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=True).eval()
 
 
 @pytest.fixture(scope="module")
@@ -3861,14 +3879,14 @@ def export_gpt(seed=0, **kw):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "mistral_window"])
+@pytest.fixture(scope="module", params=["gpt2", "mistral_window", "scratchlm_every_switch"])
 def hf_greedy(request, hf, bpe_tok, tmp_path_factory):
     """A layout's model exported and loaded by transformers: (our 24 greedy tokens after a prompt, the new tokens of
     transformers' generate with its cache)."""
     model = export_gpt(**EXPORT_LAYOUTS[request.param])
     out = tmp_path_factory.mktemp(request.param)
     export.export(model, bpe_tok, str(out))
-    theirs = hf.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    theirs = load_exported(hf, out)
     prompt = torch.tensor([bpe_tok.encode("def main():\n    x = 1")])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as one_thread does
@@ -3892,12 +3910,15 @@ def hf_tokenizer(hf, bpe_tok, tmp_path_factory):
 def test_export_transformers_forward_gives_our_logits(name, hf, bpe_tok, tmp_path, one_thread):
     model = export_gpt(**EXPORT_LAYOUTS[name])
     layout = export.export(model, bpe_tok, str(tmp_path))
-    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    assert type(theirs).__name__ == HF_CLASS[layout]
+    theirs = load_exported(hf, tmp_path)
+    assert type(theirs).__name__ == HF_CLASS[layout] and layout == name.split("_")[0]
     x = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))  # 48 > the window of 5
     with torch.no_grad():
         ours, hf_logits = model(x)[0], theirs(x).logits
     assert (hf_logits - ours).abs().max() <= 1e-5 * ours.abs().max()
+    if layout == "scratchlm":  # transformers' labels convention (shifted inside) gives our loss: it fine-tunes the same
+        with torch.no_grad():
+            assert torch.allclose(theirs(x, labels=x).loss, model(x[:, :-1], x[:, 1:])[1], rtol=1e-5)
 
 
 def test_export_transformers_generate_with_its_cache_gives_our_greedy_tokens(hf_greedy, bpe_tok):
@@ -3976,11 +3997,15 @@ def test_export_tokenizer_json_in_gpt2s_own_form_imports_exactly(hf, tmp_path):
         assert theirs.encode(text).ids == ours.encode(text, allowed_special="all"), text
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama_bin", "qwen3"])
 def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thread):
     torch.manual_seed(0)
     if kind == "gpt2":
         theirs = hf.GPT2LMHeadModel(hf.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64))
+    elif kind == "qwen3":  # QK-norm
+        theirs = hf.Qwen3ForCausalLM(hf.Qwen3Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    hidden_size=64, head_dim=16, intermediate_size=96, vocab_size=300,
+                                                    max_position_embeddings=64, rms_norm_eps=1e-5))
     else:
         theirs = hf.LlamaForCausalLM(hf.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                     hidden_size=64, intermediate_size=96, vocab_size=300,
@@ -4001,18 +4026,61 @@ def test_export_imports_models_saved_by_transformers(kind, hf, tmp_path, one_thr
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("kw, names", [
-    (dict(qk_norm=True), "qk_norm=True"),
-    (dict(value_embeds=True), "value_embeds=True"),
-    (dict(pos_encoding="rope"), "norm='layernorm'"),  # rope with GPT-2's LayerNorm and GELU: no HF layout
-    (dict(n_kv_head=2), "n_kv_head=2"),
-    (dict(sliding_window=8), "sliding_window=8"),
-    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8, bias=True), "bias=True"),
+@pytest.mark.parametrize("name", PRETRAIN_RECIPES)
+def test_export_every_pretraining_recipes_model_options_give_our_logits_and_bits_back(name, hf, tmp_path, one_thread):
+    """Each config/*.py recipe's model options (shapes shrunk) export; transformers computes our logits, and
+    importing gives back the same config and state dict."""
+    c = runpy.run_path(os.path.join(HERE, "config", f"{name}.py"))
+    opts = {k: v for k, v in c.items() if k in GPTConfig.__dataclass_fields__ and k not in SHAPE_FIELDS}
+    if (c.get("n_kv_head") or c.get("n_head")) != c.get("n_head"):
+        opts["n_kv_head"] = 2  # grouped-query attention as the recipe has it, at the tiny model's 4 heads
+    model = export_gpt(n_layer=4, **opts)
+    layout = export.export(model, None, str(tmp_path))
+    assert layout == RECIPE_LAYOUTS.get(name, layout)
+    x = torch.randint(0, 1024, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(x)[0], load_exported(hf, tmp_path)(x).logits
+    assert (theirs - ours).abs().max() <= 1e-5 * ours.abs().max()
+    args, sd = export.load_hf(str(tmp_path))
+    ref = model.state_dict()
+    assert args == dataclasses.asdict(model.config)
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("kw, layout", [
+    (dict(qk_norm=True), "scratchlm"),
+    (dict(value_embeds=True), "scratchlm"),
+    (dict(unet_skips=True), "scratchlm"),
+    (dict(logit_softcap=30.0), "scratchlm"),
+    (dict(pos_encoding="rope"), "scratchlm"),  # rope with GPT-2's LayerNorm and GELU
+    (dict(n_kv_head=2), "scratchlm"),
+    (dict(sliding_window=8), "scratchlm"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8, bias=True), "scratchlm"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True), "scratchlm"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, sliding_window=8, bias=False), "scratchlm"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False), "qwen3"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", sliding_window=8, bias=False), "mistral"),
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=True, value_embeds=True), "scratchlm"),
+    (dict(zero_init_proj=True, dropout=0.2), "gpt2"),  # init-only options never block a stock class
+    (dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", zero_init_proj=True, dropout=0.1), "llama"),
 ])
-def test_export_options_hf_cannot_express_are_one_line_errors(kw, names):
-    with pytest.raises(SystemExit, match=r"^error: .*" + re.escape(names)) as e:
-        export.hf_layout(GPTConfig(**kw))
-    assert "\n" not in str(e.value)
+def test_export_layout_is_a_stock_class_only_where_its_math_is_ours(kw, layout):
+    assert export.hf_layout(GPTConfig(**kw)) == layout
+
+
+def test_export_scratchlm_file_knows_every_gptconfig_field_with_model_pys_default():
+    pytest.importorskip("transformers")
+    hf_modeling = importlib.import_module("hf_modeling")
+    assert hf_modeling.FIELDS == {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    assert export.KNOWN_FIELDS == set(hf_modeling.FIELDS)
+
+
+def test_export_scratchlm_file_imports_only_torch_and_transformers():
+    """The directory must work where scratchlm is not: hf_modeling.py imports no script of this repo."""
+    tree = ast.parse(open(os.path.join(HERE, "hf_modeling.py"), encoding="utf-8").read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert names == {"torch", "transformers"}
 
 
 def test_export_refuses_a_gptconfig_field_it_does_not_know():
@@ -4034,7 +4102,8 @@ def test_export_load_pretrained_from_nowhere_is_a_one_line_error(tmp_path):
 
 def test_export_load_pretrained_of_a_model_type_it_cannot_read_is_a_one_line_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
-    with pytest.raises(SystemExit, match="holds a 'bert' model; export.py reads gpt2, llama and mistral"):
+    with pytest.raises(SystemExit, match="holds a 'bert' model; export.py reads gpt2, llama, mistral, qwen3 and "
+                                         "scratchlm"):
         export.load_pretrained(str(tmp_path))
 
 
@@ -4053,8 +4122,10 @@ def test_export_offline_download_is_a_one_line_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(hf, bpe_tok, tmp_path, monkeypatch, capsys):
-    model = export_gpt(**EXPORT_LAYOUTS["llama_gqa"])
+@pytest.mark.parametrize("name", ["llama_gqa", "scratchlm_speedrun"])
+def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(name, hf, bpe_tok, tmp_path, monkeypatch,
+                                                                         capsys):
+    model = export_gpt(**EXPORT_LAYOUTS[name])
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     bpe_tok.save(str(run_dir / "tokenizer.bpe"))
@@ -4063,8 +4134,10 @@ def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(hf, bpe
     monkeypatch.setattr(sys, "argv", ["export.py", f"--out_dir={run_dir}"])
     runpy.run_path(os.path.join(HERE, "export.py"), run_name="__main__")
     out = capsys.readouterr().out
-    assert f"wrote {run_dir}-hf: llama layout" in out and "token ids the same" in out
+    layout = name.split("_")[0]
+    assert f"wrote {run_dir}-hf: {layout} layout" in out and "token ids the same" in out
     assert sorted(os.listdir(f"{run_dir}-hf")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                  *(["modeling_scratchlm.py"] if layout == "scratchlm" else []),
                                                   "tokenizer.json", "tokenizer_config.json"]
 
 
