@@ -18,10 +18,8 @@ download (`python bench.py --mode=rlhf` runs every stage):
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
     python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py  # then any stage
 
-Its demonstrators forget the carry half the time, so pretraining and SFT learn the slip with the skill; a labeler
-only has to *check* answers, so the preference stages can go past the demonstrators: the case RLHF is made for
-(Ouyang et al. 2022). An RM on offline pairs alone ranks the SFT model's own answers badly, so, as InstructGPT did,
-the label stage has the task's judge (a human's stand-in) compare the SFT model's samples.
+An RM on offline pairs alone ranks the SFT model's own answers badly, so, as InstructGPT did, the label stage has
+the task's judge (a human's stand-in) compare the SFT model's samples.
 
 Every stage writes out_dir/: checkpoints in train.py's format (sample.py chats with any), tokenizer.bpe, metrics.jsonl;
 `--resume=True` continues. `init_from` is the parent run (pretrained for SFT, SFT for the others), also the frozen
@@ -83,7 +81,6 @@ clip_range_value = 0.2
 vf_coef = 0.1
 gamma = 1.0
 lam = 0.95
-rm_baseline = True          # subtract the reward of the reference's greedy answer to the same prompt
 no_end_score = -3.0         # the score of an unfinished response: the reward model's means nothing on such text
 # grpo / rloo (as TRL's GRPOConfig / RLOOConfig)
 num_generations = 8         # samples per prompt, the group whose other members are each sample's baseline
@@ -222,12 +219,6 @@ def token_logprobs(logits, ids):
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(x, mask):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def load_reward_model(path, device):
@@ -497,9 +488,8 @@ def ppo_step(cfg, run, head, prompts, opt, kl_c):
         old_values = head(h[:, :-1]).squeeze(-1).float() * mask
         ref_logp = token_logprobs(run.ref(ids)[0] / temp, ids)
         score = scores(run.rm, run.judge, prompts, texts, ids, mask, last, ended, no_end_score=cfg.no_end_score)
-        if run.rm and cfg.rm_baseline:
-            # Bradley-Terry fixes rewards only up to a constant per prompt, which here varies more between prompts
-            # than right and wrong answers differ: subtract the score of the reference's greedy answer (a baseline)
+        if run.rm:  # Bradley-Terry fixes rewards only up to a constant per prompt, which here varies more between
+            # prompts than right and wrong answers differ: subtract the score of the reference's greedy answer
             ref_ids, ref_mask, ref_last, _, _ = rollout(run.ref, run.tok, prompts, cfg.max_new_tokens, 0.0, run.gen,
                                                         ctx)
             score = torch.where(ended, score - reward_scores(*run.rm, ref_ids, ref_mask, ref_last), score)
@@ -507,7 +497,8 @@ def ppo_step(cfg, run, head, prompts, opt, kl_c):
     rewards = -kl_c * kl
     rewards[torch.arange(len(prompts), device=ids.device), last - 1] += score  # on the last response token's slot
     adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    adv = whiten(adv, mask)
+    mean = masked_mean(adv, mask)  # whitened advantages
+    adv = (adv - mean) * torch.rsqrt(masked_mean((adv - mean) ** 2, mask) + 1e-8) * mask
     model.train()
 
     def update(mb):
@@ -628,27 +619,22 @@ def held_out(cfg, run, ref=None, rm=None):
                             rm=rm, seed=cfg.seed, judge=run.judge) if prompts else {}
 
 
-def resume_from(cfg, model, opt, heads, state):
-    """Model, heads ({checkpoint key: module}), optimizer and state from out_dir's latest checkpoint: its iter_num."""
-    ckpt = load_checkpoint(cfg.out_dir)
-    if ckpt.get("stage") != cfg.stage:
-        raise SystemExit(f"error: {cfg.out_dir} holds a {ckpt.get('stage')!r} run, not {cfg.stage!r}; check out_dir")
-    model.load_state_dict(ckpt["model"])
-    for key, head in heads.items():
-        head.load_state_dict(ckpt[key])
-    opt.load_state_dict(ckpt["optimizer"])
-    state.update({k: ckpt[k] for k in state if k in ckpt})
-    return ckpt.get("iter_num", 0)
-
-
 def loop(cfg, run, heads, step, evaluation, state):
     """Every training stage's loop, as train.py's: evaluate (and checkpoint) -> step -> log. step(it, opt) takes the
     step's optimizer steps and returns its stats; heads ({checkpoint key: module}) train with the model; state: more
-    values each checkpoint keeps, restored on resume."""
+    values each checkpoint keeps (evaluation() fills it)."""
     model = run.model
     params = list(model.parameters()) + [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    it = resume_from(cfg, model, opt, heads, state) if cfg.resume else 0
+    it = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.out_dir)
+        if ckpt.get("stage") != cfg.stage:
+            raise SystemExit(f"error: {cfg.out_dir} holds a {ckpt.get('stage')!r} run, not {cfg.stage!r}; check "
+                             f"out_dir")
+        for key, module in dict(model=model, optimizer=opt, **heads).items():
+            module.load_state_dict(ckpt[key])
+        it = ckpt.get("iter_num", 0)
     log = open_out_dir(cfg.out_dir, os.path.join(cfg.init_from, "tokenizer.bpe"))
     metrics, t0 = Metrics(log, cfg, it), time.time()
 
@@ -808,9 +794,10 @@ def run_grpo(cfg):
     loop(cfg, run, {}, lambda it, opt: grpo_step(cfg, run, step_prompts(it), opt), evaluation, {})
 
 
-def check_settings(cfg, stages):
-    """The keys that configure's types do not vouch for: one-line errors before anything loads."""
-    if cfg.stage not in stages:
+def main():
+    cfg = types.SimpleNamespace(**configure(globals()))
+    stages = dict(sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo, rloo=run_grpo)
+    if cfg.stage not in stages:  # then the keys that configure's types do not vouch for, before anything loads
         raise SystemExit(f"error: stage must be one of {', '.join(stages)}; got {cfg.stage!r}")
     for key, allowed in (("dpo_loss_type", DPO_LOSS_TYPES), ("grpo_loss_type", GRPO_LOSS_TYPES)):
         if getattr(cfg, key) not in allowed:
@@ -821,12 +808,6 @@ def check_settings(cfg, stages):
     if cfg.stage in ("grpo", "rloo") and cfg.num_generations < 2:
         raise SystemExit(f"error: num_generations must be >= 2 (a group needs others to compare with), got "
                          f"{cfg.num_generations}")
-
-
-def main():
-    cfg = types.SimpleNamespace(**configure(globals()))
-    stages = dict(sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo, rloo=run_grpo)
-    check_settings(cfg, stages)
     if cfg.stage != "label":  # the label stage writes files of data, no run
         check_out_dir(cfg.out_dir, cfg.resume, resume_flag="--resume=True")
     stages[cfg.stage](cfg)
