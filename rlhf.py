@@ -11,17 +11,15 @@ Post-training: SFT, a reward model, PPO, DPO, GRPO and RLOO, one loss function e
 
 Data is JSONL: SFT `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "response"}`; preferences
 `{"prompt", "chosen", "rejected"}`; PPO / GRPO / RLOO prompts `{"prompt"}`, a string (one user turn) or messages, in
-bpe.py's chat template. The built-in task needs no download (`python bench.py --mode=rlhf` runs every stage):
+bpe.py's chat template. The built-in task, two-digit addition (addition.py: its data and its judge), needs no
+download (`python bench.py --mode=rlhf` runs every stage):
 
-    python rlhf.py --stage=task    # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
+    python addition.py             # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
     python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py  # then any stage
 
-The task: two-digit addition ("37+48=" -> "37+48=85"), its corpus and demonstrations written by someone who forgets
-the carry half the time, so pretraining and SFT learn the slip with the skill; a labeler only has to *check* answers,
-so the preference stages can go past the demonstrators: the case RLHF is made for (Ouyang et al. 2022). The 300
-held-out problems are in no training set. An RM on offline pairs alone ranks the SFT model's own answers badly, so,
-as InstructGPT did, the label stage has the task's judge (a human's stand-in) compare the SFT model's samples.
+An RM on offline pairs alone ranks the SFT model's own answers badly, so, as InstructGPT did, the label stage has
+the task's judge (a human's stand-in) compare the SFT model's samples.
 
 Every stage writes out_dir/: checkpoints in train.py's format (sample.py chats with any), tokenizer.bpe, metrics.jsonl;
 `--resume=True` continues. `init_from` is the parent run (pretrained for SFT, SFT for the others), also the frozen
@@ -31,22 +29,24 @@ import json
 import os
 import random
 import re
-import shutil
 import time
+import types
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import configure
+from addition import task_reward
 from bpe import encode_chat
-from checkpoint import load_checkpoint, load_run, model_from_checkpoint, save_checkpoint
+from checkpoint import (check_out_dir, load_checkpoint, load_run, model_from_checkpoint, open_out_dir,
+                        save_checkpoint)
 from compute import autocast, pick_device, pick_dtype
+from configurator import configure
 from train import get_lr
 
 # -----------------------------------------------------------------------------
-stage = "sft"               # task | sft | label | rm | ppo | dpo | grpo | rloo
+stage = "sft"               # sft | label | rm | ppo | dpo | grpo | rloo
 out_dir = "out/add-sft"
 init_from = "out/add"       # the parent run's out_dir: the starting weights, and the reference for ppo/dpo/grpo
 resume = False              # continue from out_dir's latest checkpoint
@@ -54,7 +54,8 @@ data = "data/add/sft.jsonl"           # training data of this stage; a,b,...: se
 val_data = "data/add/sft_val.jsonl"   # held-out data of the same format ("" = none)
 drop_val_prompts = False    # drop training rows whose prompt is in val_data: a mix of files then cannot leak them
 eval_prompts = "data/add/prompts_val.jsonl"  # held-out prompts scored by the task's judge ("" = none)
-reward_model = "out/add-rm"  # ppo/grpo: a reward model's out_dir, or "task" for the programmatic judge (task_reward)
+eval_samples = 200          # held-out prompts per evaluation
+reward_model = "out/add-rm"  # ppo/grpo/rloo: a reward model's out_dir, or "task" for the task's judge (addition.py)
 reward_pool = "last"        # rm: the head reads the last token (<|end|>), or "mean": its mean over the response
 # optimisation
 batch_size = 32
@@ -74,95 +75,35 @@ ppo_epochs = 4              # passes over each step's samples (TRL's GRPO calls 
 minibatch = 16              # samples per update
 max_new_tokens = 12         # response length cap; a response without <|end|> by then scores no_end_score
 temperature = 1.0
-kl_coef = 0.05              # per-token KL penalty to the reference
-target_kl = 0.0             # > 0: adaptive KL controller (Ziegler et al. 2019) steering the KL towards this
-kl_horizon = 10000          # the adaptive controller's time constant, in samples
+kl_coef = 0.05              # ppo: per-token KL penalty to the reference
 clip_range = 0.2
 clip_range_value = 0.2
 vf_coef = 0.1
 gamma = 1.0
 lam = 0.95
-rm_baseline = True          # subtract the reward of the reference's greedy answer to the same prompt
 no_end_score = -3.0         # the score of an unfinished response: the reward model's means nothing on such text
 # grpo / rloo (as TRL's GRPOConfig / RLOOConfig)
 num_generations = 8         # samples per prompt, the group whose other members are each sample's baseline
 scale_rewards = True        # grpo: divide the advantages by the group's reward std (Dr. GRPO: False)
-# dpo, and the two keys whose meaning (and default) depends on the stage, as in TRL's separate configs
-beta = None                 # dpo: the implicit reward's scale (None: 0.1); grpo/rloo: the KL coefficient (None: 0.0)
-loss_type = None            # dpo: sigmoid | ipo (None: sigmoid); grpo/rloo: grpo | dapo | dr_grpo (None: dapo)
+grpo_beta = 0.0             # the KL coefficient: grpo, k3 in the loss; rloo, a penalty on the reward (TRL's beta)
+grpo_loss_type = "dapo"     # grpo | dapo | dr_grpo: how token losses become one number (grpo_loss)
+# dpo (as TRL's DPOConfig)
+dpo_beta = 0.1              # the implicit reward's scale (TRL's beta)
+dpo_loss_type = "sigmoid"   # sigmoid | ipo
 rpo_alpha = 0.0             # > 0: add this times the chosen responses' NLL to the loss (TRL's rpo_alpha)
 # label: on-policy preference pairs, the policy's own samples compared by the task's judge
 label_out = "data/add/prefs_sft.jsonl"  # the pairs; held-out pairs (disjoint prompts) go to ..._val.jsonl
 label_prompts = 2000        # prompts of `data` to sample for the training pairs
 label_val_prompts = 300     # further prompts, none of them among those, for the held-out pairs
 label_samples = 8           # responses per prompt (InstructGPT showed labelers K = 4..9)
-# the built-in task (stage=task)
-task_dir = "data/add"
-task_slip = 0.5             # how often the corpus and the demonstrations forget a carry
-task_held_out = 300         # problems kept out of every training set
-eval_samples = 200          # held-out prompts per evaluation
 # system
 device = "auto"
 dtype = "auto"
 seed = 1337
 # -----------------------------------------------------------------------------
-TASK_HINT = "the built-in task's: python rlhf.py --stage=task"
-
-# ---------------------------------------------------------------------------- the built-in task
-
-
-def task_answer(a, b, slip=0.0, rng=random):
-    """The sum as the sloppy writer writes it: a carry out of the units is forgotten with probability slip."""
-    forget = (a % 10 + b % 10) >= 10 and rng.random() < slip
-    return a + b - 10 if forget else a + b
-
-
-def task_reward(prompt, response):
-    """The programmatic judge: 1.0 for exactly the right answer ("37+48=" -> "37+48=85"), else 0.0."""
-    m = re.fullmatch(r"(\d+)\+(\d+)=", prompt if isinstance(prompt, str) else prompt[-1]["content"])
-    return float(m is not None and response.strip() == f"{m[0]}{int(m[1]) + int(m[2])}")
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def make_task(task_dir, slip, n_held, seed):
-    rng = random.Random(seed)
-    problems = [(a, b) for a in range(100) for b in range(100)]
-    rng.shuffle(problems)
-    held, rest = problems[:n_held], problems[n_held:]
-
-    def worse(a, b):  # a rejected answer: the demonstrators' slip where there is a carry, else a carry that was not
-        s, u = a + b, rng.random()  # there, a wrong digit, a digit too many, no working shown, or cut short
-        if (a % 10 + b % 10) >= 10:
-            return f"{a}+{b}={s - 10}"
-        if u < 0.3:
-            return f"{a}+{b}={s + 10}"
-        if u < 0.55:
-            return f"{a}+{b}={s + rng.choice([-2, -1, 1, 2] if s > 1 else [1, 2])}"
-        if u < 0.7:
-            return f"{a}+{b}={s}{rng.randrange(10)}"
-        return str(s) if u < 0.85 else f"{a}+{b}={str(s)[:-1]}"
-
-    os.makedirs(task_dir, exist_ok=True)
-    out = lambda name: os.path.join(task_dir, name)  # noqa: E731
-    with open(out("corpus.txt"), "w") as f:  # documents of 40 lines, prepare.py's separator
-        for _ in range(3000):
-            lines = (f"{a}+{b}={task_answer(a, b, slip, rng)}" for a, b in (rng.choice(rest) for _ in range(40)))
-            f.write("\n".join(lines) + "\n<|endoftext|>\n")
-    # The answer restates the problem, so its digits follow "=" as in pretraining and the skill learned there carries
-    # over; a bare "85" after <|end|><|assistant|> would have to be relearned.
-    write_jsonl(out("sft.jsonl"), [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={task_answer(a, b, slip, rng)}")
-                                   for a, b in rest[:2000]])
-    write_jsonl(out("sft_val.jsonl"), [dict(prompt=f"{a}+{b}=", response=f"{a}+{b}={a + b}") for a, b in held])
-    for suffix, ps in (("", rest), ("_val", held)):
-        write_jsonl(out(f"prefs{suffix}.jsonl"), [dict(prompt=f"{a}+{b}=", chosen=f"{a}+{b}={a + b}",
-                                                       rejected=worse(a, b)) for a, b in ps])
-        write_jsonl(out(f"prompts{suffix}.jsonl"), [dict(prompt=f"{a}+{b}=") for a, b in ps])
-    print(f"wrote {task_dir}: corpus.txt, sft, prefs, prompts (.jsonl and held-out _val.jsonl); next: python "
-          f"prepare.py --input={task_dir}/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py")
+TASK_HINT = "the built-in task's: python addition.py"
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 # ---------------------------------------------------------------------------- data
 
@@ -280,12 +221,6 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask):
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
 def load_reward_model(path, device):
     """(model, head, pool) of an rm run, frozen: what reward_scores takes first."""
     if not os.path.isfile(os.path.join(path, "latest.json")):
@@ -317,11 +252,11 @@ def reward_scores(model, head, pool, ids, mask, last):
     return head(h[torch.arange(len(ids)), last]).squeeze(-1).float()
 
 
-def scores(rm, prompts, texts, ids, mask, last, ended, no_end_score):
+def scores(rm, judge, prompts, texts, ids, mask, last, ended, *, no_end_score):
     """(B,) the reward model's scores of sampled responses (rm = load_reward_model's), or the judge's (rm None);
     a response cut off before its <|end|> gets no_end_score."""
     s = reward_scores(*rm, ids, mask, last) if rm else torch.tensor(
-        [task_reward(p, t) for p, t in zip(prompts, texts)], device=ids.device)
+        [judge(p, t) for p, t in zip(prompts, texts)], device=ids.device)
     return torch.where(ended, s, torch.full_like(s, no_end_score))
 
 # ---------------------------------------------------------------------------- the losses, side by side
@@ -337,7 +272,7 @@ def reward_loss(r_chosen, r_rejected):
     return -F.logsigmoid(r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
 
 
-def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, clip, clip_v):
+def ppo_loss(logp, old_logp, adv, values, old_values, returns, mask, *, clip, clip_v):
     """PPO's clipped surrogate (Schulman et al. 2017) and the clipped value loss; token-level masked means.
     Returns (policy loss, value loss, clip fraction)."""
     ratio = torch.exp(logp - old_logp)
@@ -371,7 +306,7 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type="sigmoid"):
     elif loss_type == "ipo":
         loss = (logits - 1 / (2 * beta)) ** 2
     else:
-        raise SystemExit(f"error: loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+        raise SystemExit(f"error: dpo_loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
     return loss.mean(), beta * (pi_c - ref_c).detach(), beta * (pi_r - ref_r).detach()
 
 
@@ -390,7 +325,7 @@ def rloo_advantages(rewards, group):
     return (r - (r.sum(1, keepdim=True) - r) / (group - 1)).flatten()
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip, beta, loss_type, max_new):
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, *, clip, beta, loss_type, max_new):
     """PPO's clipped surrogate with one advantage per sequence (B,), no value model; + beta times the k3 estimate of
     KL(policy || ref) per token, exp(q) - q - 1 with q = log ref - log pi (unbiased, never negative; Schulman 2020).
     loss_type: how the (B, T) token losses become one number: grpo: mean per sequence, then over sequences (a long
@@ -410,7 +345,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip, beta, loss_type, max_ne
     elif loss_type == "dr_grpo":
         loss = (loss * mask).sum() / (mask.shape[0] * max_new)
     else:
-        raise SystemExit(f"error: loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+        raise SystemExit(f"error: grpo_loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
     return loss, masked_mean(((ratio - 1).abs() > clip).float(), mask), masked_mean(kl, mask)
 
 # ---------------------------------------------------------------------------- generation and evaluation
@@ -440,18 +375,18 @@ def rollout(model, tok, prompts, max_new, temp, gen, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, tok, prompts, ctx, max_new, no_end_score, ref=None, rm=None, seed=0):
+def evaluate(model, tok, prompts, ctx, max_new, no_end_score, *, ref=None, rm=None, seed=0, judge=task_reward):
     """On held-out prompts: the judge's exact-match accuracy, greedy and sampled at temperature 1; the samples' mean
     reward (reward model, or the judge); KL(policy || ref) summed over the response, estimated from the samples."""
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     texts = rollout(model, tok, prompts, max_new, 0.0, gen, ctx)[3]
-    res = dict(acc_greedy=sum(map(task_reward, prompts, texts)) / len(prompts))
+    res = dict(acc_greedy=sum(map(judge, prompts, texts)) / len(prompts))
     ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, 1.0, gen, ctx)
-    res["acc_sampled"] = sum(map(task_reward, prompts, texts)) / len(prompts)
+    res["acc_sampled"] = sum(map(judge, prompts, texts)) / len(prompts)
     with ctx:
-        res["reward"] = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score).mean().item() if rm \
-            else res["acc_sampled"]
+        s = scores(rm, judge, prompts, texts, ids, mask, last, ended, no_end_score=no_end_score) if rm else None
+        res["reward"] = s.mean().item() if rm else res["acc_sampled"]
         if ref is not None:
             kl = (token_logprobs(model(ids)[0], ids) - token_logprobs(ref(ids)[0], ids)) * mask
             res["kl"] = kl.sum(1).mean().item()
@@ -539,76 +474,79 @@ def minibatch_updates(update, B, epochs, minibatch, seed, device):
     return {k: v / n for k, v in sums.items()}
 
 
-def ppo_step(model, head, ref, rm, tok, prompts, opt, ctx, gen, kl_c, *, max_new, temperature, rm_baseline,
-             no_end_score, gamma, lam, epochs, minibatch, clip, clip_v, vf_coef, grad_clip):
-    """Roll out, score, then `epochs` passes of clipped updates; returns the step's stats. The value head shares the
+
+def ppo_step(cfg, run, head, prompts, opt, kl_c):
+    """Roll out, score, then ppo_epochs passes of clipped updates; returns the step's stats. The value head shares the
     policy's trunk: one forward gives logits and values (half the compute of TRL's separate critic, which matters on
     a CPU), and its gradients reach the policy's weights, which vf_coef = 0.1 keeps small."""
+    model, ctx, temp = run.model, run.ctx, cfg.temperature
     model.eval()  # rollouts and their scoring without dropout
-    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
+    ids, mask, last, texts, ended = rollout(model, run.tok, prompts, cfg.max_new_tokens, temp, run.gen, ctx)
     with torch.no_grad(), ctx:
         logits, h = forward_hidden(model, ids)
-        old_logp = token_logprobs(logits / temperature, ids)
+        old_logp = token_logprobs(logits / temp, ids)
         old_values = head(h[:, :-1]).squeeze(-1).float() * mask
-        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids)
-        score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
-        if rm and rm_baseline:
-            # Bradley-Terry fixes rewards only up to a constant per prompt, which here varies more between prompts
-            # than right and wrong answers differ: subtract the score of the reference's greedy answer (a baseline)
-            ref_ids, ref_mask, ref_last, _, _ = rollout(ref, tok, prompts, max_new, 0.0, gen, ctx)
-            score = torch.where(ended, score - reward_scores(*rm, ref_ids, ref_mask, ref_last), score)
+        ref_logp = token_logprobs(run.ref(ids)[0] / temp, ids)
+        score = scores(run.rm, run.judge, prompts, texts, ids, mask, last, ended, no_end_score=cfg.no_end_score)
+        if run.rm:  # Bradley-Terry fixes rewards only up to a constant per prompt, which here varies more between
+            # prompts than right and wrong answers differ: subtract the score of the reference's greedy answer
+            ref_ids, ref_mask, ref_last, _, _ = rollout(run.ref, run.tok, prompts, cfg.max_new_tokens, 0.0, run.gen,
+                                                        ctx)
+            score = torch.where(ended, score - reward_scores(*run.rm, ref_ids, ref_mask, ref_last), score)
     kl = (old_logp - ref_logp) * mask  # per-token log-ratio on the sampled tokens: a KL estimate
     rewards = -kl_c * kl
     rewards[torch.arange(len(prompts), device=ids.device), last - 1] += score  # on the last response token's slot
-    adv, returns = gae(rewards, old_values, mask, gamma, lam)
-    adv = whiten(adv, mask)
+    adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    mean = masked_mean(adv, mask)  # whitened advantages
+    adv = (adv - mean) * torch.rsqrt(masked_mean((adv - mean) ** 2, mask) + 1e-8) * mask
     model.train()
 
     def update(mb):
         with ctx:
             logits, h = forward_hidden(model, ids[mb])
-            logp = token_logprobs(logits / temperature, ids[mb])
+            logp = token_logprobs(logits / temp, ids[mb])
             values = head(h[:, :-1]).squeeze(-1).float()
-        pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb], clip, clip_v)
-        optimize(opt, pg + vf_coef * vf, grad_clip)
+        pg, vf, cf = ppo_loss(logp, old_logp[mb], adv[mb], values, old_values[mb], returns[mb], mask[mb],
+                              clip=cfg.clip_range, clip_v=cfg.clip_range_value)
+        optimize(opt, pg + cfg.vf_coef * vf, cfg.grad_clip)
         with torch.no_grad():
-            lp = F.log_softmax(logits[:, :-1].float() / temperature, -1)
+            lp = F.log_softmax(logits[:, :-1].float() / temp, -1)
             ent = masked_mean(-(lp.exp() * lp).sum(-1), mask[mb])
         return dict(pg_loss=pg, value_loss=vf, clipfrac=cf, entropy=ent)
-    stats = minibatch_updates(update, len(prompts), epochs, minibatch, gen.initial_seed(), ids.device)
+    stats = minibatch_updates(update, len(prompts), cfg.ppo_epochs, cfg.minibatch, run.gen.initial_seed(), ids.device)
     return dict(reward=score.mean().item(), kl=kl.sum(1).mean().item(), **stats,
                 response_len=mask.sum(1).mean().item(), kl_coef=kl_c)
 
 
-def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_out, scale_rewards, max_new,
-              temperature, no_end_score, beta, loss_type, epochs, minibatch, clip, grad_clip):
-    """GRPO (or, leave_one_out, RLOO): `group` samples per prompt, each scored against the others of its group; then
-    PPO's clipped updates with no value model. The KL to the reference is, for GRPO, a term of the loss (beta, k3);
-    for RLOO, as TRL's RLOOTrainer, a penalty on the reward: beta times the sampled log-ratio summed over the response.
-    Returns the step's stats."""
+def grpo_step(cfg, run, prompts, opt):
+    """GRPO (or, stage=rloo, RLOO): num_generations samples per prompt, each scored against the others of its group;
+    then PPO's clipped updates with no value model. The KL to the reference is, for GRPO, a term of the loss
+    (grpo_beta, k3); for RLOO, as TRL's RLOOTrainer, a penalty on the reward: grpo_beta times the sampled log-ratio
+    summed over the response. Returns the step's stats."""
+    model, ctx, group, beta, loo = run.model, run.ctx, cfg.num_generations, cfg.grpo_beta, cfg.stage == "rloo"
     model.eval()
     prompts = [p for p in prompts for _ in range(group)]  # a prompt's samples are adjacent: the groups are rows
-    ids, mask, last, texts, ended = rollout(model, tok, prompts, max_new, temperature, gen, ctx)
+    ids, mask, last, texts, ended = rollout(model, run.tok, prompts, cfg.max_new_tokens, cfg.temperature, run.gen, ctx)
     # one update on all the samples (TRL's default): the policy is still the one that sampled, so the ratio is
     # exactly 1 and old_logp is the update's own forward, detached; no extra forward for it
-    one_update = epochs == 1 and minibatch >= len(prompts) and not (leave_one_out and beta)
+    one_update = cfg.ppo_epochs == 1 and cfg.minibatch >= len(prompts) and not (loo and beta)
     with torch.no_grad(), ctx:
-        old_logp = None if one_update else token_logprobs(model(ids)[0] / temperature, ids)
-        ref_logp = token_logprobs(ref(ids)[0] / temperature, ids) if beta else None
-        score = scores(rm, prompts, texts, ids, mask, last, ended, no_end_score)
-    reward = score - beta * ((old_logp - ref_logp) * mask).sum(1) if leave_one_out and beta else score
-    adv = rloo_advantages(reward, group) if leave_one_out else group_advantages(reward, group, scale_rewards)
+        old_logp = None if one_update else token_logprobs(model(ids)[0] / cfg.temperature, ids)
+        ref_logp = token_logprobs(run.ref(ids)[0] / cfg.temperature, ids) if beta else None
+        score = scores(run.rm, run.judge, prompts, texts, ids, mask, last, ended, no_end_score=cfg.no_end_score)
+    reward = score - beta * ((old_logp - ref_logp) * mask).sum(1) if loo and beta else score
+    adv = rloo_advantages(reward, group) if loo else group_advantages(reward, group, cfg.scale_rewards)
     model.train()
 
     def update(mb):
         with ctx:
-            logp = token_logprobs(model(ids[mb])[0] / temperature, ids[mb])
+            logp = token_logprobs(model(ids[mb])[0] / cfg.temperature, ids[mb])
         loss, cf, kl = grpo_loss(logp, logp.detach() if one_update else old_logp[mb],
-                                 None if ref_logp is None else ref_logp[mb], adv[mb],
-                                 mask[mb], clip, 0.0 if leave_one_out else beta, loss_type, max_new)
-        optimize(opt, loss, grad_clip)
+                                 None if ref_logp is None else ref_logp[mb], adv[mb], mask[mb], clip=cfg.clip_range,
+                                 beta=0.0 if loo else beta, loss_type=cfg.grpo_loss_type, max_new=cfg.max_new_tokens)
+        optimize(opt, loss, cfg.grad_clip)
         return dict(loss=loss, clipfrac=cf, kl=kl) if ref_logp is not None else dict(loss=loss, clipfrac=cf)
-    stats = minibatch_updates(update, len(prompts), epochs, minibatch, gen.initial_seed(), ids.device)
+    stats = minibatch_updates(update, len(prompts), cfg.ppo_epochs, cfg.minibatch, run.gen.initial_seed(), ids.device)
     groups = score.view(-1, group)  # stats' kl: the k3 estimate's mean, when there is a reference
     return dict(reward=score.mean().item(), **stats, reward_std=groups.std(1).mean().item(),
                 zero_std_frac=(groups.std(1) == 0).float().mean().item(), response_len=mask.sum(1).mean().item())
@@ -617,64 +555,40 @@ def grpo_step(model, ref, rm, tok, prompts, opt, ctx, gen, *, group, leave_one_o
 
 
 @torch.no_grad()
-def label_pairs(model, tok, prompts, ctx, gen, k, max_new, temperature, judge=task_reward):
-    """InstructGPT's comparison data: k samples per prompt from the policy, and the labeler (here the task's judge,
-    standing in for a human) prefers a correct answer to each distinct wrong one: the policy's actual mistakes, the
-    answers PPO will see. A prompt with no correct or no wrong sample gives no pair (a labeler writes no answer)."""
-    model.eval()
-    pairs = []
+def label_pairs(cfg, run, prompts, gen):
+    """InstructGPT's comparison data: label_samples samples per prompt from the policy, and the labeler (here the
+    task's judge, standing in for a human) prefers a correct answer to each distinct wrong one: the policy's actual
+    mistakes, the answers PPO will see. A prompt with no correct or no wrong sample gives no pair (a labeler writes
+    no answer)."""
+    run.model.eval()
+    pairs, k = [], cfg.label_samples
     for i in range(0, len(prompts), 64):
         batch = prompts[i:i + 64]
-        _, _, _, texts, ended = rollout(model, tok, [p for p in batch for _ in range(k)], max_new, temperature,
-                                        gen, ctx)
+        _, _, _, texts, ended = rollout(run.model, run.tok, [p for p in batch for _ in range(k)], cfg.max_new_tokens,
+                                        cfg.temperature, gen, run.ctx)
         for j, p in enumerate(batch):  # unfinished samples are left out: PPO scores them no_end_score anyway
             done = [t for t, e in zip(texts[j * k:(j + 1) * k], ended[j * k:(j + 1) * k].tolist()) if e]
-            good = [t for t in done if judge(p, t)]
-            bad = dict.fromkeys(t for t in done if not judge(p, t))
+            good = [t for t in done if run.judge(p, t)]
+            bad = dict.fromkeys(t for t in done if not run.judge(p, t))
             pairs += [dict(prompt=p, chosen=good[0], rejected=t) for t in bad] if good else []
     return pairs
 
-# ---------------------------------------------------------------------------- a run's plumbing
-
-
-def start(out_dir, init_from, stage, resume, model, opt, heads):
-    """Resume model, heads ({checkpoint key: module}) and optimizer from out_dir's latest checkpoint, or make sure
-    a fresh run overwrites none; out_dir gets the tokenizer. Returns the checkpoint's iter_num and its dict."""
-    ckpt = {}
-    if resume:
-        ckpt = load_checkpoint(out_dir)
-        if ckpt.get("stage") != stage:
-            raise SystemExit(f"error: {out_dir} holds a {ckpt.get('stage')!r} run, not {stage!r}; check out_dir")
-        model.load_state_dict(ckpt["model"])
-        for key, head in heads.items():
-            head.load_state_dict(ckpt[key])
-        opt.load_state_dict(ckpt["optimizer"])
-    elif os.path.exists(os.path.join(out_dir, "latest.json")):
-        raise SystemExit(f"error: {out_dir} already has a checkpoint; pass --resume=True to continue it, "
-                         f"or choose another out_dir")
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copyfile(os.path.join(init_from, "tokenizer.bpe"), os.path.join(out_dir, "tokenizer.bpe"))
-    return ckpt.get("iter_num", 0), ckpt
-
-
-def save(out_dir, stage, iter_num, model, opt, tok, config, heads=None, **extra):
-    save_checkpoint(out_dir, dict(model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(
-        model.config), tokenizer_hash=tok.hash, iter_num=iter_num, stage=stage, config=config,
-        **{k: h.state_dict() for k, h in (heads or {}).items()}, **extra))
+# ---------------------------------------------------------------------------- the loop and the stages
+# Each run_* is main's own code for one stage: cfg, the config as a namespace, is passed down, as in train.py;
+# run, a namespace of what setup (and online_setup) loaded: device, autocast context, model, tokenizer, judge...
 
 
 class Metrics:
-    """out_dir/metrics.jsonl, each row also printed. step() averages the stats of log_interval steps into one
-    row, printed with the step rate (evaluations included) and the ETA."""
+    """Each row written through log (open_out_dir's, to metrics.jsonl) and printed. step() averages the stats of
+    log_interval steps into one row, printed with the step rate (evaluations included) and the ETA."""
 
-    def __init__(self, out_dir, stage, iter_num, max_iters, log_interval):
-        self.f = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-        self.stage, self.it0, self.max_iters, self.every, self.t0, self.sums = \
-            stage, iter_num, max_iters, log_interval, time.time(), {}
+    def __init__(self, log, cfg, iter_num):
+        self.write, self.stage, self.it0, self.max_iters, self.every = \
+            log, cfg.stage, iter_num, cfg.max_iters, cfg.log_interval
+        self.t0, self.sums = time.time(), {}
 
     def log(self, step, tail="", **row):
-        self.f.write(json.dumps(dict(stage=self.stage, step=step, **row)) + "\n")
-        self.f.flush()
+        self.write(stage=self.stage, step=step, **row)
         print(f"{self.stage} {step}/{self.max_iters}: " + " | ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()) + tail, flush=True)
 
@@ -686,83 +600,94 @@ class Metrics:
             self.log(step, f" | {dt:.3g} s/step, ETA {dt * (self.max_iters - step):.0f}s", **self.sums, lr=lr)
             self.sums = {}
 
-# ---------------------------------------------------------------------------- the stages
-# Each run_* is main's own code for one stage, reading the config globals as train.py's main does (and so do the
-# few helpers here); every function above takes what it needs as arguments.
+
+def setup(cfg, parent="train one with python rlhf.py config/sft.py"):
+    """init_from's run, with the seed set: run = (dev, ctx, model, tok, judge) as a namespace."""
+    dev = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ctx = autocast(dev, pick_dtype(cfg.dtype, dev))
+    model, tok = load_model(cfg.init_from, dev, parent)
+    # the built-in task's judge; another task's (a key such as judge = "gsm8k") would be picked here
+    return types.SimpleNamespace(dev=dev, ctx=ctx, model=model, tok=tok, judge=task_reward)
 
 
-def setup(parent="train one with python rlhf.py config/sft.py"):
-    """(device, autocast context, model, tokenizer): init_from's run, with the global seed set."""
-    dev = pick_device(device)
-    torch.manual_seed(seed)
-    ctx = autocast(dev, pick_dtype(dtype, dev))
-    return (dev, ctx, *load_model(init_from, dev, parent))
-
-
-def held_out(model, tok, ctx, ref=None, rm=None):
+def held_out(cfg, run, ref=None, rm=None):
     """The evaluation on eval_prompts, as a function: {} without them."""
-    prompts = [r["prompt"] for r in read_jsonl(eval_prompts, [("prompt",)])][:eval_samples] if eval_prompts else []
-    return lambda: evaluate(model, tok, prompts, ctx, max_new_tokens, no_end_score, ref, rm, seed) if prompts else {}
+    prompts = [r["prompt"] for r in read_jsonl(cfg.eval_prompts, [("prompt",)])][:cfg.eval_samples] \
+        if cfg.eval_prompts else []
+    return lambda: evaluate(run.model, run.tok, prompts, run.ctx, cfg.max_new_tokens, cfg.no_end_score, ref=ref,
+                            rm=rm, seed=cfg.seed, judge=run.judge) if prompts else {}
 
 
-def loop(config, model, tok, heads, step, evaluation, state):
+def loop(cfg, run, heads, step, evaluation, state):
     """Every training stage's loop, as train.py's: evaluate (and checkpoint) -> step -> log. step(it, opt) takes the
     step's optimizer steps and returns its stats; heads ({checkpoint key: module}) train with the model; state: more
-    values each checkpoint keeps, restored on resume."""
+    values each checkpoint keeps (evaluation() fills it)."""
+    model = run.model
     params = list(model.parameters()) + [p for h in heads.values() for p in h.parameters()]
-    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    it, ckpt = start(out_dir, init_from, stage, resume, model, opt, heads)
-    state.update({k: ckpt[k] for k in state if k in ckpt})
-    metrics, t0 = Metrics(out_dir, stage, it, max_iters, log_interval), time.time()
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    it = 0
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.out_dir)
+        if ckpt.get("stage") != cfg.stage:
+            raise SystemExit(f"error: {cfg.out_dir} holds a {ckpt.get('stage')!r} run, not {cfg.stage!r}; check "
+                             f"out_dir")
+        for key, module in dict(model=model, optimizer=opt, **heads).items():
+            module.load_state_dict(ckpt[key])
+        it = ckpt.get("iter_num", 0)
+    log = open_out_dir(cfg.out_dir, os.path.join(cfg.init_from, "tokenizer.bpe"))
+    metrics, t0 = Metrics(log, cfg, it), time.time()
 
     def checkpoint():
         metrics.log(it, **evaluation(), elapsed_s=time.time() - t0)
-        save(out_dir, stage, it, model, opt, tok, config, heads, **state)
+        save_checkpoint(cfg.out_dir, dict(
+            model=model.state_dict(), optimizer=opt.state_dict(), model_args=asdict(model.config),
+            tokenizer_hash=run.tok.hash, iter_num=it, stage=cfg.stage, config=vars(cfg),
+            **{k: h.state_dict() for k, h in heads.items()}, **state))
 
     if it == 0:
         checkpoint()
-    while it < max_iters:
-        lr = get_lr(it, learning_rate, warmup_iters, max_iters, min_lr)
+    while it < cfg.max_iters:
+        lr = get_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.max_iters, cfg.min_lr)
         for group in opt.param_groups:
             group["lr"] = lr
         stats = step(it, opt)
         it += 1
         metrics.step(it, stats, lr)
-        if it % eval_interval == 0 or it == max_iters:
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             checkpoint()
-    print(f"done: {stage} in {time.time() - t0:.0f}s; checkpoint in {out_dir}")
+    print(f"done: {cfg.stage} in {time.time() - t0:.0f}s; checkpoint in {cfg.out_dir}")
 
 
-def fit(config, model, tok, ctx, batch_fn, fields, fits, heads=None, ref=None, judge=True, extra=None,
-        hint=TASK_HINT):
+def fit(cfg, run, batch_fn, fields, fits, *, heads=None, ref=None, judged=True, extra=None, hint=TASK_HINT):
     """The offline stages (sft, rm, dpo): each step a step of the loss batch_fn(rows) on a batch drawn by the step's
-    seed; each evaluation the held-out loss and, if judge, the judge's figures; extra(results, rows): more for the
+    seed; each evaluation the held-out loss and, if judged, the judge's figures; extra(results, rows): more for the
     checkpoint. With a reference (dpo), each row carries its log-probs."""
-    block = model.config.block_size
-    rows = fitting_rows(data, fields, lambda r: fits(tok, block, r), block, hint)
-    val_rows = fitting_rows(val_data, fields, lambda r: fits(tok, block, r), block, hint)
-    if drop_val_prompts:
+    block, tok = run.model.config.block_size, run.tok
+    rows = fitting_rows(cfg.data, fields, lambda r: fits(tok, block, r), block, hint)
+    val_rows = fitting_rows(cfg.val_data, fields, lambda r: fits(tok, block, r), block, hint)
+    if cfg.drop_val_prompts:
         held, n = {json.dumps(r.get("prompt")) for r in val_rows}, len(rows)
         rows[:] = [r for r in rows if json.dumps(r.get("prompt")) not in held]
-        print(f"dropped {n - len(rows)} training rows whose prompt is in {val_data}")
+        print(f"dropped {n - len(rows)} training rows whose prompt is in {cfg.val_data}")
     for rs in (rows, val_rows) if ref is not None else ():
-        for r, lp in zip(rs, sequence_logps(ref, tok, rs, ctx).tolist() if rs else []):
+        for r, lp in zip(rs, sequence_logps(ref, tok, rs, run.ctx).tolist() if rs else []):
             r["ref_logps"] = lp
-    judged, state = held_out(model, tok, ctx, ref) if judge else (lambda: {}), {}
+    judge_eval, state = held_out(cfg, run, ref) if judged else (lambda: {}), {}
 
     def evaluation():
-        res = mean_over(model, batch_fn, val_rows, batch_size, ctx) if val_rows else {}
-        res.update(judged())
+        res = mean_over(run.model, batch_fn, val_rows, cfg.batch_size, run.ctx) if val_rows else {}
+        res.update(judge_eval())
         state.update(extra(res, rows) if extra else {})
         return res
 
     def step(it, opt):
-        idx = random.Random(seed + it).sample(range(len(rows)), min(batch_size, len(rows)))  # resumes replay exactly
-        with ctx:
+        idx = random.Random(cfg.seed + it).sample(range(len(rows)), min(cfg.batch_size, len(rows)))  # resumes replay
+        with run.ctx:
             loss, stats = batch_fn([rows[i] for i in idx])
-        optimize(opt, loss, grad_clip)
+        optimize(opt, loss, cfg.grad_clip)
         return dict(loss=loss.item(), **stats)
-    loop(config, model, tok, heads or {}, step, evaluation, state)
+    loop(cfg, run, heads or {}, step, evaluation, state)
 
 
 def sft_fits(tok, block, row):  # the whole example in the model's context, and some assistant tokens to learn
@@ -774,130 +699,118 @@ def pair_fits(tok, block, row):
     return max(len(prompt_response(tok, row["prompt"], row[k])[0]) for k in ("chosen", "rejected")) <= block
 
 
-def run_sft(config):
-    _, ctx, model, tok = setup("pretrain one: python train.py config/add.py (the built-in task's)")
-    fit(config, model.train(), tok, ctx, lambda rows: sft_batch(model, tok, rows),
-        [("messages",), ("prompt", "response")], sft_fits)
+def run_sft(cfg):
+    run = setup(cfg, "pretrain one: python train.py config/add.py (the built-in task's)")
+    run.model.train()
+    fit(cfg, run, lambda rows: sft_batch(run.model, run.tok, rows), [("messages",), ("prompt", "response")], sft_fits)
 
 
-def run_rm(config):
-    dev, ctx, model, tok = setup()
-    head = nn.Linear(model.config.n_embd, 1).to(dev)  # random, so the trunk gets gradients at once
+def run_rm(cfg):
+    run = setup(cfg)
+    model = run.model
+    head = nn.Linear(model.config.n_embd, 1).to(run.dev)  # random, so the trunk gets gradients at once
     nn.init.normal_(head.weight, std=model.config.n_embd ** -0.5)
     nn.init.zeros_(head.bias)
-    rm_loss = lambda rows: rm_batch(model, head, reward_pool, tok, rows)  # noqa: E731
+    rm_loss = lambda rows: rm_batch(model, head, cfg.reward_pool, run.tok, rows)  # noqa: E731
 
     def reward_stats(res, rows):  # the scores' mean and std, which load_reward_model normalises away
         if not res:  # no held-out pairs: the training pairs'
-            res = mean_over(model, rm_loss, rows[:256], batch_size, ctx)
+            res = mean_over(model, rm_loss, rows[:256], cfg.batch_size, run.ctx)
         m = res["val_reward_mean"]
         return dict(reward_stats=(m, max(res["val_reward_sq"] - m * m, 1e-8) ** 0.5))
-    fit(config, model.train(), tok, ctx, rm_loss, [("prompt", "chosen", "rejected")], pair_fits,
-        heads=dict(reward_head=head), judge=False, extra=reward_stats,
-        hint="on-policy pairs: python rlhf.py config/label.py, after SFT; offline pairs: python rlhf.py --stage=task")
+    model.train()
+    fit(cfg, run, rm_loss, [("prompt", "chosen", "rejected")], pair_fits, heads=dict(reward_head=head), judged=False,
+        extra=reward_stats, hint=f"on-policy pairs: python rlhf.py config/label.py, after SFT; offline pairs: "
+                                 f"python addition.py")
 
 
-def run_dpo(config):
-    dev, ctx, model, tok = setup()
-    ref = load_model(init_from, dev)[0].requires_grad_(False)
-    fit(config, model.train(), tok, ctx, lambda rows: dpo_batch(model, beta, loss_type, rpo_alpha, tok, rows),
+def run_dpo(cfg):
+    run = setup(cfg)
+    ref = load_model(cfg.init_from, run.dev)[0].requires_grad_(False)
+    run.model.train()
+    fit(cfg, run, lambda rows: dpo_batch(run.model, cfg.dpo_beta, cfg.dpo_loss_type, cfg.rpo_alpha, run.tok, rows),
         [("prompt", "chosen", "rejected")], pair_fits, ref=ref)
 
 
-def run_label(config):
+def run_label(cfg):
     """On-policy pairs of label_prompts prompts to label_out, and of label_val_prompts other prompts to its _val
     twin (`data` holds training prompts only, so the eval problems stay out of both)."""
-    dev, ctx, model, tok = setup()
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    prompts = [r["prompt"] for r in read_jsonl(data, [("prompt",)])]
-    random.Random(seed).shuffle(prompts)
-    if label_prompts + label_val_prompts > len(prompts):
-        raise SystemExit(f"error: label_prompts + label_val_prompts = {label_prompts + label_val_prompts} but "
-                         f"{data} has {len(prompts)} prompts; lower them")
-    val_out = re.sub(r"(\.jsonl)?$", "_val.jsonl", label_out, count=1)
-    os.makedirs(os.path.dirname(label_out) or ".", exist_ok=True)
-    for path, ps in ((label_out, prompts[:label_prompts]), (val_out, prompts[len(prompts) - label_val_prompts:])):
+    run = setup(cfg)
+    gen = torch.Generator(device=run.dev).manual_seed(cfg.seed)
+    prompts = [r["prompt"] for r in read_jsonl(cfg.data, [("prompt",)])]
+    random.Random(cfg.seed).shuffle(prompts)
+    n, n_val, k = cfg.label_prompts, cfg.label_val_prompts, cfg.label_samples
+    if n + n_val > len(prompts):
+        raise SystemExit(f"error: label_prompts + label_val_prompts = {n + n_val} but {cfg.data} has {len(prompts)} "
+                         f"prompts; lower them")
+    val_out = re.sub(r"(\.jsonl)?$", "_val.jsonl", cfg.label_out, count=1)
+    os.makedirs(os.path.dirname(cfg.label_out) or ".", exist_ok=True)
+    for path, ps in ((cfg.label_out, prompts[:n]), (val_out, prompts[len(prompts) - n_val:])):
         t0 = time.time()
-        pairs = label_pairs(model, tok, ps, ctx, gen, label_samples, max_new_tokens, temperature)
+        pairs = label_pairs(cfg, run, ps, gen)
         if ps and not pairs:
-            raise SystemExit(f"error: no prompt of the {len(ps)} got both a right and a wrong answer in "
-                             f"{label_samples} samples; train the SFT model ({init_from}) longer, or raise label_samples")
-        write_jsonl(path, pairs)
-        n = len({r["prompt"] for r in pairs})
-        print(f"wrote {path}: {len(pairs)} pairs from {len(ps)} prompts x {label_samples} samples ({n} prompts with "
-              f"a right and a wrong answer) in {time.time() - t0:.0f}s")
+            raise SystemExit(f"error: no prompt of the {len(ps)} got both a right and a wrong answer in {k} samples; "
+                             f"train the SFT model ({cfg.init_from}) longer, or raise label_samples")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in pairs)
+        n_right = len({r["prompt"] for r in pairs})
+        print(f"wrote {path}: {len(pairs)} pairs from {len(ps)} prompts x {k} samples ({n_right} prompts with a right "
+              f"and a wrong answer) in {time.time() - t0:.0f}s")
 
 
-def online_setup(dev, ctx, model, tok):
-    """What ppo, grpo and rloo share: the reference, the reward model (None: the judge), the generator, the step's
-    prompts (a function of it) among those that fit the context with the longest response, the evaluation."""
-    ref = load_model(init_from, dev)[0].requires_grad_(False)
-    rm = load_reward_model(reward_model, dev) if reward_model != "task" else None
-    block = model.config.block_size
-    rows = fitting_rows(data, [("prompt",)], lambda r: len(prompt_response(tok, r["prompt"], "")[0]) +
-                        max_new_tokens <= block, block)
-    prompts, gen = [r["prompt"] for r in rows], torch.Generator(device=dev)
+def online_setup(cfg, run):
+    """What ppo, grpo and rloo share: run gets the reference, the reward model (None: the judge) and the generator;
+    returns the step's prompts (a function of it) among those that fit the context with the longest response, and
+    the evaluation."""
+    run.ref = load_model(cfg.init_from, run.dev)[0].requires_grad_(False)
+    run.rm = load_reward_model(cfg.reward_model, run.dev) if cfg.reward_model != "task" else None
+    block = run.model.config.block_size
+    rows = fitting_rows(cfg.data, [("prompt",)], lambda r: len(prompt_response(run.tok, r["prompt"], "")[0]) +
+                        cfg.max_new_tokens <= block, block)
+    prompts, run.gen = [r["prompt"] for r in rows], torch.Generator(device=run.dev)
 
     def step_prompts(it):  # the prompts and the samples are functions of the step: resumes replay exactly
-        gen.manual_seed(seed + it)
-        return random.Random(seed + it).sample(prompts, rollout_batch)
-    return ref, rm, gen, step_prompts, held_out(model, tok, ctx, ref, rm)
+        run.gen.manual_seed(cfg.seed + it)
+        return random.Random(cfg.seed + it).sample(prompts, cfg.rollout_batch)
+    return step_prompts, held_out(cfg, run, run.ref, run.rm)
 
 
-def run_ppo(config):
-    dev, ctx, model, tok = setup()
-    ref, rm, gen, step_prompts, evaluation = online_setup(dev, ctx, model.train(), tok)
-    head = nn.Linear(model.config.n_embd, 1).to(dev)  # the value head, zero: first values of 0 make no noisy first
-    nn.init.zeros_(head.weight)  # advantages for the shared trunk to learn from
+def run_ppo(cfg):
+    run = setup(cfg)
+    run.model.train()
+    step_prompts, evaluation = online_setup(cfg, run)
+    head = nn.Linear(run.model.config.n_embd, 1).to(run.dev)  # the value head, zero: first values of 0 make no noisy
+    nn.init.zeros_(head.weight)  # first advantages for the shared trunk to learn from
     nn.init.zeros_(head.bias)
-    state = dict(kl_coef=kl_coef)  # restored on resume: the adaptive controller moves it
-
-    def step(it, opt):
-        stats = ppo_step(model, head, ref, rm, tok, step_prompts(it), opt, ctx, gen, state["kl_coef"],
-                         max_new=max_new_tokens, temperature=temperature, rm_baseline=rm_baseline,
-                         no_end_score=no_end_score, gamma=gamma, lam=lam, epochs=ppo_epochs, minibatch=minibatch,
-                         clip=clip_range, clip_v=clip_range_value, vf_coef=vf_coef, grad_clip=grad_clip)
-        if target_kl > 0:  # adaptive KL controller (Ziegler et al. 2019): nudge kl_coef towards target_kl
-            state["kl_coef"] *= 1 + max(-0.2, min(0.2, stats["kl"] / target_kl - 1)) * rollout_batch / kl_horizon
-        return stats
-    loop(config, model, tok, dict(value_head=head), step, evaluation, state)
+    loop(cfg, run, dict(value_head=head), lambda it, opt: ppo_step(cfg, run, head, step_prompts(it), opt, cfg.kl_coef),
+         evaluation, {})
 
 
-def run_grpo(config):
+def run_grpo(cfg):
     """stage=grpo or stage=rloo: the same loop, the baseline differs (grpo_step)."""
-    if num_generations < 2:
-        raise SystemExit(f"error: num_generations must be >= 2 (a group needs others to compare with), got "
-                         f"{num_generations}")
-    dev, ctx, model, tok = setup()
-    ref, rm, gen, step_prompts, evaluation = online_setup(dev, ctx, model.train(), tok)
-
-    def step(it, opt):
-        return grpo_step(model, ref, rm, tok, step_prompts(it), opt, ctx, gen, group=num_generations,
-                         leave_one_out=stage == "rloo", scale_rewards=scale_rewards, max_new=max_new_tokens,
-                         temperature=temperature, no_end_score=no_end_score, beta=beta, loss_type=loss_type,
-                         epochs=ppo_epochs, minibatch=minibatch, clip=clip_range, grad_clip=grad_clip)
-    loop(config, model, tok, {}, step, evaluation, {})
+    run = setup(cfg)
+    run.model.train()
+    step_prompts, evaluation = online_setup(cfg, run)
+    loop(cfg, run, {}, lambda it, opt: grpo_step(cfg, run, step_prompts(it), opt), evaluation, {})
 
 
 def main():
-    global beta, loss_type
-    config = configure(globals())
-    stages = dict(task=None, sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo,
-                  rloo=run_grpo)
-    if stage not in stages:
-        raise SystemExit(f"error: stage must be one of {', '.join(stages)}; got {stage!r}")
-    if stage == "task":
-        return make_task(task_dir, task_slip, task_held_out, seed)
-    if beta is None:  # the stage's default, TRL's
-        beta = 0.1 if stage == "dpo" else 0.0
-    if loss_type is None:
-        loss_type = "sigmoid" if stage == "dpo" else "dapo"
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0:
-        raise SystemExit(f"error: beta must be a number >= 0, got {beta!r}")
-    allowed = ("sigmoid", "ipo") if stage == "dpo" else ("grpo", "dapo", "dr_grpo")
-    if stage in ("dpo", "grpo", "rloo") and loss_type not in allowed:
-        raise SystemExit(f"error: loss_type for stage {stage} must be one of {', '.join(allowed)}; got {loss_type!r}")
-    stages[stage](dict(config, beta=beta, loss_type=loss_type))
+    cfg = types.SimpleNamespace(**configure(globals()))
+    stages = dict(sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo, rloo=run_grpo)
+    if cfg.stage not in stages:  # then the keys that configure's types do not vouch for, before anything loads
+        raise SystemExit(f"error: stage must be one of {', '.join(stages)}; got {cfg.stage!r}")
+    for key, allowed in (("dpo_loss_type", DPO_LOSS_TYPES), ("grpo_loss_type", GRPO_LOSS_TYPES)):
+        if getattr(cfg, key) not in allowed:
+            raise SystemExit(f"error: {key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    if cfg.dpo_beta <= 0 or cfg.grpo_beta < 0:
+        raise SystemExit(f"error: dpo_beta must be > 0 and grpo_beta >= 0; got dpo_beta={cfg.dpo_beta}, grpo_beta="
+                         f"{cfg.grpo_beta}")
+    if cfg.stage in ("grpo", "rloo") and cfg.num_generations < 2:
+        raise SystemExit(f"error: num_generations must be >= 2 (a group needs others to compare with), got "
+                         f"{cfg.num_generations}")
+    if cfg.stage != "label":  # the label stage writes files of data, no run
+        check_out_dir(cfg.out_dir, cfg.resume, resume_flag="--resume=True")
+    stages[cfg.stage](cfg)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from torch.profiler import profile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the scripts under test, wherever pytest is started from
+import addition  # noqa: E402
 import bench  # noqa: E402
 import bpe  # noqa: E402
 import checkpoint  # noqa: E402
@@ -303,7 +304,7 @@ def rlhf_tiny(tmp_path_factory):
                        "--rollout_batch=8", "--minibatch=4", "--max_new_tokens=7"])
     rlhf_run(common + ["--stage=dpo", f"--init_from={dirs['sft']}", f"--out_dir={dirs['dpo']}",
                        f"--data={d}/prefs.jsonl", f"--val_data={d}/prefs.jsonl", "--max_iters=10",
-                       "--eval_interval=10", "--learning_rate=1e-3", "--beta=0.5"])
+                       "--eval_interval=10", "--learning_rate=1e-3", "--dpo_beta=0.5"])
     return dict(dirs, data=str(d))
 
 
@@ -3213,7 +3214,7 @@ def ppo_loss_on_a_known_case():
     adv = torch.tensor([[1.0, -1.0, 1.0]])
     old = torch.zeros(1, 3)
     values, old_values, returns = torch.tensor([[1.5] * 3]), torch.ones(1, 3), torch.full((1, 3), 2.0)
-    return rlhf.ppo_loss(ratio.log(), old, adv, values, old_values, returns, torch.ones(1, 3), 0.2, 0.2)
+    return rlhf.ppo_loss(ratio.log(), old, adv, values, old_values, returns, torch.ones(1, 3), clip=0.2, clip_v=0.2)
 
 
 def dpo_at_init():
@@ -3254,7 +3255,7 @@ def grpo_case():
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("task")
-    rlhf.make_task(str(d), slip=0.5, n_held=300, seed=0)
+    addition.make_task(str(d), slip=0.5, n_held=300, seed=0)
     return d, {r["prompt"] for r in rlhf.read_jsonl(str(d / "prompts_val.jsonl"), [("prompt",)])}
 
 
@@ -3264,7 +3265,7 @@ def online_run(request, rlhf_tiny, tmp_path_factory):
     # the fixture's SFT model answers "1+1=" with "1+1=2" or "1+1=3"; the judge rewards the first
     stage, out = request.param, tmp_path_factory.mktemp(request.param)
     one_update = ["--ppo_epochs=1", "--minibatch=32"] if stage == "grpo" else []  # TRL's default: one update a step
-    rlhf_run(rlhf_online_args(rlhf_tiny, stage, out, "--max_iters=8", "--eval_interval=8", "--beta=0.05",
+    rlhf_run(rlhf_online_args(rlhf_tiny, stage, out, "--max_iters=8", "--eval_interval=8", "--grpo_beta=0.05",
                               *one_update))
     rows = metrics_rows(out)
     return [r for r in rows if "acc_sampled" in r], [r for r in rows if "clipfrac" in r]
@@ -3318,8 +3319,8 @@ def test_label_writes_on_policy_pairs_with_chosen_judged_right_and_rejected_wron
     for name, n_prompts in (("prefs_sft.jsonl", 8), ("prefs_sft_val.jsonl", 4)):
         pairs = rlhf.read_jsonl(os.path.join(d, name), [("prompt", "chosen", "rejected")])
         assert 0 < len(pairs) <= n_prompts * 7  # at most k - 1 wrong answers per prompt
-        assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1.0 for r in pairs)
-        assert all(rlhf.task_reward(r["prompt"], r["rejected"]) == 0.0 for r in pairs)
+        assert all(addition.task_reward(r["prompt"], r["chosen"]) == 1.0 for r in pairs)
+        assert all(addition.task_reward(r["prompt"], r["rejected"]) == 0.0 for r in pairs)
 
 
 def test_label_asked_for_more_prompts_than_the_file_has_is_refused(rlhf_tiny):
@@ -3349,7 +3350,7 @@ def test_normalised_reward_model_scores_keep_every_chosen_answer_ahead(rlhf_tiny
 
 def test_rlhf_into_a_dir_with_a_checkpoint_is_refused_without_resume(rlhf_tiny, tmp_path):
     out = copy_run(rlhf_tiny["dpo"], tmp_path / "dpo")
-    with pytest.raises(SystemExit, match="already has a checkpoint"):
+    with pytest.raises(SystemExit, match="already holds a run"):
         rlhf_run(dpo_resume_args(rlhf_tiny, out) + ["--max_iters=12"])
 
 
@@ -3363,7 +3364,7 @@ def test_rlhf_resume_continues_from_the_checkpoint(rlhf_tiny, tmp_path):
 @pytest.mark.parametrize("stage", ["grpo", "rloo", "ppo", "dpo"])
 def test_resume_of_an_interrupted_run_is_bit_exact(rlhf_tiny, tmp_path, stage):
     d = rlhf_tiny["data"]
-    args = rlhf_online_args(rlhf_tiny, stage, tmp_path / "once", "--max_iters=4", "--eval_interval=2", "--beta=0.05")
+    args = rlhf_online_args(rlhf_tiny, stage, tmp_path / "once", "--max_iters=4", "--eval_interval=2", "--grpo_beta=0.05")
     if stage == "dpo":
         args = ["--stage=dpo", f"--init_from={rlhf_tiny['sft']}", f"--out_dir={tmp_path / 'once'}", "--device=cpu",
                 f"--data={d}/prefs.jsonl", "--val_data=", "--eval_prompts=", "--batch_size=4", "--max_iters=4",
@@ -3421,7 +3422,7 @@ def test_ppo_policy_equal_to_reference_gives_zero_kl_and_unit_ratio():
     logp, ref_logp = rlhf.token_logprobs(policy(ids)[0], ids), rlhf.token_logprobs(ref(ids)[0], ids)
     assert ((logp - ref_logp) * mask).sum(1).abs().max() == 0
     adv, v = torch.randn(3, 9), torch.randn(3, 9)
-    pg, vf, clipfrac = rlhf.ppo_loss(logp, ref_logp, adv, v, v, v, mask, 0.2, 0.2)
+    pg, vf, clipfrac = rlhf.ppo_loss(logp, ref_logp, adv, v, v, v, mask, clip=0.2, clip_v=0.2)
     assert torch.allclose(pg, -adv.mean()) and vf == 0 and clipfrac == 0  # ratio 1: the plain policy gradient
 
 
@@ -3510,8 +3511,20 @@ def test_task_holds_its_val_problems_out_of_the_pretraining_corpus(task_files):
 
 def test_task_val_preferences_pair_a_right_answer_with_a_wrong_one(task_files):
     prefs = rlhf.read_jsonl(str(task_files[0] / "prefs_val.jsonl"), [("prompt",)])
-    assert all(rlhf.task_reward(r["prompt"], r["chosen"]) == 1 and rlhf.task_reward(r["prompt"], r["rejected"]) == 0
+    assert all(addition.task_reward(r["prompt"], r["chosen"]) == 1 and addition.task_reward(r["prompt"], r["rejected"]) == 0
                for r in prefs)
+
+
+def test_addition_py_alone_writes_what_make_task_writes(task_files, tmp_path):
+    run("addition.py", f"--task_dir={tmp_path}", "--seed=0")  # task_files: make_task(slip 0.5, 300 held out, seed 0)
+    names = sorted(os.listdir(task_files[0]))
+    assert names == sorted(os.listdir(tmp_path)) and "corpus.txt" in names
+    assert all((tmp_path / n).read_bytes() == (task_files[0] / n).read_bytes() for n in names)
+
+
+def test_addition_py_help_lists_its_keys():
+    p = run("addition.py", "--help")
+    assert all(f"{k} = " in p.stdout for k in ("task_dir", "task_slip", "task_held_out", "seed"))
 
 
 def test_group_advantages_subtract_the_group_mean():
@@ -3535,7 +3548,7 @@ def test_rloo_advantages_leave_one_out():
 def test_grpo_loss_types_normalise_per_response_per_token_or_per_max_length():
     mask, logp, adv, want = grpo_case()
     for loss_type, w in want.items():
-        loss, clipfrac, _ = rlhf.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.0, loss_type, 4)
+        loss, clipfrac, _ = rlhf.grpo_loss(logp, logp, None, adv, mask, clip=0.2, beta=0.0, loss_type=loss_type, max_new=4)
         assert math.isclose(loss.item(), w, rel_tol=1e-6) and clipfrac == 0, loss_type
 
 
@@ -3543,7 +3556,7 @@ def test_grpo_loss_clips_the_ratio_pessimistically():
     mask, logp, adv, _ = grpo_case()
     # ratio 1.5 with a positive advantage is capped at 1.2; ratio 0.5 is not (the pessimistic min)
     old = logp - torch.tensor([[0.0, math.log(1.5), math.log(0.5), 0.0], [0.0, 0.0, 0.0, 0.0]])
-    loss, clipfrac, _ = rlhf.grpo_loss(logp, old, None, adv, mask, 0.2, 0.0, "dapo", 4)
+    loss, clipfrac, _ = rlhf.grpo_loss(logp, old, None, adv, mask, clip=0.2, beta=0.0, loss_type="dapo", max_new=4)
     assert math.isclose(loss.item(), -(1.2 + 0.5 + 3) / 3, rel_tol=1e-6)
     assert math.isclose(clipfrac.item(), 2 / 3, rel_tol=1e-6)  # both ratios are outside [0.8, 1.2]
 
@@ -3551,7 +3564,8 @@ def test_grpo_loss_clips_the_ratio_pessimistically():
 def test_grpo_loss_adds_beta_times_the_k3_estimate_of_the_kl():
     mask, logp, adv, want = grpo_case()
     # k3 of KL: q = log ref - log pi = log 2 on every token: exp(q) - q - 1 = 1 - log 2 per token, times beta
-    loss, _, kl = rlhf.grpo_loss(logp, logp, logp + math.log(2), adv, mask, 0.2, 0.5, "dapo", 4)
+    loss, _, kl = rlhf.grpo_loss(logp, logp, logp + math.log(2), adv, mask, clip=0.2, beta=0.5, loss_type="dapo",
+                                   max_new=4)
     assert math.isclose(kl.item(), 1 - math.log(2), rel_tol=1e-6)
     assert math.isclose(loss.item(), want["dapo"] + 0.5 * (1 - math.log(2)), rel_tol=1e-6)
 
@@ -3559,7 +3573,7 @@ def test_grpo_loss_adds_beta_times_the_k3_estimate_of_the_kl():
 def test_grpo_loss_of_an_unknown_type_is_refused():
     mask, logp, adv, _ = grpo_case()
     with pytest.raises(SystemExit, match="loss_type must be"):
-        rlhf.grpo_loss(logp, logp, None, adv, mask, 0.2, 0.0, "sigmoid", 4)
+        rlhf.grpo_loss(logp, logp, None, adv, mask, clip=0.2, beta=0.0, loss_type="sigmoid", max_new=4)
 
 
 def test_grpo_and_rloo_raise_the_accuracy_on_the_trivial_task(online_run):
@@ -3602,11 +3616,13 @@ def test_grpo_without_an_sft_checkpoint_names_the_command_that_makes_it(rlhf_tin
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--stage=grpo", "--loss_type=ipo"], "loss_type for stage grpo must be one of grpo, dapo, dr_grpo"),
-    (["--stage=dpo", "--loss_type=dapo"], "loss_type for stage dpo must be one of sigmoid, ipo"),
-    (["--stage=rloo", "--beta=-1"], "beta must be a number >= 0"),
+    (["--stage=grpo", "--grpo_loss_type=ipo"], "grpo_loss_type must be one of grpo, dapo, dr_grpo"),
+    (["--stage=dpo", "--dpo_loss_type=dapo"], "dpo_loss_type must be one of sigmoid, ipo"),
+    (["--stage=rloo", "--grpo_beta=-1"], "dpo_beta must be > 0 and grpo_beta >= 0; got .*grpo_beta=-1"),
+    (["--stage=dpo", "--dpo_beta=0"], "dpo_beta must be > 0 and grpo_beta >= 0; got dpo_beta=0"),
     (["--stage=grpo", "--num_generations=1"], "num_generations must be >= 2"),
-    (["--stage=gpro"], "stage must be one of task, sft, label, rm, ppo, dpo, grpo, rloo")])
+    (["--stage=gpro"], "stage must be one of sft, label, rm, ppo, dpo, grpo, rloo"),
+    (["--stage=task"], "stage must be one of sft, label, rm, ppo, dpo, grpo, rloo")])
 def test_bad_grpo_settings_are_one_line_errors(args, pattern):
     with pytest.raises(SystemExit, match="^error: " + pattern):
         rlhf_run(args + ["--device=cpu", "--init_from=/nonexistent"])

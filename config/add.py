@@ -1,6 +1,6 @@
-# The base model of the built-in RLHF task (rlhf.py): a tiny byte-level GPT pretrained on a generated corpus of
-# additions, a few minutes on a 2-core CPU. See rlhf.py's docstring for the whole pipeline.
-# python rlhf.py --stage=task && python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261
+# The base model of the built-in RLHF task (addition.py, rlhf.py): a tiny byte-level GPT pretrained on a generated
+# corpus of additions, a few minutes on a 2-core CPU. See rlhf.py's docstring for the whole pipeline.
+# python addition.py && python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261
 # python train.py config/add.py
 out_dir = "out/add"
 dataset = "add"

@@ -1,6 +1,6 @@
 # RLOO of the SFT model against the built-in task's judge: python rlhf.py config/rloo.py. As config/grpo.py, but an
 # answer's advantage is its reward minus the mean reward of the other num_generations - 1 answers to its prompt
-# (no division by a std); beta > 0 would put the KL to the reference into the reward, as TRL's RLOOTrainer does.
+# (no division by a std); grpo_beta > 0 would put the KL to the reference into the reward, as TRL's RLOOTrainer does.
 stage = "rloo"
 init_from = "out/add-sft"
 out_dir = "out/add-rloo"
@@ -16,7 +16,7 @@ learning_rate = 3e-4
 min_lr = 3e-5
 warmup_iters = 5
 max_new_tokens = 10
-beta = 0.0
-loss_type = "dapo"
+grpo_beta = 0.0
+grpo_loss_type = "dapo"
 eval_interval = 300
 log_interval = 10
