@@ -635,7 +635,7 @@ def loop(cfg, run, heads, step, evaluation, state):
         for key, module in dict(model=model, optimizer=opt, **heads).items():
             module.load_state_dict(ckpt[key])
         it = ckpt.get("iter_num", 0)
-    log = open_out_dir(cfg.out_dir, os.path.join(cfg.init_from, "tokenizer.bpe"))
+    log = open_out_dir(cfg.out_dir, os.path.join(cfg.init_from, "tokenizer.bpe"), resume=cfg.resume)
     metrics, t0 = Metrics(log, cfg, it), time.time()
 
     def checkpoint():
