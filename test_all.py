@@ -4391,6 +4391,13 @@ def test_lora_merged_is_a_plain_gpt_with_the_adapters_logits(layout, dtype, tol,
         assert (merged(LORA_X)[0] - base(LORA_X)[0]).abs().max() > 100 * tol * ours.abs().max()  # B did something
 
 
+def test_lora_generates_with_the_kv_cache_as_its_merged_model(one_thread):
+    _, model = lora_gpt("llama_gqa_untied")
+    merged = lora.merge_lora(copy.deepcopy(model))
+    greedy = [torch.stack(list(m.generate(LORA_X[:, :5], 12, temperature=0)), 1) for m in (model, merged)]
+    assert torch.equal(*greedy)
+
+
 @pytest.mark.parametrize("layout", LORA_LAYOUTS)
 def test_lora_merged_and_exported_gives_the_adapters_logits_in_transformers(layout, hf, tmp_path, one_thread):
     _, model = lora_gpt(layout, torch.float32)
