@@ -54,6 +54,7 @@ import checkpoint  # noqa: E402
 import eval as ev  # noqa: E402
 import export  # noqa: E402
 import fp8  # noqa: E402
+import lora  # noqa: E402
 import plot  # noqa: E402
 import prepare  # noqa: E402
 import rlhf  # noqa: E402
@@ -4494,6 +4495,159 @@ def test_rlhf_bench_stage_waits_for_every_stage_whose_output_its_command_reads()
             if other != name and any(v == product or v.startswith(product + ".") or v.startswith(product + "_")
                                      for v in values):
                 assert other in seen, f"{name} reads {other}'s output but does not wait for it"
+
+
+# ============================================================================ lora.py
+LORA_LAYOUTS = {  # layout name -> GPTConfig options: GPT-2's Linears with biases, and Llama's fused GQA and SwiGLU
+    "gpt2": {},
+    "llama_gqa_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
+                             tie_embeddings=False),
+}
+LORA_X = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+LORA_Y = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def lora_gpt(layout="gpt2", dtype=torch.float64, b_spread=0.05):
+    """gpt_with's GPT (N(0, 0.05) noise on every weight) in dtype with rank-4, alpha-8 adapters on every Linear of
+    the blocks, B filled with N(0, b_spread) noise as after some training (b_spread=0: B = 0, as add_lora leaves
+    it). Returns (the plain model it was made from, the LoRA model)."""
+    base = gpt_with(spread=0.05, **LORA_LAYOUTS[layout]).to(dtype)
+    model = lora.add_lora(copy.deepcopy(base), 4, 8, "all")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B") and b_spread:
+                p.normal_(0.0, b_spread)
+    return base, model
+
+
+@pytest.mark.parametrize("layout", LORA_LAYOUTS)
+def test_lora_starts_as_the_model_it_adapts_exactly(layout, one_thread):
+    base, model = lora_gpt(layout, torch.float32, b_spread=0)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
+    assert len(wrapped) == 8 and all(n.startswith("transformer.h.") for n in wrapped)  # 2 layers x 4 Linears
+    with torch.no_grad():
+        assert torch.equal(model(LORA_X)[0], base(LORA_X)[0])
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(model(LORA_X)[0], base(LORA_X)[0])
+
+
+def test_lora_targets_pick_linears_by_name_suffix_and_bad_ones_are_one_line_errors():
+    base = gpt_with(**LORA_LAYOUTS["llama_gqa_untied"])
+    picked = lambda t: sorted(n for n, m in lora.add_lora(copy.deepcopy(base), 2, 2, t).named_modules()
+                              if isinstance(m, lora.LoRALinear))
+    assert picked(("c_attn", "mlp.c_proj")) == picked("c_attn,mlp.c_proj") == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_attn",
+        "transformer.h.1.mlp.c_proj"]
+    assert len(picked(("c_proj",))) == 4 and picked(("lm_head",)) == ["lm_head"]  # untied: lm_head is its own
+    for args, pattern in [((4, 8, ("q_proj",)), "lora_targets 'q_proj' names no Linear .* c_attn, c_fc, c_proj,"),
+                          ((0, 8, "all"), "lora_rank must be an integer >= 1"),
+                          ((4, 8, ("lm_head",)), "lora_targets lm_head: .*tie_embeddings")]:
+        with pytest.raises(SystemExit, match=f"^error: {pattern}") as e:
+            lora.add_lora(gpt_with(), *args)  # gpt_with(): tied embeddings
+        assert "\n" not in str(e.value)
+
+
+def test_lora_trains_only_the_adapters(one_thread):
+    _, model = lora_gpt(dtype=torch.float32, b_spread=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora.lora_state_dict(model)) and len(trainable) == 16
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    for _ in range(2):  # the first step moves only B (A's gradient is B^T (...) = 0), the second A too
+        model.train()(LORA_X, LORA_Y)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("layout", LORA_LAYOUTS)
+def test_lora_step_is_the_full_steps_math_on_the_low_rank_factors(layout, one_thread):
+    # W' = W + s B A, so dL/dB = s dL/dW' A^T and dL/dA = s B^T dL/dW': the full model's weight gradient at W'
+    _, model = lora_gpt(layout)
+    full = lora.merge_lora(copy.deepcopy(model))
+    model(LORA_X, LORA_Y)[1].backward()
+    full(LORA_X, LORA_Y)[1].backward()
+    for name, m in model.named_modules():
+        if isinstance(m, lora.LoRALinear):
+            g = full.get_submodule(name).weight.grad
+            torch.testing.assert_close(m.lora_B.grad, g @ m.lora_A.T * m.scale, rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(m.lora_A.grad, m.lora_B.T @ g * m.scale, rtol=1e-10, atol=1e-14)
+            assert m.weight.grad is None
+
+
+@pytest.mark.parametrize("layout", LORA_LAYOUTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_lora_merged_is_a_plain_gpt_with_the_adapters_logits(layout, dtype, tol, one_thread):
+    base, model = lora_gpt(layout, dtype)
+    with torch.no_grad():
+        ours = model(LORA_X)[0]
+        sd = lora.merged_state_dict(model)  # mid-run: the model keeps its adapters
+        assert len(lora.lora_state_dict(model)) == 16 and torch.equal(model(LORA_X)[0], ours)
+        merged = lora.merge_lora(model)
+        assert not any(isinstance(m, lora.LoRALinear) for m in merged.modules())
+        assert list(merged.state_dict()) == list(sd) == list(base.state_dict())
+        assert all(torch.equal(v, sd[k]) for k, v in merged.state_dict().items())
+        assert all(p.requires_grad for p in merged.parameters())
+        plain = GPT(base.config).to(dtype).eval()
+        plain.load_state_dict(sd)  # strict: a normal checkpoint's state dict
+        for m in (merged, plain):
+            assert (m(LORA_X)[0] - ours).abs().max() <= tol * ours.abs().max()
+        assert (merged(LORA_X)[0] - base(LORA_X)[0]).abs().max() > 100 * tol * ours.abs().max()  # B did something
+
+
+def test_lora_generates_with_the_kv_cache_as_its_merged_model(one_thread):
+    _, model = lora_gpt("llama_gqa_untied")
+    merged = lora.merge_lora(copy.deepcopy(model))
+    greedy = [torch.stack(list(m.generate(LORA_X[:, :5], 12, temperature=0)), 1) for m in (model, merged)]
+    assert torch.equal(*greedy)
+
+
+@pytest.mark.parametrize("layout", LORA_LAYOUTS)
+def test_lora_merged_and_exported_gives_the_adapters_logits_in_transformers(layout, hf, tmp_path, one_thread):
+    _, model = lora_gpt(layout, torch.float32)
+    with torch.no_grad():
+        ours = model(LORA_X)[0]
+    export.export(lora.merge_lora(model), None, str(tmp_path))
+    theirs = hf.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (theirs(LORA_X).logits - ours).abs().max() <= 1e-5 * ours.abs().max()
+
+
+def test_lora_state_dict_holds_only_the_adapters_and_round_trips(one_thread):
+    _, model = lora_gpt("llama_gqa_untied")
+    sd = lora.lora_state_dict(model)
+    assert len(sd) == 16 and {k.rsplit(".", 1)[-1] for k in sd} == {"lora_A", "lora_B"}
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    other = gpt_with(spread=0.05, **LORA_LAYOUTS["llama_gqa_untied"]).double()  # the same base
+    torch.manual_seed(1)  # another A, and B = 0
+    lora.add_lora(other, 4, 8, "all")
+    assert not torch.equal(other.transformer.h[0].attn.c_attn.lora_A, sd["transformer.h.0.attn.c_attn.lora_A"])
+    lora.load_lora(other, torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(other(LORA_X)[0], model(LORA_X)[0])
+    for wrong in (lora.add_lora(gpt_with(**LORA_LAYOUTS["llama_gqa_untied"]), 2, 8, "all"),  # rank 2
+                  lora.add_lora(gpt_with(**LORA_LAYOUTS["llama_gqa_untied"]), 4, 8, ("c_attn",))):
+        with pytest.raises(SystemExit, match=r"^error: the saved adapters do not fit this model .*lora_rank"):
+            lora.load_lora(wrong, sd)
+
+
+def test_lora_compiles_without_graph_breaks_and_trains_under_autocast(one_thread):
+    _, model = lora_gpt(dtype=torch.float32)
+    grads = {}
+    for compiled in (False, True):
+        step = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        with torch.autocast("cpu", torch.bfloat16):
+            logits, loss = step(LORA_X, LORA_Y)
+        loss.backward()
+        assert logits.dtype == torch.bfloat16
+        grads[compiled] = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and g.dtype == torch.float32 for g in grads[compiled])
+        model.zero_grad(set_to_none=True)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * a.abs().max().item())
 
 
 # ============================================================================ repo-wide
