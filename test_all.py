@@ -1,7 +1,8 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, checkpoint, train, sample, rlhf, eval, export, plot, bench), each test
-in the section of the script whose behaviour it proves; then repo-wide checks. Tiny models, tiny data, CPU only.
+(configurator, bpe, prepare, model, fp8, checkpoint, train, sample, rlhf, eval, export, plot, bench, chat_data and
+gsm8k), each test in the section of the script whose behaviour it proves; then repo-wide checks. Tiny models, tiny
+data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
