@@ -1,7 +1,8 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench), each test
-in the section of the script whose behaviour it proves; then repo-wide checks. Tiny models, tiny data, CPU only.
+(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench, lora,
+chat_data and gsm8k), each test in the section of the script whose behaviour it proves; then repo-wide checks. Tiny
+models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
@@ -50,10 +51,12 @@ sys.path.insert(0, HERE)  # the scripts under test, wherever pytest is started f
 import addition  # noqa: E402
 import bench  # noqa: E402
 import bpe  # noqa: E402
+import chat_data  # noqa: E402
 import checkpoint  # noqa: E402
 import eval as ev  # noqa: E402
 import export  # noqa: E402
 import fp8  # noqa: E402
+import gsm8k  # noqa: E402
 import lora  # noqa: E402
 import plot  # noqa: E402
 import prepare  # noqa: E402
@@ -4648,6 +4651,240 @@ def test_lora_compiles_without_graph_breaks_and_trains_under_autocast(one_thread
         model.zero_grad(set_to_none=True)
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * a.abs().max().item())
+
+
+# ============================================================================ chat_data.py and gsm8k.py
+GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 72")
+
+
+def chat(*turns):  # [("user", "hi"), ...] -> messages as the Hub's parquet files hold them: structs (content, role)
+    return [dict(content=c, role=r) for r, c in turns]
+
+
+def hub_tables():
+    """{name: {split: pyarrow table}} shaped exactly like the real files: their column names, types and nesting."""
+    pa = pytest.importorskip("pyarrow")
+    msgs = pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))
+    gsm8k = pa.table({"question": [f"Natalia sold clips to {n} of her friends in April, and then she sold half as "
+                                   f"many clips in May. How many clips did Natalia sell altogether?"
+                                   for n in range(40)],
+                      "answer": [GSM8K_SOLUTION] * 39 + ["no final line"]})
+    smoltalk = pa.table({"full_topic": ["Greetings", "Weather", "Bad"],
+                         "messages": pa.array([chat(("user", "Hi"), ("assistant", "Hello! How can I help?")),
+                                               chat(("system", "Be brief."), ("user", "Rain?"), ("assistant", "Yes.")),
+                                               chat(("user", "Hi"), ("tool", "42"))], msgs)})
+    prefs = dict(prompt=["What is 2+2?", "Tell a joke", "Tie"], prompt_id=["a", "b", "c"],
+                 chosen=pa.array([chat(("user", "What is 2+2?"), ("assistant", "4")),
+                                  chat(("user", "Tell a joke"), ("assistant", "Knock knock."), ("user", "Who?"),
+                                       ("assistant", "Lettuce.")),
+                                  chat(("user", "Tie"), ("assistant", "same"))], msgs),
+                 rejected=pa.array([chat(("user", "What is 2+2?"), ("assistant", "5")),
+                                    chat(("user", "Tell a joke"), ("assistant", "Knock knock."), ("user", "Who?"),
+                                         ("assistant", "No.")),
+                                    chat(("user", "Tie"), ("assistant", "same"))], msgs),
+                 score_chosen=[9.0, 8.0, 5.0], score_rejected=[2.0, 3.0, 5.0])
+    prefs["messages"] = prefs["chosen"]
+    choices = pa.struct([("text", pa.list_(pa.string())), ("label", pa.list_(pa.string()))])
+    arc = pa.table({"id": ["Mercury_1", "NYSEDREGENTS_2", "X_3"],
+                    "question": ["Which is a gas?", "Which is a metal?", "Broken?"],
+                    "choices": pa.array([dict(text=["rock", "steam", "wood"], label=["A", "B", "C"]),
+                                         dict(text=["iron", "salt", "sand", "glass"], label=["1", "2", "3", "4"]),
+                                         dict(text=["a", "b"], label=["A", "B"])], choices),
+                    "answerKey": ["B", "1", "E"]})
+    mmlu = pa.table({"question": ["2+2?", "Capital of France?"], "subject": ["elementary_mathematics", "geography"],
+                     "choices": [["3", "4", "5", "6"], ["Paris", "Rome", "Bern", "Oslo"]],
+                     "answer": pa.array([1, 0], pa.int64())})
+    prefs = pa.table(prefs)
+    return dict(gsm8k=dict(train=gsm8k, test=gsm8k.slice(0, 3)),
+                smoltalk=dict(train=pa.concat_tables([smoltalk] * 4), test=smoltalk),
+                ultrafeedback=dict(train=pa.concat_tables([prefs] * 4), test=prefs),
+                arc_easy=dict(train=arc, val=arc, test=arc), arc_challenge=dict(train=arc, val=arc, test=arc),
+                mmlu=dict(train=mmlu, val=mmlu, test=mmlu))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local stand-in for the Hub serving the fixtures (with Range requests); chat_data.SOURCES points at it, with
+    the size and sha256 given for some files and pinned on first download for the others. Yields (requests, root)."""
+    import pyarrow.parquet as pq
+    files, requests = {}, []
+    sources = {}
+    for name, splits in hub_tables().items():
+        sources[name] = {}
+        for split, table in splits.items():
+            path = tmp_path / "hub" / f"{name}-{split}.parquet"
+            os.makedirs(path.parent, exist_ok=True)
+            pq.write_table(table, str(path))
+            files[f"/{name}/{split}.parquet"] = path.read_bytes()
+            known = name in ("gsm8k", "arc_challenge")  # the ones chat_data.py knows the size or sha256 of
+            sources[name][split] = (f"/{name}/{split}.parquet", path.stat().st_size if known else None,
+                                    prepare.file_sha256(path) if known else None)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            body = files.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setattr(chat_data, "SOURCES", {n: {s: (base + u, size, sha) for s, (u, size, sha) in splits.items()}
+                                               for n, splits in sources.items()})
+    for key in ("which", "data_root", "smoltalk_subset", "val_every"):  # main() sets them: restored after the test
+        monkeypatch.setattr(chat_data, key, getattr(chat_data, key))
+    yield requests, tmp_path / "data"
+    server.shutdown()
+
+
+def chat_data_main(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["chat_data.py", *args])
+    chat_data.main()
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_chat_data_downloads_each_file_once_and_writes_every_split(hub, monkeypatch, capsys):
+    requests, root = hub
+    chat_data_main(monkeypatch, f"--data_root={root}", "--val_every=4")
+    out = capsys.readouterr().out
+    expected = {f"{n}_{s}.jsonl" for n in chat_data.SOURCES for s in ("train", "val", "test")}
+    assert set(os.listdir(root / "chat")) == expected
+    for name in expected:  # the printed report: rows and bytes of every file
+        path = root / "chat" / name
+        assert f"{path}: {len(read_rows(path))} rows, {path.stat().st_size} bytes" in out
+    assert sorted(requests) == sorted(f"/{n}/{s}.parquet" for n, splits in chat_data.SOURCES.items() for s in splits)
+    downloads = os.listdir(root / "downloads")  # every file's sha256 pinned, whether known or not
+    assert all(f"{n}.sha256" in downloads for n in downloads if n.endswith(".parquet"))
+    before, n_requests = {n: (root / "chat" / n).read_bytes() for n in expected}, len(requests)
+    assert all(before.values())  # no split is empty
+    chat_data_main(monkeypatch, f"--data_root={root}", "--val_every=4")
+    assert len(requests) == n_requests and {n: (root / "chat" / n).read_bytes() for n in expected} == before
+
+
+def test_chat_data_gsm8k_rows_are_sft_rows_and_rl_prompts_with_their_answer(hub, monkeypatch):
+    _, root = hub
+    chat_data_main(monkeypatch, f"--data_root={root}", "--which=gsm8k", "--val_every=4")
+    train, val, test = (read_rows(root / "chat" / f"gsm8k_{s}.jsonl") for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (30, 9, 3)  # 39 usable train rows (one has no "####"): 1 in 4 to val
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    assert train[0]["response"] == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips "
+                                    "altogether in April and May.\n#### 72")  # no calculator annotations
+    assert all(r["answer"] == "72" and gsm8k.judge(r, r["response"]) == 1.0 for r in train + val + test)
+    for fields in ([("messages",), ("prompt", "response")], [("prompt",)]):  # rlhf.py's SFT and RL prompt files
+        assert len(rlhf.read_jsonl(str(root / "chat" / "gsm8k_train.jsonl"), fields)) == 30
+
+
+def test_chat_data_smoltalk_and_ultrafeedback_become_rlhf_sft_and_preference_rows(hub, monkeypatch):
+    _, root = hub
+    chat_data_main(monkeypatch, f"--data_root={root}", "--which=smoltalk,ultrafeedback", "--val_every=4")
+    sft = read_rows(root / "chat" / "smoltalk_test.jsonl")  # the row with a "tool" turn is left out
+    assert sft == [dict(messages=[dict(role="user", content="Hi"), dict(role="assistant", content="Hello! How can I "
+                                                                                                  "help?")]),
+                   dict(messages=[dict(role="system", content="Be brief."), dict(role="user", content="Rain?"),
+                                  dict(role="assistant", content="Yes.")])]
+    prefs = read_rows(root / "chat" / "ultrafeedback_test.jsonl")  # the tie is left out
+    assert prefs == [dict(prompt="What is 2+2?", chosen="4", rejected="5"),
+                     dict(prompt=[dict(role="user", content="Tell a joke"), dict(role="assistant", content="Knock "
+                                  "knock."), dict(role="user", content="Who?")], chosen="Lettuce.", rejected="No.")]
+    assert len(rlhf.read_jsonl(str(root / "chat" / "smoltalk_train.jsonl"), [("messages",)])) == 6  # 8 usable, 2 to val
+    assert len(rlhf.read_jsonl(str(root / "chat" / "ultrafeedback_test.jsonl"),
+                               [("prompt", "chosen", "rejected")])) == 2
+    assert [m["role"] for m in rlhf.as_messages(prefs[1]["prompt"])] == ["user", "assistant", "user"]
+
+
+def test_chat_data_arc_and_mmlu_rows_are_multiple_choice_rows_eval_py_scores(hub, monkeypatch):
+    _, root = hub
+    chat_data_main(monkeypatch, f"--data_root={root}", "--which=arc,mmlu")
+    arc = ev.read_mc(str(root / "chat" / "arc_challenge_test.jsonl"))  # eval.py's reader accepts them as they are
+    assert [(r["question"], r["choices"], r["answer"]) for r in arc] == [
+        ("Which is a gas?", ["rock", "steam", "wood"], 1), ("Which is a metal?", ["iron", "salt", "sand", "glass"], 0)]
+    assert arc[0]["context"] == "Question: Which is a gas?\nAnswer:"
+    assert arc[0]["endings"] == [" rock", " steam", " wood"]
+    assert all(r["label"] == r["answer"] for r in arc)  # the answerKey "E" that is no label is left out
+    mmlu = ev.read_mc(str(root / "chat" / "mmlu_val.jsonl"))
+    assert [(r["subject"], r["choices"][r["label"]]) for r in mmlu] == [("elementary_mathematics", "4"),
+                                                                         ("geography", "Paris")]
+
+
+def test_chat_data_a_changed_file_on_the_hub_is_a_checksum_error_and_is_removed(hub, monkeypatch):
+    _, root = hub
+    url, size, sha = chat_data.SOURCES["gsm8k"]["test"]
+    monkeypatch.setitem(chat_data.SOURCES["gsm8k"], "test", (url, None, "0" * 64))
+    with pytest.raises(SystemExit, match="^error: checksum mismatch"):
+        chat_data_main(monkeypatch, f"--data_root={root}", "--which=gsm8k")
+    assert not os.path.exists(root / "downloads" / "gsm8k-test.parquet")
+
+
+def test_chat_data_offline_unknown_names_and_missing_pyarrow_are_one_line_errors(hub, monkeypatch, tmp_path):
+    _, root = hub
+    with pytest.raises(SystemExit, match=r"^error: unknown dataset hellaswag in --which; choose from gsm8k, "):
+        chat_data_main(monkeypatch, "--which=gsm8k,hellaswag")
+    monkeypatch.setitem(chat_data.SOURCES, "mmlu", {"test": ("http://127.0.0.1:9/mmlu.parquet", None, None)})
+    with pytest.raises(SystemExit, match=r"^error: cannot download http://127.0.0.1:9/mmlu.parquet .*no network\?"):
+        chat_data_main(monkeypatch, f"--data_root={root}", "--which=mmlu")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow.parquet` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(SystemExit, match=r"^error: reading the datasets' \.parquet files needs pyarrow; "
+                                         r"`pip install pyarrow`$"):
+        chat_data_main(monkeypatch, f"--data_root={tmp_path / 'fresh'}", "--which=gsm8k")
+    assert not os.path.exists(tmp_path / "fresh")  # found before any download
+
+
+@pytest.mark.parametrize("text, number", [
+    (GSM8K_SOLUTION, "72"), ("So the total is 1,000 + 234 = 1,234.\n#### 1,234", "1234"),
+    ("#### $1,000.", "1000"), ("#### 3.50", "3.5"), ("#### -5", "-5"), ("#### -$5", "-5"), ("#### .5", "0.5"),
+    ("#### 5 apples and 6 pears", "5"), ("#### 3\nno, wait\n#### 4", "4"), ("#### 1,2,3", "1"), ("#### 0.0", "0"),
+    ("The answer is 72.", None), ("", None), ("####", None), ("#### seventy-two", None), (None, None)])
+def test_gsm8k_answer_is_the_first_number_after_the_last_hashes_or_none(text, number):
+    assert gsm8k.gsm8k_answer(text) == number
+
+
+def test_gsm8k_reward_compares_numbers_not_strings_and_the_judge_reads_the_rows_answer():
+    assert gsm8k.gsm8k_reward("q", "#### 1,000", "1000") == 1.0 and gsm8k.gsm8k_reward("q", "#### 3.5", "3.50") == 1.0
+    assert gsm8k.gsm8k_reward("q", "#### 1001", "1000") == 0.0 and gsm8k.gsm8k_reward("q", "1000", "1000") == 0.0
+    assert gsm8k.gsm8k_reward(dict(prompt="q"), "#### -7", -7) == 1.0
+    assert gsm8k.judge(dict(prompt="q", answer="72"), "24 + 48 = 72\n#### 72") == 1.0
+    assert gsm8k.judge(dict(prompt="q", answer="72"), "#### 71") == 0.0
+    with pytest.raises(SystemExit, match='^error: a GSM8K row needs "answer", a number'):
+        gsm8k.judge(dict(prompt="q"), "#### 72")
+
+
+def test_gsm8k_synthetic_problems_are_deterministic_distinct_and_their_worked_answers_right(tmp_path):
+    for d in ("a", "b"):
+        run("gsm8k.py", "--synthetic", f"--out={tmp_path / d}", "--n_train=300", "--n_val=50", "--n_test=100")
+    splits = {s: read_rows(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in os.listdir(tmp_path / "a"))
+    assert [len(r) for r in splits.values()] == [300, 50, 100]
+    rows = [r for rs in splits.values() for r in rs]
+    assert len({r["prompt"] for r in rows}) == 450  # no problem in two splits
+    step = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    for r in rows:  # recompute: every step's operands come from the question or earlier steps, its result is right
+        known, last = set(re.findall(r"\d+", r["prompt"])), None
+        steps = step.findall(r["response"])
+        assert 2 <= len(steps) <= 4 and r["response"].endswith(f"#### {r['answer']}")
+        for a, op, b, c in steps:
+            assert a in known and b in known, (r, a, b)
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b),
+                              "/": int(a) / int(b) if int(b) else None}[op] and int(c) > 0
+            known.add(c)
+            last = c
+        assert r["answer"] == last and gsm8k.judge(r, r["response"]) == 1.0
+    assert run("gsm8k.py", check=False).stderr.strip().startswith("error: nothing to do; pass --synthetic")
 
 
 # ============================================================================ repo-wide
