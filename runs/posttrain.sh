@@ -33,10 +33,11 @@ stage() {  # stage NAME SCRIPT [--key=value ...]: python SCRIPT ... with out_dir
     touch "$DIR/$name/done"
     echo "$name: done in $((SECONDS - t0))s"
 }
-rl() {  # rl STAGE CONFIG [--key=value ...]: an rlhf.py stage of seed $s from its SFT model
-    local name=$1-s$s config=$2
+rl() {  # rl STAGE CONFIG [--key=value ...]: an rlhf.py stage of seed $s from its SFT model, evaluated on all 300
+    local name=$1-s$s config=$2  # held-out problems (the table's scores are the last evaluation's)
     shift 2
-    stage "$name" rlhf.py "$config" --init_from="$DIR/sft-s$s" --out_dir="$DIR/$name" --seed="$s" "$@" "${ARGS[@]}"
+    stage "$name" rlhf.py "$config" --init_from="$DIR/sft-s$s" --out_dir="$DIR/$name" --seed="$s" --eval_samples=300 \
+        "$@" "${ARGS[@]}"
 }
 bg() { if [ "$PAR" = 1 ]; then "$@" & pids+=($!); else "$@"; fi; }  # in the background with PAR=1
 join() { for p in "${pids[@]}"; do wait "$p"; done; pids=(); }      # a failure there stops the script
