@@ -4,6 +4,7 @@ Measurements anyone can rerun.
     python bench.py --mode=train      # training throughput, MFU, memory (GPU)
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
     python bench.py --mode=prepare    # prepare.py's tokenization MB/s on 1 to all cores (parquet corpus, pyarrow)
+Whole runs over seeds are runs/speedrun.sh (time to a val loss) and runs/posttrain.sh (the post-training chain).
 """
 import ast
 import filecmp

@@ -11,7 +11,7 @@ thin line, evaluations' val loss as dots), and the learning rate. Tokens come fr
 rows have none, from step x tokens per step of the run's checkpoint config; wall time from each row's `elapsed_s`.
 A panel none of the runs has data for says so. Needs matplotlib (pip install matplotlib), imported only here.
 
-    python plot.py --table out/speedrun/*/        # a table instead: per run name, mean +- std over its seeds
+    python plot.py --table out/speedrun/*/                                           # a table: mean +- std over seeds
 
 --table groups the runs by name, a directory's name less a seed suffix (recipe-s0, recipe-s1: recipe), and prints
 per name: the best val loss, the seconds and steps to `target` (from launch when runs/*.sh wrote the run's launch
