@@ -11,11 +11,11 @@ thin line, evaluations' val loss as dots), and the learning rate. Tokens come fr
 rows have none, from step x tokens per step of the run's checkpoint config; wall time from each row's `elapsed_s`.
 A panel none of the runs has data for says so. Needs matplotlib (pip install matplotlib), imported only here.
 
-    python plot.py --table out/speedrun/*/                                           # a table: mean +- std over seeds
+    python plot.py --table out/speedrun/*/        # a table instead (no matplotlib needed): mean +- std over seeds
 
 --table groups the runs by name, a directory's name less a seed suffix (recipe-s0, recipe-s1: recipe), and prints
-per name: the best val loss, the seconds and steps to `target` (from launch when runs/*.sh wrote the run's launch
-time, else from train.py's start), the first step's seconds, the wall time, and the last evaluation's post-training
+per name: the best val loss, the seconds and steps to `target` (from launch when runs/speedrun.sh wrote the run's
+launch time, else from train.py's start), the first step's seconds, the wall time, and the last evaluation's post-training
 scores (rlhf.py's acc, reward, KL, a reward model's pairwise accuracy).
 """
 import json
