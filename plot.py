@@ -15,8 +15,8 @@ A panel none of the runs has data for says so. Needs matplotlib (pip install mat
 
 --table groups the runs by name, a directory's name less a seed suffix (recipe-s0, recipe-s1: recipe), and prints
 per name: the best val loss, the seconds and steps to `target` (from launch when runs/speedrun.sh wrote the run's
-launch time, else from train.py's start), the first step's seconds, the wall time, and the last evaluation's post-
-training scores (rlhf.py's acc, reward, KL, a reward model's pairwise accuracy).
+launch time, else from train.py's start), the first step's seconds, the wall time, and the last evaluation's
+post-training scores (rlhf.py's acc, reward, KL, a reward model's pairwise accuracy).
 """
 import json
 import os
