@@ -3,9 +3,8 @@ Measurements anyone can rerun.
     python bench.py --mode=bpe        # tokenizer training and encoding speed (CPU)
     python bench.py --mode=train      # training throughput, MFU, memory (GPU)
     python bench.py --mode=generate   # generation tokens/s with and without the KV cache (GPU)
-    python bench.py --mode=rlhf       # the post-training pipeline on the built-in task: accuracy, reward, KL
-    python bench.py --mode=speedrun   # wall time from launch to a target val loss: recipe against baseline, seeds
     python bench.py --mode=prepare    # prepare.py's tokenization MB/s on 1 to all cores (parquet corpus, pyarrow)
+Whole runs over seeds are runs/speedrun.sh (time to a val loss) and runs/posttrain.sh (the post-training chain).
 """
 import ast
 import filecmp
@@ -18,15 +17,11 @@ import random
 import re
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import fields
 from itertools import cycle
 from types import SimpleNamespace
@@ -34,13 +29,6 @@ from types import SimpleNamespace
 from configurator import configure
 
 mode = "train"
-# --mode=rlhf: the pipeline of rlhf.py on its built-in task, in rlhf_dir (stages already there are reused)
-rlhf_dir = "out/bench-rlhf"
-rlhf_json = "out/bench-rlhf/results.json"
-rlhf_seeds = (1337, 1, 2)   # the whole pipeline once per seed, in rlhf_dir/seed<N>; the table: mean +- std
-rlhf_parallel = 1           # stage processes at once, over all seeds; a stage starts when the ones it reads are done
-rlhf_args = ()              # extra --key=value for every rlhf.py stage, e.g. ("--device=cpu",)
-rlhf_train_args = ()        # extra --key=value for the pretraining (train.py config/add.py)
 # --mode=train: train.py's own step (train.parallelize + train.train_step) timed on the model of train_config
 train_config = ""           # a train.py config file; "" = train.py's defaults (GPT-2 124M shape)
 train_common = "vocab_size=50304 bias=False dropout=0.0 batch_size=32 gradient_accumulation_steps=1 compile=True"
@@ -67,16 +55,6 @@ gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; 
                             # sample.py; warm_up=False: no sample.warm_up while the checkpoint loads)
 gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
 gen_sample_runs = 3         # and `python sample.py` itself on the same checkpoint, from launch to exit, so many times
-# --mode=speedrun: train.py runs from launch (start-up, data, compile and evals included) to a val-loss target
-speedrun_config = "config/speedrun_small.py"     # the recipe
-speedrun_baseline = "config/speedrun_small_base.py"  # the baseline (GPT-2 layout + AdamW) on the same tokens; "": none
-speedrun_variants = ""      # ";"-separated overrides of the recipe, one row each (the ablation): "unet_skips=False"
-speedrun_common = ""        # overrides for every run ("device=cpu max_iters=50" for a quick check)
-speedrun_seeds = 3
-speedrun_target = 0.0       # val loss to reach; 0 = the baseline's best val loss (mean over its seeds)
-speedrun_parallel = 1       # runs at once (on one GPU: small models leave it idle; their times then overlap)
-speedrun_dir = "out/speedrun"
-speedrun_data_root = "data" # where the small corpus is made (data_root/stdlib-1mb)
 # --mode=prepare: prepare.py on a parquet corpus made of the default corpus's documents, shuffled and repeated
 prepare_mb = 300            # corpus size in MB of text
 prepare_procs = (1, 4, 8, 16)  # --num_proc of each run (the same tokenizer each time)
@@ -84,15 +62,6 @@ prepare_vocab = 50257       # GPT-2's vocabulary size, as for fineweb-edu
 prepare_dir = "out/bench-prepare"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def mean_std(xs, fmt=".4g", sd_fmt=".2g"):
-    """'mean +- std' of xs; a single value alone; '-' for none, or when one is nan."""
-    if not xs or any(x != x for x in xs):
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:{fmt}}"
-    return f"{statistics.mean(xs):{fmt}} +- {statistics.stdev(xs):{sd_fmt}}"
 
 
 def row_text(cells, widths):
@@ -629,275 +598,6 @@ def random_checkpoint(out_dir, model_args):
     return out_dir
 
 
-def rlhf_task(name):
-    """A file of the built-in task's data, shared by every seed (the held-out problems included)."""
-    return os.path.join(rlhf_dir, "task", name)
-
-
-def rlhf_chain(s):
-    """Seed s's out_dirs {stage: folder} and its stages [(stage, the file that shows it finished, its command,
-    the stages it reads)]: each stage runs its config file, as a user runs it, with --seed=s."""
-    d, t = os.path.join(rlhf_dir, f"seed{s}"), rlhf_task
-    out = {n: os.path.join(d, n) for n in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "rm-onpol", "ppo-onpol",
-                                            "grpo", "rloo")}
-    ev, prompts = f"--eval_prompts={t('prompts_val.jsonl')}", f"--data={t('prompts.jsonl')}"
-
-    def rl(cfg, name, *args, parent="sft", rm=None, after=()):  # an rlhf.py stage, from its parent's checkpoint
-        cmd = ["rlhf.py", cfg, f"--init_from={out[parent]}", f"--out_dir={out[name]}", f"--seed={s}", *args, *rlhf_args]
-        if rm:
-            cmd.append(f"--reward_model={out[rm]}")
-        return name, os.path.join(out[name], "latest.json"), cmd, [parent, *([rm] if rm else []), *after]
-    base = ["train.py", "config/add.py", f"--data_root={os.path.join(rlhf_dir, 'data')}", f"--out_dir={out['base']}",
-            f"--seed={s}", *rlhf_train_args]
-    label = ["rlhf.py", "config/label.py", f"--init_from={out['sft']}", prompts, f"--label_out={d}/prefs_sft.jsonl",
-             f"--seed={s}", *rlhf_args]
-    return out, [
-        ("base", os.path.join(out["base"], "latest.json"), base, []),
-        rl("config/sft.py", "sft", f"--data={t('sft.jsonl')}", f"--val_data={t('sft_val.jsonl')}", ev, parent="base"),
-        rl("config/rm.py", "rm", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}"),
-        rl("config/ppo.py", "ppo", prompts, ev, rm="rm"),
-        rl("config/ppo.py", "ppo-judge", "--reward_model=task", prompts, ev),
-        rl("config/dpo.py", "dpo", f"--data={t('prefs.jsonl')}", f"--val_data={t('prefs_val.jsonl')}", ev),
-        rl("config/grpo.py", "grpo", "--reward_model=task", prompts, ev),
-        rl("config/rloo.py", "rloo", "--reward_model=task", prompts, ev),
-        ("label", os.path.join(d, "prefs_sft_val.jsonl"), label, ["sft"]),
-        rl("config/rm.py", "rm-onpol", f"--data={t('prefs.jsonl')},{d}/prefs_sft.jsonl",  # config/rm.py's mix
-           f"--val_data={d}/prefs_sft_val.jsonl", after=["label"]),
-        rl("config/ppo.py", "ppo-onpol", prompts, ev, rm="rm-onpol")]
-
-
-def run_chain(s, chain, times_path, slots):
-    """A chain's stages, each a fresh process logging to <stage>.log, started once the stages it reads have
-    finished and one of `slots` (a semaphore shared by all chains) is free; times_path keeps the finished ones."""
-    times = json.load(open(times_path)) if os.path.exists(times_path) else {}
-    lock, futures = threading.Lock(), {}
-
-    def run(name, done, cmd, needs):
-        for n in needs:
-            futures[n].result()  # a failed stage fails the stages that read it
-        if name in times and os.path.exists(done):
-            return
-        if done.endswith("latest.json") and os.path.isdir(os.path.dirname(done)):  # a run cut short: again
-            shutil.rmtree(os.path.dirname(done))
-        log = os.path.join(os.path.dirname(times_path), f"{name}.log")
-        with slots, open(log, "w") as f:
-            t0 = time.time()
-            f.write(f"--- python {' '.join(cmd)}\n")
-            f.flush()
-            if subprocess.run([sys.executable] + cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
-                raise SystemExit(f"error: seed {s}, stage {name} failed (see {log}); fix it and rerun, "
-                                 f"finished stages in {rlhf_dir} are reused")
-            with lock:
-                times[name] = time.time() - t0
-                save_json(times_path, times)
-        print(f"seed {s}: {name} done in {times[name]:.0f}s ({log})", flush=True)
-    with ThreadPoolExecutor(len(chain)) as pool:  # threads only wait on their parents and their process
-        for name, done, cmd, needs in chain:  # a chain lists a stage after the stages it reads
-            futures[name] = pool.submit(run, name, done, cmd, needs)
-        for f in futures.values():
-            f.result()
-    return times
-
-
-def pairwise_accuracy(rm, tok, path):
-    """How often a reward model scores the chosen answer above the rejected one, on a file of held-out pairs."""
-    import torch
-    import rlhf
-    pairs = rlhf.read_jsonl(path, [("prompt", "chosen", "rejected")])
-    ids, mask, last = rlhf.pair_batch(tok, pairs)
-    with torch.no_grad():
-        r = rlhf.reward_scores(*rm, ids, mask, last)
-    return (r[:len(pairs)] > r[len(pairs):]).float().mean().item()
-
-
-def rlhf_evaluate(s, out, prompts, times):
-    """Seed s's figures: every policy by rlhf.evaluate (KL to its SFT model, reward by its rm-onpol), each RM's
-    pairwise accuracy on offline and on-policy held-out pairs, the label stage's pair count; each with wall_s."""
-    import rlhf
-    from sample import load
-    d = os.path.join(rlhf_dir, f"seed{s}")
-    sft, tok = load(out["sft"], "cpu")
-    rms = {name: rlhf.load_reward_model(out[name], "cpu") for name in ("rm", "rm-onpol")}
-    res = {name: rlhf.evaluate(load(out[name], "cpu")[0], tok, prompts, nullcontext(), rlhf.max_new_tokens,
-                               rlhf.no_end_score, ref=sft, rm=rms["rm-onpol"], seed=0)
-           for name in ("base", "sft", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "ppo-onpol")}
-    for name, m in rms.items():
-        res[name] = {"offline": pairwise_accuracy(m, tok, rlhf_task("prefs_val.jsonl")),
-                     "on-policy": pairwise_accuracy(m, tok, os.path.join(d, "prefs_sft_val.jsonl"))}
-    res["label"] = {"pairs": sum(1 for _ in open(os.path.join(d, "prefs_sft.jsonl")))}
-    for name, r in res.items():
-        r["wall_s"] = times.get(name, math.nan)
-    return res
-
-
-def print_rlhf_table(results, n_prompts):
-    def ms(name, key, fmt=".3f"):  # results[seed][name][key] over the seeds
-        return mean_std([r[name][key] for r in results.values()], fmt, fmt)
-    print(f"\nbuilt-in task ({n_prompts} held-out problems), mean +- std over seeds {', '.join(map(str, results))} "
-          f"({rlhf_parallel} stage(s) at a time: wall s includes their contention); acc = exact match, sampled at "
-          f"temperature 1 or greedy; reward = the samples' mean score by the seed's rm-onpol; KL = to the seed's SFT "
-          f"model, nats/response; ppo = PPO on the offline pairs' RM, ppo-judge / grpo / rloo = on the programmatic "
-          f"judge; rm-onpol / ppo-onpol: the RM also trained on the SFT model's samples labelled by the judge, PPO "
-          f"on it")
-    widths = (10, 15, 15, 15, 15, 12)
-    print(row_text(("stage", "acc(sampled)", "acc(greedy)", "reward", "KL", "wall s"), widths))
-    for name in ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "label", "rm-onpol", "ppo-onpol"):
-        if name in ("rm", "rm-onpol"):
-            cells = [f"pairwise acc offline {ms(name, 'offline')}, on-policy {ms(name, 'on-policy')}"]
-        elif name == "label":
-            cells = [ms(name, "pairs", ".0f") + " on-policy pairs (prefs_sft.jsonl)"]
-        else:
-            cells = [ms(name, k) for k in ("acc_sampled", "acc_greedy", "reward", "kl")]
-        spans = widths[1:5] if len(cells) == 4 else [sum(widths[1:5]) + 3]  # one text across the four columns
-        print(row_text((name, *cells, ms(name, "wall_s", ".0f")), (widths[0], *spans, widths[5])))
-
-
-def bench_rlhf():
-    """rlhf.py's built-in task end to end once per seed (rlhf_chain), then every model evaluated on the held-out
-    problems (rlhf_evaluate), mean +- std over the seeds. Besides the offline pairs' RM, the InstructGPT way: the
-    SFT model's samples labelled by the judge, an RM on those too, PPO on it. Finished stages are reused: delete
-    rlhf_dir (or a stage's folder) to rerun them."""
-    import rlhf
-    task, data = os.path.join(rlhf_dir, "task"), os.path.join(rlhf_dir, "data")
-    t0 = time.time()
-    shared = [("task", rlhf_task("prompts_val.jsonl"), ["rlhf.py", "--stage=task", f"--task_dir={task}"], []),
-              ("data", os.path.join(data, "add", "meta.json"), ["prepare.py", f"--input={rlhf_task('corpus.txt')}",
-                                                                f"--data_root={data}", "--dataset=add",
-                                                                "--vocab_size=261"], ["task"])]
-    os.makedirs(rlhf_dir, exist_ok=True)
-    slots = threading.Semaphore(rlhf_parallel)
-    run_chain("-", shared, os.path.join(rlhf_dir, "times.json"), slots)
-    chains = {s: rlhf_chain(s) for s in rlhf_seeds}
-    for s in rlhf_seeds:
-        os.makedirs(os.path.join(rlhf_dir, f"seed{s}"), exist_ok=True)
-    print(f"{len(rlhf_seeds)} seeds, {rlhf_parallel} stage(s) at a time: "
-          f"{', '.join(n for n, *_ in chains[rlhf_seeds[0]][1])}", flush=True)
-    with ThreadPoolExecutor(len(rlhf_seeds)) as pool:
-        futures = {s: pool.submit(run_chain, s, chains[s][1], os.path.join(rlhf_dir, f"seed{s}", "times.json"), slots)
-                   for s in rlhf_seeds}
-        times = {s: f.result() for s, f in futures.items()}
-    print(f"all stages in {time.time() - t0:.0f}s; evaluating", flush=True)
-    prompts = [r["prompt"] for r in rlhf.read_jsonl(rlhf_task("prompts_val.jsonl"), [("prompt",)])]
-    results = {}
-    for s in rlhf_seeds:
-        results[s] = rlhf_evaluate(s, chains[s][0], prompts, times[s])
-        print(f"seed {s}: evaluated", flush=True)
-    print_rlhf_table(results, len(prompts))
-    save_json(rlhf_json, dict(seeds=list(rlhf_seeds), results={str(s): r for s, r in results.items()},
-                              n_prompts=len(prompts)))
-    print(f"wrote {rlhf_json}")
-
-
-def speedrun_data(data_root="data", name="stdlib-1mb", max_bytes=1_000_000):
-    """The small corpus of the speedrun recipes: ~1 MB of the default corpus (every 10th stdlib .py file in sorted
-    order, whole files, for variety), byte level (vocab 256 + the 5 special tokens), every 10th file held out."""
-    from prepare import corpus_files, read_documents
-    if os.path.exists(os.path.join(data_root, name, "meta.json")):
-        return
-    src = os.path.join(data_root, name + ".txt")
-    os.makedirs(data_root, exist_ok=True)
-    with open(src, "w", encoding="utf-8") as f:
-        size = 0
-        for doc in read_documents(corpus_files("stdlib")[::10], strict=False):
-            if "<|endoftext|>" in doc:
-                continue
-            f.write(doc + "\n<|endoftext|>\n")
-            size += len(doc.encode())
-            if size >= max_bytes:
-                break
-    subprocess.run([sys.executable, "prepare.py", f"--input={src}", f"--dataset={name}", f"--data_root={data_root}",
-                    "--vocab_size=261", "--val_fraction=0.1"], check=True)
-
-
-def speedrun_one(config, overrides, seed, out_dir):
-    """Starts one train.py run in a fresh process; returns (the process, its launch time, its command)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, "train.py", config, *("--" + kv for kv in shlex.split(speedrun_common + " " + overrides)),
-           f"--seed={seed}", f"--out_dir={out_dir}", f"--data_root={speedrun_data_root}", "--save_checkpoints=False"]
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=open(out_dir + ".log", "w"), stderr=subprocess.STDOUT)
-    return proc, t0, cmd
-
-
-def best_val(rows):
-    return min(r["val_loss"] for r in rows if "val_loss" in r)
-
-
-def run_speedruns(runs):
-    """Each run once per seed, speedrun_parallel at a time, the baseline's first (overlapping only each other)."""
-    results, active = {}, []
-    pending = [(name, config, ov, seed) for name, config, ov in runs for seed in range(speedrun_seeds)]
-    while pending or active:
-        while pending and len(active) < speedrun_parallel and (pending[0][0] == "baseline" or
-                                                               all(a[0][0] != "baseline" for a in active)):
-            job = pending.pop(0)
-            out = os.path.join(speedrun_dir, f"{job[0].replace(' ', '_').replace('=', '-')}-s{job[3]}")
-            active.append((job, out, *speedrun_one(job[1], job[2], 1337 + job[3], out)))
-        time.sleep(0.2)
-        for a in [a for a in active if a[2].poll() is not None]:
-            active.remove(a)
-            (name, _, _, seed), out, proc, t0, cmd = a
-            if proc.returncode:
-                raise SystemExit(f"error: {' '.join(cmd)} failed:\n{open(out + '.log').read()[-2000:]}")
-            rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-            for r in [r for r in rows if "time" in r]:
-                r["wall"] = r["time"] - t0  # seconds from launch
-            results.setdefault(name, []).append(dict(seed=seed, rows=rows, wall=time.time() - t0))
-            print(f"{name} seed {seed}: best val {best_val(rows):.4f}, {time.time() - t0:.1f}s", flush=True)
-    return results
-
-
-def speedrun_table(runs, results, target):
-    """Per run name: the seeds that reached the target; per seed, the time, steps and tokens to it (of those that
-    reached it), the first step's seconds, the best val loss and the whole wall time."""
-    table = []
-    for name, _, _ in runs:
-        seeds = results[name]
-        hit = [next((r for r in run["rows"] if r.get("val_loss", 1e9) <= target), None) for run in seeds]
-        first = [next((r["first_step_s"] for r in run["rows"] if "first_step_s" in r), math.nan) for run in seeds]
-        table.append(dict(name=name, reached=sum(h is not None for h in hit), seeds=len(hit),
-                          time_to_target=[h["wall"] for h in hit if h], steps=[h["step"] for h in hit if h],
-                          tokens=[h["tokens"] for h in hit if h], first_step_s=first,
-                          best_val=[best_val(run["rows"]) for run in seeds], wall=[run["wall"] for run in seeds]))
-    return table
-
-
-def bench_speedrun():
-    """Wall time from launch to a val-loss target (default: the baseline's best, mean over seeds), for a recipe and
-    its variants against a baseline on the same tokens, as mean +- std over seeds. Every run is `python train.py
-    CONFIG --seed=S` in a fresh process, so start-up, data, compilation and evals count. Writes
-    speedrun_dir/results.json and a val-loss-vs-time plot (if matplotlib is there).
-        python bench.py --mode=speedrun                                        # config/speedrun_small*.py
-        python bench.py --mode=speedrun --speedrun_variants="unet_skips=False; value_embeds=False"
-        python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py \
-            --speedrun_baseline=config/speedrun_124m_base.py --speedrun_seeds=1"""
-    if not speedrun_baseline and not speedrun_target:
-        raise SystemExit("error: speedrun_baseline='' needs a speedrun_target (the val loss to reach)")
-    speedrun_data(speedrun_data_root)
-    runs = ([("baseline", speedrun_baseline, "")] if speedrun_baseline else []) + [("recipe", speedrun_config, "")]
-    runs += [(v.strip(), speedrun_config, v.strip()) for v in speedrun_variants.split(";") if v.strip()]
-    results = run_speedruns(runs)
-    base_best = [best_val(run["rows"]) for run in results.get("baseline", [])]
-    target = speedrun_target or statistics.mean(base_best)
-    table = speedrun_table(runs, results, target)
-    print(f"\ntarget val loss {target:.4f}" + ("" if speedrun_target else
-                                             f" (baseline best, mean of {len(base_best)} seeds)"))
-    widths = (34, 7, 16, 14, 18, 14, 14)
-    print(row_text(("run", "reached", "s to target", "steps", "best val", "first step s", "wall s"), widths))
-    for r in table:
-        print(row_text((r["name"][:34], f"{r['reached']}/{r['seeds']}", *(mean_std(r[k]) for k in (
-            "time_to_target", "steps", "best_val", "first_step_s", "wall"))), widths))
-    save_json(os.path.join(speedrun_dir, "results.json"), dict(target=target, table=table, runs=results))
-    try:  # val loss against wall time from launch, the first seed of each row
-        import plot
-        path = plot.curves({name: results[name][0]["rows"] for name, _, _ in runs},
-                           os.path.join(speedrun_dir, "val_vs_time.png"), x="wall", title=f"target {target:.4f}")
-        print(f"wrote {path}")
-    except SystemExit as e:  # matplotlib missing: the table is the result
-        print(e)
-
-
 def prepare_corpus(root, mb):
     """root/NNN.parquet files of about mb MB of text: the stdlib corpus's documents, reshuffled for each file."""
     from prepare import corpus_files, parquet_module, read_documents
@@ -950,8 +650,7 @@ def bench_prepare():
 
 if __name__ == "__main__":
     configure(globals())
-    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "rlhf": bench_rlhf,
-             "speedrun": bench_speedrun, "prepare": bench_prepare}
+    modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "prepare": bench_prepare}
     if mode not in modes:
         raise SystemExit(f"error: unknown mode '{mode}'; choose one of {', '.join(modes)}")
     modes[mode]()

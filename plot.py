@@ -10,10 +10,18 @@ config files, and --key=value sets a key, as for every script. Panels: loss agai
 thin line, evaluations' val loss as dots), and the learning rate. Tokens come from each row's `tokens` or, when the
 rows have none, from step x tokens per step of the run's checkpoint config; wall time from each row's `elapsed_s`.
 A panel none of the runs has data for says so. Needs matplotlib (pip install matplotlib), imported only here.
-From Python: plot.curves({"baseline": rows, "recipe": rows}, "val.png") draws val loss against wall time.
+
+    python plot.py --table out/speedrun/*/        # a table instead (no matplotlib needed): mean +- std over seeds
+
+--table groups the runs by name, a directory's name less a seed suffix (recipe-s0, recipe-s1: recipe), and prints
+per name: the best val loss, the seconds and steps to `target` (from launch when runs/speedrun.sh wrote the run's
+launch time, else from train.py's start), the first step's seconds, the wall time, and the last evaluation's
+post-training scores (rlhf.py's acc, reward, KL, a reward model's pairwise accuracy).
 """
 import json
 import os
+import re
+import statistics
 import sys
 
 from configurator import configure
@@ -22,6 +30,8 @@ from configurator import configure
 out = "curves.png"          # the image file to write (.png, .pdf, .svg: by matplotlib's name for it)
 labels = ""                 # comma-separated legend labels, one per run ("" = the runs' directory names)
 title = ""                  # the figure's title ("" = none)
+table = False               # print a table of the runs instead of drawing them: mean +- std over each name's seeds
+target = 0.0                # --table: the val loss to reach; 0 = the mean best val loss of the runs named baseline
 # -----------------------------------------------------------------------------
 
 
@@ -134,20 +144,66 @@ def plot_runs(runs, path, per_step=None, title=""):
     plt.close(fig)
     return path
 
+# --table's columns after the run's name and seed count: {key: header}; the post-training scores come from the last row
+# that has any of them (rlhf.py's final evaluation)
+COLUMNS = {"s_to_target": "s to target", "steps_to_target": "steps", "best_val": "best val",
+           "first_step_s": "first step s", "wall_s": "wall s", "acc_sampled": "acc(sampled)",
+           "acc_greedy": "acc(greedy)", "reward": "reward", "kl": "KL", "val_accuracy": "RM pair acc"}
+SCORES = ("acc_sampled", "acc_greedy", "reward", "kl", "val_accuracy")
 
-def curves(runs, path, x="elapsed_s", y="val_loss", title=""):
-    """One panel: y (default val loss) against x (default wall time, the rows' elapsed_s; or any row key: wall,
-    tokens, step) for several runs, {label: list of metrics rows}, e.g. a speedrun's baseline against its recipe.
-    Writes the image to path."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    draw(ax, runs, x, y, xlabel="wall time (s)" if x in ("elapsed_s", "wall") else x)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def mean_std(xs):
+    """'mean +- std' of xs; a single value alone; '-' for none."""
+    if not xs:
+        return "-"
+    return f"{xs[0]:.4g}" if len(xs) == 1 else f"{statistics.mean(xs):.4g} +- {statistics.stdev(xs):.2g}"
+
+
+def run_figures(path, target):
+    """One run's figures for --table (a key is left out where the run has no value). Seconds count from the launch
+    time in path/launch (unix seconds, as runs/speedrun.sh writes it) when there is one, else from train.py's start."""
+    rows = read_metrics(path)
+    launch = os.path.join(path, "launch")
+    t0 = float(open(launch).read()) if os.path.isfile(launch) else None
+    seconds = lambda r: r["time"] - t0 if t0 is not None and "time" in r else r.get("elapsed_s")  # noqa: E731
+    evals = [r for r in rows if "val_loss" in r]
+    last = next((r for r in reversed(rows) if any(k in r for k in SCORES)), {})
+    fig = {k: last[k] for k in SCORES if k in last}
+    fig.update(best_val=min((r["val_loss"] for r in evals), default=None), wall_s=seconds(rows[-1]) if rows else None,
+               first_step_s=next((r["first_step_s"] for r in rows if "first_step_s" in r), None))
+    hit = next((r for r in evals if r["val_loss"] <= target), None) if target else None
+    if hit:
+        fig.update(s_to_target=seconds(hit), steps_to_target=hit["step"])
+    return {k: v for k, v in fig.items() if v is not None}
+
+
+def print_table(paths, target=0.0):
+    """The --table of the runs at paths, one line per name (a directory's name less its -s<seed>), in order; with a
+    target (or runs named baseline: their mean best val loss), the time to it and its ratio to the baseline's."""
+    names = [re.sub(r"-s\d+$", "", os.path.basename(os.path.normpath(p))) for p in paths]
+    best = [run_figures(p, 0).get("best_val") for p, n in zip(paths, names) if n == "baseline"]
+    if None in best and not target:
+        raise SystemExit("error: a baseline run has no val loss to make the target of; pass --target=LOSS")
+    if target or best:
+        print(f"target val loss {target:.4f}" if target else
+              f"target val loss {statistics.mean(best):.4f} (the baseline's best, mean of {len(best)} seeds)")
+        target = target or statistics.mean(best)
+    groups = {}
+    for name, p in zip(names, paths):
+        groups.setdefault(name, []).append(run_figures(p, target))
+    cols = [k for k in COLUMNS if any(k in f for figs in groups.values() for f in figs) or
+            (target and k == "s_to_target")]
+    base = [f["s_to_target"] for f in groups.get("baseline", []) if "s_to_target" in f]
+    widths = [max(map(len, groups)) + 2, 7] + [16] * len(cols) + [12] * bool(base)
+
+    def line(cells):  # the name left-aligned, the figures right-aligned
+        return " ".join(f"{c:>{w}}" if i else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(["run", "seeds", *(COLUMNS[k] for k in cols), "vs baseline"]))
+    for name, figs in groups.items():
+        hit = [f["s_to_target"] for f in figs if "s_to_target" in f]
+        cells = [name, f"{len(hit)}/{len(figs)}" if target else str(len(figs)),
+                 *(mean_std([f[k] for f in figs if k in f]) for k in cols)]
+        print(line(cells + [f"{statistics.mean(hit) / statistics.mean(base):.2f}x" if hit else "-"] * bool(base)))
 
 
 def main():
@@ -164,6 +220,8 @@ def main():
     else:
         names = [os.path.basename(os.path.normpath(p)) for p in paths]
         names = names if len(set(names)) == len(names) else paths  # runs of the same name: their paths
+    if table:
+        return print_table(paths, target)
     runs = {name: read_metrics(p) for name, p in zip(names, paths)}
     per_step = {name: tokens_per_step(p) for name, p in zip(names, paths)}
     plot_runs(runs, out, per_step, title)

@@ -1,8 +1,8 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench, lora,
-chat_data and gsm8k), each test in the section of the script whose behaviour it proves; then repo-wide checks. Tiny
-models, tiny data, CPU only.
+(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench,
+runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it proves; then
+repo-wide checks. Tiny models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
@@ -4213,14 +4213,6 @@ def test_plot_of_a_missing_metrics_file_is_a_one_line_error(tmp_path):
         fresh_main("plot.py", str(tmp_path / "nope.jsonl"))
 
 
-def test_plot_curves_draws_val_loss_against_wall_time_for_a_speedrun(tmp_path):
-    pytest.importorskip("matplotlib")
-    runs = {"baseline": plot.read_metrics(fake_metrics(tmp_path / "a", 200)),
-            "recipe": plot.read_metrics(fake_metrics(tmp_path / "b", 200, k=2.0))}
-    assert plot.curves(runs, str(tmp_path / "val.png")) == str(tmp_path / "val.png")
-    assert_png(tmp_path / "val.png")
-
-
 def test_plot_reads_a_resumed_run_once_keeping_the_resumed_rows(tmp_path):
     rows = plot.read_metrics(fake_metrics(tmp_path / "r", 100, resumed_from=50))  # the torn last line: left out
     train_steps = [r["step"] for r in rows if "loss" in r]
@@ -4247,6 +4239,71 @@ def test_plot_without_matplotlib_is_a_one_line_error(monkeypatch):
     with pytest.raises(SystemExit, match=r"^error: plot\.py needs matplotlib, which is not installed: "
                                          r"pip install matplotlib$"):
         plot.pyplot()
+
+
+def table_runs(tmp_path, launch=False):
+    """Fixture runs for plot.py --table: baseline-s0/-s1 and recipe-s0/-s1 (the recipe's loss falls faster), as
+    train.py logs them; with launch, each run's launch file 2 s before its rows' clock starts."""
+    paths = [fake_metrics(tmp_path / f"{name}-s{s}", 200, k=k + 0.1 * s) for name, k in (("baseline", 1.0),
+                                                                                          ("recipe", 2.0)) for s in (0, 1)]
+    for p in paths if launch else ():
+        rows = plot.read_metrics(p)
+        with open(os.path.join(p, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(dict(r, time=1000.0 + r["elapsed_s"])) + "\n" for r in rows)
+        with open(os.path.join(p, "launch"), "w") as f:
+            f.write("998.0\n")
+    return paths
+
+
+def table_lines(capsys, paths, *args):
+    fresh_main("plot.py", "--table", *args, *paths)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_plot_table_prints_mean_std_over_seeds_and_the_time_to_the_baselines_best(tmp_path, capsys):
+    paths = table_runs(tmp_path)
+    best = {p: min(r["val_loss"] for r in plot.read_metrics(p) if "val_loss" in r) for p in paths}
+    target = (best[paths[0]] + best[paths[1]]) / 2
+    first = {p: next((r for r in plot.read_metrics(p) if r.get("val_loss", 9) <= target), None) for p in paths}
+    assert first[paths[0]] is None and first[paths[1]]  # of the baseline's seeds, the better one reaches the mean
+    lines = table_lines(capsys, paths)
+    assert lines[0] == f"target val loss {target:.4f} (the baseline's best, mean of 2 seeds)"
+    assert lines[1].split()[:3] == ["run", "seeds", "s"] and lines[1].endswith("vs baseline")
+    base, recipe = lines[2], lines[3]
+    assert base.startswith("baseline ") and base.split()[1] == "1/2" and recipe.split()[1] == "2/2"
+    recipe_s = [first[p]["elapsed_s"] for p in paths[2:]]
+    assert plot.mean_std(recipe_s) in recipe and plot.mean_std([best[p] for p in paths[2:]]) in recipe
+    assert " +- " in plot.mean_std(recipe_s)
+    assert recipe.endswith(f"{sum(recipe_s) / 2 / first[paths[1]]['elapsed_s']:.2f}x") and base.endswith("1.00x")
+
+
+def test_plot_table_counts_seconds_from_the_launch_file_and_takes_a_given_target(tmp_path, capsys):
+    paths = table_runs(tmp_path, launch=True)
+    figs = plot.run_figures(paths[2], 3.0)
+    hit = next(r for r in plot.read_metrics(paths[2]) if r.get("val_loss", 9) <= 3.0)
+    assert figs["s_to_target"] == pytest.approx(hit["elapsed_s"] + 2) and figs["steps_to_target"] == hit["step"]
+    assert figs["wall_s"] == pytest.approx(plot.read_metrics(paths[2])[-1]["elapsed_s"] + 2)
+    lines = table_lines(capsys, paths, "--target=3.0")
+    assert lines[0] == "target val loss 3.0000" and lines[2].split()[1] == "2/2"
+
+
+def test_plot_table_of_post_training_runs_shows_each_stages_last_evaluation(tmp_path, capsys):
+    paths = []
+    for stage in ("sft", "rm"):
+        for s, acc in ((1, 0.5), (2, 0.7)):
+            rows = [dict(stage=stage, step=0, acc_greedy=0.0, acc_sampled=0.0, reward=0.0, elapsed_s=1.0),
+                    dict(stage=stage, step=10, loss=0.3, lr=1e-3),
+                    dict(stage=stage, step=20, acc_greedy=acc, acc_sampled=acc - 0.1, reward=acc, kl=0.1,
+                         elapsed_s=9.0)] if stage == "sft" else \
+                [dict(stage=stage, step=20, val_loss=0.2, val_accuracy=acc, elapsed_s=5.0)]
+            paths.append(str(tmp_path / f"{stage}-s{s}"))
+            os.makedirs(paths[-1])
+            with open(os.path.join(paths[-1], "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+    header, sft, rm = table_lines(capsys, paths)
+    assert "acc(greedy)" in header and "RM pair acc" in header and "target" not in header
+    assert plot.mean_std([0.5, 0.7]) in sft and plot.mean_std([0.4, 0.6]) in sft and sft.split()[1] == "2"
+    assert plot.mean_std([0.5, 0.7]) in rm and rm.split()[2] == "0.2"  # best val, then the figures rm lacks: "-"
 
 
 # ============================================================================ bench.py
@@ -4294,19 +4351,6 @@ def bench_train_profile(tmp_path_factory):
     p = run("bench.py", "--mode=train", f"--train_common={TINY_BENCH} compile=False", "--train_steps=2",
             "--train_warmup=1", "--train_profile=2", f"--train_json={out / 'b.json'}")
     return p.stdout, json.load(open(out / "b.json"))["rows"][0]["profile"]
-
-
-@pytest.fixture(scope="module")
-def bench_speedrun(tmp_path_factory):
-    """bench.py --mode=speedrun with 2 seeds of baseline, recipe and one variant, tiny, on the CPU: its stdout, its
-    results.json and its dir."""
-    d = tmp_path_factory.mktemp("bench_speedrun")
-    common = ("device=cpu n_layer=1 n_head=2 n_embd=32 block_size=32 batch_size=4 max_iters=6 lr_decay_iters=6 "
-              "eval_interval=3 eval_iters=2 log_interval=3 warmup_iters=0 compile=False")
-    p = run("bench.py", "--mode=speedrun", "--speedrun_seeds=2", f"--speedrun_common={common}",
-            "--speedrun_variants=unet_skips=False", f"--speedrun_dir={d / 'sr'}",
-            f"--speedrun_data_root={d / 'data'}", env={"OMP_NUM_THREADS": "1"})
-    return p.stdout, json.load(open(d / "sr" / "results.json")), d / "sr"
 
 
 def test_bench_generate_writes_a_row_per_model_batch_and_cache_setting(bench_generate):
@@ -4410,31 +4454,6 @@ def test_bench_train_under_torchrun_reports_scaling_against_each_rank_alone(tmp_
     assert f"{row['scaling']:.3f}x" in p.stdout.splitlines()[-1]
 
 
-def test_speedrun_bench_runs_every_variant_with_every_seed(bench_speedrun):
-    _, res, _ = bench_speedrun
-    rows = {r["name"]: r for r in res["table"]}
-    assert set(rows) == {"baseline", "recipe", "unet_skips=False"} and all(r["seeds"] == 2 for r in rows.values())
-
-
-def test_speedrun_bench_target_is_the_baselines_mean_best_val_loss(bench_speedrun):
-    _, res, _ = bench_speedrun
-    base_best = [min(r["val_loss"] for r in run["rows"] if "val_loss" in r) for run in res["runs"]["baseline"]]
-    assert res["target"] == pytest.approx(sum(base_best) / 2)
-
-
-def test_speedrun_bench_times_to_target_from_launch_within_each_runs_wall_time(bench_speedrun):
-    _, res, _ = bench_speedrun
-    for r in res["table"]:
-        assert len(r["time_to_target"]) == r["reached"] and all(0 < t <= w for t, w in zip(r["time_to_target"], r["wall"]))
-        assert all(f > 0 for f in r["first_step_s"])
-
-
-def test_speedrun_bench_prints_the_table_and_draws_val_loss_against_time(bench_speedrun):
-    stdout, res, d = bench_speedrun
-    table = stdout[stdout.index("s to target"):]
-    assert all(r["name"] in table for r in res["table"]) and os.path.exists(d / "val_vs_time.png")
-
-
 def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_process_count(tmp_path):
     pytest.importorskip("pyarrow")
     p = run("bench.py", "--mode=prepare", "--prepare_mb=1", "--prepare_procs=(1, 2)", "--prepare_vocab=300",
@@ -4449,55 +4468,186 @@ def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_
     assert res["mb"] >= 1  # MB of text, at least prepare_mb
 
 
-def test_rlhf_bench_starts_a_stage_once_the_stages_it_reads_are_done_and_runs_siblings_together(tmp_path):
-    d = tmp_path
-
-    def stage(name, needs, wait_for=None):
-        # writes <name>.start, waits (up to 60 s) for wait_for's start file if any, then writes <name>.done
-        code = (f"import os, time, sys; d = {str(d)!r}; open(os.path.join(d, '{name}.start'), 'w').close(); "
-                f"w = {wait_for!r}; t = time.time()\n"
-                f"while w and not os.path.exists(os.path.join(d, w + '.start')):\n"
-                f"    time.sleep(0.01); assert time.time() - t < 60, 'sibling never started'\n"
-                f"assert all(os.path.exists(os.path.join(d, n + '.done')) for n in {needs!r})\n"
-                f"open(os.path.join(d, '{name}.done'), 'w').close()")
-        return name, str(d / f"{name}.done"), ["-c", code], needs
-    chain = [stage("a", []), stage("b", ["a"], wait_for="c"), stage("c", ["a"], wait_for="b"), stage("d", ["b", "c"])]
-    times = bench.run_chain("x", chain, str(d / "times.json"), threading.Semaphore(2))
-    assert set(times) == {"a", "b", "c", "d"} and all((d / f"{n}.done").exists() for n in "abcd")
-    (d / "a.done").unlink()  # a finished stage is reused only while its output is there
-    for n in "abcd":
-        (d / f"{n}.start").unlink()
-    again = bench.run_chain("x", chain, str(d / "times.json"), threading.Semaphore(2))
-    assert (d / "a.start").exists() and not (d / "d.start").exists() and again["d"] == times["d"]
+# ============================================================================ runs/*.sh
+def run_sh(script, *args, env=None, check=True):
+    """bash runs/<script> with the scripts run by this interpreter; returns the CompletedProcess."""
+    p = subprocess.run(["bash", os.path.join(HERE, "runs", script), *args], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"runs/{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
 
 
-def test_rlhf_bench_names_the_failed_stage_and_skips_the_stages_that_read_it(tmp_path):
-    fail = ("a", str(tmp_path / "a.done"), ["-c", "raise SystemExit(3)"], [])
-    child = ("b", str(tmp_path / "b.done"), ["-c", f"open({str(tmp_path / 'b.done')!r}, 'w').close()"], ["a"])
-    with pytest.raises(SystemExit, match="stage a failed"):
-        bench.run_chain("x", [fail, child], str(tmp_path / "times.json"), threading.Semaphore(2))
-    assert not (tmp_path / "b.done").exists()
+@pytest.fixture(scope="module")
+def speedrun_sh(tmp_path_factory):
+    """runs/speedrun.sh with 2 seeds of baseline, recipe and one variant, tiny, on the CPU: its stdout and dir."""
+    d = tmp_path_factory.mktemp("speedrun_sh")
+    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--eval_iters=2", "--log_interval=3",
+            "--warmup_iters=0", "--compile=False"]
+    p = run_sh("speedrun.sh", *tiny, env=dict(SEEDS="2", VARIANTS=" n_embd=48;", DIR=str(d / "sr"),
+                                              DATA=str(d / "data")))
+    return p.stdout, d / "sr"
 
 
-def test_rlhf_bench_stage_waits_for_every_stage_whose_output_its_command_reads():
-    _, chain = bench.rlhf_chain(1)
-    # what a stage leaves behind: its out_dir, or (the label stage) the prefix of its two pair files
-    made = {n: os.path.dirname(done) if done.endswith("latest.json") else done[:-len("_val.jsonl")]
-            for n, done, _, _ in chain}
-    needs = {n: set(ns) for n, _, _, ns in chain}
-    for name, _, cmd, _ in chain:
-        seen, todo = set(), list(needs[name])  # every stage finished before this one starts
-        while todo:
-            n = todo.pop()
-            if n not in seen:
-                seen.add(n)
-                todo += needs[n]
-        values = [p for a in cmd if "=" in a and not a.startswith("--out_dir=")
-                  for p in a.split("=", 1)[1].split(",")]
-        for other, product in made.items():
-            if other != name and any(v == product or v.startswith(product + ".") or v.startswith(product + "_")
-                                     for v in values):
-                assert other in seen, f"{name} reads {other}'s output but does not wait for it"
+def test_speedrun_sh_runs_the_baseline_the_recipe_and_each_variant_with_every_seed(speedrun_sh):
+    _, d = speedrun_sh
+    runs = {n for n in os.listdir(d) if os.path.isdir(d / n)}
+    assert runs == {f"{n}-s{s}" for n in ("baseline", "recipe", "n_embd-48") for s in (0, 1)}
+    assert all((d / n / "launch").exists() and plot.read_metrics(d / n) for n in runs)
+    first_loss = {n: next(r["loss"] for r in plot.read_metrics(d / n) if "loss" in r) for n in runs}
+    assert first_loss["recipe-s0"] != first_loss["recipe-s1"]  # seeds 1337 and 1338
+    size = {n: open(d / n / "train.log").readline().split()[0] for n in runs}  # "0.02M parameters | ..."
+    assert size["n_embd-48-s0"] == size["n_embd-48-s1"] != size["recipe-s0"]  # the variant: the recipe overridden
+
+
+def test_speedrun_sh_target_is_the_baselines_mean_best_val_loss(speedrun_sh):
+    stdout, d = speedrun_sh
+    best = [min(r["val_loss"] for r in plot.read_metrics(d / f"baseline-s{s}") if "val_loss" in r) for s in (0, 1)]
+    assert f"target val loss {sum(best) / 2:.4f} (the baseline's best, mean of 2 seeds)" in stdout
+
+
+def test_speedrun_sh_times_to_target_from_launch_within_each_runs_wall_time(speedrun_sh):
+    _, d = speedrun_sh
+    best = [min(r["val_loss"] for r in plot.read_metrics(d / f"baseline-s{s}") if "val_loss" in r) for s in (0, 1)]
+    for n in os.listdir(d):
+        if os.path.isdir(d / n):
+            f = plot.run_figures(str(d / n), sum(best) / 2)
+            rows = plot.read_metrics(d / n)  # the launch precedes train.py's own start
+            assert f["wall_s"] > rows[-1]["elapsed_s"] and f["first_step_s"] > 0
+            assert "s_to_target" not in f or 0 < f["s_to_target"] <= f["wall_s"]
+
+
+def test_speedrun_sh_prints_the_table_of_every_row(speedrun_sh):
+    stdout, d = speedrun_sh
+    table = stdout[stdout.index("s to target"):].splitlines()
+    assert [line.split()[0] for line in table[1:4]] == ["baseline", "recipe", "n_embd-48"]
+    assert all(" +- " in line for line in table[2:4])  # the recipe reaches the target on both seeds
+
+
+def test_speedrun_sh_draws_val_loss_against_time(speedrun_sh):
+    pytest.importorskip("matplotlib")
+    assert_png(speedrun_sh[1] / "curves.png")
+
+
+def test_speedrun_sh_without_a_baseline_needs_a_target(tmp_path):
+    p = run_sh("speedrun.sh", env=dict(BASE="", DIR=str(tmp_path)), check=False)
+    assert p.returncode == 1 and p.stderr == "error: BASE= (no baseline) needs a TARGET, the val loss to reach\n"
+    assert not os.listdir(tmp_path)
+
+
+# Stands in for python in runs/posttrain.sh: refuses to start a stage whose inputs (any path under the run's folder
+# named by its config file or arguments, other than its own outputs) are not there yet, logs each call with its
+# start and end, makes the stage's outputs (metrics.jsonl: a final evaluation whose accuracy depends on the seed)
+# after FAKE_SLEEP seconds, and fails the stage named by FAKE_FAIL. plot.py runs for real.
+FAKE_PYTHON = r'''
+import json, os, sys, time
+script, args = sys.argv[1], sys.argv[2:]
+if script == "plot.py":
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+root, t0 = os.environ["DIR"], time.time()
+kv = {}
+for a in args:
+    if a.endswith(".py"):
+        scope = {}
+        exec(open(a).read(), scope)
+        kv.update({k: str(v) for k, v in scope.items() if not k.startswith("_")})
+    else:
+        kv.__setitem__(*a[2:].split("=", 1))
+own = {"out_dir", "label_out", "task_dir"} | ({"data_root"} if script == "prepare.py" else set())
+paths = {k: v for k, v in kv.items() if k in ("init_from", "reward_model", "data", "val_data", "eval_prompts",
+                                               "input", "data_root", "out_dir", "label_out", "task_dir")}
+outside = [f"{k}={v}" for k, v in paths.items() if v != "task" and not v.startswith(root)]
+missing = [p for k, v in paths.items() if k not in own and v != "task" for p in v.split(",") if not os.path.exists(p)]
+if script == "train.py" and not os.path.exists(os.path.join(kv["data_root"], kv["dataset"], "meta.json")):
+    missing.append("meta.json")
+out = kv.get("out_dir") or (os.path.dirname(kv["label_out"]) if "label_out" in kv else kv.get("task_dir") or
+                            kv["data_root"])
+name = os.path.basename(out)
+if outside or missing:
+    sys.exit(f"{name}: outside the run's folder: {outside}; not there yet: {missing}")
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+if os.environ.get("FAKE_FAIL") == name:
+    sys.exit(3)
+made = {"addition.py": [os.path.join(out, f) for f in ("corpus.txt", "sft.jsonl", "sft_val.jsonl", "prefs.jsonl",
+                                                        "prefs_val.jsonl", "prompts.jsonl", "prompts_val.jsonl")],
+        "prepare.py": [os.path.join(out, kv.get("dataset", ""), "meta.json")]}.get(script, [])
+made += [kv["label_out"], kv["label_out"].replace(".jsonl", "_val.jsonl")] if "label_out" in kv else []
+for p in made:
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    open(p, "w").close()
+if "out_dir" in kv:
+    open(os.path.join(out, "latest.json"), "w").close()
+    acc = 0.5 + 0.1 * (kv["seed"] == "2")
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(dict(step=1, val_loss=1.0, acc_greedy=acc, elapsed_s=1.0)) + "\n")
+with open(os.path.join(root, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(dict(name=name, script=script, args=args, start=t0, end=time.time())) + "\n")
+'''
+POSTTRAIN_STAGES = ("base", "sft", "rm", "ppo", "ppo-judge", "dpo", "grpo", "rloo", "label", "rm-onpol", "ppo-onpol")
+
+
+def posttrain_sh(d, **env):
+    """runs/posttrain.sh for seeds 1 and 2 in d with FAKE_PYTHON: the process and the calls it made, in order."""
+    fake = d / "fake_python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {d / 'fake.py'} \"$@\"\n")
+    fake.chmod(0o755)
+    (d / "fake.py").write_text(FAKE_PYTHON)
+    run_dir = d / "run"
+    calls = run_dir / "calls.jsonl"
+    if calls.exists():
+        calls.unlink()
+    p = run_sh("posttrain.sh", "--device=cpu", env=dict(SEEDS="1 2", DIR=str(run_dir), PYTHON=str(fake), **env),
+               check=False)
+    return p, [json.loads(line) for line in open(calls)] if calls.exists() else []
+
+
+@pytest.fixture(scope="module")
+def posttrain_done(tmp_path_factory):
+    d = tmp_path_factory.mktemp("posttrain_sh")
+    return d, *posttrain_sh(d)
+
+
+def test_posttrain_sh_runs_every_stage_of_every_seed_after_the_stages_it_reads(posttrain_done):
+    _, p, calls = posttrain_done  # the fake python refuses a stage whose inputs are not there yet
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(c["name"] for c in calls) == sorted(["task", "data"] + [f"{n}-s{s}" for n in POSTTRAIN_STAGES
+                                                                          for s in (1, 2)])
+    assert all("--device=cpu" in c["args"] for c in calls if c["script"] == "rlhf.py")  # the script's arguments
+    assert all("--device=cpu" not in c["args"] for c in calls if c["script"] != "rlhf.py")
+
+
+def test_posttrain_sh_prints_the_table_of_every_stage_mean_and_std_over_the_seeds(posttrain_done):
+    _, p, _ = posttrain_done
+    table = p.stdout[p.stdout.index("acc(greedy)"):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == [n for n in POSTTRAIN_STAGES if n != "label"]
+    assert all(plot.mean_std([0.5, 0.6]) in line for line in table)
+
+
+def test_posttrain_sh_keeps_finished_stages_and_runs_again_only_a_deleted_one(posttrain_done):
+    d, _, _ = posttrain_done
+    p, calls = posttrain_sh(d)
+    assert p.returncode == 0 and calls == [] and "rm-s1: done before" in p.stdout
+    shutil.rmtree(d / "run" / "rm-s1")
+    p, calls = posttrain_sh(d)
+    assert p.returncode == 0 and [c["name"] for c in calls] == ["rm-s1"]
+
+
+def test_posttrain_sh_names_the_failed_stage_and_runs_none_that_read_it(tmp_path):
+    p, calls = posttrain_sh(tmp_path, FAKE_FAIL="rm-s1")
+    assert p.returncode == 1 and f"error: stage rm-s1 failed (see {tmp_path / 'run' / 'rm-s1.log'})" in p.stderr
+    names = [c["name"] for c in calls]
+    assert "sft-s1" in names and "ppo-s1" not in names and not (tmp_path / "run" / "rm-s1" / "done").exists()
+
+
+def test_posttrain_sh_with_par_runs_sibling_stages_together_each_after_what_it_reads(tmp_path):
+    p, calls = posttrain_sh(tmp_path, PAR="1", FAKE_SLEEP="0.5")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(calls) == 2 + 2 * len(POSTTRAIN_STAGES)
+    span = {c["name"]: (c["start"], c["end"]) for c in calls}
+    assert span["dpo-s1"][0] < span["grpo-s1"][1] and span["grpo-s1"][0] < span["dpo-s1"][1]  # siblings overlap
+    assert span["sft-s1"][0] < span["base-s2"][1] and span["base-s2"][0] < span["sft-s1"][1] or \
+        span["base-s1"][0] < span["base-s2"][1]  # and so do the seeds
 
 
 # ============================================================================ lora.py
