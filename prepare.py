@@ -13,7 +13,7 @@ How documents are found (train and val are split by document, and every document
 token, so sampling from that token starts a fresh document):
 - a .py or .md file is one document; so is a .txt file, unless it has lines `<|endoftext|>`, which separate
   documents (the TinyStories convention); a .jsonl line's "text" field is one; a .parquet row's "text" column is one
-  (FineWeb's layout); .gz files are read the same way; a file without an extension (LICENSE, README) is one
+  (FineWeb's layout); .gz files are read the same way; a file without an extension (LICENSE, Apache-2.0) is one
   document when it is UTF-8 text (no NUL byte or bad UTF-8 in its first 4 KB); a directory's other files are skipped
   and named in one line;
 - a corpus of one document is split at blank lines into paragraphs, which are then the documents;
@@ -188,10 +188,10 @@ def walk(root):
 
 
 def plain_text_file(root, path, probe=4096):
-    """A file without an extension (LICENSE, README) whose first `probe` bytes are UTF-8 without NUL bytes. Hidden
-    files and folders (.git's HEAD and refs) are not part of a corpus."""
+    """A file without an extension (LICENSE, GPL-2; a version number such as Apache-2.0's is no extension) whose
+    first `probe` bytes are UTF-8 without NUL bytes. Hidden files and folders (.git's HEAD) are not corpus."""
     rel = os.path.relpath(path, root)
-    if "." in os.path.basename(path) or any(part.startswith(".") for part in rel.split(os.sep)):
+    if any(c.isalpha() for c in os.path.splitext(path)[1]) or any(p.startswith(".") for p in rel.split(os.sep)):
         return False
     try:
         with open(path, "rb") as f:

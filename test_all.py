@@ -913,14 +913,14 @@ def test_prepare_reads_text_files_without_an_extension_and_names_the_files_it_sk
     src = tmp_path / "licenses"
     (src / ".git").mkdir(parents=True)
     (src / "GPL").write_text("\n\n".join(words_docs(20, seed=2)))  # extensionless UTF-8 text: a document
-    (src / "Apache").write_text("ünïcödé " + "\n\n".join(words_docs(20, seed=3)))
+    (src / "Apache-2.0").write_text("ünïcödé " + "\n\n".join(words_docs(20, seed=3)))  # ".0" is no extension
     (src / "a.txt").write_text("\n\n".join(words_docs(20, seed=4)))
     (src / "blob").write_bytes(b"\x7fELF\x02\x01" + b"\0" * 64)  # NUL bytes: binary
     (src / "latin").write_bytes("caf\u00e9 au lait".encode("latin-1"))  # invalid UTF-8: not text
     (src / "notes.csv").write_text("x,y\n")  # an extension prepare.py does not read
     (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not part of the corpus
     files = [os.path.basename(f) for f in prepare.corpus_files(str(src))]
-    assert files == ["Apache", "GPL", "a.txt"]
+    assert files == ["Apache-2.0", "GPL", "a.txt"]
     p = run("prepare.py", f"--input={src}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300")
     skipped = [line for line in p.stderr.splitlines() if line.startswith("skipped")]
     assert skipped == ["skipped 4 files of other kinds: .git/HEAD, blob, latin, ..."]
