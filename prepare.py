@@ -413,22 +413,10 @@ def encode_job(pairs):
     return out
 
 
-def job_batches(pairs, batch_chars):
-    batch, size = [], 0
-    for pair in pairs:
-        batch.append(pair)
-        size += len(pair[1])
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def encoded_batches(pairs, tok, tok_path, procs, batch_chars=1 << 22):
     """encode_job's results for consecutive batches of ~batch_chars characters of `pairs`, in order, encoded by
     `procs` processes; at most 2 batches per process are in flight, so memory stays bounded on any corpus."""
-    jobs = job_batches(pairs, batch_chars)
+    jobs = bpe.batches(pairs, batch_chars, length=lambda pair: len(pair[1]))
     head = list(itertools.islice(jobs, 2))
     if procs <= 1 or len(head) < 2:  # a single batch: starting processes would cost more than it saves
         _worker["tok"] = tok
@@ -500,7 +488,7 @@ def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_token
 
     info, t0, text_bytes = {"bytes": 0}, time.time(), 0
     total = max(sum(os.path.getsize(p) for p in files), 1)
-    procs = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    procs = num_proc or bpe.usable_cores()
     label = f"tokenizing ({procs} process{'es' if procs > 1 else ''})"
     pairs = split_documents(files, info, val_fraction=val_fraction, strict=strict)
     for result in encoded_batches(pairs, tok, tok_path, procs):
