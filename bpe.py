@@ -198,11 +198,12 @@ def _count_chunks(job):
     return counts, n_chars
 
 
-def _batches(texts, chars_per_batch):
+def batches(items, chars_per_batch, length=len):
+    """Consecutive lists of items holding ~chars_per_batch characters each (length: an item's); prepare.py's too."""
     batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
+    for item in items:
+        batch.append(item)
+        size += length(item)
         if size >= chars_per_batch:
             yield batch
             batch, size = [], 0
@@ -210,13 +211,18 @@ def _batches(texts, chars_per_batch):
         yield batch
 
 
+def usable_cores():
+    """The cores this process may run on (a container's or taskset's share, not the machine's); prepare.py's too."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def count_chunks(texts, pattern, special_tokens, chars_per_batch=1 << 20):
     """{chunk bytes: count} over all documents; batches of ~1M characters are split in parallel processes."""
     special_pattern = "|".join(regex.escape(s) for s in special_tokens)
-    jobs = ((pattern, special_pattern, batch) for batch in _batches(texts, chars_per_batch))
+    jobs = ((pattern, special_pattern, batch) for batch in batches(texts, chars_per_batch))
     head = list(itertools.islice(jobs, 2))
     jobs = itertools.chain(head, jobs)
-    n_procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_procs = usable_cores()
     counts, n_chars = Counter(), 0
     parallel = len(head) > 1 and n_procs > 1  # for one batch, starting processes costs more than it saves
     with multiprocessing.Pool(n_procs) if parallel else contextlib.nullcontext() as pool:
@@ -231,40 +237,14 @@ def count_chunks(texts, pattern, special_tokens, chars_per_batch=1 << 20):
 
 def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS, verbose=False):
     """Learn a byte-level BPE with exactly `vocab_size` ids: 256 bytes + merges + special tokens (last)."""
-    if isinstance(texts, (str, bytes)):
-        raise TypeError("train() wants an iterable of documents, not one string: wrap it in a list")
     special_tokens = list(special_tokens)
     n_ranks = vocab_size - len(special_tokens)
-    if n_ranks < 256:
-        raise SystemExit(f"error: vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "
-                         f"{len(special_tokens)} special tokens, so use at least {256 + len(special_tokens)}")
-    if len(set(special_tokens)) != len(special_tokens):
-        raise SystemExit(f"error: special tokens {special_tokens} contain duplicates; list each once")
-    try:  # check the pattern before the long part: the training splits with `regex`, encoding with tiktoken
-        regex.compile(pattern)
-        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={bytes([0]): 0}, special_tokens={})
-    except Exception as e:
-        raise SystemExit(f"error: bad pattern {pattern!r} ({e}); fix the regex or use a built-in one (gpt4, gpt2)") from None
+    check_train_args(texts, vocab_size, pattern, special_tokens)
     t0 = time.time()
-    chunks = sorted(count_chunks(texts, pattern, special_tokens).items())  # sorted: deterministic order
-    # Only chunks of 2+ bytes can hold a pair. Each chunk becomes a str whose characters are token ids
-    # (chr(id); bytes decode to latin-1 as chr(byte)). Then a merge is word.replace(pair, chr(new_id)), which
-    # runs in C and follows BPE's rule exactly (left to right, non-overlapping), a pair is a 2-char str, and
-    # comparing pairs as strs compares (left id, right id).
-    words = [chunk.decode("latin-1") for chunk, _ in chunks if len(chunk) > 1]
-    freqs = [n for chunk, n in chunks if len(chunk) > 1]
-    del chunks
+    words, freqs = chunk_words(texts, pattern, special_tokens)
     if verbose:
         print(f"split the corpus into {len(words):,} distinct chunks in {time.time() - t0:.1f}s", file=sys.stderr)
-
-    pair_counts = defaultdict(int)  # pair -> occurrences in the corpus
-    where = defaultdict(list)  # pair -> indices of words that contain it (may be stale or repeated)
-    for w, word in enumerate(words):
-        f = freqs[w]
-        for i in range(len(word) - 1):
-            pair = word[i:i + 2]
-            pair_counts[pair] += f
-            where[pair].append(w)
+    pair_counts, where = count_pairs(words, freqs)
     # heap of (-count, pair): the top is the most frequent pair, smallest ids first on ties. A pair's count
     # only goes down once it exists, so an entry may be stale (too high): it is fixed when it surfaces.
     heap = [(-n, pair) for pair, n in pair_counts.items()]
@@ -290,35 +270,8 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
         if new_bytes not in ranks:
             ranks[new_bytes] = len(vocab)
             vocab.append(new_bytes)
-        t = chr(ranks[new_bytes])
-        touched = set()
-        for w in where.pop(pair):
-            word = words[w]
-            if pair not in word:
-                continue  # stale index entry: this word was already rewritten
-            new = words[w] = word.replace(pair, t)
-            f = freqs[w]
-            if len(new) == len(word) - 1:  # fast path, most words: one occurrence, only its neighbours change
-                i = word.find(pair)
-                pair_counts[pair] -= f
-                new_pairs = []
-                if i > 0:
-                    pair_counts[word[i - 1:i + 1]] -= f
-                    new_pairs.append(new[i - 1:i + 1])
-                if i + 2 < len(word):
-                    pair_counts[word[i + 1:i + 3]] -= f
-                    new_pairs.append(new[i:i + 2])
-            else:  # general case: the counts change by (pairs of new word) - (pairs of old word)
-                for i in range(len(word) - 1):
-                    pair_counts[word[i:i + 2]] -= f
-                new_pairs = [new[i:i + 2] for i in range(len(new) - 1)]
-            for p in new_pairs:
-                pair_counts[p] += f
-                if t in p:
-                    where[p].append(w)
-                    touched.add(p)
-        for p in touched:  # the pairs with t enter the heap with their full count
-            heapq.heappush(heap, (-pair_counts[p], p))
+        for p in merge(pair, chr(ranks[new_bytes]), words, freqs, pair_counts, where):
+            heapq.heappush(heap, (-pair_counts[p], p))  # the pairs with the new token enter with their full count
         if verbose and (time.time() - last_print > 0.5 or len(ranks) == n_ranks):
             last_print, done = time.time(), len(ranks) - 256
             rate = done / (last_print - t1 + 1e-9)
@@ -328,6 +281,78 @@ def train(texts, vocab_size, pattern=GPT4_PATTERN, special_tokens=SPECIAL_TOKENS
         print(f"trained {vocab_size:,} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
     specials = {s: n_ranks + i for i, s in enumerate(special_tokens)}
     return Tokenizer(ranks, pattern, specials)
+
+
+def check_train_args(texts, vocab_size, pattern, special_tokens):
+    """train()'s arguments, checked before the long part."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("train() wants an iterable of documents, not one string: wrap it in a list")
+    if vocab_size - len(special_tokens) < 256:
+        raise SystemExit(f"error: vocab_size={vocab_size} is too small: it must hold the 256 byte tokens and "
+                         f"{len(special_tokens)} special tokens, so use at least {256 + len(special_tokens)}")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise SystemExit(f"error: special tokens {special_tokens} contain duplicates; list each once")
+    try:  # the training splits with `regex`, encoding with tiktoken: both must take the pattern
+        regex.compile(pattern)
+        tiktoken.Encoding("check", pat_str=pattern, mergeable_ranks={bytes([0]): 0}, special_tokens={})
+    except Exception as e:
+        raise SystemExit(f"error: bad pattern {pattern!r} ({e}); fix the regex or use a built-in one (gpt4, gpt2)") from None
+
+
+def chunk_words(texts, pattern, special_tokens):
+    """(words, freqs): the distinct chunks of 2+ bytes (only they can hold a pair), sorted, and their counts.
+    Each chunk becomes a str whose characters are token ids (chr(id); bytes decode to latin-1 as chr(byte)).
+    Then a merge is word.replace(pair, chr(new_id)), which runs in C and follows BPE's rule exactly (left to
+    right, non-overlapping), a pair is a 2-char str, and comparing pairs as strs compares (left id, right id)."""
+    chunks = sorted(count_chunks(texts, pattern, special_tokens).items())  # sorted: deterministic order
+    words = [chunk.decode("latin-1") for chunk, _ in chunks if len(chunk) > 1]
+    freqs = [n for chunk, n in chunks if len(chunk) > 1]
+    return words, freqs
+
+
+def count_pairs(words, freqs):
+    """(pair -> occurrences in the corpus, pair -> indices of words that contain it (may be stale or repeated))."""
+    pair_counts = defaultdict(int)
+    where = defaultdict(list)
+    for w, word in enumerate(words):
+        f = freqs[w]
+        for i in range(len(word) - 1):
+            pair = word[i:i + 2]
+            pair_counts[pair] += f
+            where[pair].append(w)
+    return pair_counts, where
+
+
+def merge(pair, t, words, freqs, pair_counts, where):
+    """Replace pair by the token t in every word that holds it, updating pair_counts and where in place.
+    Returns the pairs with t whose counts changed (they go on the heap)."""
+    touched = set()
+    for w in where.pop(pair):
+        word = words[w]
+        if pair not in word:
+            continue  # stale index entry: this word was already rewritten
+        new = words[w] = word.replace(pair, t)
+        f = freqs[w]
+        if len(new) == len(word) - 1:  # fast path, most words: one occurrence, only its neighbours change
+            i = word.find(pair)
+            pair_counts[pair] -= f
+            new_pairs = []
+            if i > 0:
+                pair_counts[word[i - 1:i + 1]] -= f
+                new_pairs.append(new[i - 1:i + 1])
+            if i + 2 < len(word):
+                pair_counts[word[i + 1:i + 3]] -= f
+                new_pairs.append(new[i:i + 2])
+        else:  # general case: the counts change by (pairs of new word) - (pairs of old word)
+            for i in range(len(word) - 1):
+                pair_counts[word[i:i + 2]] -= f
+            new_pairs = [new[i:i + 2] for i in range(len(new) - 1)]
+        for p in new_pairs:
+            pair_counts[p] += f
+            if t in p:
+                where[p].append(w)
+                touched.add(p)
+    return touched
 
 
 # ---------------------------------------------------------------------------- the chat template

@@ -77,16 +77,19 @@ def hellaswag_file(data_root):
     return dest
 
 
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start})") from None
+
+
 def read_jsonl(path):
     """(line number, object) for every non-blank line of a JSONL file; problems are one-line errors."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist; pass an existing JSONL file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path} is not UTF-8 text (byte {e.start})") from None
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 yield lineno, json.loads(line)
@@ -153,14 +156,18 @@ def ending_losses(model, seqs, device, ctx):
         s = torch.tensor(s)
         x[i, :len(s) - 1] = s[:-1]
         y[i, len(s) - 1 - n:len(s) - 1] = s[-n:]  # position j predicts token j + 1
-    x, y = x.to(device), y.to(device)
-    with ctx:
-        logits = model(x)[0]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+    loss = target_losses(model, x, y, device, ctx)
     return loss.view(y.shape).sum(1).cpu(), (y != -1).sum(1).cpu()
 
 
-def multiple_choice(model, tok, rows, device, ctx=nullcontext(), batch_rows=4, rank=0, world=1, verbose=False):
+def target_losses(model, x, y, device, ctx):
+    """One forward over inputs x (B, T): the loss in nats of each target of y (B, T), flattened; 0 where y is -1."""
+    with ctx:
+        logits = model(x.to(device))[0]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="none")
+
+
+def multiple_choice(model, tok, rows, device, ctx=nullcontext(), *, batch_rows=4, rank=0, world=1, verbose=False):
     """acc and acc_norm of the model on multiple-choice rows (the docstring at the top says how they are scored).
     Under torchrun pass rank and world: each process scores every world-th row, all making the same number of
     forwards (as FSDP needs), and the counts are summed over the processes. Returns dict(acc=, acc_norm=, n=)."""
@@ -198,7 +205,7 @@ def multiple_choice(model, tok, rows, device, ctx=nullcontext(), batch_rows=4, r
 
 
 @torch.no_grad()
-def bits_per_byte(model, tok, text, device, ctx=nullcontext(), stride=0, batch_size=4, verbose=False):
+def bits_per_byte(model, tok, text, device, ctx=nullcontext(), *, stride=0, batch_size=4, verbose=False):
     """The model's bits per UTF-8 byte on text (the docstring at the top says how). Returns dict(bpb=, loss= (nats
     per token), tokens= (scored), bytes=)."""
     T = getattr(model, "module", model).config.block_size
@@ -221,10 +228,7 @@ def bits_per_byte(model, tok, text, device, ctx=nullcontext(), stride=0, batch_s
         for j, (s, end, prev) in enumerate(chunk):
             x[j, :end - s] = ids[s:end]
             y[j, prev - s:end - s] = ids[prev + 1:end + 1]
-        x, y = x.to(device), y.to(device)
-        with ctx:
-            logits = model(x)[0]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none")
+        loss = target_losses(model, x, y, device, ctx)
         total += loss.double().sum().item()
         n += (y != -1).sum().item()
         if verbose:
@@ -250,19 +254,15 @@ def main():
     ctx = autocast(dev, pick_dtype(dtype, dev))
     model, tok = load_run(out_dir, dev)[:2]
     if task == "bpb":
-        try:
-            with open(text, encoding="utf-8") as f:
-                content = f.read()
-        except UnicodeDecodeError as e:
-            raise SystemExit(f"error: {text} is not UTF-8 text (byte {e.start})") from None
+        content = read_text(text)
         if not content:
             raise SystemExit(f"error: {text} is empty; nothing to score")
-        r = bits_per_byte(model, tok, content, dev, ctx, stride, batch_size, verbose=True)
+        r = bits_per_byte(model, tok, content, dev, ctx, stride=stride, batch_size=batch_size, verbose=True)
         print(f"{text}: {r['bpb']:.4f} bits/byte ({r['loss']:.4f} nats/token over {r['tokens']:,} tokens, "
               f"{r['bytes']:,} bytes)")
         return r
     rows = mc_rows("hellaswag" if task == "hellaswag" else data, data_root, limit)
-    r = multiple_choice(model, tok, rows, dev, ctx, mc_batch, verbose=True)
+    r = multiple_choice(model, tok, rows, dev, ctx, batch_rows=mc_batch, verbose=True)
     print(f"{task}: acc {100 * r['acc']:.2f}% | acc_norm {100 * r['acc_norm']:.2f}% ({r['n']:,} rows)")
     return r
 

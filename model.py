@@ -91,11 +91,12 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None, pos=None, ve=None):
-        """x (B, T, C). ve: a value embedding (B, T, n_kv_head * head_dim) added to v, or None. rope: rotations (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may
-        attend" mask, bool or additive, for the G = n_head / n_kv_head query heads that share a kv head: row
-        g*T + t is query t's (GPT.sdpa_mask makes it). cache: (k, v) of shape (B, n_kv_head, S, head_dim) each;
-        this call's keys and values are written at positions pos (T,), then attention runs over all S cached
-        positions (the mask hides the ones not written yet)."""
+        """x (B, T, C). ve: a value embedding (B, T, n_kv_head * head_dim) added to v, or None. rope: rotations
+        (T, head_dim/2) or None. mask: None = causal, else a (G*T, S) "may attend" mask, bool or additive, for
+        the G = n_head / n_kv_head query heads that share a kv head: row g*T + t is query t's (GPT.sdpa_mask
+        makes it). cache: (k, v) of shape (B, n_kv_head, S, head_dim) each; this call's keys and values are
+        written at positions pos (T,), then attention runs over all S cached positions (the mask hides the ones
+        not written yet)."""
         B, T, C = x.shape
         nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hd)  # (B, T, heads, hd): the q heads, k heads, v heads
@@ -325,7 +326,7 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, *,
                  use_cache=True, stop_ids=None, n_vocab=None, cuda_graph=True, compile=False):
         """Sample max_new_tokens after idx (B, T) long (all rows one length); yields the new tokens (B,)
         one step at a time, on idx's device, without a host sync unless stop_ids is given.
@@ -352,20 +353,7 @@ class GPT(nn.Module):
         stop = torch.tensor(list(stop_ids or []), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         if use_cache:
-            device_type = idx.device.type
-            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
-                else self.lm_head.weight.dtype
-            cache = self.new_cache(B, min(block_size, T + max_new_tokens), dtype, idx.device)
-            step = torch.compile(self.forward_cached, dynamic=False) if compile else self.forward_cached
-            graphed = cuda_graph and device_type == "cuda"
-            if graphed:
-                step = self._graphed_step(step, cache, B)
-            if graphed and T <= 32:  # a short prompt goes through the graph token by token: in a fresh process
-                for t in range(T):   # that beats loading the prefill's own kernels (bench.py's gen_cold rows)
-                    logits = step(idx[:, t:t + 1], torch.full((1,), t, dtype=torch.long, device=idx.device),
-                                  cache)[:, -1]
-            else:
-                logits = self.forward_cached(idx, torch.arange(T, device=idx.device), cache)[:, -1]  # prefill
+            step, cache, logits = self._prefill(idx, max_new_tokens, cuda_graph, compile)
         for i in range(max_new_tokens):
             if not use_cache:
                 logits = self(tokens[:, start:end])[0][:, -1]
@@ -387,6 +375,25 @@ class GPT(nn.Module):
             if use_cache:
                 pos = torch.full((1,), end - 1 - start, dtype=torch.long, device=idx.device)
                 logits = step(tokens[:, end - 1:end], pos, cache)[:, -1]
+
+    def _prefill(self, idx, max_new_tokens, cuda_graph, compile):
+        """generate's cached paths: a KV cache for the whole generation, the decode step (plain, compiled or
+        CUDA-graphed) and the prompt run through it. Returns (step, cache, the last position's logits)."""
+        B, T = idx.shape
+        device_type = idx.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+            else self.lm_head.weight.dtype
+        cache = self.new_cache(B, min(self.config.block_size, T + max_new_tokens), dtype, idx.device)
+        step = torch.compile(self.forward_cached, dynamic=False) if compile else self.forward_cached
+        graphed = cuda_graph and device_type == "cuda"
+        if graphed:
+            step = self._graphed_step(step, cache, B)
+        if graphed and T <= 32:  # a short prompt goes through the graph token by token: in a fresh process
+            for t in range(T):   # that beats loading the prefill's own kernels (bench.py's gen_cold rows)
+                logits = step(idx[:, t:t + 1], torch.full((1,), t, dtype=torch.long, device=idx.device), cache)[:, -1]
+        else:
+            logits = self.forward_cached(idx, torch.arange(T, device=idx.device), cache)[:, -1]  # prefill
+        return step, cache, logits
 
     def _graphed_step(self, step, cache, B):
         """step(idx (B, 1), pos (1,), cache) captured as one CUDA graph: inputs are copied into static

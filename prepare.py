@@ -13,13 +13,16 @@ How documents are found (train and val are split by document, and every document
 token, so sampling from that token starts a fresh document):
 - a .py or .md file is one document; so is a .txt file, unless it has lines `<|endoftext|>`, which separate
   documents (the TinyStories convention); a .jsonl line's "text" field is one; a .parquet row's "text" column is one
-  (FineWeb's layout); .gz files are read the same way;
+  (FineWeb's layout); .gz files are read the same way; a file without an extension (LICENSE, Apache-2.0) is one
+  document when it is UTF-8 text (no NUL byte or bad UTF-8 in its first 4 KB); a directory's other files are skipped
+  and named in one line;
 - a corpus of one document is split at blank lines into paragraphs, which are then the documents;
 - every round(1/val_fraction)-th document goes to val. A corpus with fewer documents than that (one file without
   blank lines, say) holds out its tail instead: the last val_fraction of its characters form one val document, as
   nanoGPT holds out the last 10% of a text. The tokenizer is trained on the train split only.
 Running it again with the same inputs does nothing.
 """
+import codecs
 import collections
 import difflib
 import gzip
@@ -43,7 +46,7 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 dataset = "stdlib"          # stdlib | shakespeare | tinystories | fineweb-edu | any name (with `input`)
-input = ""                  # a file or directory of .txt/.md/.py/.jsonl/.parquet[.gz]; overrides `dataset`'s source
+input = ""                  # a corpus file or directory (the docstring says what is read); overrides `dataset`'s source
 data_root = "data"
 vocab_size = 0              # special tokens included; 0 = the dataset's: 50257 (GPT-2's) for fineweb-edu, else 4096
 tokenizer = ""              # path of an existing tokenizer file to reuse instead of training one
@@ -83,6 +86,7 @@ REMOTE = {  # name -> its files: (url, expected size in bytes or None, sha256 or
 }
 DATASETS = ["stdlib", *REMOTE]  # the names prepare.py can prepare without --input
 DEFAULT_VOCAB = {"fineweb-edu": 50257}  # GPT-2's vocabulary size, for the GPT-2 reproduction (config/gpt2_124m.py)
+SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz")  # what a corpus dir holds
 
 # ---------------------------------------------------------------------------- the shard format
 # A shard is a 256-byte header then the raw little-endian token ids. Writer and reader live here, together.
@@ -156,22 +160,46 @@ def prepare_hint(data_dir):
 
 
 def corpus_files(src):
-    """Sorted list of the files that make up a corpus: the stdlib, one file, or a directory."""
+    """Sorted list of the files that make up a corpus: the stdlib, one file, or a directory. A directory's files of
+    other kinds are skipped and named in one line on stderr."""
     if src == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
-        return [p for p in walk(root, (".py",)) if "site-packages" not in p and "dist-packages" not in p]
+        return [p for p in walk(root) if p.endswith(".py") and "site-packages" not in p and "dist-packages" not in p]
     if os.path.isfile(src):
         return [src]
-    if os.path.isdir(src):
-        files = walk(src, (".txt", ".md", ".py", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz"))
-        if not files:
-            raise SystemExit(f"error: {src} has no .txt/.md/.py/.jsonl[.gz] or .parquet files; nothing to prepare")
-        return files
-    raise SystemExit(f"error: input {src} does not exist; pass --input=FILE_OR_DIR")
+    if not os.path.isdir(src):
+        raise SystemExit(f"error: input {src} does not exist; pass --input=FILE_OR_DIR")
+    files, skipped = [], []
+    for p in walk(src):
+        (files if p.endswith(SUFFIXES) or plain_text_file(src, p) else skipped).append(p)
+    if skipped:
+        names = ", ".join(os.path.relpath(p, src) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        note = f"skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} of other kinds: {names}"
+    if not files:
+        raise SystemExit(f"error: {src} has no .txt/.md/.py/.jsonl[.gz] or .parquet files, nor text files without "
+                         f"an extension; nothing to prepare" + (f" ({note})" if skipped else ""))
+    if skipped:
+        print(note, file=sys.stderr)
+    return files
 
 
-def walk(root, suffixes):
-    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(suffixes))
+def walk(root):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+
+
+def plain_text_file(root, path, probe=4096):
+    """A file without an extension (LICENSE, GPL-2; a version number such as Apache-2.0's is no extension) whose
+    first `probe` bytes are UTF-8 without NUL bytes. Hidden files and folders (.git's HEAD) are not corpus."""
+    rel = os.path.relpath(path, root)
+    if any(c.isalpha() for c in os.path.splitext(path)[1]) or any(p.startswith(".") for p in rel.split(os.sep)):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(probe)
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # not final: a character cut at `probe` is fine
+    except (OSError, UnicodeDecodeError):  # unreadable counts as not text: skipped, and named as such
+        return False
+    return b"\0" not in head
 
 
 def parquet_module():
@@ -242,13 +270,13 @@ def read_documents(files, strict=True, info=None):
             yield text
 
 
-def split_of(i):
+def split_of(i, val_fraction):
     """Deterministic, streamable train/val split by document index: evenly spaced val documents."""
     return "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
 
 
-def documents(files, info=None):
-    docs = read_documents(files, strict=(dataset != "stdlib" or bool(input)), info=info)
+def documents(files, strict, info=None):
+    docs = read_documents(files, strict, info)
     first = next(docs, None)
     if first is None:
         raise SystemExit("error: the corpus is empty (no non-blank documents); check --input")
@@ -261,16 +289,16 @@ def documents(files, info=None):
     yield from docs
 
 
-def split_documents(files, info):
+def split_documents(files, info, *, val_fraction, strict):
     """Yield (split, document): by document index (split_of), or, for a corpus with fewer documents than the first
     val index, every document to train but the tail: its last val_fraction of characters, one val document.
-    Sets info["val_split"] to "documents" or "tail"."""
-    docs = documents(files, info)
-    first_val = next(i for i in itertools.count() if split_of(i) == "val")
+    Sets info["val_split"] to "documents" or "tail". strict: as read_documents'."""
+    docs = documents(files, strict, info)
+    first_val = next(i for i in itertools.count() if split_of(i, val_fraction) == "val")
     head = list(itertools.islice(docs, first_val + 1))
     if len(head) > first_val:
         info["val_split"] = "documents"
-        yield from ((split_of(i), d) for i, d in enumerate(itertools.chain(head, docs)))
+        yield from ((split_of(i, val_fraction), d) for i, d in enumerate(itertools.chain(head, docs)))
         return
     info["val_split"] = "tail"
     total = sum(map(len, head))
@@ -385,22 +413,10 @@ def encode_job(pairs):
     return out
 
 
-def job_batches(pairs, batch_chars):
-    batch, size = [], 0
-    for pair in pairs:
-        batch.append(pair)
-        size += len(pair[1])
-        if size >= batch_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def encoded_batches(pairs, tok, tok_path, procs, batch_chars=1 << 22):
     """encode_job's results for consecutive batches of ~batch_chars characters of `pairs`, in order, encoded by
     `procs` processes; at most 2 batches per process are in flight, so memory stays bounded on any corpus."""
-    jobs = job_batches(pairs, batch_chars)
+    jobs = bpe.batches(pairs, batch_chars, length=lambda pair: len(pair[1]))
     head = list(itertools.islice(jobs, 2))
     if procs <= 1 or len(head) < 2:  # a single batch: starting processes would cost more than it saves
         _worker["tok"] = tok
@@ -418,7 +434,8 @@ def encoded_batches(pairs, tok, tok_path, procs, batch_chars=1 << 22):
 # ---------------------------------------------------------------------------- the job
 
 
-def source_files():
+def source_files(*, input, dataset, data_root, fineweb_shards):
+    """The corpus's files: the input's, the stdlib's, or a known dataset's, downloaded into data_root/downloads."""
     if input:
         return corpus_files(input)
     if dataset == "stdlib":
@@ -439,22 +456,22 @@ def source_files():
             for url, size, sha in entries]
 
 
-def train_tokenizer(files, vocab):
-    """A BPE tokenizer trained on (a bounded prefix of) the train split only, so val stays held out."""
+def train_tokenizer(pairs, vocab, max_bytes):
+    """A BPE tokenizer trained on (a bounded prefix of) the train split only, so val stays held out.
+    pairs: split_documents' (split, document)."""
     def train_texts():
         seen = 0
-        for split, doc in split_documents(files, {}):
-            if seen >= tokenizer_max_bytes:
+        for split, doc in pairs:
+            if seen >= max_bytes:
                 return  # stop reading: a 10B-token corpus needs only its first 200 MB for this
             if split == "train":
                 seen += len(doc)
                 yield doc
-    print(f"training a {vocab}-token BPE tokenizer on {len(files)} files ...", file=sys.stderr)
     return bpe.train(train_texts(), vocab, verbose=True)
 
 
-def write_shards(files, tok, tok_path, out):
-    """Encode every document, EOT first, and stream the ids into out/{train,val}_NNN.bin.
+def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_tokens, num_proc):
+    """Encode every document, EOT first, and stream the ids into out/{train,val}_NNN.bin; split_documents' options.
     Returns (shard names per split, counts per split, how val was split)."""
     buffers, pending = {"train": [], "val": []}, {"train": 0, "val": 0}
     shards = {"train": [], "val": []}
@@ -471,9 +488,10 @@ def write_shards(files, tok, tok_path, out):
 
     info, t0, text_bytes = {"bytes": 0}, time.time(), 0
     total = max(sum(os.path.getsize(p) for p in files), 1)
-    procs = num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    procs = num_proc or bpe.usable_cores()
     label = f"tokenizing ({procs} process{'es' if procs > 1 else ''})"
-    for result in encoded_batches(split_documents(files, info), tok, tok_path, procs):
+    pairs = split_documents(files, info, val_fraction=val_fraction, strict=strict)
+    for result in encoded_batches(pairs, tok, tok_path, procs):
         for split, (ids, n_docs, n_bytes) in result.items():
             buffers[split].append(ids)
             pending[split] += len(ids)
@@ -493,7 +511,8 @@ def write_shards(files, tok, tok_path, out):
 def prepare():
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    files = source_files()
+    files = source_files(input=input, dataset=dataset, data_root=data_root, fineweb_shards=fineweb_shards)
+    strict = dataset != "stdlib" or bool(input)  # the stdlib has a few deliberately mis-encoded test files: skipped
     out = os.path.join(data_root, dataset)
     vocab = vocab_size or DEFAULT_VOCAB.get(dataset, 4096)
     # The fingerprint covers the file list (names, sizes, mtimes) and every setting that changes the output.
@@ -512,11 +531,17 @@ def prepare():
     os.makedirs(tmp)
     try:
         t0 = time.time()
-        tok = bpe.Tokenizer.load(tokenizer) if tokenizer else train_tokenizer(files, vocab)
+        if tokenizer:
+            tok = bpe.Tokenizer.load(tokenizer)
+        else:
+            print(f"training a {vocab}-token BPE tokenizer on {len(files)} files ...", file=sys.stderr)
+            pairs = split_documents(files, {}, val_fraction=val_fraction, strict=strict)
+            tok = train_tokenizer(pairs, vocab, tokenizer_max_bytes)
         tok_path = os.path.join(tmp, "tokenizer.bpe")
         tok.save(tok_path)
         print(f"tokenizer: {tok.vocab_size} tokens in {time.time() - t0:.1f}s", file=sys.stderr)
-        shards, counts, val_split = write_shards(files, tok, tok_path, tmp)
+        shards, counts, val_split = write_shards(files, tok, tok_path, tmp, val_fraction=val_fraction, strict=strict,
+                                                 shard_tokens=shard_tokens, num_proc=num_proc)
         meta = dict(dataset=dataset, source=input or dataset, vocab_size=tok.vocab_size, tokenizer="tokenizer.bpe",
                     tokenizer_hash=tok.hash, eot=tok.eot, dtype=np.dtype(shard_dtype(tok.vocab_size)).name,
                     python_version=sys.version.split()[0], n_files=len(files), val_split=val_split,

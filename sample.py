@@ -40,6 +40,7 @@ stop = ""                   # a sample also ends where this text appears ("" = o
 compile = False             # torch.compile the decode step (pays off for long generations)
 # -----------------------------------------------------------------------------
 
+
 def check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p):
     """Refuses the sampling settings that would fail or print garbage, naming the valid range."""
     for name, value, ok, valid in (("num_samples", num_samples, num_samples >= 1, "1 or more"),
@@ -66,13 +67,55 @@ def warm_up(model_args, device, dtype, shape, max_new_tokens, **sampling):
             break
 
 
+def read_prompt(start):
+    """--start as text: FILE:path is read from that UTF-8 file."""
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the prompt file {start[5:]} ({e}); give a UTF-8 text file") from None
+
+
+def print_samples(model, tok, prompt, ids, device, *, num_samples, seed, stop, max_new_tokens, compile, **gen):
+    """num_samples samples after the prompt's ids, as one batch: the first streams to stdout as it is produced, the
+    others are printed whole at the end, each closed by a rule. gen: model.generate's sampling options."""
+    torch.manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, device=device)  # (num_samples, T): one batch
+    # a token can end inside a multi-byte character: each row's incremental decoder holds such bytes back
+    utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
+    texts, done, shown = [""] * num_samples, [False] * num_samples, 0  # shown: characters of sample 0 printed
+    print(prompt, end="", flush=True)
+    for next_id in model.generate(idx, max_new_tokens, generator=g, compile=compile, **gen):
+        for r, t in enumerate(next_id.tolist()):
+            if done[r]:
+                continue
+            done[r] = t == tok.eot
+            texts[r] += "" if done[r] else utf8[r].decode(tok.decode_bytes([t]))
+            if stop and stop in texts[r]:
+                texts[r], done[r] = texts[r][:texts[r].index(stop)], True
+        # stream sample 0, holding back a tail that could still turn out to be the start of the stop string
+        safe = len(texts[0]) if done[0] or not stop else max(len(texts[0]) - len(stop) + 1, shown)
+        sys.stdout.write(texts[0][shown:safe])
+        sys.stdout.flush()
+        shown = safe
+        if all(done):
+            break
+    print(texts[0][shown:] + ("" if done[0] else utf8[0].decode(b"", final=True)))
+    for r in range(1, num_samples):
+        print("-" * 40 + "\n" + prompt + texts[r] + ("" if done[r] else utf8[r].decode(b"", final=True)))
+    print("-" * 40)
+
+
 # ---------------------------------------------------------------------------- chat
 
 
-def chat_loop(model, tok, device):
+def chat_loop(model, tok, device, *, seed, max_new_tokens, temperature, top_k, top_p):
     """Interactive chat: the whole history is the prompt of each reply; the reply streams until <|end|>.
-    /reset forgets the history, /quit (or end of input) exits. Replies sample with --temperature, --top_k,
-    --top_p, at most --max_new_tokens tokens; the oldest turns are dropped when the context is full."""
+    /reset forgets the history, /quit (or end of input) exits. Replies sample with temperature, top_k (0 = off),
+    top_p, at most max_new_tokens tokens; the oldest turns are dropped when the context is full."""
     # A tokenizer trained without the chat tokens can get them safely: give them new ids after its vocab
     # (bpe.Tokenizer(tok.ranks, tok.pattern, {**tok.special_tokens, "<|user|>": tok.vocab_size, ...})) and
     # resize the model's token embedding rows to the new vocab (copy the old rows, init the new ones), then
@@ -114,17 +157,6 @@ def chat_loop(model, tok, device):
         history.append(dict(role="assistant", content=tok.decode(reply, errors="replace")))
 
 
-def read_prompt(start):
-    """--start as text: FILE:path is read from that UTF-8 file."""
-    if not start.startswith("FILE:"):
-        return start
-    try:
-        with open(start[5:], encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: cannot read the prompt file {start[5:]} ({e}); give a UTF-8 text file") from None
-
-
 def main():
     configure(globals())
     check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
@@ -146,36 +178,13 @@ def main():
             print(f"warning: {out_dir} holds a pretrained model that was never fine-tuned for chat: its replies will "
                   f"read like its training text; fine-tune it first with python rlhf.py config/sft.py "
                   f"--init_from={out_dir} (and your chat data as --data)", file=sys.stderr, flush=True)
-        return chat_loop(model, tok, dev)
+        return chat_loop(model, tok, dev, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p)
     if len(ids) >= model.config.block_size:
         raise SystemExit(f"error: the prompt has {len(ids)} tokens, the model's context is "
                          f"{model.config.block_size}; give a --start of 1 to {model.config.block_size - 1} tokens")
-    torch.manual_seed(seed)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    idx = torch.tensor([ids] * num_samples, device=dev)  # (num_samples, T): one batch
-    # a token can end inside a multi-byte character: each row's incremental decoder holds such bytes back
-    utf8 = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
-    texts, done, shown = [""] * num_samples, [False] * num_samples, 0  # shown: characters of sample 0 printed
-    print(prompt, end="", flush=True)
-    for next_id in model.generate(idx, max_new_tokens, generator=g, compile=compile, **gen):
-        for r, t in enumerate(next_id.tolist()):
-            if done[r]:
-                continue
-            done[r] = t == tok.eot
-            texts[r] += "" if done[r] else utf8[r].decode(tok.decode_bytes([t]))
-            if stop and stop in texts[r]:
-                texts[r], done[r] = texts[r][:texts[r].index(stop)], True
-        # stream sample 0, holding back a tail that could still turn out to be the start of the stop string
-        safe = len(texts[0]) if done[0] or not stop else max(len(texts[0]) - len(stop) + 1, shown)
-        sys.stdout.write(texts[0][shown:safe])
-        sys.stdout.flush()
-        shown = safe
-        if all(done):
-            break
-    print(texts[0][shown:] + ("" if done[0] else utf8[0].decode(b"", final=True)))
-    for r in range(1, num_samples):
-        print("-" * 40 + "\n" + prompt + texts[r] + ("" if done[r] else utf8[r].decode(b"", final=True)))
-    print("-" * 40)
+    print_samples(model, tok, prompt, ids, dev, num_samples=num_samples, seed=seed, stop=stop,
+                  max_new_tokens=max_new_tokens, compile=compile, **gen)
 
 
 if __name__ == "__main__":

@@ -768,15 +768,14 @@ def test_prepare_meta_and_shard_headers_name_the_tokenizer(tiny_data):
         assert header["itemsize"] == 2 and header["vocab_size"] == 300 and header["tokenizer_hash"] == tok.hash
 
 
-def test_prepare_shards_decode_to_the_documents_joined_by_eot(tiny_data, monkeypatch):
+def test_prepare_shards_decode_to_the_documents_joined_by_eot(tiny_data):
     data_root, name, docs = tiny_data
     meta = json.load(open(os.path.join(data_root, name, "meta.json")))
     tok = bpe.Tokenizer.load(os.path.join(data_root, name, "tokenizer.bpe"))
-    monkeypatch.setattr(prepare, "val_fraction", 0.2)
     for split in ("train", "val"):
         ids = np.concatenate([prepare.read_shard(os.path.join(data_root, name, p)) for p in meta[f"{split}_shards"]])
         assert len(ids) == meta[f"{split}_tokens"]
-        expected = [d for i, d in enumerate(docs) if prepare.split_of(i) == split]
+        expected = [d for i, d in enumerate(docs) if prepare.split_of(i, 0.2) == split]
         assert len(expected) == meta[f"{split}_docs"] > 0
         assert tok.decode(ids.tolist()) == "".join("<|endoftext|>" + d for d in expected)
 
@@ -887,19 +886,16 @@ def test_prepare_fineweb_edu_downloads_its_parquet_shards_and_splits_rows_into_d
     assert meta["train_docs"] + meta["val_docs"] == 60 and meta["val_split"] == "documents"
     for split in ("train", "val"):
         ids = np.concatenate([prepare.read_shard(os.path.join(out, p)) for p in meta[f"{split}_shards"]])
-        expected = [d for i, d in enumerate(docs) if prepare.split_of(i) == split]
+        expected = [d for i, d in enumerate(docs) if prepare.split_of(i, 0.1) == split]
         assert tok.decode(ids.tolist()) == "".join("<|endoftext|>" + d for d in expected)
 
 
 def test_parquet_without_pyarrow_is_a_one_line_error_before_any_download(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow.parquet` now raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    monkeypatch.setattr(prepare, "dataset", "fineweb-edu")
-    monkeypatch.setattr(prepare, "input", "")
-    monkeypatch.setattr(prepare, "data_root", str(tmp_path))
     with pytest.raises(SystemExit, match=r"^error: reading \.parquet files \(fineweb-edu\) needs pyarrow; "
                                          r"`pip install pyarrow`$"):
-        prepare.source_files()
+        prepare.source_files(input="", dataset="fineweb-edu", data_root=str(tmp_path), fineweb_shards=14)
     assert not os.path.exists(tmp_path / "downloads")
 
 
@@ -917,6 +913,24 @@ def test_prepare_one_file_without_blank_lines_holds_out_its_tail_as_val(tmp_path
     assert meta["val_split"] == "tail" and meta["train_docs"] == meta["val_docs"] == 1
     assert decoded == {"train": "<|endoftext|>" + text[:cut], "val": "<|endoftext|>" + text[cut:]}
     assert meta["val_bytes"] == len(text[cut:].encode()) and sorted(os.listdir(tmp_path / "data")) == ["one"]
+
+
+def test_prepare_reads_text_files_without_an_extension_and_names_the_files_it_skips(tmp_path):
+    src = tmp_path / "licenses"
+    (src / ".git").mkdir(parents=True)
+    (src / "GPL").write_text("\n\n".join(words_docs(20, seed=2)))  # extensionless UTF-8 text: a document
+    (src / "Apache-2.0").write_text("ünïcödé " + "\n\n".join(words_docs(20, seed=3)))  # ".0" is no extension
+    (src / "a.txt").write_text("\n\n".join(words_docs(20, seed=4)))
+    (src / "blob").write_bytes(b"\x7fELF\x02\x01" + b"\0" * 64)  # NUL bytes: binary
+    (src / "latin").write_bytes("caf\u00e9 au lait".encode("latin-1"))  # invalid UTF-8: not text
+    (src / "notes.csv").write_text("x,y\n")  # an extension prepare.py does not read
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # hidden: not part of the corpus
+    files = [os.path.basename(f) for f in prepare.corpus_files(str(src))]
+    assert files == ["Apache-2.0", "GPL", "a.txt"]
+    p = run("prepare.py", f"--input={src}", f"--data_root={tmp_path / 'data'}", "--vocab_size=300")
+    skipped = [line for line in p.stderr.splitlines() if line.startswith("skipped")]
+    assert skipped == ["skipped 4 files of other kinds: .git/HEAD, blob, latin, ..."]
+    assert json.load(open(tmp_path / "data" / "licenses" / "meta.json"))["n_files"] == 3
 
 
 def test_prepare_error_mid_way_leaves_no_output(tmp_path):
@@ -966,7 +980,8 @@ def test_missing_data_of_ones_own_dataset_suggests_a_command_that_works(tmp_path
 @pytest.mark.parametrize("case, pattern", [
     ("missing", r"input .*missing does not exist; pass --input="),
     ("empty", r"the corpus is empty"),
-    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] or \.parquet files"),
+    ("no_text", r"has no \.txt/\.md/\.py/\.jsonl\[\.gz\] or \.parquet files, nor text files without an extension; "
+                r"nothing to prepare \(skipped 2 files of other kinds: a\.csv, blob\)$"),
     ("latin1", r"latin1\.txt is not UTF-8 text \(byte 3\); convert it"),
     ("not_json", r"bad\.jsonl:2 is not a JSON object with a \"text\" field"),
     ("no_field", r"bad\.jsonl:3 is not a JSON object with a \"text\" field"),
@@ -980,6 +995,7 @@ def test_bad_corpus_or_tokenizer_given_to_prepare_is_a_one_line_error(tmp_path, 
         (src / "a.txt").write_text("  \n\n")
     elif case == "no_text":
         (src / "a.csv").write_text("x,y\n")
+        (src / "blob").write_bytes(b"\x7fELF\0\0")  # no extension, but binary
     elif case == "latin1":
         (src / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))  # \xe9 at byte 3
     elif case in ("not_json", "no_field"):
