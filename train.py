@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
+import scale
 from checkpoint import (check_out_dir, full_state_dicts, load_checkpoint, load_optimizer_state, open_out_dir,
                         save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
@@ -46,7 +47,6 @@ from faults import (GUARD_FIELDS, STOP, apply_update, catch_stop_signals, check_
                     read_guard, resume_command, stop_requested)
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
-import scale
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -592,9 +592,9 @@ def farewell(run, cfg):
 
 
 def main():
+    run = types.SimpleNamespace(t_launch=time.time())  # the run's constants and the loop's counters
     config = configure(globals())
     cfg = types.SimpleNamespace(**config)
-    run = types.SimpleNamespace(t_launch=time.time())  # the run's constants and the loop's counters
     run.rank, _, run.world, run.device = compute_init(cfg.device)
     run.master, device = run.rank == 0, run.device
     say = print if run.master else (lambda *a, **k: None)
@@ -614,8 +614,8 @@ def main():
     restore(run, ckpt, raw_model, optimizers, scaler)
     del ckpt, weights
     if cfg.init_from == "resume" and run.iter_num >= cfg.max_iters:  # saving again under the same name: not atomic
-        return say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, "
-                   f"max_iters={cfg.max_iters}")
+        say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, max_iters={cfg.max_iters}")
+        return
     train_ds, batches, loaders = make_batches(data_dir, meta, cfg, rank=run.rank, world=run.world,
                                               data_state=run.data, pin=device.startswith("cuda"))
     mc = mc_rows(cfg.eval_mc, cfg.data_root, cfg.eval_mc_rows) if cfg.eval_mc else None
