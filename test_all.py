@@ -2254,7 +2254,7 @@ def grad_ckpt_results():
 @pytest.fixture(scope="module")
 def grad_ckpt_compiled():
     """Traced into a compiled graph, a checkpoint is only a hint, and the partitioner kept 3x what eager keeps
-    here; train.parallelize compiles checkpointed blocks alone instead. (The chunked loss runs compiled too.)
+    here; scale.parallelize compiles checkpointed blocks alone instead. (The chunked loss runs compiled too.)
     {plain, eager, compiled}: (loss, grads, bytes the forward saved for the backward) without checkpointing,
     with grad_ckpt=full, and with grad_ckpt=full compiled."""
     x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
