@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from configurator import configure
 
 mode = "train"
-# --mode=train: train.py's own step (train.parallelize + train.train_step) timed on the model of train_config
+# --mode=train: train.py's own step (train.build_model, train.setup_step) timed on the model of train_config
 train_config = ""           # a train.py config file; "" = train.py's defaults (GPT-2 124M shape)
 train_common = "vocab_size=50304 bias=False dropout=0.0 batch_size=32 gradient_accumulation_steps=1 compile=True"
 train_variants = ""         # ";"-separated sets of train.py overrides, one run each: "compile=False; grad_ckpt=full"
@@ -231,7 +231,7 @@ def train_variant(defaults, variant):
 
 
 def train_batches(T, data, rank, world, cuda):
-    """train.py's loader on the prepared train shards (data "real"; None if there are none), or a few fixed random
+    """train.py's batches of the prepared train shards (data "real"; None if there are none), or a few fixed random
     batches, pinned like train.py's, different on every rank."""
     import torch
     import train
@@ -239,12 +239,11 @@ def train_batches(T, data, rank, world, cuda):
         data_dir = os.path.join(T.data_root, T.dataset)
         if not os.path.isfile(os.path.join(data_dir, "meta.json")):
             return None
-        meta = train.load_meta(data_dir)
+        _, meta, _ = train.load_data(T.data_root, T.dataset)
         if meta["vocab_size"] > T.vocab_size:
             raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} tokens > vocab_size "
                              f"{T.vocab_size}; raise vocab_size in train_common")
-        ds = train.TokenWindows(train.split_paths(data_dir, meta, "train"), T.block_size)
-        return train.Batches(ds, T.batch_size, rank, world, T.seed, pin=cuda)
+        return train.make_batches(data_dir, meta, T, rank=rank, world=world, data_state={}, pin=cuda)[1]
     g = torch.Generator().manual_seed(T.seed + rank)
     windows = [torch.randint(T.vocab_size, (T.batch_size, T.block_size + 1), generator=g) for _ in range(4)]
     pairs = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in windows]
@@ -252,26 +251,18 @@ def train_batches(T, data, rank, world, cuda):
 
 
 def time_train_steps(T, device, w, batches, grad_accum, ptdtype, peak_flops, out):
-    """train.py's model, optimizer and step for w processes: train_warmup steps, then train_steps timed, into out."""
+    """train.py's model, optimizers and step for w processes, built by train.py's own set-up functions:
+    train_warmup steps, then train_steps timed, into out."""
     import torch
     import train
-    from model import GPT, GPTConfig
+    from faults import GUARD_FIELDS
+    from model import GPTConfig
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(T.seed)
-    with torch.device(device):  # initialised on the device: fast even for billions of parameters
-        raw = GPT(GPTConfig(**{f.name: getattr(T, f.name) for f in fields(GPTConfig)}))
-    model = train.parallelize(raw, device, w, T.compile, T.grad_ckpt, T.sharding, T.loss_chunk, T.fp8, T.bf16_residual)
-    optimizer = train.make_optimizers(raw, w, T.sharding, T.weight_decay, T.learning_rate, (T.beta1, T.beta2), device,
-                                      T.optimizer, T.embed_lr, T.head_lr, T.muon_lr, T.muon_momentum,
-                                      T.muon_weight_decay)
-    scaler = torch.amp.GradScaler(enabled=ptdtype == torch.float16)
-    guard = torch.zeros(len(train.GUARD_FIELDS), device=device)
-    ctx = train.autocast(device, ptdtype)
-
-    def step():
-        return train.train_step(model, optimizer, scaler, batches, grad_accum, ctx, device, guard, T.grad_clip,
-                                T.spike_factor, T.max_bad_steps, world=w)
+    raw = train.build_model({f.name: getattr(T, f.name) for f in fields(GPTConfig)}, None, T.seed, device)
+    _, _, _, train_step = train.setup_step(raw, T, device=device, world=w, ptdtype=ptdtype, grad_accum=grad_accum)
+    guard = torch.zeros(len(GUARD_FIELDS), device=device)
+    step = lambda: train_step(batches, guard)
     t0 = time.perf_counter()
     for _ in range(train_warmup):
         step()
@@ -290,7 +281,7 @@ def time_train_steps(T, device, w, batches, grad_accum, ptdtype, peak_flops, out
     # of training, and is cheaper
     out.update(ms_per_step=1000 * dt, tokens_per_s=tokens / dt, tokens_per_s_per_gpu=tokens / dt / w,
                mfu=raw.flops_per_token(T.block_size) * tokens / w / dt / peak_flops, loss=loss.item(),
-               params_m=raw.num_params() / 1e6, skipped=int(guard[train.GUARD_FIELDS.index("total")].item()))
+               params_m=raw.num_params() / 1e6, skipped=int(guard[GUARD_FIELDS.index("total")].item()))
     if cuda:
         peak = torch.cuda.max_memory_allocated(device)
         out.update(state_gib=state / 2**30, peak_gib=peak / 2**30, act_gib=(peak - state) / 2**30)
@@ -352,14 +343,15 @@ def bench_train():
             --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
     import torch
     import torch.distributed as dist
+    import scale
     import train
+    from compute import compute_cleanup, compute_init, dtype_name
     from configurator import config_keys
 
     defaults = config_keys(vars(train))  # train.py's own defaults: each variant's config starts from a copy
-    rank, _, world, device = train.setup_distributed(train.device)
+    rank, _, world, device = compute_init(train.device)
     cuda = device.startswith("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    peak_flops = train.peak_flops(device, torch.bfloat16 if cuda else torch.float32)
+    peak_flops = scale.peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
     say(f"{world} process(es) on {gpu}, torch {torch.__version__}; "
@@ -368,10 +360,9 @@ def bench_train():
     for variant in [v.strip() for v in train_variants.split(";")]:
         for data in {"random": ["random"], "real": ["real"], "both": ["random", "real"]}[train_data]:
             T = train_variant(defaults, variant)
+            ptdtype, grad_accum = scale.setup(T, device, world, say=lambda *a, **k: None)  # as train.py, TF32 too
             row = dict(variant=variant or "(common)", data=data, world=world, batch_size=T.batch_size,
-                       block_size=T.block_size, grad_accum=train.micro_steps(T.gradient_accumulation_steps, world))
-            dtype_name, ptdtype = train.resolve_dtype(T.dtype, device)
-            train.check_precision(dtype_name, T.sharding, T.bf16_residual)
+                       block_size=T.block_size, grad_accum=grad_accum)
             batches = train_batches(T, data, rank, world, cuda)
             if batches is None:
                 say(f"no prepared data in {os.path.join(T.data_root, T.dataset)}: real-data run of "
@@ -384,7 +375,7 @@ def bench_train():
                 dist.all_reduce(alone)
                 row["alone_ms"] = alone.tolist()
             row.update(measure_train(T, device, world, batches, row["grad_accum"], ptdtype, peak_flops),
-                       dtype=dtype_name)
+                       dtype=dtype_name(ptdtype))
             if "alone_ms" in row and "ms_per_step" in row:
                 row["scaling"] = sum(row["alone_ms"]) / row["ms_per_step"]
             del batches
@@ -395,7 +386,7 @@ def bench_train():
                                            rows=rows))
     if rank == 0:
         print_train_table(rows, world > 1 and train_alone)
-    train.leave_process_group(world)
+    compute_cleanup(world)
 
 
 def gen_shapes(tiny):

@@ -1,8 +1,8 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, sample, rlhf, eval, export, plot, bench,
-runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it proves; then
-repo-wide checks. Tiny models, tiny data, CPU only.
+(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, scale, faults, sample, rlhf, eval, export, plot,
+bench, runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it proves;
+then repo-wide checks. Tiny models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
@@ -53,6 +53,7 @@ import bench  # noqa: E402
 import bpe  # noqa: E402
 import chat_data  # noqa: E402
 import checkpoint  # noqa: E402
+import compute  # noqa: E402
 import eval as ev  # noqa: E402
 import export  # noqa: E402
 import fp8  # noqa: E402
@@ -66,12 +67,13 @@ import train  # noqa: E402
 from checkpoint import (CKPT_FORMAT, load_checkpoint, load_optimizer_state, model_from_checkpoint,  # noqa: E402
                         save_checkpoint)
 from configurator import config_keys, configure, source_notes  # noqa: E402
+from faults import GUARD_FIELDS, apply_update, guard_update  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
                  scaled_mm, to_fp8)
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
 from muon import Muon, orthogonalise  # noqa: E402
-from train import (GUARD_FIELDS, Batches, TokenWindows, apply_update, checkpoint_blocks, ckpt_interval,  # noqa: E402
-                   get_lr, guard_update, make_optimizers, micro_steps, parallelize, set_lr, split_paths)
+from scale import checkpoint_blocks, ckpt_interval, micro_steps, parallelize  # noqa: E402
+from train import Batches, TokenWindows, get_lr, make_optimizers, set_lr, split_paths  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- running the scripts
@@ -1738,11 +1740,6 @@ def test_load_checkpoint_reads_onto_the_cpu_with_weights_only(tmp_path, monkeypa
 FAULTS_TRAIN = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--dropout=0.1",
                 "--gradient_accumulation_steps=1", "--max_iters=200", "--lr_decay_iters=200", "--warmup_iters=5",
                 "--learning_rate=1e-2", "--eval_interval=10", "--eval_iters=1", "--log_interval=5"]
-# the guard's optimizers: AdamW; fused AdamW, whose device-side skip (found_inf) CUDA uses (on a CPU, the CPU kernel);
-# and fused AdamW inside ZeRO-1: name -> (device, fused, zero1)
-GUARD_VARIANTS = {"cpu": ("cpu", False, False), "cpu-fused": ("cpu", True, False), "cpu-zero1": ("cpu", True, True),
-                  **({"cuda": ("cuda", False, False), "cuda-fused": ("cuda", True, False)} if torch.cuda.is_available()
-                     else {})}
 
 
 def faults_driver():
@@ -1896,18 +1893,8 @@ def muon_model():
 
 
 def muon_and_adamw(model):
-    return make_optimizers(model, 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", embed_lr=0.05, head_lr=2e-3,
-                           muon_lr=0.03, muon_weight_decay=0.01)
-
-
-def linear_ce_case():
-    """37 rows in chunks of 8 (a ragged last one), every 5th target ignored, in fp64: x, w, targets, and the
-    cross-entropy on the logits x @ w^T."""
-    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 50, (37,))
-    t[::5] = -1
-    return x, w, t, F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+    return make_optimizers(model, world=1, sharding="ddp", weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                           device="cpu", kind="muon", embed_lr=0.05, head_lr=2e-3, muon_lr=0.03, muon_weight_decay=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -2015,202 +2002,6 @@ def sharded(tiny_data, tmp_path_factory):
                                      single=load_checkpoint(str(d / "single")),
                                      sharded=load_checkpoint(str(d / sharding)))
     return run_sharded
-
-
-@pytest.fixture(scope="module")
-def grad_ckpt_results():
-    """Loss, grads and state-dict names of one forward-backward of tiny_gpt with dropout, for grad_ckpt off,
-    "full" and 2 (every 2nd block)."""
-    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
-    results = {}
-    for setting in (None, "full", 2):
-        model = tiny_gpt(dropout=0.1)  # dropout: the recomputed forward must replay the same random masks
-        if ckpt_interval(setting):
-            checkpoint_blocks(model, ckpt_interval(setting))
-        torch.manual_seed(1)
-        _, loss = model(x, y)
-        loss.backward()
-        results[setting] = loss, [p.grad for p in model.parameters()], list(model.state_dict())
-    return results
-
-
-@pytest.fixture(scope="module")
-def grad_ckpt_compiled():
-    """Traced into a compiled graph, a checkpoint is only a hint, and the partitioner kept 3x what eager keeps
-    here; train.parallelize compiles checkpointed blocks alone instead. (The chunked loss runs compiled too.)
-    {plain, eager, compiled}: (loss, grads, bytes the forward saved for the backward) without checkpointing,
-    with grad_ckpt=full, and with grad_ckpt=full compiled."""
-    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
-
-    def measure(compile, grad_ckpt):
-        torch.manual_seed(0)
-        raw = tiny_gpt()
-        model = parallelize(raw, "cpu", 1, compile, grad_ckpt, loss_chunk=16)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            _, loss = model(x, y)
-        loss.backward()
-        return loss, [p.grad for p in raw.parameters()], sum(saved)
-    return dict(plain=measure(False, None), eager=measure(False, "full"), compiled=measure(True, "full"))
-
-
-@pytest.fixture(scope="module")
-def grad_ckpt_plain_logits():
-    """With loss_chunk=0 the loss on the logits is compiled on its own too. Run eagerly between compiled blocks it
-    kept fp32 log-probabilities of the bf16 logits: more memory than no checkpointing at all.
-    {compile: (bytes saved for the backward, loss)} under bf16 autocast with grad_ckpt=full."""
-    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
-    out = {}
-    for compile in (False, True):
-        torch.manual_seed(0)
-        model = parallelize(tiny_gpt(), "cpu", 1, compile, "full", loss_chunk=0)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-            with torch.autocast("cpu", torch.bfloat16):
-                _, loss = model(x, y)
-        loss.backward()
-        out[compile] = sum(saved), loss
-    return out
-
-
-@pytest.fixture(scope="module")
-def compiled_step():
-    """A compiled model gives each returned tensor that needs grad a zero gradient in the backward: for the
-    logits a (B, T, vocab) fill per step (3.3 GB at GPT-2 32x1024). With targets the model returns them detached.
-    The second compiled step's logits, the shapes its profile filled, its grads, and eager's grads."""
-    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
-    torch.manual_seed(0)
-    model = tiny_gpt()
-    compiled = torch.compile(model)
-    for _ in range(2):  # compile, then the run we look at
-        with profile(record_shapes=True) as prof:
-            logits, loss = compiled(x, y)
-            loss.backward()
-    grads = [p.grad.clone() / 2 for p in model.parameters()]
-    filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
-    model.zero_grad()
-    model(x, y)[1].backward()
-    return logits, filled, grads, [p.grad for p in model.parameters()]
-
-
-@pytest.fixture(scope="module")
-def bf16_train_steps():
-    """12 train.train_step calls of tiny_gpt under CPU bf16 autocast (grad_ckpt=2, loss_chunk=8) on 8 fixed rows:
-    the model and the losses."""
-    model = tiny_gpt()
-    step_fn = parallelize(model, "cpu", 1, grad_ckpt=2, loss_chunk=8)
-    opt = [model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")]
-    scaler = torch.amp.GradScaler(enabled=False)
-    guard = torch.zeros(len(GUARD_FIELDS))
-    w = torch.randint(0, 96, (2, 4, 17))
-    batches = itertools.cycle([(b[:, :-1], b[:, 1:]) for b in w])
-    ctx = train.autocast("cpu", torch.bfloat16)
-    return model, [train.train_step(step_fn, opt, scaler, batches, 2, ctx, "cpu", guard, 1.0, 0.0, 5).item()
-                   for _ in range(12)]
-
-
-@pytest.fixture(scope="module")
-def bf16_residual_runs():
-    """40 bf16 steps of tiny_gpt compiled with and without bf16_residual: {flag: (last loss, the dtype that entered
-    block 1 last, the parameters' dtypes)}."""
-    out = {}
-    for flag in (False, True):
-        torch.manual_seed(0)
-        model = tiny_gpt(bias=False)
-        step_fn = parallelize(model, "cpu", 1, compile=True, loss_chunk=0, bf16_residual=flag)
-        seen = []
-        model.transformer.h[1].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].dtype))
-        loss = bf16_training_loss(model, step_fn)
-        out[flag] = loss, seen[-1], {p.dtype for p in model.parameters()}
-    return out
-
-
-@pytest.fixture(scope="module", params=list(GUARD_VARIANTS), ids=list(GUARD_VARIANTS))
-def guarded_steps(request, tmp_path_factory):
-    """12 good steps, then a NaN, an Inf and a 10x loss, then one more good one, through guard_update and
-    apply_update on a tiny GPT (GUARD_VARIANTS: device, fused AdamW, inside ZeRO-1): what each step's guard said,
-    the weights and Adam's state before the bad steps and after them, the guard's counters, the weights at the end."""
-    device, fused, zero = GUARD_VARIANTS[request.param]
-    scaler = torch.amp.GradScaler(enabled=False)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
-    if zero:  # a one-process group is enough to build it
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
-                                world_size=1)
-    try:
-        if zero:
-            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)
-        g = torch.zeros(len(GUARD_FIELDS), device=device)
-        x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
-
-        def step(scale=1.0):
-            _, loss = model(x, y)
-            (loss * scale).backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            bad = guard_update(g, loss * scale, norm, 2.0, 3)
-            apply_update([opt], scaler, bad)
-            opt.zero_grad(set_to_none=True)
-            return bad.item()
-
-        adam = getattr(opt, "optim", opt).state
-        snapshot = lambda: ({k: v.clone() for k, v in model.state_dict().items()},
-                            [{k: v.clone() for k, v in s.items()} for s in adam.values()])
-        good = [step() for _ in range(12)]  # 12 good steps: the spike check is armed
-        before = snapshot()
-        bad = (step(float("nan")), step(float("inf")), step(10.0))
-        after = snapshot()
-        state = dict(zip(GUARD_FIELDS, g.tolist()))
-        tripped = step()
-        return types.SimpleNamespace(good=good, bad=bad, before=before, after=after, state=state, tripped=tripped,
-                                     end=snapshot()[0])
-    finally:
-        if zero:
-            dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def killed_while_saving(tiny_data, tmp_path_factory):
-    """killed_while_saving(fault): a FAULTS_TRAIN run SIGKILLed while saving its 3rd checkpoint (step 30), by
-    faults_driver's mid_save or before_manifest, made once per fault: (the process, its out_dir)."""
-    @functools.cache
-    def kill(fault):
-        out = tmp_path_factory.mktemp(fault) / "out"
-        return faults_run(tiny_data, out, FAULT=f"{fault}:3"), out  # saves at steps 10, 20, then killed saving 30
-    return kill
-
-
-@pytest.fixture(scope="module")
-def preempted(tiny_data, tmp_path_factory):
-    """preempted(sig): a FAULTS_TRAIN run sent SIGTERM (a preemption) or SIGINT (Ctrl-C) once it trains, made once
-    per signal: its returncode, stdout, stderr and out_dir."""
-    @functools.cache
-    def stop(sig):
-        out = tmp_path_factory.mktemp(sig) / "out"
-        proc = faults_popen(tiny_data, out)
-        for line in proc.stdout:  # wait until it trains, then preempt it
-            if line.startswith("step 5/"):
-                break
-        proc.send_signal(getattr(signal, sig))
-        stdout, stderr = proc.communicate(timeout=120)
-        return types.SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr, out=out)
-    return stop
-
-
-@pytest.fixture(scope="module")
-def nan_from_step_30(tiny_data, tmp_path_factory):
-    """A FAULTS_TRAIN run whose loss is NaN from step 30 on, with max_bad_steps=3: (the process, its out_dir)."""
-    out = tmp_path_factory.mktemp("nan") / "out"
-    return faults_run(tiny_data, out, "--max_bad_steps=3", FAULT="nan:30-1000"), out
-
-
-@pytest.fixture(scope="module", params=["nan", "spike"])
-def few_bad_steps(request, tiny_data, tmp_path_factory):
-    """40 FAULTS_TRAIN steps whose loss is NaN or a 10x spike at steps 30 and 31: (the process, its out_dir)."""
-    out = tmp_path_factory.mktemp(request.param) / "out"
-    return faults_run(tiny_data, out, "--max_iters=40", FAULT=f"{request.param}:30-32"), out
 
 
 # ---- the learning-rate schedule and the data order
@@ -2513,15 +2304,261 @@ def test_a_one_process_config_runs_on_two_and_says_in_one_line_that_the_global_b
     assert "| 128 tokens/step |" in p.stdout and "done: 2 steps, 256 tokens" in p.stdout
 
 
-def test_micro_steps_split_the_accumulation_where_it_divides():
-    assert [micro_steps(g, 2) for g in (1, 2, 3, 8)] == [1, 1, 2, 4]  # where it divides the global batch is kept
-
-
 def test_a_user_error_under_torchrun_is_said_once_by_rank_0_without_a_traceback_from_train_py(tiny_data, tmp_path):
     p = tiny_train(tiny_data, tmp_path, "--sharding=zero3", torchrun=2, check=False)
     errors = [l for l in p.stderr.splitlines() if "error: " in l]
     assert p.returncode != 0 and errors == ["error: sharding must be 'ddp', 'zero1' or 'fsdp', got 'zero3'"]
     assert "train.py\", line" not in p.stderr  # (torchrun's own failure report, of the launcher, may follow)
+
+
+# ---- Muon
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = muon_model()
+    adamw, muon = muon_and_adamw(model)
+    names = {p: n for n, p in model.named_parameters()}
+    in_muon = {names[p] for p in muon.param_groups[0]["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    embed, head, gain = ({names[p] for p in g["params"]} for g in adamw.param_groups)
+    assert embed == {"transformer.wte.weight", "transformer.wpe.weight"} | {f"transformer.ve.{i}.weight" for i in range(2)}
+    assert head == {"lm_head.weight"} and "skip_weights" in gain and all(model.get_parameter(n).dim() == 1 for n in gain)
+    assert len(in_muon | embed | head | gain) == len(names)           # every parameter in exactly one group
+
+
+def test_each_optimizer_group_gets_its_own_lr_and_muon_its_weight_decay():
+    adamw, muon = muon_and_adamw(muon_model())
+    assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
+    assert muon.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_set_lr_scales_every_groups_own_lr():
+    adamw, muon = muon_and_adamw(muon_model())
+    set_lr([adamw, muon], 0.5)
+    assert [g["lr"] for g in adamw.param_groups] == [0.025, 1e-3, 5e-4] and muon.param_groups[0]["lr"] == 0.015
+
+
+def test_muon_with_sharded_optimizer_state_is_refused():
+    with pytest.raises(SystemExit, match="optimizer='muon' orthogonalises whole matrices.*sharding='ddp'"):
+        make_optimizers(muon_model(), world=2, sharding="fsdp", weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                        device="cpu", kind="muon")
+
+
+def test_an_unknown_optimizer_is_refused():
+    with pytest.raises(SystemExit, match="optimizer must be 'adamw' or 'muon'"):
+        make_optimizers(muon_model(), world=1, sharding="ddp", weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
+                        device="cpu", kind="sgd")
+
+
+def test_a_skipped_update_leaves_muon_and_its_momentum_untouched():
+    model = gpt_with(n_layer=2)
+    opts = make_optimizers(model, world=1, sharding="ddp", weight_decay=0.0, learning_rate=1e-2, betas=(0.9, 0.95),
+                           device="cpu", kind="muon")
+    x = torch.randint(0, 64, (2, 8))
+    for bad in (0.0, 1.0):
+        model(x, x)[1].backward()
+        before = ({k: v.clone() for k, v in model.state_dict().items()},
+                  {id(p): {k: v.clone() for k, v in s.items()} for o in opts for p, s in o.state.items()})
+        apply_update(opts, torch.amp.GradScaler(enabled=False), torch.tensor(bad))
+        changed = any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+        assert changed == (bad == 0.0)
+        if bad:
+            assert all(torch.equal(v, before[1][id(p)][k]) for o in opts for p, s in o.state.items() for k, v in s.items())
+        for o in opts:
+            o.zero_grad()
+
+
+# ---- bad inputs: each a one-line `error: ...` that names the problem and the fix (through the real command line
+# where that is the point: exit code, stderr, no traceback; else in-process on a fresh copy of the script)
+def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
+    p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
+                      r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
+                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("magic", r"train_000\.bin is not a scratchlm shard \(bad magic\); re-run prepare\.py"),
+    ("truncated", r"train_000\.bin is truncated or corrupt \(\d+ bytes, header says \d+\); re-run prepare\.py"),
+    ("shard_tokenizer", r"train_000\.bin was made with another tokenizer than .*meta\.json says; re-run prepare"),
+    ("tokenizer_file", r"tokenizer\.bpe is not the tokenizer .*meta\.json and the shards were made with; re-run"),
+    ("tokenizer_corrupt", r"tokenizer file .*tokenizer\.bpe is corrupt"),
+    ("meta", r"meta\.json is corrupt \(JSONDecodeError.*\); re-run prepare\.py"),
+    ("vocab", r"vocab_size 256 must be an int >= the tokenizer's 300 tokens"),
+    ("vocab_type", r"vocab_size 'big' must be an int >= the tokenizer's 300 tokens"),
+    ("block_size", r"block_size 100000 is longer than the data in .*train_000\.bin's split"),
+])
+def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path, case, pattern):
+    d, args = copy_data(tiny_data, tmp_path)
+    other = os.path.join(*other_data)
+    if case == "magic":
+        with open(d / "train_000.bin", "r+b") as f:
+            f.write(b"NOTSHARD")
+    elif case == "truncated":
+        with open(d / "train_000.bin", "r+b") as f:
+            f.truncate(os.path.getsize(d / "train_000.bin") - 3)
+    elif case == "shard_tokenizer":
+        shutil.copy(os.path.join(other, "train_000.bin"), d / "train_000.bin")
+    elif case == "tokenizer_file":
+        shutil.copy(os.path.join(other, "tokenizer.bpe"), d / "tokenizer.bpe")
+    elif case == "tokenizer_corrupt":
+        (d / "tokenizer.bpe").write_text((d / "tokenizer.bpe").read_text()[:-30])
+    elif case == "meta":
+        (d / "meta.json").write_text((d / "meta.json").read_text()[:50])
+    args += {"vocab": ["--vocab_size=256"], "vocab_type": ["--vocab_size=big"],
+             "block_size": ["--block_size=100000"]}.get(case, [])
+    with pytest.raises(SystemExit, match="^error: " + ".*" + pattern):
+        fresh_main("train.py", *args)
+    assert not (tmp_path / "out" / "latest.json").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [(["--sharding=zero3"], r"sharding must be 'ddp', 'zero1' or 'fsdp'"),
+                                           (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype"),
+                                           (["--bf16_residual=True"], r"bf16_residual needs dtype bfloat16 .* float32")])
+def test_unknown_sharding_and_precision_settings_that_cannot_go_together_are_refused(tiny_data, tmp_path, args,
+                                                                                   pattern):
+    _, base = copy_data(tiny_data, tmp_path)
+    with pytest.raises(SystemExit, match="^error: " + pattern):
+        fresh_main("train.py", *base, *args)
+
+
+@pytest.mark.parametrize("arg", ["--max_bad_steps=0", "--spike_factor=0.5"])
+def test_guard_settings_that_would_skip_every_update_are_refused(tiny_data, tmp_path, arg):
+    _, args = copy_data(tiny_data, tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: max_bad_steps must be >= 1 .* and spike_factor 0 \(off\) or > 1"):
+        fresh_main("train.py", *args, arg)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("other_tokenizer", r"checkpoint in .* was trained with another tokenizer than .*other; resume on the same data"),
+    ("block_size", r"block_size 32 > the model's 16"),
+])
+def test_resume_on_data_or_block_size_the_checkpoint_does_not_match_is_refused(tiny_data, other_data, faults_clean,
+                                                                               tmp_path, case, pattern):
+    shutil.copytree(faults_clean[2], tmp_path / "out")
+    data_root, name = other_data if case == "other_tokenizer" else tiny_data[:2]
+    extra = ["--block_size=32"] if case == "block_size" else []
+    with pytest.raises(SystemExit, match="^error: " + pattern):
+        fresh_main("train.py", *FAULTS_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
+                   f"--out_dir={tmp_path / 'out'}", "--init_from=resume", *extra)
+
+
+# ============================================================================ scale.py
+def linear_ce_case():
+    """37 rows in chunks of 8 (a ragged last one), every 5th target ignored, in fp64: x, w, targets, and the
+    cross-entropy on the logits x @ w^T."""
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[::5] = -1
+    return x, w, t, F.cross_entropy(x @ w.t(), t, ignore_index=-1)
+
+
+@pytest.fixture(scope="module")
+def grad_ckpt_results():
+    """Loss, grads and state-dict names of one forward-backward of tiny_gpt with dropout, for grad_ckpt off,
+    "full" and 2 (every 2nd block)."""
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    results = {}
+    for setting in (None, "full", 2):
+        model = tiny_gpt(dropout=0.1)  # dropout: the recomputed forward must replay the same random masks
+        if ckpt_interval(setting):
+            checkpoint_blocks(model, ckpt_interval(setting))
+        torch.manual_seed(1)
+        _, loss = model(x, y)
+        loss.backward()
+        results[setting] = loss, [p.grad for p in model.parameters()], list(model.state_dict())
+    return results
+
+
+@pytest.fixture(scope="module")
+def grad_ckpt_compiled():
+    """Traced into a compiled graph, a checkpoint is only a hint, and the partitioner kept 3x what eager keeps
+    here; scale.parallelize compiles checkpointed blocks alone instead. (The chunked loss runs compiled too.)
+    {plain, eager, compiled}: (loss, grads, bytes the forward saved for the backward) without checkpointing,
+    with grad_ckpt=full, and with grad_ckpt=full compiled."""
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+
+    def measure(compile, grad_ckpt):
+        torch.manual_seed(0)
+        raw = tiny_gpt()
+        model = parallelize(raw, "cpu", 1, compile=compile, grad_ckpt=grad_ckpt, loss_chunk=16)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        return loss, [p.grad for p in raw.parameters()], sum(saved)
+    return dict(plain=measure(False, None), eager=measure(False, "full"), compiled=measure(True, "full"))
+
+
+@pytest.fixture(scope="module")
+def grad_ckpt_plain_logits():
+    """With loss_chunk=0 the loss on the logits is compiled on its own too. Run eagerly between compiled blocks it
+    kept fp32 log-probabilities of the bf16 logits: more memory than no checkpointing at all.
+    {compile: (bytes saved for the backward, loss)} under bf16 autocast with grad_ckpt=full."""
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    out = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = parallelize(tiny_gpt(), "cpu", 1, compile=compile, grad_ckpt="full", loss_chunk=0)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            with torch.autocast("cpu", torch.bfloat16):
+                _, loss = model(x, y)
+        loss.backward()
+        out[compile] = sum(saved), loss
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled_step():
+    """A compiled model gives each returned tensor that needs grad a zero gradient in the backward: for the
+    logits a (B, T, vocab) fill per step (3.3 GB at GPT-2 32x1024). With targets the model returns them detached.
+    The second compiled step's logits, the shapes its profile filled, its grads, and eager's grads."""
+    x, y = torch.randint(0, 96, (3, 16)), torch.randint(0, 96, (3, 16))
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    compiled = torch.compile(model)
+    for _ in range(2):  # compile, then the run we look at
+        with profile(record_shapes=True) as prof:
+            logits, loss = compiled(x, y)
+            loss.backward()
+    grads = [p.grad.clone() / 2 for p in model.parameters()]
+    filled = [e.input_shapes[0] for e in prof.events() if e.name in ("aten::fill_", "aten::zero_")]
+    model.zero_grad()
+    model(x, y)[1].backward()
+    return logits, filled, grads, [p.grad for p in model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def bf16_train_steps():
+    """12 train.train_step calls of tiny_gpt under CPU bf16 autocast (grad_ckpt=2, loss_chunk=8) on 8 fixed rows:
+    the model and the losses."""
+    model = tiny_gpt()
+    step_fn = parallelize(model, "cpu", 1, grad_ckpt=2, loss_chunk=8)
+    opt = [model.configure_optimizers(0.0, 1e-2, (0.9, 0.95), "cpu")]
+    scaler = torch.amp.GradScaler(enabled=False)
+    guard = torch.zeros(len(GUARD_FIELDS))
+    w = torch.randint(0, 96, (2, 4, 17))
+    batches = itertools.cycle([(b[:, :-1], b[:, 1:]) for b in w])
+    ctx = compute.autocast("cpu", torch.bfloat16)
+    return model, [train.train_step(step_fn, opt, scaler, batches, grad_accum=2, ctx=ctx, device="cpu", guard=guard,
+                                    grad_clip=1.0, spike_factor=0.0, max_bad_steps=5).item() for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def bf16_residual_runs():
+    """40 bf16 steps of tiny_gpt compiled with and without bf16_residual: {flag: (last loss, the dtype that entered
+    block 1 last, the parameters' dtypes)}."""
+    out = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = tiny_gpt(bias=False)
+        step_fn = parallelize(model, "cpu", 1, compile=True, loss_chunk=0, bf16_residual=flag)
+        seen = []
+        model.transformer.h[1].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].dtype))
+        loss = bf16_training_loss(model, step_fn)
+        out[flag] = loss, seen[-1], {p.dtype for p in model.parameters()}
+    return out
 
 
 # ---- memory and speed: checkpointing, compilation, the chunked loss, bf16
@@ -2646,56 +2683,104 @@ def test_fp8_is_refused_where_it_cannot_apply(device, kw, pattern):
         parallelize(tiny_gpt(), device, 1, **kw)
 
 
-# ---- Muon
-def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
-    model = muon_model()
-    adamw, muon = muon_and_adamw(model)
-    names = {p: n for n, p in model.named_parameters()}
-    in_muon = {names[p] for p in muon.param_groups[0]["params"]}
-    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
-    embed, head, gain = ({names[p] for p in g["params"]} for g in adamw.param_groups)
-    assert embed == {"transformer.wte.weight", "transformer.wpe.weight"} | {f"transformer.ve.{i}.weight" for i in range(2)}
-    assert head == {"lm_head.weight"} and "skip_weights" in gain and all(model.get_parameter(n).dim() == 1 for n in gain)
-    assert len(in_muon | embed | head | gain) == len(names)           # every parameter in exactly one group
+# ---- the micro-steps of each process
+def test_micro_steps_split_the_accumulation_where_it_divides():
+    assert [micro_steps(g, 2) for g in (1, 2, 3, 8)] == [1, 1, 2, 4]  # where it divides the global batch is kept
 
 
-def test_each_optimizer_group_gets_its_own_lr_and_muon_its_weight_decay():
-    adamw, muon = muon_and_adamw(muon_model())
-    assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
-    assert muon.param_groups[0]["weight_decay"] == 0.01
+# ============================================================================ faults.py
+# the guard's optimizers: AdamW; fused AdamW, whose device-side skip (found_inf) CUDA uses (on a CPU, the CPU kernel);
+# and fused AdamW inside ZeRO-1: name -> (device, fused, zero1)
+GUARD_VARIANTS = {"cpu": ("cpu", False, False), "cpu-fused": ("cpu", True, False), "cpu-zero1": ("cpu", True, True),
+                  **({"cuda": ("cuda", False, False), "cuda-fused": ("cuda", True, False)} if torch.cuda.is_available()
+                     else {})}
 
 
-def test_set_lr_scales_every_groups_own_lr():
-    adamw, muon = muon_and_adamw(muon_model())
-    set_lr([adamw, muon], 0.5)
-    assert [g["lr"] for g in adamw.param_groups] == [0.025, 1e-3, 5e-4] and muon.param_groups[0]["lr"] == 0.015
+@pytest.fixture(scope="module", params=list(GUARD_VARIANTS), ids=list(GUARD_VARIANTS))
+def guarded_steps(request, tmp_path_factory):
+    """12 good steps, then a NaN, an Inf and a 10x loss, then one more good one, through guard_update and
+    apply_update on a tiny GPT (GUARD_VARIANTS: device, fused AdamW, inside ZeRO-1): what each step's guard said,
+    the weights and Adam's state before the bad steps and after them, the guard's counters, the weights at the end."""
+    device, fused, zero = GUARD_VARIANTS[request.param]
+    scaler = torch.amp.GradScaler(enabled=False)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    if zero:  # a one-process group is enough to build it
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
+                                world_size=1)
+    try:
+        if zero:
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)
+        g = torch.zeros(len(GUARD_FIELDS), device=device)
+        x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
+
+        def step(scale=1.0):
+            _, loss = model(x, y)
+            (loss * scale).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            bad = guard_update(g, loss * scale, norm, 2.0, 3)
+            apply_update([opt], scaler, bad)
+            opt.zero_grad(set_to_none=True)
+            return bad.item()
+
+        adam = getattr(opt, "optim", opt).state
+        snapshot = lambda: ({k: v.clone() for k, v in model.state_dict().items()},
+                            [{k: v.clone() for k, v in s.items()} for s in adam.values()])
+        good = [step() for _ in range(12)]  # 12 good steps: the spike check is armed
+        before = snapshot()
+        bad = (step(float("nan")), step(float("inf")), step(10.0))
+        after = snapshot()
+        state = dict(zip(GUARD_FIELDS, g.tolist()))
+        tripped = step()
+        return types.SimpleNamespace(good=good, bad=bad, before=before, after=after, state=state, tripped=tripped,
+                                     end=snapshot()[0])
+    finally:
+        if zero:
+            dist.destroy_process_group()
 
 
-def test_muon_with_sharded_optimizer_state_is_refused():
-    with pytest.raises(SystemExit, match="optimizer='muon' orthogonalises whole matrices.*sharding='ddp'"):
-        make_optimizers(muon_model(), 2, "fsdp", 0.1, 1e-3, (0.9, 0.95), "cpu", "muon")
+@pytest.fixture(scope="module")
+def killed_while_saving(tiny_data, tmp_path_factory):
+    """killed_while_saving(fault): a FAULTS_TRAIN run SIGKILLed while saving its 3rd checkpoint (step 30), by
+    faults_driver's mid_save or before_manifest, made once per fault: (the process, its out_dir)."""
+    @functools.cache
+    def kill(fault):
+        out = tmp_path_factory.mktemp(fault) / "out"
+        return faults_run(tiny_data, out, FAULT=f"{fault}:3"), out  # saves at steps 10, 20, then killed saving 30
+    return kill
 
 
-def test_an_unknown_optimizer_is_refused():
-    with pytest.raises(SystemExit, match="optimizer must be 'adamw' or 'muon'"):
-        make_optimizers(muon_model(), 1, "ddp", 0.1, 1e-3, (0.9, 0.95), "cpu", "sgd")
+@pytest.fixture(scope="module")
+def preempted(tiny_data, tmp_path_factory):
+    """preempted(sig): a FAULTS_TRAIN run sent SIGTERM (a preemption) or SIGINT (Ctrl-C) once it trains, made once
+    per signal: its returncode, stdout, stderr and out_dir."""
+    @functools.cache
+    def stop(sig):
+        out = tmp_path_factory.mktemp(sig) / "out"
+        proc = faults_popen(tiny_data, out)
+        for line in proc.stdout:  # wait until it trains, then preempt it
+            if line.startswith("step 5/"):
+                break
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+        return types.SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr, out=out)
+    return stop
 
 
-def test_a_skipped_update_leaves_muon_and_its_momentum_untouched():
-    model = gpt_with(n_layer=2)
-    opts = train.make_optimizers(model, 1, "ddp", 0.0, 1e-2, (0.9, 0.95), "cpu", "muon")
-    x = torch.randint(0, 64, (2, 8))
-    for bad in (0.0, 1.0):
-        model(x, x)[1].backward()
-        before = ({k: v.clone() for k, v in model.state_dict().items()},
-                  {id(p): {k: v.clone() for k, v in s.items()} for o in opts for p, s in o.state.items()})
-        train.apply_update(opts, torch.amp.GradScaler(enabled=False), torch.tensor(bad))
-        changed = any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
-        assert changed == (bad == 0.0)
-        if bad:
-            assert all(torch.equal(v, before[1][id(p)][k]) for o in opts for p, s in o.state.items() for k, v in s.items())
-        for o in opts:
-            o.zero_grad()
+@pytest.fixture(scope="module")
+def nan_from_step_30(tiny_data, tmp_path_factory):
+    """A FAULTS_TRAIN run whose loss is NaN from step 30 on, with max_bad_steps=3: (the process, its out_dir)."""
+    out = tmp_path_factory.mktemp("nan") / "out"
+    return faults_run(tiny_data, out, "--max_bad_steps=3", FAULT="nan:30-1000"), out
+
+
+@pytest.fixture(scope="module", params=["nan", "spike"])
+def few_bad_steps(request, tiny_data, tmp_path_factory):
+    """40 FAULTS_TRAIN steps whose loss is NaN or a 10x spike at steps 30 and 31: (the process, its out_dir)."""
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    return faults_run(tiny_data, out, "--max_iters=40", FAULT=f"{request.param}:30-32"), out
 
 
 # ---- bad updates: the guard
@@ -2881,81 +2966,6 @@ def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tiny_data, tmp_path):
     assert "Traceback" not in stderr and stderr.strip().splitlines() == [
         f"interrupted: quit without saving; the last checkpoint in {tmp_path / 'out'} is kept"]
     assert not (tmp_path / "out" / "latest.json").exists()
-
-
-# ---- bad inputs: each a one-line `error: ...` that names the problem and the fix (through the real command line
-# where that is the point: exit code, stderr, no traceback; else in-process on a fresh copy of the script)
-def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
-    p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
-    one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
-                      r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
-                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
-
-
-@pytest.mark.parametrize("case, pattern", [
-    ("magic", r"train_000\.bin is not a scratchlm shard \(bad magic\); re-run prepare\.py"),
-    ("truncated", r"train_000\.bin is truncated or corrupt \(\d+ bytes, header says \d+\); re-run prepare\.py"),
-    ("shard_tokenizer", r"train_000\.bin was made with another tokenizer than .*meta\.json says; re-run prepare"),
-    ("tokenizer_file", r"tokenizer\.bpe is not the tokenizer .*meta\.json and the shards were made with; re-run"),
-    ("tokenizer_corrupt", r"tokenizer file .*tokenizer\.bpe is corrupt"),
-    ("meta", r"meta\.json is corrupt \(JSONDecodeError.*\); re-run prepare\.py"),
-    ("vocab", r"vocab_size 256 must be an int >= the tokenizer's 300 tokens"),
-    ("vocab_type", r"vocab_size 'big' must be an int >= the tokenizer's 300 tokens"),
-    ("block_size", r"block_size 100000 is longer than the data in .*train_000\.bin's split"),
-])
-def test_bad_data_dir_is_refused_before_training(tiny_data, other_data, tmp_path, case, pattern):
-    d, args = copy_data(tiny_data, tmp_path)
-    other = os.path.join(*other_data)
-    if case == "magic":
-        with open(d / "train_000.bin", "r+b") as f:
-            f.write(b"NOTSHARD")
-    elif case == "truncated":
-        with open(d / "train_000.bin", "r+b") as f:
-            f.truncate(os.path.getsize(d / "train_000.bin") - 3)
-    elif case == "shard_tokenizer":
-        shutil.copy(os.path.join(other, "train_000.bin"), d / "train_000.bin")
-    elif case == "tokenizer_file":
-        shutil.copy(os.path.join(other, "tokenizer.bpe"), d / "tokenizer.bpe")
-    elif case == "tokenizer_corrupt":
-        (d / "tokenizer.bpe").write_text((d / "tokenizer.bpe").read_text()[:-30])
-    elif case == "meta":
-        (d / "meta.json").write_text((d / "meta.json").read_text()[:50])
-    args += {"vocab": ["--vocab_size=256"], "vocab_type": ["--vocab_size=big"],
-             "block_size": ["--block_size=100000"]}.get(case, [])
-    with pytest.raises(SystemExit, match="^error: " + ".*" + pattern):
-        fresh_main("train.py", *args)
-    assert not (tmp_path / "out" / "latest.json").exists()
-
-
-@pytest.mark.parametrize("args, pattern", [(["--sharding=zero3"], r"sharding must be 'ddp', 'zero1' or 'fsdp'"),
-                                           (["--sharding=zero1", "--dtype=float16"], r"sharding='zero1' needs dtype"),
-                                           (["--bf16_residual=True"], r"bf16_residual needs dtype bfloat16 .* float32")])
-def test_unknown_sharding_and_precision_settings_that_cannot_go_together_are_refused(tiny_data, tmp_path, args,
-                                                                                   pattern):
-    _, base = copy_data(tiny_data, tmp_path)
-    with pytest.raises(SystemExit, match="^error: " + pattern):
-        fresh_main("train.py", *base, *args)
-
-
-@pytest.mark.parametrize("arg", ["--max_bad_steps=0", "--spike_factor=0.5"])
-def test_guard_settings_that_would_skip_every_update_are_refused(tiny_data, tmp_path, arg):
-    _, args = copy_data(tiny_data, tmp_path)
-    with pytest.raises(SystemExit, match=r"^error: max_bad_steps must be >= 1 .* and spike_factor 0 \(off\) or > 1"):
-        fresh_main("train.py", *args, arg)
-
-
-@pytest.mark.parametrize("case, pattern", [
-    ("other_tokenizer", r"checkpoint in .* was trained with another tokenizer than .*other; resume on the same data"),
-    ("block_size", r"block_size 32 > the model's 16"),
-])
-def test_resume_on_data_or_block_size_the_checkpoint_does_not_match_is_refused(tiny_data, other_data, faults_clean,
-                                                                               tmp_path, case, pattern):
-    shutil.copytree(faults_clean[2], tmp_path / "out")
-    data_root, name = other_data if case == "other_tokenizer" else tiny_data[:2]
-    extra = ["--block_size=32"] if case == "block_size" else []
-    with pytest.raises(SystemExit, match="^error: " + pattern):
-        fresh_main("train.py", *FAULTS_TRAIN, f"--data_root={data_root}", f"--dataset={name}",
-                   f"--out_dir={tmp_path / 'out'}", "--init_from=resume", *extra)
 
 
 # ============================================================================ sample.py

@@ -10,14 +10,10 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_id=gpt2 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py
 
-Scale (the config keys under "scale"): bf16 autocast over fp32 weights and AdamW state (fp16 with a GradScaler
-where bf16 is missing, TF32 for the rest); gradient checkpointing (grad_ckpt); the loss without the (B, T, vocab)
-logits (loss_chunk) or 8-bit float matmuls for the lm_head on H100-class GPUs (fp8), both in fp8.py; a bf16 residual
-stream (bf16_residual); DDP; DDP with AdamW's state split over the processes (sharding='zero1', ZeRO-1); or FSDP2
-with sharding='fsdp' (ZeRO-3: parameters, gradients and AdamW state split, for models whose state does not fit one
-GPU). Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any
-other's checkpoint, on any number of processes (the data position counts each process's batches, so on another
-number of processes the epoch goes on from a different window).
+Scale (the config keys under "scale", applied by scale.py): bf16 autocast over fp32 weights, gradient checkpointing,
+the loss without the (B, T, vocab) logits or an fp8 lm_head (fp8.py), a bf16 residual stream; DDP, ZeRO-1 or FSDP2.
+Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's
+checkpoint, on any number of processes (on another number, the epoch goes on from a different window).
 Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
 same data (data_root) and a shared out_dir (only rank 0 writes; resuming reads it on every node).
 
@@ -26,13 +22,9 @@ Config files are executed Python: run only the ones you trust. Checkpoints are l
 weights_only=True, so a checkpoint can never run code.
 """
 import gc
-import json
 import math
 import os
 import resource
-import shlex
-import shutil
-import signal
 import sys
 import time
 import types
@@ -45,10 +37,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
-from checkpoint import full_state_dicts, load_checkpoint, load_optimizer_state, save_checkpoint
+import scale
+from checkpoint import (check_out_dir, full_state_dicts, load_checkpoint, load_optimizer_state, open_out_dir,
+                        save_checkpoint)
+from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
-from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head
+from faults import (GUARD_FIELDS, STOP, apply_update, catch_stop_signals, check_guard_settings, guard_update,
+                    read_guard, resume_command, stop_requested)
 from model import GPT, GPTConfig
 from prepare import load_meta, read_header, read_shard
 
@@ -130,158 +126,10 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="co
     ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
-# ---------------------------------------------------------------------------- devices and processes
+# ---------------------------------------------------------------------------- optimizers
 
 
-def setup_distributed(device="auto"):
-    """Returns (rank, local_rank, world_size, device). Under torchrun (RANK set) joins the process group:
-    NCCL on GPUs, gloo on CPU (which is how CI tests DDP)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
-    if "RANK" in os.environ:
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return rank, local_rank, world, device
-
-
-def leave_process_group(world):
-    """Under torchrun: wait for every rank (rank 0 may still be writing a checkpoint), then tear down. A rank
-    that tears gloo down while another still talks to it can abort at exit ("terminate called...")."""
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def resolve_dtype(dtype, device):
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return dtype, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def check_precision(dtype_name, sharding, bf16_residual):
-    """Refuses the precision settings that cannot go together, naming the fix."""
-    if sharding != "ddp" and dtype_name == "float16":
-        raise SystemExit(f"error: sharding={sharding!r} needs dtype bfloat16 or float32 (fp16's GradScaler is not "
-                         f"shard-aware here); use --dtype=bfloat16, or sharding='ddp' for fp16")
-    if bf16_residual and dtype_name != "bfloat16":
-        raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
-                         f"--dtype=bfloat16 or --bf16_residual=False")
-
-
-def autocast(device, ptdtype):
-    """Mixed precision: weights and optimizer state stay fp32, matmuls run in ptdtype."""
-    if ptdtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=ptdtype)
-
-
-def peak_flops(device, ptdtype):
-    """This device's dense matmul rate in FLOP/s, measured (a datasheet number is wrong for half the
-    cards people own, and meaningless on a CPU). MFU is reported against it."""
-    cuda = device.startswith("cuda")
-    n, trials, reps = (8192, 10, 10) if cuda else (1024, 20, 1)  # 8192: big enough to reach an H100's ~800 TFLOP/s
-    a = torch.randn(n, n, device=device, dtype=ptdtype)
-    b = torch.randn(n, n, device=device, dtype=ptdtype)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    best = float("inf")
-    for _ in range(trials):  # the fastest trial: other processes may share the machine
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n ** 3 / best
-
-
-def ckpt_interval(grad_ckpt):
-    """The grad_ckpt config as a block interval: 0 = off, 1 = every block ("full"), k = every k-th block."""
-    if grad_ckpt in (None, "none", 0):
-        return 0
-    if grad_ckpt == "full":
-        return 1
-    if type(grad_ckpt) is int and grad_ckpt > 0:
-        return grad_ckpt
-    raise SystemExit(f"error: grad_ckpt must be 'none', 'full' or a block interval k >= 1, got {grad_ckpt!r}")
-
-
-def checkpoint_blocks(model, every):
-    """Gradient checkpointing (Chen et al. 2016) of every `every`-th block: only its input is kept, and its forward
-    runs again in the backward. torch's wrapper keeps the state dict's names."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    for i in range(0, len(model.transformer.h), every):
-        model.transformer.h[i] = checkpoint_wrapper(model.transformer.h[i])
-
-
-def parallelize(model, device, world, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0, fp8="none",
-                bf16_residual=False):
-    """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Swaps in the speed and
-    memory features (gradient checkpointing, the chunked loss, the fp8 head, the bf16 residual stream), then under
-    torchrun shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from
-    the GPT itself, not from what this returns."""
-    every = ckpt_interval(grad_ckpt)
-    if sharding not in ("ddp", "zero1", "fsdp"):
-        raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
-    if fp8 not in ("none", "head"):
-        raise SystemExit(f"error: fp8 must be 'none' or 'head', got {fp8!r}")
-    if model.config.logit_softcap and (loss_chunk or fp8 != "none"):
-        raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' (the fused losses do not cap)")
-    if fp8 == "head" and loss_chunk:
-        raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
-                         "itself)")
-    if fp8 == "head" and device != "cpu" and not (device.startswith("cuda") and
-                                                   torch.cuda.get_device_capability(device) >= (8, 9)):
-        raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
-                         f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
-    if bf16_residual:  # the residual stream in bf16 from the embeddings on: half the bytes for norms and adds
-        model.transformer.drop.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
-    separately = compile and (every or loss_chunk)
-    if separately:
-        # Checkpointing and the chunked loss free memory by running as Python around compiled parts: traced into
-        # one whole-model graph, the compiler keeps most of what they free (GPT-2 at 32x1024, grad_ckpt=full: 7.8
-        # against 3.2 GiB of activations). So the blocks and the loss are compiled one by one, the rest is eager.
-        for block in model.transformer.h:
-            block.compile()
-        if every and torch.cuda.is_available():
-            torch.cuda.init()  # the first compile touches CUDA, which checkpoint forbids inside its forward
-        compile = False
-    if every:
-        checkpoint_blocks(model, every)
-    if loss_chunk:
-        step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
-        model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
-    elif fp8 == "head":
-        use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
-    elif separately:  # eager, the plain loss makes fp32 copies of the logits
-        model.head_loss = torch.compile(model.head_loss, dynamic=False)
-    if world > 1 and sharding == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        # FSDP2 (ZeRO-3): each process keeps 1/world of every parameter, gradient and AdamW moment. A block's
-        # parameters are all-gathered just before its forward (and again before its backward) and freed after;
-        # its gradients are reduce-scattered as soon as its backward is done. The root unit holds the rest
-        # (embeddings, tied head, final norm). Blocks are sharded first so the root does not take their params.
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-    elif world > 1:  # ddp, zero1
-        # DDP all-reduces gradients in buckets as soon as the backward has filled each one, so the
-        # communication overlaps the rest of the backward; gradient_as_bucket_view: .grad are views into the
-        # buckets (no copy, no second gradient-sized buffer)
-        model = DDP(model, device_ids=[torch.device(device)] if device.startswith("cuda") else None,
-                    gradient_as_bucket_view=True)
-    # compiled after DDP, so that dynamo's DDPOptimizer cuts the graph at bucket boundaries and the all-reduce
-    # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through
-    return torch.compile(model) if compile else model
-
-
-def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, device, kind="adamw",
+def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, betas, device, kind="adamw",
                     embed_lr=0.0, head_lr=0.0, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0):
     """The optimizers of the GPT's parameters, as a list that the loop steps one after the other.
     adamw: one AdamW (made after FSDP2 sharded the parameters, it holds this process's shards only). With
@@ -304,9 +152,6 @@ def make_optimizers(model, world, sharding, weight_decay, learning_rate, betas, 
                                                 **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
         optimizers = [optimizer]
     else:
-        if not hasattr(torch.optim, "Muon"):
-            raise SystemExit(f"error: optimizer='muon' needs torch >= 2.9 (torch.optim.Muon), this is torch "
-                             f"{torch.__version__}; upgrade torch or use optimizer='adamw'")
         if world > 1 and sharding != "ddp":
             raise SystemExit(f"error: optimizer='muon' orthogonalises whole matrices, and sharding={sharding!r} "
                              f"gives each process only a slice of them; use sharding='ddp' or optimizer='adamw'")
@@ -375,7 +220,7 @@ class Batches:
     The position (epoch, batch, shift) is saved in checkpoints, so a resumed run sees exactly the batches it
     would have."""
 
-    def __init__(self, ds, batch_size, rank, world, seed, epoch=0, pos=0, offset=None, shift=False, pin=False):
+    def __init__(self, ds, batch_size, rank, world, seed, *, epoch=0, pos=0, offset=None, shift=False, pin=False):
         self.ds, self.batch_size, self.rank, self.world, self.seed = ds, batch_size, rank, world, seed
         self.epoch, self.pos, self.shift, self.pin = epoch, pos, shift, pin
         self._order(offset)
@@ -431,162 +276,22 @@ def load_data(data_root, dataset):
     return data_dir, meta, tok
 
 
-def make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state, eval_train, pin):
-    """(the train windows, the training batches from data_state on, {split: a function making eval batches})."""
+def make_batches(data_dir, meta, cfg, *, rank, world, data_state, pin):
+    """(the train windows, the training batches from data_state on, {split: a function making eval batches}) of
+    the config cfg (its block_size, batch_size, seed, eval_train)."""
+    block_size, batch_size, seed = cfg.block_size, cfg.batch_size, cfg.seed
     train_ds = TokenWindows(split_paths(data_dir, meta, "train"), block_size)
     val_ds = TokenWindows(split_paths(data_dir, meta, "val"), block_size)
     batches = Batches(train_ds, batch_size, rank, world, seed, shift=True, pin=pin, **data_state)
     # evaluation always uses the same windows (epoch 0 of a fixed permutation), so numbers are comparable
     loaders = {"train": lambda: Batches(train_ds, batch_size, rank, world, seed + 1, pin=pin),
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
-    if not eval_train:
+    if not cfg.eval_train:
         del loaders["train"]
     return train_ds, batches, loaders
 
-# ---------------------------------------------------------------------------- faults
-# A bad update (loss NaN/Inf, or a spike far above the running average) is skipped, and the run stops after
-# max_bad_steps of them in a row, saving the weights from before the first one. It stops rather than roll
-# back and lower the LR: a silent LR change would alter the experiment, while a stop with the pre-fault weights
-# lets a person choose (the PaLM remedy for spikes is the same: restart from before the spike and skip the bad
-# batches, which is what resuming from this checkpoint does, since the data position is past them).
-# The decision is made on the device: no host sync per step. The host reads the counters at log steps only.
-GUARD_BETA, GUARD_WARMUP = 0.99, 10  # running average over ~100 good steps; spikes are judged after 10 of them
-GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss")
-
-
-def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps):
-    """One step of the bad-update guard. g: float32 tensor of GUARD_FIELDS, updated in place; loss: the
-    step's (0-d) loss, the same on every rank; grad_norm: the total gradient norm or None.
-    Returns a 0-d float32 tensor: 1.0 = skip this update. Once tripped (max_bad_steps in a row), every
-    later update is skipped too, so the weights stay those from before the fault until the host stops."""
-    ema, good, in_row, total, tripped, last = g.unbind()
-    loss = loss.detach().float()
-    avg = ema / (1 - GUARD_BETA ** good).clamp(min=1e-12)  # bias-corrected, as in Adam
-    fault = ~torch.isfinite(loss)
-    if grad_norm is not None:
-        fault |= ~torch.isfinite(grad_norm)
-    if spike_factor:
-        fault |= (good >= GUARD_WARMUP) & (loss > spike_factor * avg)
-    bad = fault | (tripped > 0)
-    in_row = torch.where(bad, in_row + 1, 0.0)
-    new = torch.stack([torch.where(bad, ema, GUARD_BETA * ema + (1 - GUARD_BETA) * loss),
-                       good + (~bad).float(), in_row, total + bad.float(),
-                       torch.maximum(tripped, (in_row >= max_bad_steps).float()),
-                       torch.where(fault & (tripped == 0), loss, last)])
-    g.copy_(new)
-    return bad.float()
-
-
-def apply_update(optimizers, scaler, bad):
-    """Steps each optimizer unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
-    weights, not the moments, not the step count. Fused AdamW (CUDA) takes the skip flag on the device
-    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU; on a
-    GPU one sync a step (Muon has no such hook); with fp16's GradScaler a sync the scaler makes anyway."""
-    for optimizer in optimizers:
-        inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
-        if inner.defaults.get("fused") and not scaler.is_enabled():
-            inner.found_inf = bad
-            optimizer.step()
-            del inner.found_inf
-        elif not bad.item():
-            scaler.step(optimizer)
-
-
-def check_guard_settings(max_bad_steps, spike_factor):
-    if max_bad_steps < 1 or not (spike_factor == 0 or spike_factor > 1):
-        raise SystemExit(f"error: max_bad_steps must be >= 1 (got {max_bad_steps}) and spike_factor 0 (off) or > 1 "
-                         f"(got {spike_factor})")
-
-
-def read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, out_dir):
-    """The guard's count of bad updates, read by the host (a sync: at log steps only), saying how many were skipped
-    since the count bad_seen. Returns (that count, the error to stop with if the guard tripped, else None); a tripped
-    guard is reset first, so that the checkpoint saved with it trains on when resumed."""
-    state = guard.tolist()
-    total = state[GUARD_FIELDS.index("total")]
-    if total > bad_seen and master:
-        print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
-              f"last loss {state[-1]:.4g}")
-    if not state[GUARD_FIELDS.index("tripped")]:
-        return total, None
-    guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
-    return total, guard_trip_error(state, iter_num, spike_factor, max_bad_steps, out_dir)
-
-
-def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
-    """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
-    updates ran, which of guard_update's three faults the last one was, and what to do."""
-    ema, good, in_row, total, tripped, last = guard
-    first = iter_num - int(in_row)
-    avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
-    why = (f"loss {last}" if not math.isfinite(last) else
-           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
-           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
-           f"non-finite gradients at loss {last:.4g}")
-    return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
-            f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
-            f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")
-
-
-STOP = {}  # {"signal": name} once SIGTERM (preemption) or SIGINT (Ctrl-C) arrived
-
-
-def request_stop(signum, frame):
-    """Signal handler: ask the loop to stop after the current step and save. A second signal acts at once."""
-    STOP["signal"] = signal.Signals(signum).name
-    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-    os.write(2, f"{STOP['signal']}: finishing this step and saving a checkpoint "
-                f"(send it again to quit without saving)\n".encode())
-
-
-def catch_stop_signals(world, device):
-    """From here on SIGTERM (preemption) and SIGINT (Ctrl-C) make the loop finish its step, save and exit 0
-    (request_stop). Returns the CPU (gloo) group over which the ranks agree to stop (stop_requested), or None."""
-    STOP.clear()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, request_stop)
-    return dist.new_group(backend="gloo") if world > 1 and device.startswith("cuda") else None
-
-
-def stop_requested(world, at_log_step, group=None):
-    """Whether SIGTERM / SIGINT asked to stop. One process checks its flag every step (a Python bool: free); under
-    torchrun the ranks agree at log steps, by an all-reduce of the flag on a CPU (gloo) group, which needs no GPU
-    sync; so the grace period before SIGKILL must cover log_interval steps."""
-    if world == 1 or not at_log_step:
-        return world == 1 and bool(STOP)
-    flag = torch.tensor([float(bool(STOP))])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return flag.item() > 0
-
-
-def resume_command(world, argv):
-    """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
-    args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
-    return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
 
 # ---------------------------------------------------------------------------- the run
-
-
-def micro_steps(gradient_accumulation_steps, world):
-    """Micro-steps per process. The config counts them over all processes, so a config written for one process
-    trains the same global batch on N processes when N divides the count; when it does not, each process takes
-    ceil(count / N) and the global batch grows (to the smallest N processes can share)."""
-    if type(gradient_accumulation_steps) is not int or gradient_accumulation_steps < 1:
-        raise SystemExit(f"error: gradient_accumulation_steps must be an int >= 1, got "
-                         f"{gradient_accumulation_steps!r}")
-    return -(-gradient_accumulation_steps // world)
-
-
-def check_out_dir(out_dir, init_from):
-    """A run that starts at step 0 (from scratch, or a fine-tune) must not write into another run's out_dir: the
-    two runs' rows would interleave in metrics.jsonl (steps 25, 50, 25, 50...) and its checkpoints replace them."""
-    if init_from == "resume" or not os.path.isdir(out_dir):
-        return
-    held = [f for f in sorted(os.listdir(out_dir)) if f == "latest.json" or (f.startswith("ckpt-") and f.endswith(
-        ".pt")) or (f == "metrics.jsonl" and os.path.getsize(os.path.join(out_dir, f)))]
-    if held:
-        raise SystemExit(f"error: {out_dir} already holds a run ({', '.join(held[:3])}); continue it with "
-                         f"--init_from=resume, or start this one in another --out_dir")
 
 
 def init_model(init_from, out_dir, data_dir, meta, config):
@@ -631,15 +336,53 @@ def build_model(model_args, weights, seed, device):
     return model.to(device)
 
 
-def restore(ckpt, model, optimizers, scaler, device):
-    """A resumed run's state from its checkpoint: (iter_num, best_val_loss, data position, guard on device); fresh
-    ones for a run that starts at step 0."""
+def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
+    """What a training step needs around the GPT of the config cfg: (its optimizers, the GradScaler (fp16 needs loss
+    scaling, bf16 does not), the autocast context, step(batches, guard) -> one update's mean loss). The step runs
+    the module scale.parallelize made (checkpointed, compiled, DDP/FSDP-wrapped). main and bench.py both call it."""
+    model = scale.parallelize(raw_model, device, world, compile=cfg.compile, grad_ckpt=cfg.grad_ckpt,
+                              sharding=cfg.sharding, loss_chunk=cfg.loss_chunk, fp8=cfg.fp8,
+                              bf16_residual=cfg.bf16_residual)
+    optimizers = make_optimizers(raw_model, world=world, sharding=cfg.sharding, weight_decay=cfg.weight_decay,
+                                 learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), device=device,
+                                 kind=cfg.optimizer, embed_lr=cfg.embed_lr, head_lr=cfg.head_lr, muon_lr=cfg.muon_lr,
+                                 muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))
+    ctx = autocast(device, ptdtype)
+
+    def step(batches, guard):
+        return train_step(model, optimizers, scaler, batches, grad_accum=grad_accum, ctx=ctx, device=device,
+                          guard=guard, grad_clip=cfg.grad_clip, spike_factor=cfg.spike_factor,
+                          max_bad_steps=cfg.max_bad_steps, world=world)
+    return optimizers, scaler, ctx, step
+
+
+def restore(run, ckpt, model, optimizers, scaler):
+    """The loop's counters on run: from a resumed run's checkpoint (its optimizer and scaler state loaded too), or
+    fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
     if ckpt is None:
-        return 0, float("inf"), dict(epoch=0, pos=0), torch.zeros(len(GUARD_FIELDS), device=device)
-    load_optimizer_state(model, optimizers, ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    guard = ckpt.get("guard", torch.zeros(len(GUARD_FIELDS)))
-    return ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"], guard.to(device)
+        run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
+    else:
+        load_optimizer_state(model, optimizers, ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
+                                                            ckpt.get("guard"))
+    run.guard = (torch.zeros(len(GUARD_FIELDS)) if guard is None else guard).to(run.device)
+    run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False
+
+
+def make_schedule(cfg, say):
+    """The LR of step it: get_lr's warmup and decay to lr_decay_iters (0 = max_iters), or learning_rate throughout
+    without decay_lr; a one-line warning when the decay would outlast the run."""
+    if not cfg.decay_lr:
+        return lambda it: cfg.learning_rate
+    schedule = lambda it: get_lr(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters or cfg.max_iters,
+                                 cfg.min_lr, cfg.lr_schedule, cfg.cooldown_frac)
+    if cfg.lr_decay_iters > cfg.max_iters:
+        say(f"warning: lr_decay_iters={cfg.lr_decay_iters} > max_iters={cfg.max_iters}: the LR ends at "
+            f"{schedule(cfg.max_iters - 1):.2e}, not min_lr {cfg.min_lr:.2e}; set --lr_decay_iters=0 to follow "
+            f"max_iters")
+    return schedule
 
 
 def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
@@ -656,35 +399,45 @@ def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, trai
               f"{count(optimizers[0].param_groups):,} parameters on this process")
 
 
-def open_out_dir(out_dir, tokenizer, world, master, config, wandb_log=False, wandb_project="scratchlm",
-                 wandb_run_name="run"):
-    """Makes out_dir (on rank 0, once every rank has checked it), copies the tokenizer file in, and returns
-    log(**row): one JSON line of out_dir/metrics.jsonl, and with wandb_log the same row to Weights & Biases, on
-    rank 0; nothing on the other ranks. wandb is imported only when asked for."""
+def open_log(cfg, config, tokenizer, world, master):
+    """checkpoint.open_out_dir's log(**row) on rank 0 once every rank has checked out_dir, with wandb_log the same
+    rows to Weights & Biases too (wandb imported only when asked for); nothing on the other ranks."""
     if world > 1:
         dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
     if not master:
         return lambda **row: None
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.bpe"))
-    if wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
-                             "--wandb_log=False") from None
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-    metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    write = open_out_dir(cfg.out_dir, tokenizer, resume=cfg.init_from == "resume")
+    if not cfg.wandb_log:
+        return write
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                         "--wandb_log=False") from None
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
 
     def log(**row):
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if wandb_log:
-            wandb.log(row)
+        write(**row)
+        wandb.log(row)
     return log
 
 
-def train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip, spike_factor,
+def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batches, tokenizer_hash):
+    """save(): a checkpoint of the run as it is now. Every rank calls it (under FSDP and ZeRO-1, gathering is a
+    collective); rank 0 writes."""
+    def save():
+        if cfg.save_checkpoints and (run.master or (cfg.sharding != "ddp" and run.world > 1)):
+            model_state, optimizer_state = full_state_dicts(model, optimizers)
+            if run.master:
+                save_checkpoint(cfg.out_dir, dict(model=model_state, optimizer=optimizer_state,
+                                                  scaler=scaler.state_dict(), model_args=model_args, config=config,
+                                                  iter_num=run.iter_num, best_val_loss=run.best_val_loss,
+                                                  data=batches.state(), tokenizer_hash=tokenizer_hash,
+                                                  guard=run.guard.cpu()))
+    return save
+
+
+def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
     and the optimizers stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
@@ -746,158 +499,150 @@ def evaluate(model, loaders, ctx, eval_iters, world, device):
     return out
 
 
-def eval_report(iter_num, losses, bytes_per_token, tokens_per_iter, mc=None):
-    """Prints the line of an evaluation (losses: evaluate's; mc: multiple_choice's scores, if any), with the val
-    loss in bits per byte; returns its metrics row."""
-    bpb = losses["val"] / math.log(2) / bytes_per_token
-    scored = f", multiple choice acc_norm {mc['acc_norm']:.4f} ({mc['n']} rows)" if mc else ""
-    print(f"step {iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
-          f"val bits/byte {bpb:.4f}{scored}")
-    return dict(step=iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
-                tokens=iter_num * tokens_per_iter, **({f"mc_{k}": v for k, v in mc.items()} if mc else {}))
+def evaluate_and_save(run, cfg, model, loaders, ctx, *, mc, tok, log, save):
+    """An evaluation of the GPT (mc: multiple choice rows too), printed and logged; a checkpoint if val loss improved
+    (or always_save_checkpoint). Returns True if val loss reached stop_at_val_loss."""
+    if run.device.startswith("cuda"):
+        torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
+    t_eval = time.time()
+    losses = evaluate(model, loaders, ctx, cfg.eval_iters, run.world, run.device)
+    scores = multiple_choice(model, tok, mc, run.device, ctx, rank=run.rank, world=run.world) if mc else None
+    if run.master:  # the val loss in bits per byte too
+        bpb = losses["val"] / math.log(2) / run.bytes_per_token
+        scored = f", multiple choice acc_norm {scores['acc_norm']:.4f} ({scores['n']} rows)" if scores else ""
+        print(f"step {run.iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
+              f"val bits/byte {bpb:.4f}{scored}")
+        log(step=run.iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
+            tokens=run.iter_num * run.tokens_per_iter, **{f"mc_{k}": v for k, v in (scores or {}).items()},
+            elapsed_s=time.time() - run.t_launch, time=time.time())
+    if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        save()
+    run.t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
+    reached = bool(cfg.stop_at_val_loss) and losses["val"] <= cfg.stop_at_val_loss
+    if reached and run.master:
+        print(f"val loss {losses['val']:.4f} <= stop_at_val_loss {cfg.stop_at_val_loss} at step {run.iter_num}, "
+              f"{time.time() - run.t_launch:.1f}s after start")
+    return reached
 
 
-def progress(iter_num, max_iters, loss, lr, dt, tokens_per_iter, flops_per_iter, peak, device):
-    """Prints the progress line of a log step (dt: seconds per step); returns its metrics row."""
-    tok_s, mfu = tokens_per_iter / dt, flops_per_iter / dt / peak
-    mem = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else
-           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
-    print(f"step {iter_num}/{max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.1f}% | "
-          f"mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | ETA {(max_iters - iter_num) * dt:.0f}s")
-    return dict(step=iter_num, loss=loss, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
-                tokens=iter_num * tokens_per_iter)
+def open_window(run):
+    """A new log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter."""
+    run.t0, run.t0_iter, run.loss_sum, run.loss_from = time.time(), run.iter_num, torch.zeros((), device=run.device), \
+        run.iter_num
 
 
-def farewell(stopped, iter_num, tokens_per_iter, best_val_loss, bytes_per_token, seconds, world, out_dir):
+def log_step(run, cfg, lr, *, log, flops_per_iter, peak):
+    """After a step: the first step's time since launch, and at log steps the progress line and row (loss, tokens/s,
+    MFU against peak FLOP/s, memory), then a new log window. Returns whether this was a log step."""
+    at_log = run.iter_num % cfg.log_interval == 0
+    if run.iter_num == run.start_iter + 1 and run.master:
+        if run.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        print(f"first step done {time.time() - run.t_launch:.1f}s after start (set-up and compilation included)")
+        log(step=run.iter_num, first_step_s=time.time() - run.t_launch, time=time.time())
+        if not at_log:  # the step rate leaves the first step's compilation out
+            run.t0, run.t0_iter = time.time(), run.iter_num
+    if not at_log:
+        return False
+    if run.master:  # the only host sync in the loop
+        dt = (time.time() - run.t0) / max(run.iter_num - run.t0_iter, 1)
+        loss, tok_s, mfu = run.loss_sum.item() / (run.iter_num - run.loss_from), run.tokens_per_iter / dt, \
+            flops_per_iter / dt / peak
+        mem = (torch.cuda.max_memory_allocated() if run.device.startswith("cuda") else
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30  # GPU peak, or CPU RSS peak
+        print(f"step {run.iter_num}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | mfu "
+              f"{100 * mfu:.1f}% | mem {mem:.2f} GiB | {1000 * dt:.0f} ms/step | "
+              f"ETA {(cfg.max_iters - run.iter_num) * dt:.0f}s")
+        log(step=run.iter_num, loss=loss, lr=lr, tokens_per_s=tok_s, mfu=mfu, mem_gib=mem, ms_per_step=1000 * dt,
+            tokens=run.iter_num * run.tokens_per_iter, elapsed_s=time.time() - run.t_launch, time=time.time())
+    open_window(run)
+    return True
+
+
+def faults_and_stops(run, cfg, at_log, save, stop_group):
+    """Faults and stop signals, acted on where every rank agrees (the guard is the same on all; a signal is agreed
+    on at log steps). max_bad_steps bad updates in a row: the weights from before them saved, then a one-line error.
+    SIGTERM / SIGINT: saved, and True (the loop ends)."""
+    if at_log or run.iter_num == cfg.max_iters:
+        run.bad_seen, error = read_guard(run.guard, run.bad_seen, run.iter_num, run.master, cfg.spike_factor,
+                                         cfg.max_bad_steps, cfg.out_dir)
+        if error:
+            save()
+            raise SystemExit(error)
+    run.stopped = stop_requested(run.world, at_log, stop_group)
+    if run.stopped:
+        save()
+    return run.stopped
+
+
+def farewell(run, cfg):
     """The run's last lines: how far it got, and how to go on if a signal stopped it."""
-    best = (f"best val loss {best_val_loss:.4f} ({best_val_loss / math.log(2) / bytes_per_token:.4f} bits/byte)"
-            if math.isfinite(best_val_loss) else "no evaluation yet")
-    summary = f"{iter_num} steps, {iter_num * tokens_per_iter:,} tokens in {seconds:.0f}s; {best}"
-    if not stopped:
-        return f"done: {summary}; checkpoint in {out_dir}"
-    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {iter_num}; "
-            f"checkpoint saved in {out_dir}. Resume with: {resume_command(world, sys.argv)}")
+    best = (f"best val loss {run.best_val_loss:.4f} ({run.best_val_loss / math.log(2) / run.bytes_per_token:.4f} "
+            f"bits/byte)" if math.isfinite(run.best_val_loss) else "no evaluation yet")
+    summary = (f"{run.iter_num} steps, {run.iter_num * run.tokens_per_iter:,} tokens in "
+               f"{time.time() - run.t_launch:.0f}s; {best}")
+    if not run.stopped:
+        return f"done: {summary}; checkpoint in {cfg.out_dir}"
+    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {run.iter_num}; "
+            f"checkpoint saved in {cfg.out_dir}. Resume with: {resume_command(run.world, sys.argv)}")
 
 
 def main():
-    global device
-    t_launch = time.time()
+    run = types.SimpleNamespace(t_launch=time.time())  # the run's constants and the loop's counters
     config = configure(globals())
-    rank, _, world, device = setup_distributed(device)
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    dtype_name, ptdtype = resolve_dtype(dtype, device)
-    check_precision(dtype_name, sharding, bf16_residual)
-    check_guard_settings(max_bad_steps, spike_factor)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever still runs in fp32 on Ampere+
-    torch.backends.cudnn.allow_tf32 = True
-    grad_accum = micro_steps(gradient_accumulation_steps, world)
-    tokens_per_iter = grad_accum * world * batch_size * block_size
-    if grad_accum * world != gradient_accumulation_steps:
-        say(f"note: gradient_accumulation_steps={gradient_accumulation_steps} does not divide by the {world} "
-            f"processes, so each takes {grad_accum} micro-step(s): the global batch grew from "
-            f"{gradient_accumulation_steps * batch_size * block_size:,} to {tokens_per_iter:,} tokens per step")
-    schedule = lambda it: get_lr(it, learning_rate, warmup_iters, lr_decay_iters or max_iters, min_lr, lr_schedule,
-                                 cooldown_frac) if decay_lr else learning_rate
-    if decay_lr and lr_decay_iters > max_iters:
-        say(f"warning: lr_decay_iters={lr_decay_iters} > max_iters={max_iters}: the LR ends at "
-            f"{schedule(max_iters - 1):.2e}, not min_lr {min_lr:.2e}; set --lr_decay_iters=0 to follow max_iters")
+    cfg = types.SimpleNamespace(**config)
+    run.rank, _, run.world, run.device = compute_init(cfg.device)
+    run.master, device = run.rank == 0, run.device
+    say = print if run.master else (lambda *a, **k: None)
+    ptdtype, grad_accum = scale.setup(cfg, device, run.world, say)  # precision, TF32, micro-steps per process
+    check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
+    run.tokens_per_iter = grad_accum * run.world * cfg.batch_size * cfg.block_size
+    schedule = make_schedule(cfg, say)
 
-    data_dir, meta, tok = load_data(data_root, dataset)
-    check_out_dir(out_dir, init_from)
-    model_args, weights, ckpt = init_model(init_from, out_dir, data_dir, meta, config)
-    if block_size > model_args["block_size"]:
-        raise SystemExit(f"error: block_size {block_size} > the model's {model_args['block_size']}")
-    raw_model = build_model(model_args, weights, seed, device)  # the GPT: state dicts and FLOPs come from it
-    model = parallelize(raw_model, device, world, compile, grad_ckpt, sharding, loss_chunk, fp8, bf16_residual)
-    optimizers = make_optimizers(raw_model, world, sharding, weight_decay, learning_rate, (beta1, beta2), device,
-                                 optimizer, embed_lr, head_lr, muon_lr, muon_momentum, muon_weight_decay)
-    scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))  # fp16 needs loss scaling, bf16 does not
-    iter_num, best_val_loss, data_state, guard = restore(ckpt, raw_model, optimizers, scaler, device)
+    data_dir, meta, tok = load_data(cfg.data_root, cfg.dataset)
+    check_out_dir(cfg.out_dir, resume=cfg.init_from == "resume")
+    model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config)
+    if cfg.block_size > model_args["block_size"]:
+        raise SystemExit(f"error: block_size {cfg.block_size} > the model's {model_args['block_size']}")
+    raw_model = build_model(model_args, weights, cfg.seed, device)  # the GPT: state dicts and FLOPs come from it
+    optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
+                                               grad_accum=grad_accum)
+    restore(run, ckpt, raw_model, optimizers, scaler)
     del ckpt, weights
-    if init_from == "resume" and iter_num >= max_iters:  # saving again under the same name would not be atomic
-        say(f"nothing to do: the checkpoint in {out_dir} is at step {iter_num}, max_iters={max_iters}")
+    if cfg.init_from == "resume" and run.iter_num >= cfg.max_iters:  # saving again under the same name: not atomic
+        say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, max_iters={cfg.max_iters}")
         return
-    train_ds, batches, loaders = make_batches(data_dir, meta, block_size, batch_size, rank, world, seed, data_state,
-                                              eval_train, pin=device.startswith("cuda"))
-    ctx = autocast(device, ptdtype)
-    mc = mc_rows(eval_mc, data_root, eval_mc_rows) if eval_mc else None
-    bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
-    peak = peak_flops(device, ptdtype)
-    flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
-    if master:
-        announce(raw_model, optimizers, world, device, dtype_name, tokens_per_iter, len(train_ds))
-    log = open_out_dir(out_dir, os.path.join(data_dir, meta["tokenizer"]), world, master, config, wandb_log,
-                       wandb_project, wandb_run_name)
+    train_ds, batches, loaders = make_batches(data_dir, meta, cfg, rank=run.rank, world=run.world,
+                                              data_state=run.data, pin=device.startswith("cuda"))
+    mc = mc_rows(cfg.eval_mc, cfg.data_root, cfg.eval_mc_rows) if cfg.eval_mc else None
+    run.bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
+    peak = scale.peak_flops(device, ptdtype)
+    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * run.tokens_per_iter
+    if run.master:
+        announce(raw_model, optimizers, run.world, device, dtype_name(ptdtype), run.tokens_per_iter, len(train_ds))
+    log = open_log(cfg, config, os.path.join(data_dir, meta["tokenizer"]), run.world, run.master)
+    save = make_saver(run, cfg, raw_model, optimizers, scaler, model_args=model_args, config=config,
+                      batches=batches, tokenizer_hash=meta["tokenizer_hash"])
 
-    def checkpoint():  # every rank calls it (under FSDP and ZeRO-1, gathering is a collective); rank 0 writes
-        if save_checkpoints and (master or (sharding != "ddp" and world > 1)):
-            model_state, optimizer_state = full_state_dicts(raw_model, optimizers)
-            if master:
-                save_checkpoint(out_dir, dict(model=model_state, optimizer=optimizer_state,
-                                              scaler=scaler.state_dict(), model_args=model_args, config=config,
-                                              iter_num=iter_num, best_val_loss=best_val_loss, data=batches.state(),
-                                              tokenizer_hash=meta["tokenizer_hash"], guard=guard.cpu()))
-
-    stop_group = catch_stop_signals(world, device)
-    bad_seen, stopped = guard[GUARD_FIELDS.index("total")].item(), False
-    # the log window: its loss sums the steps since loss_from, its step rate times the steps since t0_iter
-    start_iter, t0, t0_iter, loss_sum, loss_from = iter_num, time.time(), iter_num, torch.zeros((), device=device), iter_num
+    stop_group = catch_stop_signals(run.world, device)
+    open_window(run)
     while True:
-        if (iter_num % eval_interval == 0 and iter_num != start_iter) or iter_num == max_iters:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()  # steps still queued on the GPU are training time, not evaluation's
-            t_eval = time.time()
-            losses = evaluate(raw_model, loaders, ctx, eval_iters, world, device)
-            scores = multiple_choice(raw_model, tok, mc, device, ctx, rank=rank, world=world) if mc else None
-            if master:
-                log(**eval_report(iter_num, losses, bytes_per_token, tokens_per_iter, scores),
-                    elapsed_s=time.time() - t_launch, time=time.time())
-            if losses["val"] < best_val_loss or always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                checkpoint()
-            t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
-            if stop_at_val_loss and losses["val"] <= stop_at_val_loss:
-                say(f"val loss {losses['val']:.4f} <= stop_at_val_loss {stop_at_val_loss} at step {iter_num}, "
-                    f"{time.time() - t_launch:.1f}s after start")
+        if (run.iter_num % cfg.eval_interval == 0 and run.iter_num != run.start_iter) or run.iter_num == cfg.max_iters:
+            if evaluate_and_save(run, cfg, raw_model, loaders, ctx, mc=mc, tok=tok, log=log, save=save):
                 break
-        if iter_num >= max_iters:
+        if run.iter_num >= cfg.max_iters:
             break
-
-        lr = schedule(iter_num)
-        set_lr(optimizers, lr / learning_rate)
-        torch.manual_seed(seed + 1_000_003 * rank + iter_num)  # dropout, from (seed, rank, step): a resume replays it
-        loss_sum += train_step(model, optimizers, scaler, batches, grad_accum, ctx, device, guard, grad_clip,
-                               spike_factor, max_bad_steps)
-        iter_num += 1
-        at_log = iter_num % log_interval == 0
-        if iter_num == start_iter + 1 and master:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            print(f"first step done {time.time() - t_launch:.1f}s after start (set-up and compilation included)")
-            log(step=iter_num, first_step_s=time.time() - t_launch, time=time.time())
-            if not at_log:  # the step rate leaves the first step's compilation out
-                t0, t0_iter = time.time(), iter_num
-        if at_log:
-            if master:  # the only host sync in the loop
-                row = progress(iter_num, max_iters, loss_sum.item() / (iter_num - loss_from), lr,
-                               (time.time() - t0) / max(iter_num - t0_iter, 1), tokens_per_iter, flops_per_iter,
-                               peak, device)
-                log(**row, elapsed_s=time.time() - t_launch, time=time.time())
-            t0, t0_iter, loss_sum, loss_from = time.time(), iter_num, torch.zeros((), device=device), iter_num
-        if at_log or iter_num == max_iters:  # faults, acted on where every rank agrees (the guard is the same on all)
-            bad_seen, error = read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, out_dir)
-            if error:  # max_bad_steps in a row: save the weights from before them
-                checkpoint()
-                raise SystemExit(error)
-        if stop_requested(world, at_log, stop_group):
-            checkpoint()
-            stopped = True
+        lr = schedule(run.iter_num)
+        set_lr(optimizers, lr / cfg.learning_rate)
+        torch.manual_seed(cfg.seed + 1_000_003 * run.rank + run.iter_num)  # dropout from (seed, rank, step): replayed
+        run.loss_sum += step(batches, run.guard)
+        run.iter_num += 1
+        at_log = log_step(run, cfg, lr, log=log, flops_per_iter=flops_per_iter, peak=peak)
+        if faults_and_stops(run, cfg, at_log, save, stop_group):
             break
-
-    say(farewell(stopped, iter_num, tokens_per_iter, best_val_loss, bytes_per_token, time.time() - t_launch, world,
-                 out_dir), flush=True)
-    leave_process_group(world)
+    say(farewell(run, cfg), flush=True)
+    compute_cleanup(run.world)
 
 
 if __name__ == "__main__":
