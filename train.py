@@ -46,6 +46,7 @@ from eval import mc_rows, multiple_choice
 from faults import (GUARD_FIELDS, STOP, apply_update, catch_stop_signals, check_guard_settings, guard_update,
                     read_guard, resume_command, stop_requested)
 from model import GPT, GPTConfig
+from muon import Muon
 from prepare import load_meta, read_header, read_shard
 
 # -----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, beta
                                    dict(params=groups["head"], lr=head_lr or learning_rate, weight_decay=0.0),
                                    dict(params=groups["gain"], lr=learning_rate, weight_decay=0.0)],
                                   lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
-        muon = torch.optim.Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
+        muon = Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
         optimizers = [adamw, muon]
     for opt in optimizers:
         opt.base_lrs = [group["lr"] for group in opt.param_groups]
