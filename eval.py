@@ -382,25 +382,26 @@ def chat_eval(model, tok, device, ctx=nullcontext(), *, data_dir="data/chat", gs
                                                                 batch_rows=mc_batch)["acc"], True),
         "acc_norm": (read_chat_mc, lambda rows: multiple_choice(model, tok, rows, device, ctx, batch_rows=mc_batch,
                                                                 verbose=verbose)["acc_norm"], False)}
-    paths = {("gsm8k", "pass@1"): gsm8k_path}
-    paths.update({(name, metric): os.path.join(data_dir, f"{name}_test.jsonl")
+    paths = {"gsm8k/pass@1": gsm8k_path}  # row -> its file
+    paths.update({f"{name}/{metric}": os.path.join(data_dir, f"{name}_test.jsonl")
                   for name in CHAT_MC for metric in ("letter_acc", "acc_norm")})
     table = {}
-    for (name, metric), path in paths.items():
-        note = skip if scorers[metric][2] else None
-        note = note or (None if os.path.isfile(path) else missing_note(path, name))
-        table[f"{name}/{metric}"] = dict(task=name, metric=metric, score=None, n=0, note=note)
+    for key, path in paths.items():
+        name, metric = key.split("/")
+        note = (skip if scorers[metric][2] else None) or (None if os.path.isfile(path) else missing_note(path, name))
+        table[key] = dict(task=name, metric=metric, score=None, n=0, note=note)
     if all(r["note"] for r in table.values()):  # every file missing (a base run: every multiple-choice file)
         why = f"{skip}, and no multiple-choice file in {data_dir}" if skip else \
             f"no file in {data_dir} nor {gsm8k_path}"
         get = chat_data_command(data_dir, "arc,mmlu" if skip else "gsm8k,arc,mmlu")
         raise SystemExit(f"error: nothing to evaluate: {why}" + (f"; get them with {get}" if get else ""))
-    for ((name, metric), path), row in zip(paths.items(), table.values()):
-        if row["note"] is None:
-            rows = scorers[metric][0](path)[:limit or None]
-            if not rows:
-                raise SystemExit(f"error: {path} has no rows")
-            row.update(score=scorers[metric][1](rows), n=len(rows))
+    # every file read (its rows checked) before the first score: a bad row is not found after an hour's work
+    rows = {key: scorers[r["metric"]][0](paths[key])[:limit or None] for key, r in table.items() if not r["note"]}
+    for key, some in rows.items():
+        if not some:
+            raise SystemExit(f"error: {paths[key]} has no rows")
+    for key, some in rows.items():
+        table[key].update(score=scorers[table[key]["metric"]][1](some), n=len(some))
     return table
 
 
