@@ -1,5 +1,6 @@
 """
-Evaluate a trained checkpoint: HellaSwag, any multiple-choice task of the same shape, or bits per byte on a text.
+Evaluate a trained checkpoint: HellaSwag, any multiple-choice task of the same shape, bits per byte on a text, or a
+chat model on GSM8K, ARC and MMLU.
 
     python eval.py --out_dir=out/small --task=hellaswag               # HellaSwag val (10,042 rows), downloaded once
     python eval.py --out_dir=out/small --task=mc --data=FILE.jsonl    # multiple-choice rows of your own
@@ -263,11 +264,12 @@ def bits_per_byte(model, tok, text, device, ctx=nullcontext(), *, stride=0, batc
 
 
 def read_gsm8k(path):
-    rows = [obj for _, obj in read_jsonl(path)]
-    for lineno, obj in enumerate(rows, 1):
+    rows = []
+    for lineno, obj in read_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
                 or canonical(obj.get("answer", "")) is None:
-            raise SystemExit(f'error: {path} row {lineno} is not a GSM8K row {{"prompt": str, "answer": a number}}')
+            raise SystemExit(f'error: {path}:{lineno} is not a GSM8K row {{"prompt": str, "answer": a number}}')
+        rows.append(obj)
     return rows
 
 

@@ -4001,7 +4001,7 @@ def test_chat_eval_limit_scores_the_first_rows_and_a_base_tokenizer_skips_the_ch
 @pytest.mark.parametrize("case, pattern", [
     ("all_missing", r"nothing to evaluate: no file in .*chat nor .*gsm8k_test\.jsonl; get them with python "
                     r"chat_data\.py --which=gsm8k,arc,mmlu --data_root=.*$"),
-    ("bad_gsm8k_row", r'gsm8k_test\.jsonl row 2 is not a GSM8K row \{"prompt": str, "answer": a number\}$'),
+    ("bad_gsm8k_row", r'gsm8k_test\.jsonl:2 is not a GSM8K row \{"prompt": str, "answer": a number\}$'),
     ("bad_mc_row", r"arc_easy_test\.jsonl:1 is not a chat multiple-choice row"),
 ])
 def test_chat_eval_missing_data_or_bad_rows_are_one_line_errors(eval_run, tmp_path, case, pattern):
