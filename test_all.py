@@ -3862,7 +3862,7 @@ def test_eval_cli_without_a_checkpoint_is_a_one_line_error(tmp_path):
     ("mc_missing", r"--task=mc needs --data=FILE\.jsonl; .*missing\.jsonl does not exist$"),
     ("bpb_no_text", r"--task=bpb needs --text=FILE; no text file given$"),
     ("mc_bad_row", r"bad\.jsonl:1 is not a multiple-choice row"),
-    ("no_such_task", r"unknown task 'nosuch'; choose one of hellaswag, mc, bpb$"),
+    ("no_such_task", r"unknown task 'nosuch'; choose one of hellaswag, mc, bpb, chat$"),
 ])
 def test_eval_cli_bad_task_inputs_are_one_line_errors(eval_run, tmp_path, case, pattern):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "endings": ["b"], "label": 0}\n')
@@ -3870,6 +3870,176 @@ def test_eval_cli_bad_task_inputs_are_one_line_errors(eval_run, tmp_path, case, 
             "mc_bad_row": ["--task=mc", f"--data={tmp_path / 'bad.jsonl'}"], "no_such_task": ["--task=nosuch"]}[case]
     with pytest.raises(SystemExit, match="^error: .*" + pattern):
         fresh_main("eval.py", f"--out_dir={eval_run[0]}", "--device=cpu", *args)
+
+
+# ---------------------------------------------------------------------------- eval.py --task=chat
+class LetterLogits(torch.nn.Module):
+    """A model whose logits are `after_assistant` at every position whose input is <|assistant|> and favour "A" by
+    far everywhere else (the padding included): only the answer position can make another letter win."""
+
+    def __init__(self, tok, after_assistant, block_size=256):
+        super().__init__()
+        self.assistant = tok.special_tokens["<|assistant|>"]
+        self.elsewhere = torch.zeros(tok.vocab_size)
+        self.elsewhere[ord("A")] = 100.0
+        self.after = torch.zeros(tok.vocab_size)
+        for letter, v in after_assistant.items():
+            self.after[ord(letter)] = v
+        self.config = type("Config", (), dict(block_size=block_size))
+
+    def forward(self, idx, targets=None):
+        at = (idx == self.assistant)[..., None]
+        return torch.where(at, self.after, self.elsewhere), None
+
+
+def chat_mc_rows(n_choices_and_answers):
+    """chat_data.py-shaped multiple-choice rows (both forms), questions of different lengths."""
+    rows = []
+    for i, (k, answer) in enumerate(n_choices_and_answers):
+        question, choices = "Which one?" + " really" * i, [f"choice {j}" for j in range(k)]
+        rows.append(chat_data.mc_row(question, choices, answer))
+    return rows
+
+
+def test_chat_eval_letter_choice_picks_the_highest_logit_valid_letter():
+    tok = chat_tokenizer()
+    model = LetterLogits(tok, {"A": 1.0, "B": 2.0, "C": 3.0, "D": 0.5, "E": 9.0})  # E wins where it is a choice
+    rows = chat_mc_rows([(4, 2), (5, 2), (2, 1), (3, 0), (5, 4)])  # the picks: C, E, B, C, E
+    assert ev.letter_choice(model, tok, rows, "cpu", batch_rows=2) == dict(acc=3 / 5, n=5)
+    assert ev.letter_choice(model, tok, rows, "cpu", batch_rows=5) == dict(acc=3 / 5, n=5)  # padding is not read
+
+
+def test_chat_eval_asks_the_question_and_its_lettered_choices_in_the_chat_template():
+    tok = chat_tokenizer()
+    row = chat_mc_rows([(3, 0)])[0]
+    text = "Which one?\nA. choice 0\nB. choice 1\nC. choice 2\nAnswer with the letter of the right choice."
+    assert ev.mc_question(row) == text
+    assert ev.chat_prompt(tok, text) == bpe.encode_chat(tok, [dict(role="user", content=text)], True)[0]
+
+
+GSM8K_FIXTURE = [  # (question, answer, the stub model's reply): right, wrong, no "####", right as "1,000", too long
+    ("Q one?", "12", "6+6=12\n#### 12"), ("Q two?", "7", "#### 8"), ("Q six?", "5", "5"),
+    ("Q three?", "1000", "#### 1,000"), ("Q four??", "3", "1 + 1 + 1 = 3, so\n#### 3")]
+
+
+def gsm8k_stub(tok, max_new, seen):
+    """A stand-in for model.generate: each row's scripted reply to its chat prompt, then <|end|> repeated; the batch
+    shapes it was called with go to `seen`."""
+    replies = {tuple(ev.chat_prompt(tok, q)): tok.encode_ordinary(r) for q, _, r in GSM8K_FIXTURE}
+    end = tok.special_tokens["<|end|>"]
+
+    def generate(idx, max_new_tokens, temperature=1.0, **kw):
+        assert temperature == 0.0 and max_new_tokens == max_new and end in kw["stop_ids"]
+        seen.append(tuple(idx.shape))
+        rows = [replies[tuple(r)] + [end] * max_new for r in idx.tolist()]
+        for i in range(max_new):
+            yield torch.tensor([r[i] for r in rows])
+    return generate
+
+
+def test_gsm8k_pass1_on_stub_replies_is_exact_and_batches_prompts_of_one_length(monkeypatch):
+    tok, seen = chat_tokenizer(), []
+    model = gpt_with(vocab_size=261)
+    monkeypatch.setattr(model, "generate", gsm8k_stub(tok, 16, seen))
+    rows = [dict(prompt=q, response="", answer=a) for q, a, _ in GSM8K_FIXTURE]
+    # 16 new tokens cut the last reply before its "####": right are Q one and Q three
+    assert ev.gsm8k_pass1(model, tok, rows, "cpu", max_new_tokens=16, batch=2) == dict(acc=2 / 5, n=5)
+    assert sorted(seen) == [(1, 10), (2, 10), (2, 12)]  # prompts of one length together, at most 2 a batch
+    replies = ev.greedy_replies(model, tok, [ev.chat_prompt(tok, "Q one?")], "cpu", max_new_tokens=16)
+    assert replies == [tok.encode_ordinary("6+6=12\n#### 12")]  # cut before its <|end|>
+
+
+def test_gsm8k_pass1_greedy_replies_equal_unbatched_generation():
+    tok = chat_tokenizer()
+    model = gpt_with(vocab_size=261, spread=0.5)
+    prompts = [ev.chat_prompt(tok, q) for q, _, _ in GSM8K_FIXTURE]
+    batched = ev.greedy_replies(model, tok, prompts, "cpu", max_new_tokens=6, batch=3)
+    for p, r in zip(prompts, batched):
+        one = ev.greedy_replies(model, tok, [p], "cpu", max_new_tokens=6)[0]
+        assert r == one and not {tok.special_tokens["<|end|>"], tok.eot} & set(r)
+
+
+def write_chat_data(root, names=("arc_easy", "mmlu"), gsm8k=True):
+    """Fixture files as chat_data.py writes them under root/chat/: the test split of each name, and gsm8k's."""
+    os.makedirs(root / "chat", exist_ok=True)
+    for name in names:
+        rows = chat_mc_rows([(4, 1), (3, 2), (4, 0)] if name == "mmlu" else [(4, 3), (5, 0)])
+        (root / "chat" / f"{name}_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if gsm8k:
+        (root / "chat" / "gsm8k_test.jsonl").write_text(
+            "".join(json.dumps(dict(prompt=q, response=r, answer=a)) + "\n" for q, a, r in GSM8K_FIXTURE))
+    return str(root / "chat")
+
+
+def test_chat_eval_table_prints_every_row_and_the_missing_file_row(tmp_path, capsys):
+    tok = chat_tokenizer()
+    model = gpt_with(vocab_size=261, block_size=64, spread=0.3)
+    data = write_chat_data(tmp_path)
+    table = ev.chat_eval(model, tok, "cpu", data_dir=data, gsm8k_path=f"{data}/gsm8k_test.jsonl", max_new_tokens=4)
+    ev.print_table(table)
+    lines = capsys.readouterr().out.splitlines()
+    assert list(table) == ["gsm8k/pass@1", "arc_easy/letter_acc", "arc_easy/acc_norm", "arc_challenge/letter_acc",
+                           "arc_challenge/acc_norm", "mmlu/letter_acc", "mmlu/acc_norm"]
+    assert lines[0].split() == ["task", "metric", "score", "n"] and len(lines) == 1 + len(table)
+    for line, r in zip(lines[1:], table.values()):
+        assert line.split()[:2] == [r["task"], r["metric"]]
+    mmlu = ev.read_chat_mc(f"{data}/mmlu_test.jsonl")
+    assert table["mmlu/letter_acc"] == dict(task="mmlu", metric="letter_acc", n=3, note=None,
+                                            score=ev.letter_choice(model, tok, mmlu, "cpu")["acc"])
+    assert table["mmlu/acc_norm"]["score"] == ev.multiple_choice(model, tok, mmlu, "cpu")["acc_norm"]
+    assert lines[2].split()[2:] == [f"{100 * table['arc_easy/letter_acc']['score']:.2f}%", "2"]
+    missing = f"missing: python chat_data.py --which=arc_challenge --data_root={tmp_path}"
+    assert table["arc_challenge/acc_norm"]["note"] == missing and lines[4].endswith(" " + missing)
+    assert table["arc_challenge/letter_acc"]["score"] is None and table["gsm8k/pass@1"]["n"] == 5
+
+
+def test_chat_eval_limit_scores_the_first_rows_and_a_base_tokenizer_skips_the_chat_rows(tmp_path):
+    tok = bpe.train(["Which one? choice 0 1 2 3"], 257, special_tokens=["<|endoftext|>"])
+    model = gpt_with(vocab_size=320, block_size=64)
+    data = write_chat_data(tmp_path)
+    table = ev.chat_eval(model, tok, "cpu", data_dir=data, gsm8k_path=f"{data}/gsm8k_test.jsonl", limit=2)
+    skipped = "skipped: the tokenizer has no chat tokens (a base run)"
+    assert {k: r["note"] for k, r in table.items()} == {
+        "gsm8k/pass@1": skipped, "arc_easy/letter_acc": skipped, "arc_easy/acc_norm": None,
+        "arc_challenge/letter_acc": skipped, "arc_challenge/acc_norm": f"missing: python chat_data.py --which=arc_challenge --data_root={tmp_path}",
+        "mmlu/letter_acc": skipped, "mmlu/acc_norm": None}
+    mmlu = ev.read_chat_mc(f"{data}/mmlu_test.jsonl")[:2]
+    assert table["mmlu/acc_norm"]["n"] == 2 and table["mmlu/acc_norm"]["score"] == \
+        ev.multiple_choice(model, tok, mmlu, "cpu")["acc_norm"]
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("all_missing", r"nothing to evaluate: no file in .*chat nor .*gsm8k_test\.jsonl; get them with python "
+                    r"chat_data\.py --which=gsm8k,arc,mmlu --data_root=.*$"),
+    ("bad_gsm8k_row", r'gsm8k_test\.jsonl:2 is not a GSM8K row \{"prompt": str, "answer": a number\}$'),
+    ("bad_mc_row", r"arc_easy_test\.jsonl:1 is not a chat multiple-choice row"),
+])
+def test_chat_eval_missing_data_or_bad_rows_are_one_line_errors(eval_run, tmp_path, case, pattern):
+    data = write_chat_data(tmp_path, names=() if case == "all_missing" else ("arc_easy",), gsm8k=case != "all_missing")
+    if case == "bad_gsm8k_row":
+        open(f"{data}/gsm8k_test.jsonl", "w").write('{"prompt": "Q?", "answer": "1"}\n{"prompt": "Q?"}\n')
+    if case == "bad_mc_row":
+        open(f"{data}/arc_easy_test.jsonl", "w").write(json.dumps(dict(context="Q", endings=[" a", " b"], label=0)))
+    with pytest.raises(SystemExit, match="^error: .*" + pattern):
+        fresh_main("eval.py", f"--out_dir={eval_run[0]}", "--device=cpu", "--task=chat", f"--chat_data_dir={data}",
+                   f"--gsm8k_data={data}/gsm8k_test.jsonl", "--max_new_tokens=2")
+
+
+def test_eval_cli_chat_on_a_fine_tuned_run_prints_the_table_and_appends_it_to_eval_jsonl(rlhf_tiny, tmp_path):
+    out = copy_run(rlhf_tiny["sft"], tmp_path / "sft")
+    data = write_chat_data(tmp_path, names=("arc_easy", "arc_challenge", "mmlu"))
+    args = ["eval.py", f"--out_dir={out}", "--task=chat", f"--chat_data_dir={data}", "--max_new_tokens=8",
+            f"--gsm8k_data={data}/gsm8k_test.jsonl", "--device=cpu", "--limit=2"]
+    p = run(*args, env={"OMP_NUM_THREADS": "1"})
+    lines = p.stdout.strip().splitlines()
+    rows = [json.loads(line) for line in open(out / "eval.jsonl")]
+    assert len(rows) == 1 and rows[0]["task"] == "chat" and rows[0]["stage"] == "sft" and rows[0]["limit"] == 2
+    table = rows[0]["table"]
+    assert len(lines) == 8 and all(r["score"] is not None and r["n"] == 2 for r in table.values())
+    for line, r in zip(lines[1:], table.values()):
+        assert line.split() == [r["task"], r["metric"], f"{100 * r['score']:.2f}%", "2"]
+    run(*args, env={"OMP_NUM_THREADS": "1"})
+    assert [json.loads(line)["table"] for line in open(out / "eval.jsonl")] == [table, table]  # appended, greedy
 
 
 # ============================================================================ export.py
