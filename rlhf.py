@@ -2,7 +2,7 @@
 Post-training: SFT, a reward model, PPO, DPO, GRPO and RLOO, one loss function each, side by side:
 
     python rlhf.py config/sft.py   # supervised fine-tuning on chat demonstrations (loss on assistant tokens only)
-    python rlhf.py config/label.py # on-policy preference pairs: the SFT model's samples, compared by a labeler
+    python rlhf.py config/label.py # on-policy preference pairs: the SFT model's samples, compared by the judge
     python rlhf.py config/rm.py    # a reward model: GPT trunk + scalar head, Bradley-Terry loss on preference pairs
     python rlhf.py config/ppo.py   # PPO against the reward model, per-token KL penalty to the frozen SFT model
     python rlhf.py config/dpo.py   # DPO on the same preference pairs, no reward model, no sampling
@@ -18,9 +18,6 @@ runs every stage on it), or "gsm8k", word problems whose rows carry their "answe
     python addition.py             # writes data/add/: corpus.txt (pretraining), sft, prefs, prompts (+ held-out)
     python prepare.py --input=data/add/corpus.txt --dataset=add --vocab_size=261 && python train.py config/add.py
     python rlhf.py config/sft.py && python rlhf.py config/label.py && python rlhf.py config/rm.py  # then any stage
-
-An RM on offline pairs alone ranks the SFT model's own answers badly, so, as InstructGPT did, the label stage has
-the task's judge (a human's stand-in) compare the SFT model's samples.
 
 Every stage writes out_dir/: checkpoints in train.py's format (sample.py chats with any), tokenizer.bpe, metrics.jsonl;
 `--resume=True` continues. `init_from` is the parent run (pretrained for SFT, SFT for the others), also the frozen
@@ -410,13 +407,6 @@ def held_out(cfg, run, ref=None, rm=None):
                             rm=rm, seed=cfg.seed, judge=run.judge) if rows else {}
 
 
-def model_state(cfg, model):
-    """What a checkpoint keeps of the model: its weights (with LoRA, merged: a plain GPT any script reads) and the
-    adapters."""
-    return dict(model=merged_state_dict(model), lora=lora_state_dict(model)) if cfg.lora_rank else \
-        dict(model=model.state_dict())
-
-
 def resume_from(cfg, model, opt, heads):
     """Load out_dir's latest checkpoint into model, opt and heads; returns its step. With LoRA the adapters go onto
     init_from's weights, which must give the checkpoint's merged weights again."""
@@ -451,8 +441,10 @@ def loop(cfg, run, heads, step, evaluation, state):
 
     def checkpoint():
         metrics.log(it, **evaluation(), elapsed_s=time.time() - t0)
+        weights = dict(model=merged_state_dict(model), lora=lora_state_dict(model)) if cfg.lora_rank else dict(
+            model=model.state_dict())  # with LoRA, "model" is merged: a plain GPT that every script reads
         save_checkpoint(cfg.out_dir, dict(
-            **model_state(cfg, model), optimizer=opt.state_dict(), model_args=asdict(model.config),
+            **weights, optimizer=opt.state_dict(), model_args=asdict(model.config),
             tokenizer_hash=run.tok.hash, iter_num=it, stage=cfg.stage, config=vars(cfg),
             **{k: h.state_dict() for k, h in heads.items()}, **state))
 
@@ -570,8 +562,8 @@ def online_setup(cfg, run):
     rows = fitting_rows(cfg.data, [run.fields], lambda r: len(prompt_response(run.tok, r["prompt"], "")[0]) +
                         cfg.max_new_tokens <= block, block)
     if cfg.rollout_batch > len(rows):
-        raise SystemExit(f"error: rollout_batch={cfg.rollout_batch} but {cfg.data} has {len(rows)} usable prompts (that "
-                         f"fit the context with max_new_tokens={cfg.max_new_tokens}); lower rollout_batch")
+        raise SystemExit(f"error: rollout_batch={cfg.rollout_batch} but {cfg.data} has {len(rows)} usable prompts "
+                         f"(that fit the context with max_new_tokens={cfg.max_new_tokens}); lower rollout_batch")
     run.gen = torch.Generator(device=run.dev)
 
     def step_rows(it):  # the prompts and the samples are functions of the step: resumes replay exactly
@@ -605,7 +597,8 @@ def main():
         raise SystemExit(f"error: --dpo_beta={cfg.dpo_beta} is out of range; give a value > 0")
     if cfg.stage != "label":  # the label stage writes files of data, no run
         check_out_dir(cfg.out_dir, cfg.resume, resume_flag="--resume=True")
-    dict(sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo, rloo=run_grpo)[cfg.stage](cfg)
+    stages = dict(sft=run_sft, label=run_label, rm=run_rm, ppo=run_ppo, dpo=run_dpo, grpo=run_grpo, rloo=run_grpo)
+    stages[cfg.stage](cfg)
 
 
 if __name__ == "__main__":

@@ -3706,9 +3706,53 @@ def test_rlhf_gsm8k_task_needs_the_answer_of_each_prompt_row_up_front(rlhf_tiny,
 def test_every_tasks_judge_reads_a_row_and_a_response():
     assert [rlhf.TASKS[t][0](row, r) for t, row, r in [
         ("add", dict(prompt="37+48="), "37+48=85"), ("add", dict(prompt="37+48="), "37+48=75"),
-        ("gsm8k", dict(prompt="q", answer="72"), "24 + 48 = 72\n#### 72"), ("gsm8k", dict(prompt="q", answer=7), "#### 8")]
+        ("gsm8k", dict(prompt="q", answer="72"), "24 + 48 = 72\n#### 72"),
+        ("gsm8k", dict(prompt="q", answer=7), "#### 8")]
     ] == [1.0, 0.0, 1.0, 0.0]
     assert addition.judge(dict(prompt="37+48="), "37+48=85") == addition.task_reward("37+48=", "37+48=85") == 1.0
+
+
+# ---------------------------------------------------------------------------- the chat recipe (runs/chat.sh)
+def test_chat_recipe_offline_chain_sft_grpo_pass_at_1_and_a_chat_turn(tmp_path, monkeypatch, capsys):
+    """runs/chat.sh's OFFLINE chain, tiny: a byte-level GPT -> SFT on gsm8k.py's synthetic problems -> GRPO judged by
+    gsm8k.judge -> pass@1 (acc_greedy) on the test problems by rlhf.py's held-out evaluation -> one sample.py chat turn."""
+    wp, base = tmp_path / "wordprob", tmp_path / "base"
+    gsm8k.write_synthetic(str(wp), dict(train=32, val=4, test=4), seed=0)
+    tok = chat_tokenizer()
+    os.makedirs(base)
+    tok.save(str(base / "tokenizer.bpe"))
+    args = dict(n_layer=1, n_head=2, n_embd=32, block_size=384, vocab_size=261, dropout=0.0, bias=False)
+    torch.manual_seed(0)  # byte-level: a problem and its worked solution are up to ~360 tokens
+    save_checkpoint(str(base), dict(model=GPT(GPTConfig(**args)).state_dict(), model_args=args,
+                                    tokenizer_hash=tok.hash, iter_num=0))
+    common = ["--device=cpu", "--task=gsm8k", f"--eval_prompts={wp}/test.jsonl", "--eval_samples=4",
+              "--max_new_tokens=8", "--max_iters=2", "--eval_interval=2", "--log_interval=1", "--warmup_iters=0"]
+    rlhf_run(["--stage=sft", f"--init_from={base}", f"--out_dir={tmp_path}/sft", f"--data={wp}/train.jsonl",
+              f"--val_data={wp}/val.jsonl", "--batch_size=4", *common])
+    rlhf_run(["--stage=grpo", "--reward_model=task", f"--init_from={tmp_path}/sft", f"--out_dir={tmp_path}/grpo",
+              f"--data={wp}/train.jsonl", "--rollout_batch=2", "--num_generations=2", "--minibatch=4",
+              "--ppo_epochs=1", *common])
+    for stage in ("sft", "grpo"):
+        evals = [r for r in metrics_rows(tmp_path / stage) if "acc_greedy" in r]
+        assert [r["step"] for r in evals] == [0, 2] and all(0.0 <= r["acc_greedy"] <= 1.0 for r in evals)
+    assert load_checkpoint(str(tmp_path / "grpo"))["config"]["task"] == "gsm8k"
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO(read_rows(wp / "test.jsonl")[0]["prompt"] + "\n/quit\n"))
+    fresh_main("sample.py", f"--out_dir={tmp_path}/grpo", "--chat", "--device=cpu", "--max_new_tokens=8")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("chat: type a message") and captured.out.count("> ") == 2 and not captured.err
+
+
+def test_chat_recipe_configs_are_valid_for_their_scripts_and_chat_sh_names_them(tmp_path):
+    for name, script in (("wordprob_base", train), ("wordprob_sft", rlhf), ("wordprob_grpo", rlhf),
+                         ("chat_sft", rlhf), ("chat_grpo", rlhf)):
+        configure(dict(config_keys(vars(script))), [os.path.join(HERE, "config", name + ".py")])  # unknown keys exit
+    sh = open(os.path.join(HERE, "runs", "chat.sh")).read()
+    assert subprocess.run(["bash", "-n", os.path.join(HERE, "runs", "chat.sh")]).returncode == 0
+    named = set(re.findall(r"config/\w+\.py", sh))
+    assert {"config/wordprob_base.py", "config/wordprob_sft.py", "config/wordprob_grpo.py", "config/chat_sft.py",
+            "config/chat_grpo.py", "config/gpt2_124m.py"} <= named
+    assert all(os.path.isfile(os.path.join(HERE, n)) for n in named)
 
 
 # ---------------------------------------------------------------------------- rlhf.py with LoRA
@@ -3717,7 +3761,7 @@ def lora_sft_args(rlhf_tiny, out, *extra):
     return ["--stage=sft", f"--init_from={rlhf_tiny['base']}", f"--out_dir={out}", f"--data={d}/sft.jsonl",
             f"--val_data={d}/sft.jsonl", f"--eval_prompts={d}/prompts.jsonl", "--eval_samples=4", "--device=cpu",
             "--batch_size=8", "--max_iters=4", "--eval_interval=2", "--warmup_iters=0", "--learning_rate=1e-2",
-            "--lora_rank=4", *extra]
+            "--log_interval=1", "--lora_rank=4", *extra]
 
 
 @pytest.fixture(scope="module")
