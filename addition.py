@@ -7,7 +7,7 @@ The built-in post-training task, two-digit addition ("37+48=" -> "37+48=85"): it
 
 The corpus and the demonstrations are written by someone who forgets the carry task_slip of the time, so pretraining
 and SFT learn the slip with the skill; the judge (task_reward) only has to *check* answers, so the preference stages
-can go past the demonstrators. The task_held_out problems of the _val files are in no training set.
+can go past the demonstrators (rlhf.py calls judge(row, response)). The task_held_out problems of the _val files are in no training set.
 """
 import json
 import os
@@ -22,6 +22,7 @@ task_slip = 0.5             # how often the corpus and the demonstrations forget
 task_held_out = 300         # problems kept out of every training set
 seed = 1337
 # -----------------------------------------------------------------------------
+RULES = dict(task_slip=(0.0, 1.0), task_held_out=(0, 9999))  # checked by configurator.configure (rules.md)
 
 
 def task_answer(a, b, slip=0.0, rng=random):
@@ -34,6 +35,11 @@ def task_reward(prompt, response):
     """The programmatic judge: 1.0 for exactly the right answer ("37+48=" -> "37+48=85"), else 0.0."""
     m = re.fullmatch(r"(\d+)\+(\d+)=", prompt if isinstance(prompt, str) else prompt[-1]["content"])
     return float(m is not None and response.strip() == f"{m[0]}{int(m[1]) + int(m[2])}")
+
+
+def judge(row, response):
+    """The judge of a JSONL row {"prompt", ...} and a response to its prompt, as every task's is called (rlhf.py)."""
+    return task_reward(row["prompt"], response)
 
 
 def write_jsonl(path, rows):

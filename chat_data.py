@@ -32,6 +32,7 @@ data_root = "data"
 smoltalk_subset = "everyday-conversations"  # a one-file subset of SmolTalk's data/ (smol-rewrite, systemchats-30k...)
 val_every = 20              # datasets without a validation split: every val_every-th training row goes to val
 # -----------------------------------------------------------------------------
+RULES = dict(val_every=(2, None))  # checked by configurator.configure (rules.md): val_every=1 would leave no train
 
 HF = "https://huggingface.co/datasets/"
 GSM8K = HF + "openai/gsm8k/resolve/740312add88f781978c0658806c59bc2815b9866/main/"
@@ -198,8 +199,6 @@ def convert(name, paths, out_dir, val_every):
 def main():
     configure(globals())
     names = dataset_names(which)
-    if val_every < 2:
-        raise SystemExit(f"error: val_every must be >= 2 (every val_every-th train row goes to val), got {val_every}")
     parquet_module()  # before any download: a missing pyarrow is found in a second, not after the downloads
     for name in names:
         convert(name, fetch(name, data_root, smoltalk_subset), os.path.join(data_root, "chat"), val_every)
