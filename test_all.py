@@ -443,6 +443,69 @@ def test_an_unknown_train_key_suggests_every_key_and_no_constant():
     assert set(suggested) == set(keys) and not any(k.isupper() for k in suggested)
 
 
+RULED = dict(dropout=0.1, lr_schedule="cosine", batch_size=4, n_kv_head=None, grad_ckpt=None, out_dir="out",
+             RULES=dict(lr_schedule=("cosine", "wsd"), dropout=(0.0, 1.0), batch_size=(1, None),
+                        n_kv_head=(int, 1, None), grad_ckpt=((str, int),)))
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--dropout=2.0"], r"^error: --dropout=2.0 is out of range; give a value in \[0.0, 1.0\]$"),
+    (["--lr_schedule=linear"], r"^error: --lr_schedule='linear' is not one of: cosine, wsd$"),
+    (["--batch_size=0"], r"^error: --batch_size=0 is out of range; give a value in \[1, inf\)$"),
+    (["--n_kv_head=0"], r"^error: --n_kv_head=0 is out of range; give a value in \[1, inf\)$"),
+    (["--n_kv_head=two"], r"^error: --n_kv_head='two' is a str; give a value that is int in \[1, inf\), or None$"),
+    (["--grad_ckpt=True"], r"^error: --grad_ckpt=True is a bool; give a value that is str or int, or None$"),
+    (["--batch_size=0", "--batch_size=2", "--dropout=1.5"], r"^error: --dropout=1.5 "),  # the value in the end counts
+])
+def test_configurator_rules_refuse_a_value_out_of_range_or_choices_or_type_in_one_line(args, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        configure(dict(RULED), args)
+
+
+def test_configurator_rules_hold_for_the_final_values_and_keep_none_and_empty_paths(tmp_path):
+    (tmp_path / "c.py").write_text("batch_size = 0\nn_kv_head = 3\n")  # 0 is refused only if it stays
+    out = configure(dict(RULED), [str(tmp_path / "c.py"), "--batch_size=2", "--grad_ckpt=full", "--out_dir="])
+    assert out == dict(config_keys(RULED), batch_size=2, n_kv_head=3, grad_ckpt="full", out_dir="")
+    assert configure(dict(RULED), ["--n_kv_head=None"])["n_kv_head"] is None  # a None default stays allowed
+    assert configure(dict(x=None, RULES=dict(x=(float, 0, 1))), ["--x=1"]) == dict(x=1.0)  # an int widens
+
+
+def test_configurator_rules_naming_no_key_are_a_mistake_of_the_script():
+    with pytest.raises(ValueError, match="RULES names 'dropot'"):
+        configure(dict(dropout=0.1, RULES=dict(dropot=(0.0, 1.0))), [])
+
+
+CONFIGURED = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f not in ("test_all.py",
+                    "configurator.py") and "configure(globals()" in open(os.path.join(HERE, f), encoding="utf-8").read())
+
+
+@pytest.mark.parametrize("name", CONFIGURED)
+def test_rules_of_every_script_name_its_keys_and_its_defaults_keep_them(name):
+    module = importlib.import_module(name)
+    assert set(getattr(module, "RULES", {})) <= set(config_keys(vars(module)))
+    configure(dict(vars(module)), [])  # the defaults themselves pass: no rule is stricter than its script
+
+
+@pytest.mark.parametrize("script, key, rule", [
+    ("prepare.py", "shard_tokens", "# tokens per shard file  [1, inf)"),
+    ("bench.py", "mode", "# one of: bpe, train, generate, prepare"),
+    ("sample.py", "dtype", "CPU fp32)  one of: auto, float32, bfloat16, float16"),
+    ("bpe.py", "holdout", "to measure bytes/token  [0.0, 1.0]"),
+])
+def test_help_shows_each_keys_rule_after_its_comment(script, key, rule):
+    p = run(script, "--help")
+    assert next(line for line in p.stdout.splitlines() if line.startswith(f"{key} = ")).endswith(rule)
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("n_layer = 4\n".encode("utf-16"), r"^error: config file .*c\.py is not UTF-8 text \(byte 0\); save it as UTF-8$"),
+    (b"vocab_size = 300\x00\n", r"^error: config file .*c\.py: SyntaxError: source code string cannot contain null"),
+])
+def test_configurator_a_config_file_that_is_not_utf8_text_is_one_line(tmp_path, content, pattern):
+    (tmp_path / "c.py").write_bytes(content)
+    one_line_error(run("prepare.py", str(tmp_path / "c.py"), check=False), pattern)
+
+
 # ============================================================================ bpe.py
 SPECIAL_TEXT = "hi<|endoftext|>there<|user|>"
 CHAT = [dict(role="system", content="be brief"), dict(role="user", content="hi"), dict(role="assistant", content="yo"),
@@ -3061,14 +3124,14 @@ def test_sample_refuses_bad_prompt_files_tokenizers_and_missing_checkpoints(samp
 
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("--num_samples=0", r"--num_samples=0 is out of range; give 1 or more$"),
-    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give 1 or more$"),
-    ("--temperature=-1", r"--temperature=-1.0 is out of range; give >= 0 \(0 = greedy\)$"),
-    ("--top_p=0", r"--top_p=0.0 is out of range; give in \(0, 1\] \(1 = off\)$"),
+    ("--num_samples=0", r"--num_samples=0 is out of range; give a value in \[1, inf\)$"),
+    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give a value in \[1, inf\)$"),
+    ("--temperature=-1", r"--temperature=-1.0 is out of range; give a value in \[0.0, inf\)$"),
+    ("--top_p=0", r"--top_p=0.0 is out of range; give a value in \(0, 1\] \(1 = off\)$"),
     ("--top_p=1.5", r"--top_p=1.5 is out of range"),
     ("--top_k=-1", r"--top_k=-1 is out of range"),
     ("--device=gpu", r"unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps$"),
-    ("--dtype=fp8", r"unknown dtype 'fp8'; use auto, float32, bfloat16, float16$"),
+    ("--dtype=fp8", r"--dtype='fp8' is not one of: auto, float32, bfloat16, float16$"),
 ])
 def test_sample_bad_settings_are_one_line_errors_before_loading(arg, pattern, tmp_path):
     with pytest.raises(SystemExit, match="^error: " + pattern) as e:
@@ -4873,7 +4936,7 @@ def hub_tables():
 def hub(tmp_path, monkeypatch):
     """A local stand-in for the Hub serving the fixtures (with Range requests); chat_data.SOURCES points at it, with
     the size and sha256 given for some files and pinned on first download for the others. Yields (requests, root)."""
-    import pyarrow.parquet as pq
+    pq = pytest.importorskip("pyarrow.parquet")
     files, requests = {}, []
     sources = {}
     for name, splits in hub_tables().items():
