@@ -10,6 +10,7 @@ tokenizers, matplotlib, pyarrow, huggingface_hub), are imported by the tests tha
 """
 import ast
 import base64
+import builtins
 import copy
 import dataclasses
 import errno
@@ -784,6 +785,27 @@ def test_chat_template_needs_a_tokenizer_with_the_chat_tokens():
         bpe.encode_chat(plain, CHAT)
 
 
+@pytest.mark.parametrize("case, pattern", [
+    ("holdout", r"^error: --holdout=1.5 is out of range; give a value in \[0.0, 1.0\]$"),
+    ("out_dir", r"^error: --out=.* is a directory; give the file to write, e.g. --out=.*tok\.bpe$"),
+    ("out_missing", r"^error: --out=.*t\.bpe: directory .*missing does not exist; make it first \(mkdir -p "),
+])
+def test_bpe_cli_bad_holdout_or_out_is_one_line_before_training_and_writes_nothing(tmp_path, case, pattern):
+    (tmp_path / "c.txt").write_text("hello world, hello tokens\n" * 20)
+    out = {"holdout": tmp_path / "t.bpe", "out_dir": tmp_path, "out_missing": tmp_path / "missing" / "t.bpe"}[case]
+    p = run("bpe.py", f"--input={tmp_path / 'c.txt'}", "--vocab_size=270", f"--out={out}",
+            *(["--holdout=1.5"] if case == "holdout" else []), check=False)
+    one_line_error(p, pattern)
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_bpe_save_that_fails_leaves_no_temporary_file(tmp_path, bpe_tok):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):
+        bpe_tok.save(str(tmp_path / "d"))  # os.replace of the temp file onto a directory fails
+    assert os.listdir(tmp_path) == ["d"]
+
+
 # ============================================================================ prepare.py
 BAD_JSONL = '{"text": "fine"}\n{"txt": "no"}\n'
 
@@ -1079,6 +1101,62 @@ def test_prepare_progress_line_shows_the_amount_rate_share_and_eta(monkeypatch):
     bpe._status_last[0] = 0.0
     prepare.progress("tokenizing", 50e6, 110.0, frac=0.25)  # prepare.py's lines go through bpe.status
     assert sys.stderr.getvalue() == "tokenizing: 50.0 MB | 5.0 MB/s | 25.0% | ETA 30s\n"
+
+
+@pytest.mark.parametrize("case, args, pattern", [
+    ("shard_tokens", ["--shard_tokens=0"], r"^error: --shard_tokens=0 is out of range; give a value in \[1, inf\)$"),
+    ("escape", ["--dataset=../escape"], r"^error: --dataset='\.\./escape' is not a plain name; .*--data_root$"),
+    ("num_proc", ["--num_proc=-2"], r"^error: --num_proc=-2 is out of range; give a value in \[0, inf\)$"),
+    ("jsonl", [], r'^error: .*rows\.jsonl:2: "text" is int 42, not a string; every line must be a JSON object'),
+    ("tokenizer", ["--tokenizer=nope.bpe"], r"^error: --tokenizer=nope\.bpe does not exist; give a tokenizer file"),
+    ("data_root", [], r"^error: --data_root=.*afile is a file, not a directory; give a directory"),
+])
+def test_prepare_bad_settings_and_rows_are_one_line_errors_that_write_nothing(tmp_path, case, args, pattern):
+    src, base = words_corpus(tmp_path)
+    if case == "jsonl":
+        (src / "rows.jsonl").write_text('{"text": "hello world"}\n{"text": 42}\n')
+    if case == "data_root":
+        (tmp_path / "afile").write_text("x")
+        args = [f"--data_root={tmp_path / 'afile'}"]
+    p = run("prepare.py", *base, *args, check=False)
+    one_line_error(p, pattern, after_progress=case == "jsonl")
+    assert not [f for _, _, files in os.walk(tmp_path / "data") for f in files]  # no data: a temp dir is removed
+    assert sorted(os.listdir(tmp_path)) == ["afile"] * (case == "data_root") + ["corpus"] + ["data"] * (case == "jsonl")
+
+
+def test_prepare_shard_writer_refuses_a_shard_size_that_would_never_empty_its_buffer():
+    with pytest.raises(ValueError, match="shard_tokens must be >= 1, got 0"):
+        prepare.write_shards([], None, "", "", val_fraction=0.1, strict=True, shard_tokens=0, num_proc=1)
+
+
+def read_only_prepare():
+    """prepare.py's command line (sys.argv) where writing under --data_root fails as on a read-only disk: chmod does
+    not stop root, so open() refuses instead."""
+    root = os.path.abspath(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--data_root=")))
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kw):
+        if set(mode) & set("wax+") and os.path.abspath(str(file)).startswith(root):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kw)
+    builtins.open = refusing_open
+    sys.argv = ["prepare.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(HERE, "prepare.py"), run_name="__main__")
+
+
+def test_prepare_into_a_read_only_data_root_is_one_line_and_leaves_no_temp_dir(tmp_path):
+    _, args = words_corpus(tmp_path)
+    root = tmp_path / "data"
+    root.mkdir()
+    if os.geteuid() == 0:
+        entry = this_file("read_only_prepare")
+    else:
+        root.chmod(0o555)
+        entry = ["prepare.py"]
+    p = run(*entry, *args, check=False)
+    one_line_error(p, r"^error: cannot write .*data.* \(Permission denied\); give a --data_root you can write to",
+                   after_progress=True)
+    assert os.listdir(root) == []
 
 
 # ============================================================================ model.py
@@ -4240,6 +4318,31 @@ def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(name, h
                                                   "tokenizer.json", "tokenizer_config.json"]
 
 
+@pytest.mark.parametrize("case, pattern", [
+    ("hf_dir_file", r"^error: cannot make the directory .*hf \(File exists\); give an --hf_dir that is a directory"),
+    ("truncated", r"^error: cannot read .*model\.safetensors \(SafetensorError: .*\); it is truncated or corrupt"),
+    ("no_n_layer", r"^error: .*config\.json has no 'n_layer', which a gpt2 model's config needs; export it again"),
+])
+def test_export_into_a_file_or_import_of_truncated_weights_or_an_incomplete_config_is_one_line(tmp_path, case,
+                                                                                              pattern):
+    pytest.importorskip("safetensors")
+    hf_dir = tmp_path / "hf"
+    if case == "hf_dir_file":
+        hf_dir.write_text("a file")
+        one_line_error(run("export.py", f"--out_dir={chat_ckpt(tmp_path / 'run')}", f"--hf_dir={hf_dir}", check=False),
+                       pattern)
+        return
+    export.export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64)), None, str(hf_dir))
+    if case == "truncated":
+        (hf_dir / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes()[:100])
+    else:
+        config = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_layer"}))
+    with pytest.raises(SystemExit, match=pattern) as e:
+        export.load_pretrained(str(hf_dir))
+    assert "\n" not in str(e.value)
+
+
 # ============================================================================ plot.py
 def fake_metrics(path, steps, k=1.0, elapsed=True, resumed_from=None):
     """A tiny metrics.jsonl as train.py writes it: training rows every 10 steps, evaluations every 50."""
@@ -4383,6 +4486,19 @@ def test_plot_table_of_post_training_runs_shows_each_stages_last_evaluation(tmp_
     assert "acc(greedy)" in header and "RM pair acc" in header and "target" not in header
     assert plot.mean_std([0.5, 0.7]) in sft and plot.mean_std([0.4, 0.6]) in sft and sft.split()[1] == "2"
     assert plot.mean_std([0.5, 0.7]) in rm and rm.split()[2] == "0.2"  # best val, then the figures rm lacks: "-"
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("empty", r"^error: .*empty\.jsonl has no metrics rows yet \(the run has not logged a step\)"),
+    ("xyz", r"^error: --out=.*x\.xyz: matplotlib cannot write \.xyz images; end the name in one of: .*pdf, .*png"),
+])
+def test_plot_an_empty_metrics_file_or_an_unknown_image_format_is_one_line(tmp_path, case, pattern):
+    if case == "xyz":
+        pytest.importorskip("matplotlib")
+    (tmp_path / "empty.jsonl").write_text("" if case == "empty" else '{"step": 1, "loss": 2.0}\n')
+    p = run("plot.py", str(tmp_path / "empty.jsonl"), f"--out={tmp_path / ('x.' + case)}", check=False)
+    one_line_error(p, pattern)
+    assert os.listdir(tmp_path) == ["empty.jsonl"]
 
 
 # ============================================================================ bench.py
@@ -4545,6 +4661,18 @@ def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_
         assert any(line.split()[:2] == [str(r["procs"]), f"{r['mb_per_s']:.1f}"] for line in table), p.stdout
     assert res["same_shards"] is True and "the same shards from every number of processes" in p.stdout
     assert res["mb"] >= 1  # MB of text, at least prepare_mb
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--mode=trian"], r"^error: --mode='trian' is not one of: bpe, train, generate, prepare$"),
+    (["--mode=train", "--train_steps=0"], r"^error: --train_steps=0 is out of range; give a value in \[1, inf\)$"),
+    (["--mode=train", "--train_common=compile=False n_layer=1 n_head=2 n_embd=32 block_size=16 batch_size=2"],
+     r"^error: variant '\(common\)' of --mode=train has no vocab_size; add one to --train_common, e\.g\. vocab_size="),
+])
+def test_bench_bad_keys_and_a_train_config_without_vocab_size_are_one_line_errors(tmp_path, args, pattern):
+    p = run("bench.py", *args, f"--train_json={tmp_path / 'b.json'}", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, pattern)
+    assert not os.listdir(tmp_path)
 
 
 # ============================================================================ runs/*.sh
