@@ -521,7 +521,8 @@ def check_settings(*, dataset, data_root, tokenizer, val_fraction):
         raise SystemExit(f"error: --dataset={dataset!r} is not a plain name; the output goes to data_root/<dataset>, "
                          f"so give a name without path separators (e.g. --dataset=mydata) and the place as --data_root")
     if os.path.exists(data_root) and not os.path.isdir(data_root):
-        raise SystemExit(f"error: --data_root={data_root} is a file, not a directory; give a directory (made if needed)")
+        raise SystemExit(f"error: --data_root={data_root} is a file, not a directory; give a directory (made if "
+                         f"needed)")
     if tokenizer and not os.path.isfile(tokenizer):
         raise SystemExit(f"error: --tokenizer={tokenizer} does not exist; give a tokenizer file (python bpe.py "
                          f"--out=FILE makes one) or leave --tokenizer empty to train one")
