@@ -60,6 +60,9 @@ prepare_mb = 300            # corpus size in MB of text
 prepare_procs = (1, 4, 8, 16)  # --num_proc of each run (the same tokenizer each time)
 prepare_vocab = 50257       # GPT-2's vocabulary size, as for fineweb-edu
 prepare_dir = "out/bench-prepare"
+RULES = dict(mode=("bpe", "train", "generate", "prepare"), train_steps=(1, None), train_warmup=(0, None),
+             train_data=("random", "real", "both"), train_profile=(0, None), gen_new_tokens=(1, None),
+             gen_prompt_len=(1, None), gen_sample_runs=(0, None), prepare_mb=(1, None))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -224,9 +227,13 @@ def profile_steps(step, n, cuda):
 
 def train_variant(defaults, variant):
     """A variant's config as train.py would read it: train.py's defaults, train_config, train_common, the variant."""
-    config = dict(defaults)
-    configure(config, ([train_config] if train_config else []) +
-              [f"--{kv}" for kv in (train_common + " " + variant).split()])
+    import train
+    rules = getattr(train, "RULES", {})  # train.py's own rules hold for its keys here too
+    config = configure(dict(defaults, RULES=rules), ([train_config] if train_config else []) +
+                       [f"--{kv}" for kv in (train_common + " " + variant).split()])
+    if config["vocab_size"] is None:  # train.py takes it from the data; the random batches need it given
+        raise SystemExit(f"error: variant '{variant or '(common)'}' of --mode=train has no vocab_size; add one to "
+                         f"--train_common, e.g. vocab_size=50304 (GPT-2's, padded)")
     return SimpleNamespace(**config)
 
 
@@ -642,6 +649,4 @@ def bench_prepare():
 if __name__ == "__main__":
     configure(globals())
     modes = {"bpe": bench_bpe, "train": bench_train, "generate": bench_generate, "prepare": bench_prepare}
-    if mode not in modes:
-        raise SystemExit(f"error: unknown mode '{mode}'; choose one of {', '.join(modes)}")
-    modes[mode]()
+    modes[mode]()  # (RULES names the modes)

@@ -55,6 +55,7 @@ pattern = "gpt4"  # "gpt4", "gpt2", or a regex of your own
 out = "tok.bpe"
 holdout = 0.05  # fraction of files (the last ones) kept out of training to measure bytes/token
 # -----------------------------------------------------------------------------
+RULES = dict(vocab_size=(256 + len(SPECIAL_TOKENS), None), holdout=(0.0, 1.0))
 
 
 def check_utf8(text):
@@ -125,9 +126,14 @@ class Tokenizer:
 
     def save(self, path):
         tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(self._serialize())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.write(self._serialize())
+            os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path):
@@ -445,14 +451,23 @@ if __name__ == "__main__":
     from configurator import configure
 
     configure(globals())
+    if os.path.isdir(out):  # both known before the training, rather than after it
+        raise SystemExit(f"error: --out={out} is a directory; give the file to write, e.g. "
+                         f"--out={os.path.join(out, 'tok.bpe')}")
+    if not os.path.isdir(os.path.dirname(out) or "."):
+        raise SystemExit(f"error: --out={out}: directory {os.path.dirname(out)} does not exist; make it first "
+                         f"(mkdir -p {os.path.dirname(out)}) or write elsewhere")
     docs = cli_documents(input)
-    n_held = int(len(docs) * holdout) if len(docs) > 1 else 0
+    n_held = min(int(len(docs) * holdout), len(docs) - 1)  # holdout=1.0 still leaves one document to train on
     train_docs, held = docs[:len(docs) - n_held], docs[len(docs) - n_held:]
     pat = {"gpt4": GPT4_PATTERN, "gpt2": GPT2_PATTERN}.get(pattern, pattern)
     t0 = time.time()
     tok = train(train_docs, vocab_size, pattern=pat, verbose=True)
     seconds = time.time() - t0
-    tok.save(out)
+    try:
+        tok.save(out)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {out} ({e.strerror or e}); give an --out you can write to") from None
     summary = f"trained on {len(train_docs)} documents in {seconds:.1f}s | vocab_size {tok.vocab_size:,} | saved {out}"
     if held:
         n_tokens = sum(map(len, tok.encode_ordinary_batch(held)))

@@ -11,9 +11,11 @@ of a plain type (int, float, bool, str, None, tuple, list). UPPER_CASE names are
 - `--key=value` sets one key; the value is parsed as a Python literal, and kept as a string if it is not one;
   a bare `--key` sets a bool key to True.
 Every key must already exist in the script and keep its type (an int may widen to a float); anything else
-is a one-line error that names the key and the closest valid ones.
-`--help` (or `-h`) prints the usage lines of the script's docstring and every key with its default and its comment
-from the source, grouped as in the source, then exits.
+is a one-line error that names the key and the closest valid ones. A script's RULES dict (next to its keys) gives
+keys a range, choices, or a type where the default is None; they are checked after every override:
+    RULES = dict(lr_schedule=("cosine", "wsd"), dropout=(0.0, 1.0), batch_size=(1, None), n_kv_head=(int, 1, None))
+`--help` (or `-h`) prints the usage lines of the script's docstring and every key with its default, its comment
+from the source and its rule, grouped as in the source, then exits.
 """
 import ast
 import dataclasses
@@ -97,19 +99,85 @@ def configure(namespace, argv=None):
         else:
             if not os.path.isfile(arg):
                 raise SystemExit(f"error: config file '{arg}' does not exist (configs live in config/*.py)")
-            scope = {}
-            try:
-                with open(arg, encoding="utf-8") as f:
-                    exec(compile(f.read(), arg, "exec"), scope)  # trusted code, by design: see docstring
-            except Exception as e:  # a typo in a config is a user error: name the file and line, no traceback
-                line = getattr(e, "lineno", None) or [t.lineno for t in traceback.extract_tb(e.__traceback__)
-                                                      if t.filename == arg][-1]
-                raise SystemExit(f"error: config file {arg} line {line}: {type(e).__name__}: {e}; fix the file "
-                                 f"(config files are Python: plain assignments such as n_layer = 4)") from None
-            overrides, source = config_keys(scope), arg
+            overrides, source = config_keys(run_config_file(arg)), arg
         for key, value in overrides.items():
             namespace[key] = check_value(key, value, defaults, source)
+    for key, rule in namespace.get("RULES", {}).items():  # after every override: the values the script will use
+        if key not in defaults:
+            raise ValueError(f"RULES names {key!r}, which is not a config key of this script")
+        namespace[key] = check_rule(key, namespace[key], rule, defaults[key])
     return {k: namespace[k] for k in defaults}
+
+
+def run_config_file(path):
+    """The names a config file sets (it is executed: trusted code, by design, see the docstring); any mistake in
+    it is a one-line error naming the file and, where Python knows it, the line."""
+    scope = {}
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")  # (not open(encoding=): its decode error would come from read())
+        exec(compile(text, path, "exec"), scope)
+    except UnicodeDecodeError as e:  # a UTF-16 file (Windows editors), or not text at all
+        raise SystemExit(f"error: config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except Exception as e:  # a typo in a config is a user error: name the file and line, no traceback
+        lines = [t.lineno for t in traceback.extract_tb(e.__traceback__) if t.filename == path]
+        line = getattr(e, "lineno", None) or (lines[-1] if lines else None)
+        where = f" line {line}" if line else ""
+        raise SystemExit(f"error: config file {path}{where}: {type(e).__name__}: {e}; fix the file "
+                         f"(config files are Python: plain assignments such as n_layer = 4)") from None
+    return scope
+
+# ---------------------------------------------------------------------------- RULES: a key's type, range or choices
+
+
+def rule_parts(rule):
+    """A RULES entry -> (types or None, (low, high) or None, choices or None). The forms: ("a", "b") choices;
+    (low, high) an inclusive range, None for an open side; (type, low, high) or (type,) for a key whose default
+    is None (a type may be a tuple of types)."""
+    is_type = lambda t: isinstance(t, type) or (isinstance(t, tuple) and t and all(isinstance(x, type) for x in t))
+    types, rest = (rule[0], rule[1:]) if rule and is_type(rule[0]) else (None, tuple(rule))
+    types = (types,) if isinstance(types, type) else types
+    if rest and all(isinstance(x, str) for x in rest):
+        return types, None, rest
+    if not rest:
+        return types, None, None
+    if len(rest) == 2 and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in rest):
+        return types, rest, None
+    raise ValueError(f"a RULES entry is choices, (low, high) or (type, low, high), not {rule!r}")
+
+
+def rule_text(rule, default):
+    """A rule as --help and the errors write it: "[1, inf)", "one of: cosine, wsd", "int in [1, inf), or None"."""
+    types, span, choices = rule_parts(rule)
+    text = f"one of: {', '.join(choices)}" if choices else ""
+    if span:
+        low, high = span
+        text = f"{'(-inf' if low is None else f'[{low}'}, {'inf)' if high is None else f'{high}]'}"
+    if types:
+        names = " or ".join(t.__name__ for t in types)
+        text = f"{names} {'in ' if span else ''}{text}".strip() + (", or None" if default is None else "")
+    return text
+
+
+def check_rule(key, value, rule, default):
+    """value if it keeps key's rule (an int given for a float type becomes a float), else a one-line error.
+    None passes where the default is None."""
+    types, span, choices = rule_parts(rule)
+    if value is None and default is None:
+        return value
+    text = rule_text(rule, default)
+    if types and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
+        if float in types and type(value) is int:
+            return check_rule(key, float(value), rule, default)
+        raise SystemExit(f"error: --{key}={value!r} is a {type(value).__name__}; give a value that is {text}")
+    if choices and value not in choices:
+        raise SystemExit(f"error: --{key}={value!r} is not {text}")
+    if span:
+        low, high = span
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (low is not None and value < low) or (high is not None and value > high):
+            raise SystemExit(f"error: --{key}={value!r} is out of range; give a value in {rule_text(span, 0)}")
+    return value
 
 # ---------------------------------------------------------------------------- --help
 
@@ -192,10 +260,13 @@ def help_text(namespace):
                 field_notes.update(source_notes(textwrap.dedent(inspect.getsource(v)), in_class=True)[0])
             except (OSError, TypeError, SyntaxError):
                 pass
-    rows = []
+    rows, rules = [], namespace.get("RULES", {})
     for i, (k, v) in enumerate(keys.items()):
         line, section, comment = notes.get(k) or ((*bulk, []) if bulk else (float("inf"), None, []))
-        rows.append((line, i, section, f"{k} = {v!r}", comment or field_notes.get(k, (0, None, []))[2]))
+        comment = list(comment or field_notes.get(k, (0, None, []))[2])
+        if k in rules:  # the rule after the comment's first line: "# tokens per shard file  [1, inf)"
+            comment[:1] = ["  ".join(comment[:1] + [rule_text(rules[k], v)])]
+        rows.append((line, i, section, f"{k} = {v!r}", comment))
     rows.sort()
     summary = next((l.strip() for l in doc.splitlines() if l.strip()), "")
     name = os.path.basename(path) if path else "this script"

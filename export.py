@@ -50,6 +50,7 @@ hf_dir = ""         # the directory to write; "" = out_dir + "-hf"
 dtype = "float32"   # float32 (exact) | bfloat16 | float16: the weights' dtype in model.safetensors
 check = True        # reload with transformers (if installed) and compare its logits and token ids with ours
 # -----------------------------------------------------------------------------
+RULES = dict(dtype=("float32", "bfloat16", "float16"))
 
 HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # The GPTConfig fields this file and hf_modeling.py know; any other field must keep its default (a new switch is
@@ -301,8 +302,8 @@ def export(model, tok, hf_dir, dtype_name="float32"):
                          "pip install safetensors") from None
     cfg = model.config
     layout = hf_layout(cfg)
-    if dtype_name not in ("float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: dtype={dtype_name!r} is not one of float32, bfloat16, float16")
+    if dtype_name not in RULES["dtype"]:  # (callers other than the command line)
+        raise SystemExit(f"error: dtype={dtype_name!r} is not one of {', '.join(RULES['dtype'])}")
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{cfg.vocab_size}: they do not belong together")
@@ -312,7 +313,11 @@ def export(model, tok, hf_dir, dtype_name="float32"):
     else:
         tensors = gpt2_tensors(sd, cfg) if layout == "gpt2" else llama_tensors(sd, cfg)
     tensors = {k: v.to(getattr(torch, dtype_name)).contiguous() for k, v in tensors.items()}
-    os.makedirs(hf_dir, exist_ok=True)
+    try:
+        os.makedirs(hf_dir, exist_ok=True)
+    except OSError as e:  # a file of that name, or a place not writable
+        raise SystemExit(f"error: cannot make the directory {hf_dir} ({e.strerror or e}); give an --hf_dir that is "
+                         f"a directory or does not exist yet") from None
     save_file(tensors, os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(hf_dir, "config.json"), hf_config(cfg, layout, tok, dtype_name))
     if layout == "scratchlm":
@@ -364,14 +369,21 @@ def read_tensors(path):
             raise SystemExit(f"error: reading {p} needs the safetensors package: pip install safetensors") from None
         return load_file(p)
 
+    def read(load, p):
+        try:
+            return load(p)
+        except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError or UnpicklingError, an OSError
+            raise SystemExit(f"error: cannot read {p} ({type(e).__name__}: {e}); it is truncated or corrupt: export "
+                             f"or download it again") from None
+
     for name, load in (("model.safetensors", from_safetensors), ("pytorch_model.bin", from_bin)):
         if os.path.isfile(os.path.join(path, name)):
-            return load(os.path.join(path, name))
+            return read(load, os.path.join(path, name))
         index = os.path.join(path, name + ".index.json")
         if os.path.isfile(index):
             out = {}
             for shard in sorted(set(read_json(index)["weight_map"].values())):
-                out.update(load(os.path.join(path, shard)))
+                out.update(read(load, os.path.join(path, shard)))
             return out
     raise SystemExit(f"error: {path} has no model.safetensors or pytorch_model.bin (nor a sharded index of them)")
 
@@ -400,7 +412,7 @@ def from_gpt2(c, t, path):
     bias = not (c.get("scratchlm_bias") is False and all(not sd[k].any() for k in biases))
     if not bias:  # the zeros export wrote for a model without biases
         sd = {k: v for k, v in sd.items() if k not in biases}
-    sd["lm_head.weight"] = sd["transformer.wte.weight"] if tie else take(t, "lm_head.weight", path)
+    sd["lm_head.weight"] = take(sd, "transformer.wte.weight", path) if tie else take(t, "lm_head.weight", path)
     return dict(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"],
                 n_embd=c["n_embd"], dropout=float(c.get("resid_pdrop", 0.1)), bias=bias,
                 mlp_hidden=c.get("n_inner") or 0, tie_embeddings=tie,
@@ -471,7 +483,12 @@ def load_hf(path):
     if kind not in readers:
         raise SystemExit(f"error: {path} holds a {kind!r} model; export.py reads gpt2, llama, mistral, qwen3 and "
                          f"scratchlm")
-    args, sd = readers[kind](c, read_tensors(path), path)
+    tensors = read_tensors(path)
+    try:
+        args, sd = readers[kind](c, tensors, path)
+    except KeyError as e:  # the readers' only KeyErrors: config.json fields (weights are looked up with take())
+        raise SystemExit(f"error: {path}/config.json has no {e.args[0]!r}, which a {kind} model's config needs; "
+                         f"export it again (or add the field)") from None
     args = asdict(GPTConfig(**args))
     with torch.device("meta"):  # the model's own names and shapes, without allocating or initialising anything
         want = {k: v.shape for k, v in GPT(GPTConfig(**args)).state_dict().items()}

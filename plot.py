@@ -33,6 +33,7 @@ title = ""                  # the figure's title ("" = none)
 table = False               # print a table of the runs instead of drawing them: mean +- std over each name's seeds
 target = 0.0                # --table: the val loss to reach; 0 = the mean best val loss of the runs named baseline
 # -----------------------------------------------------------------------------
+RULES = dict(target=(0.0, None))
 
 
 def pyplot():
@@ -132,6 +133,12 @@ def plot_runs(runs, path, per_step=None, title=""):
     """The four panels for runs ({label: rows}): loss against steps, tokens and wall time, and the learning rate.
     per_step: {label: tokens per step} for runs whose rows have no `tokens`. Writes the image to path."""
     plt = pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(path)[1][1:].lower()
+    if ext and ext not in formats:  # (no extension: matplotlib writes a PNG)
+        raise SystemExit(f"error: --out={path}: matplotlib cannot write .{ext} images; end the name in one of: "
+                         f"{', '.join(sorted(formats))}")
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     draw(axes[0, 0], runs, "step", "val_loss", per_step, train="loss")
     draw(axes[0, 1], runs, "tokens", "val_loss", per_step, train="loss")
@@ -140,7 +147,11 @@ def plot_runs(runs, path, per_step=None, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); give an --out in a directory you can "
+                         f"write to") from None
     plt.close(fig)
     return path
 
@@ -223,6 +234,10 @@ def main():
     if table:
         return print_table(paths, target)
     runs = {name: read_metrics(p) for name, p in zip(names, paths)}
+    empty = [p for p, rows in zip(paths, runs.values()) if not rows]
+    if empty:  # an empty figure would look like a plotting bug
+        raise SystemExit(f"error: {', '.join(empty)} has no metrics rows yet (the run has not logged a step); "
+                         f"plot it once it has")
     per_step = {name: tokens_per_step(p) for name, p in zip(names, paths)}
     plot_runs(runs, out, per_step, title)
     print(f"wrote {out}: {', '.join(f'{n} ({len(r)} rows)' for n, r in runs.items())}")

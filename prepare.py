@@ -56,6 +56,8 @@ shard_tokens = 100_000_000  # tokens per shard file
 fineweb_shards = 14         # --dataset=fineweb-edu: use the first N of its 14 parquet files (~0.75B tokens each)
 num_proc = 0                # processes that tokenize; 0 = one per core
 # -----------------------------------------------------------------------------
+RULES = dict(vocab_size=(0, None), tokenizer_max_bytes=(1, None), shard_tokens=(1, None), fineweb_shards=(1, 14),
+             num_proc=(0, None))  # val_fraction's (0, 1) excludes its ends: checked in prepare()
 
 # FineWeb-Edu's sample/10BT (HuggingFaceFW/fineweb-edu, ~10B GPT-2 tokens) at a fixed revision, so the bytes never
 # change: (file, bytes, sha256) as the Hub's LFS index lists them for that revision.
@@ -263,6 +265,9 @@ def read_documents(files, strict=True, info=None):
                     doc = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise SystemExit(f'error: {path}:{lineno} is not a JSON object with a "text" field')
+                if not isinstance(doc, str):
+                    raise SystemExit(f'error: {path}:{lineno}: "text" is {type(doc).__name__} {doc!r}, not a string; '
+                                     f'every line must be a JSON object with a "text" string')
                 yield doc
         elif path.endswith((".txt", ".txt.gz")) and "\n<|endoftext|>\n" in text:
             yield from (d.strip("\n") for d in text.split("\n<|endoftext|>\n") if d.strip())
@@ -448,8 +453,6 @@ def source_files(*, input, dataset, data_root, fineweb_shards):
     entries = REMOTE[dataset]
     if dataset == "fineweb-edu":
         parquet_module()  # before downloading 28 GB that could not be read
-        if not 1 <= fineweb_shards <= len(entries):
-            raise SystemExit(f"error: fineweb_shards must be 1 to {len(entries)}, got {fineweb_shards}")
         entries = entries[:fineweb_shards]
     os.makedirs(os.path.join(data_root, "downloads"), exist_ok=True)
     return [download(url, os.path.join(data_root, "downloads", os.path.basename(url)), size, sha)
@@ -473,13 +476,15 @@ def train_tokenizer(pairs, vocab, max_bytes):
 def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_tokens, num_proc):
     """Encode every document, EOT first, and stream the ids into out/{train,val}_NNN.bin; split_documents' options.
     Returns (shard names per split, counts per split, how val was split)."""
+    if shard_tokens < 1:  # every shard written must take tokens out of the buffer, or flush() never ends
+        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
     buffers, pending = {"train": [], "val": []}, {"train": 0, "val": 0}
     shards = {"train": [], "val": []}
     counts = {s: dict(docs=0, tokens=0, bytes=0) for s in buffers}
 
     def flush(split, final=False):
         buf = np.concatenate(buffers[split]) if buffers[split] else np.zeros(0, np.uint32)
-        while len(buf) >= shard_tokens or (final and len(buf)):
+        while len(buf) and (len(buf) >= shard_tokens or final):  # each pass writes 1 to shard_tokens tokens
             path = os.path.join(out, f"{split}_{len(shards[split]):03d}.bin")
             write_shard(path, buf[:shard_tokens], tok.vocab_size, tok.hash)
             shards[split].append(os.path.basename(path))
@@ -508,9 +513,23 @@ def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_token
     return shards, counts, info["val_split"]
 
 
-def prepare():
+def check_settings(*, dataset, data_root, tokenizer, val_fraction):
+    """The settings RULES cannot check, each a one-line error naming the fix."""
     if not 0 < val_fraction < 1:
         raise SystemExit(f"error: val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if dataset in ("", ".", "..") or any(sep and sep in dataset for sep in (os.sep, os.altsep)):
+        raise SystemExit(f"error: --dataset={dataset!r} is not a plain name; the output goes to data_root/<dataset>, "
+                         f"so give a name without path separators (e.g. --dataset=mydata) and the place as --data_root")
+    if os.path.exists(data_root) and not os.path.isdir(data_root):
+        raise SystemExit(f"error: --data_root={data_root} is a file, not a directory; give a directory (made if "
+                         f"needed)")
+    if tokenizer and not os.path.isfile(tokenizer):
+        raise SystemExit(f"error: --tokenizer={tokenizer} does not exist; give a tokenizer file (python bpe.py "
+                         f"--out=FILE makes one) or leave --tokenizer empty to train one")
+
+
+def prepare():
+    check_settings(dataset=dataset, data_root=data_root, tokenizer=tokenizer, val_fraction=val_fraction)
     files = source_files(input=input, dataset=dataset, data_root=data_root, fineweb_shards=fineweb_shards)
     strict = dataset != "stdlib" or bool(input)  # the stdlib has a few deliberately mis-encoded test files: skipped
     out = os.path.join(data_root, dataset)
@@ -528,8 +547,8 @@ def prepare():
 
     tmp = out + ".tmp"  # everything is built here; on any error it goes, and `out` is left as it was
     shutil.rmtree(tmp, ignore_errors=True)  # (left behind by a run that was killed)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         t0 = time.time()
         if tokenizer:
             tok = bpe.Tokenizer.load(tokenizer)
@@ -550,10 +569,14 @@ def prepare():
                     train_shards=shards["train"], val_shards=shards["val"])
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
+        publish(tmp, out)
+    except OSError as e:  # a read-only data_root, a full disk: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"error: cannot write {e.filename or tmp} ({e.strerror or e}); give a --data_root you can "
+                         f"write to, with room for the shards") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish(tmp, out)
     print(f"wrote {out}: train {counts['train']['tokens']:,} tokens ({counts['train']['docs']} docs), "
           f"val {counts['val']['tokens']:,} tokens ({counts['val']['docs']} docs, by {val_split}), "
           f"{counts['train']['bytes'] / max(counts['train']['tokens'], 1):.2f} bytes/token")

@@ -20,7 +20,7 @@ import torch
 
 from bpe import encode_chat
 from checkpoint import load_run, load_tokenizer
-from compute import pick_device, pick_dtype
+from compute import DTYPES, pick_device, pick_dtype
 from configurator import configure
 from model import GPT, GPTConfig
 
@@ -39,17 +39,8 @@ chat = False                # interactive chat with the chat template (see chat_
 stop = ""                   # a sample also ends where this text appears ("" = only at <|endoftext|>)
 compile = False             # torch.compile the decode step (pays off for long generations)
 # -----------------------------------------------------------------------------
-
-
-def check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p):
-    """Refuses the sampling settings that would fail or print garbage, naming the valid range."""
-    for name, value, ok, valid in (("num_samples", num_samples, num_samples >= 1, "1 or more"),
-                                   ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "1 or more"),
-                                   ("temperature", temperature, temperature >= 0, ">= 0 (0 = greedy)"),
-                                   ("top_k", top_k, top_k >= 0, ">= 0 (0 = off)"),
-                                   ("top_p", top_p, 0 < top_p <= 1, "in (0, 1] (1 = off)")):
-        if not ok:
-            raise SystemExit(f"error: --{name}={value} is out of range; give {valid}")
+RULES = dict(num_samples=(1, None), max_new_tokens=(1, None), temperature=(0.0, None), top_k=(0, None),
+             dtype=("auto", *DTYPES))  # top_p's (0, 1] excludes 0: checked in main
 
 
 def warm_up(model_args, device, dtype, shape, max_new_tokens, **sampling):
@@ -159,7 +150,8 @@ def chat_loop(model, tok, device, *, seed, max_new_tokens, temperature, top_k, t
 
 def main():
     configure(globals())
-    check_sampling(num_samples, max_new_tokens, temperature, top_k, top_p)
+    if not 0 < top_p <= 1:
+        raise SystemExit(f"error: --top_p={top_p} is out of range; give a value in (0, 1] (1 = off)")
     dev = pick_device(device)
     ptdtype = pick_dtype(dtype, dev)
     prompt = "" if chat else read_prompt(start)

@@ -10,6 +10,7 @@ tokenizers, matplotlib, pyarrow, huggingface_hub), are imported by the tests tha
 """
 import ast
 import base64
+import builtins
 import copy
 import dataclasses
 import errno
@@ -446,6 +447,69 @@ def test_an_unknown_train_key_suggests_every_key_and_no_constant():
     assert set(suggested) == set(keys) and not any(k.isupper() for k in suggested)
 
 
+RULED = dict(dropout=0.1, lr_schedule="cosine", batch_size=4, n_kv_head=None, grad_ckpt=None, out_dir="out",
+             RULES=dict(lr_schedule=("cosine", "wsd"), dropout=(0.0, 1.0), batch_size=(1, None),
+                        n_kv_head=(int, 1, None), grad_ckpt=((str, int),)))
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--dropout=2.0"], r"^error: --dropout=2.0 is out of range; give a value in \[0.0, 1.0\]$"),
+    (["--lr_schedule=linear"], r"^error: --lr_schedule='linear' is not one of: cosine, wsd$"),
+    (["--batch_size=0"], r"^error: --batch_size=0 is out of range; give a value in \[1, inf\)$"),
+    (["--n_kv_head=0"], r"^error: --n_kv_head=0 is out of range; give a value in \[1, inf\)$"),
+    (["--n_kv_head=two"], r"^error: --n_kv_head='two' is a str; give a value that is int in \[1, inf\), or None$"),
+    (["--grad_ckpt=True"], r"^error: --grad_ckpt=True is a bool; give a value that is str or int, or None$"),
+    (["--batch_size=0", "--batch_size=2", "--dropout=1.5"], r"^error: --dropout=1.5 "),  # the value in the end counts
+])
+def test_configurator_rules_refuse_a_value_out_of_range_or_choices_or_type_in_one_line(args, pattern):
+    with pytest.raises(SystemExit, match=pattern):
+        configure(dict(RULED), args)
+
+
+def test_configurator_rules_hold_for_the_final_values_and_keep_none_and_empty_paths(tmp_path):
+    (tmp_path / "c.py").write_text("batch_size = 0\nn_kv_head = 3\n")  # 0 is refused only if it stays
+    out = configure(dict(RULED), [str(tmp_path / "c.py"), "--batch_size=2", "--grad_ckpt=full", "--out_dir="])
+    assert out == dict(config_keys(RULED), batch_size=2, n_kv_head=3, grad_ckpt="full", out_dir="")
+    assert configure(dict(RULED), ["--n_kv_head=None"])["n_kv_head"] is None  # a None default stays allowed
+    assert configure(dict(x=None, RULES=dict(x=(float, 0, 1))), ["--x=1"]) == dict(x=1.0)  # an int widens
+
+
+def test_configurator_rules_naming_no_key_are_a_mistake_of_the_script():
+    with pytest.raises(ValueError, match="RULES names 'dropot'"):
+        configure(dict(dropout=0.1, RULES=dict(dropot=(0.0, 1.0))), [])
+
+
+CONFIGURED = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f not in ("test_all.py",
+                    "configurator.py") and "configure(globals()" in open(os.path.join(HERE, f), encoding="utf-8").read())
+
+
+@pytest.mark.parametrize("name", CONFIGURED)
+def test_rules_of_every_script_name_its_keys_and_its_defaults_keep_them(name):
+    module = importlib.import_module(name)
+    assert set(getattr(module, "RULES", {})) <= set(config_keys(vars(module)))
+    configure(dict(vars(module)), [])  # the defaults themselves pass: no rule is stricter than its script
+
+
+@pytest.mark.parametrize("script, key, rule", [
+    ("prepare.py", "shard_tokens", "# tokens per shard file  [1, inf)"),
+    ("bench.py", "mode", "# one of: bpe, train, generate, prepare"),
+    ("sample.py", "dtype", "CPU fp32)  one of: auto, float32, bfloat16, float16"),
+    ("bpe.py", "holdout", "to measure bytes/token  [0.0, 1.0]"),
+])
+def test_help_shows_each_keys_rule_after_its_comment(script, key, rule):
+    p = run(script, "--help")
+    assert next(line for line in p.stdout.splitlines() if line.startswith(f"{key} = ")).endswith(rule)
+
+
+@pytest.mark.parametrize("content, pattern", [
+    ("n_layer = 4\n".encode("utf-16"), r"^error: config file .*c\.py is not UTF-8 text \(byte 0\); save it as UTF-8$"),
+    (b"vocab_size = 300\x00\n", r"^error: config file .*c\.py: SyntaxError: source code string cannot contain null"),
+])
+def test_configurator_a_config_file_that_is_not_utf8_text_is_one_line(tmp_path, content, pattern):
+    (tmp_path / "c.py").write_bytes(content)
+    one_line_error(run("prepare.py", str(tmp_path / "c.py"), check=False), pattern)
+
+
 # ============================================================================ bpe.py
 SPECIAL_TEXT = "hi<|endoftext|>there<|user|>"
 CHAT = [dict(role="system", content="be brief"), dict(role="user", content="hi"), dict(role="assistant", content="yo"),
@@ -722,6 +786,27 @@ def test_chat_template_needs_a_tokenizer_with_the_chat_tokens():
     plain = bpe.train(["abc"], 257, special_tokens=["<|endoftext|>"])
     with pytest.raises(SystemExit, match="error: the tokenizer lacks the chat tokens"):
         bpe.encode_chat(plain, CHAT)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("holdout", r"^error: --holdout=1.5 is out of range; give a value in \[0.0, 1.0\]$"),
+    ("out_dir", r"^error: --out=.* is a directory; give the file to write, e.g. --out=.*tok\.bpe$"),
+    ("out_missing", r"^error: --out=.*t\.bpe: directory .*missing does not exist; make it first \(mkdir -p "),
+])
+def test_bpe_cli_bad_holdout_or_out_is_one_line_before_training_and_writes_nothing(tmp_path, case, pattern):
+    (tmp_path / "c.txt").write_text("hello world, hello tokens\n" * 20)
+    out = {"holdout": tmp_path / "t.bpe", "out_dir": tmp_path, "out_missing": tmp_path / "missing" / "t.bpe"}[case]
+    p = run("bpe.py", f"--input={tmp_path / 'c.txt'}", "--vocab_size=270", f"--out={out}",
+            *(["--holdout=1.5"] if case == "holdout" else []), check=False)
+    one_line_error(p, pattern)
+    assert os.listdir(tmp_path) == ["c.txt"]
+
+
+def test_bpe_save_that_fails_leaves_no_temporary_file(tmp_path, bpe_tok):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(OSError):
+        bpe_tok.save(str(tmp_path / "d"))  # os.replace of the temp file onto a directory fails
+    assert os.listdir(tmp_path) == ["d"]
 
 
 # ============================================================================ prepare.py
@@ -1019,6 +1104,62 @@ def test_prepare_progress_line_shows_the_amount_rate_share_and_eta(monkeypatch):
     bpe._status_last[0] = 0.0
     prepare.progress("tokenizing", 50e6, 110.0, frac=0.25)  # prepare.py's lines go through bpe.status
     assert sys.stderr.getvalue() == "tokenizing: 50.0 MB | 5.0 MB/s | 25.0% | ETA 30s\n"
+
+
+@pytest.mark.parametrize("case, args, pattern", [
+    ("shard_tokens", ["--shard_tokens=0"], r"^error: --shard_tokens=0 is out of range; give a value in \[1, inf\)$"),
+    ("escape", ["--dataset=../escape"], r"^error: --dataset='\.\./escape' is not a plain name; .*--data_root$"),
+    ("num_proc", ["--num_proc=-2"], r"^error: --num_proc=-2 is out of range; give a value in \[0, inf\)$"),
+    ("jsonl", [], r'^error: .*rows\.jsonl:2: "text" is int 42, not a string; every line must be a JSON object'),
+    ("tokenizer", ["--tokenizer=nope.bpe"], r"^error: --tokenizer=nope\.bpe does not exist; give a tokenizer file"),
+    ("data_root", [], r"^error: --data_root=.*afile is a file, not a directory; give a directory"),
+])
+def test_prepare_bad_settings_and_rows_are_one_line_errors_that_write_nothing(tmp_path, case, args, pattern):
+    src, base = words_corpus(tmp_path)
+    if case == "jsonl":
+        (src / "rows.jsonl").write_text('{"text": "hello world"}\n{"text": 42}\n')
+    if case == "data_root":
+        (tmp_path / "afile").write_text("x")
+        args = [f"--data_root={tmp_path / 'afile'}"]
+    p = run("prepare.py", *base, *args, check=False)
+    one_line_error(p, pattern, after_progress=case == "jsonl")
+    assert not [f for _, _, files in os.walk(tmp_path / "data") for f in files]  # no data: a temp dir is removed
+    assert sorted(os.listdir(tmp_path)) == ["afile"] * (case == "data_root") + ["corpus"] + ["data"] * (case == "jsonl")
+
+
+def test_prepare_shard_writer_refuses_a_shard_size_that_would_never_empty_its_buffer():
+    with pytest.raises(ValueError, match="shard_tokens must be >= 1, got 0"):
+        prepare.write_shards([], None, "", "", val_fraction=0.1, strict=True, shard_tokens=0, num_proc=1)
+
+
+def read_only_prepare():
+    """prepare.py's command line (sys.argv) where writing under --data_root fails as on a read-only disk: chmod does
+    not stop root, so open() refuses instead."""
+    root = os.path.abspath(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--data_root=")))
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *args, **kw):
+        if set(mode) & set("wax+") and os.path.abspath(str(file)).startswith(root):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kw)
+    builtins.open = refusing_open
+    sys.argv = ["prepare.py", *sys.argv[1:]]
+    runpy.run_path(os.path.join(HERE, "prepare.py"), run_name="__main__")
+
+
+def test_prepare_into_a_read_only_data_root_is_one_line_and_leaves_no_temp_dir(tmp_path):
+    _, args = words_corpus(tmp_path)
+    root = tmp_path / "data"
+    root.mkdir()
+    if os.geteuid() == 0:
+        entry = this_file("read_only_prepare")
+    else:
+        root.chmod(0o555)
+        entry = ["prepare.py"]
+    p = run(*entry, *args, check=False)
+    one_line_error(p, r"^error: cannot write .*data.* \(Permission denied\); give a --data_root you can write to",
+                   after_progress=True)
+    assert os.listdir(root) == []
 
 
 # ============================================================================ model.py
@@ -3072,14 +3213,14 @@ def test_sample_refuses_bad_prompt_files_tokenizers_and_missing_checkpoints(samp
 
 
 @pytest.mark.parametrize("arg, pattern", [
-    ("--num_samples=0", r"--num_samples=0 is out of range; give 1 or more$"),
-    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give 1 or more$"),
-    ("--temperature=-1", r"--temperature=-1.0 is out of range; give >= 0 \(0 = greedy\)$"),
-    ("--top_p=0", r"--top_p=0.0 is out of range; give in \(0, 1\] \(1 = off\)$"),
+    ("--num_samples=0", r"--num_samples=0 is out of range; give a value in \[1, inf\)$"),
+    ("--max_new_tokens=-3", r"--max_new_tokens=-3 is out of range; give a value in \[1, inf\)$"),
+    ("--temperature=-1", r"--temperature=-1.0 is out of range; give a value in \[0.0, inf\)$"),
+    ("--top_p=0", r"--top_p=0.0 is out of range; give a value in \(0, 1\] \(1 = off\)$"),
     ("--top_p=1.5", r"--top_p=1.5 is out of range"),
     ("--top_k=-1", r"--top_k=-1 is out of range"),
     ("--device=gpu", r"unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps$"),
-    ("--dtype=fp8", r"unknown dtype 'fp8'; use auto, float32, bfloat16, float16$"),
+    ("--dtype=fp8", r"--dtype='fp8' is not one of: auto, float32, bfloat16, float16$"),
 ])
 def test_sample_bad_settings_are_one_line_errors_before_loading(arg, pattern, tmp_path):
     with pytest.raises(SystemExit, match="^error: " + pattern) as e:
@@ -4536,6 +4677,31 @@ def test_export_cli_exports_a_checkpoint_and_checks_it_with_transformers(name, h
                                                   "tokenizer.json", "tokenizer_config.json"]
 
 
+@pytest.mark.parametrize("case, pattern", [
+    ("hf_dir_file", r"^error: cannot make the directory .*hf \(File exists\); give an --hf_dir that is a directory"),
+    ("truncated", r"^error: cannot read .*model\.safetensors \(SafetensorError: .*\); it is truncated or corrupt"),
+    ("no_n_layer", r"^error: .*config\.json has no 'n_layer', which a gpt2 model's config needs; export it again"),
+])
+def test_export_into_a_file_or_import_of_truncated_weights_or_an_incomplete_config_is_one_line(tmp_path, case,
+                                                                                              pattern):
+    pytest.importorskip("safetensors")
+    hf_dir = tmp_path / "hf"
+    if case == "hf_dir_file":
+        hf_dir.write_text("a file")
+        one_line_error(run("export.py", f"--out_dir={chat_ckpt(tmp_path / 'run')}", f"--hf_dir={hf_dir}", check=False),
+                       pattern)
+        return
+    export.export(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=64)), None, str(hf_dir))
+    if case == "truncated":
+        (hf_dir / "model.safetensors").write_bytes((hf_dir / "model.safetensors").read_bytes()[:100])
+    else:
+        config = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "n_layer"}))
+    with pytest.raises(SystemExit, match=pattern) as e:
+        export.load_pretrained(str(hf_dir))
+    assert "\n" not in str(e.value)
+
+
 # ============================================================================ plot.py
 def fake_metrics(path, steps, k=1.0, elapsed=True, resumed_from=None):
     """A tiny metrics.jsonl as train.py writes it: training rows every 10 steps, evaluations every 50."""
@@ -4679,6 +4845,19 @@ def test_plot_table_of_post_training_runs_shows_each_stages_last_evaluation(tmp_
     assert "acc(greedy)" in header and "RM pair acc" in header and "target" not in header
     assert plot.mean_std([0.5, 0.7]) in sft and plot.mean_std([0.4, 0.6]) in sft and sft.split()[1] == "2"
     assert plot.mean_std([0.5, 0.7]) in rm and rm.split()[2] == "0.2"  # best val, then the figures rm lacks: "-"
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("empty", r"^error: .*empty\.jsonl has no metrics rows yet \(the run has not logged a step\)"),
+    ("xyz", r"^error: --out=.*x\.xyz: matplotlib cannot write \.xyz images; end the name in one of: .*pdf, .*png"),
+])
+def test_plot_an_empty_metrics_file_or_an_unknown_image_format_is_one_line(tmp_path, case, pattern):
+    if case == "xyz":
+        pytest.importorskip("matplotlib")
+    (tmp_path / "empty.jsonl").write_text("" if case == "empty" else '{"step": 1, "loss": 2.0}\n')
+    p = run("plot.py", str(tmp_path / "empty.jsonl"), f"--out={tmp_path / ('x.' + case)}", check=False)
+    one_line_error(p, pattern)
+    assert os.listdir(tmp_path) == ["empty.jsonl"]
 
 
 # ============================================================================ bench.py
@@ -4841,6 +5020,18 @@ def test_prepare_bench_reports_the_tokenizing_rate_and_the_same_shards_at_every_
         assert any(line.split()[:2] == [str(r["procs"]), f"{r['mb_per_s']:.1f}"] for line in table), p.stdout
     assert res["same_shards"] is True and "the same shards from every number of processes" in p.stdout
     assert res["mb"] >= 1  # MB of text, at least prepare_mb
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--mode=trian"], r"^error: --mode='trian' is not one of: bpe, train, generate, prepare$"),
+    (["--mode=train", "--train_steps=0"], r"^error: --train_steps=0 is out of range; give a value in \[1, inf\)$"),
+    (["--mode=train", "--train_common=compile=False n_layer=1 n_head=2 n_embd=32 block_size=16 batch_size=2"],
+     r"^error: variant '\(common\)' of --mode=train has no vocab_size; add one to --train_common, e\.g\. vocab_size="),
+])
+def test_bench_bad_keys_and_a_train_config_without_vocab_size_are_one_line_errors(tmp_path, args, pattern):
+    p = run("bench.py", *args, f"--train_json={tmp_path / 'b.json'}", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, pattern)
+    assert not os.listdir(tmp_path)
 
 
 # ============================================================================ runs/*.sh
@@ -5232,7 +5423,7 @@ def hub_tables():
 def hub(tmp_path, monkeypatch):
     """A local stand-in for the Hub serving the fixtures (with Range requests); chat_data.SOURCES points at it, with
     the size and sha256 given for some files and pinned on first download for the others. Yields (requests, root)."""
-    import pyarrow.parquet as pq
+    pq = pytest.importorskip("pyarrow.parquet")
     files, requests = {}, []
     sources = {}
     for name, splits in hub_tables().items():
