@@ -28,6 +28,7 @@ import pickle
 import random
 import re
 import runpy
+import shlex
 import shutil
 import signal
 import string as string_module
@@ -5628,3 +5629,110 @@ def test_scripts_import_each_other_without_a_cycle():
     for s in sorted(scripts):
         visit(s, [])
     assert "prepare" not in graph["bpe"] and "prepare" in graph["eval"] and "train" not in graph["eval"]
+
+
+# ---- README.md: every command block runs as written, after the ones before it (issue 35)
+README_MARKS = ("GPU", "network", "long", "your files")  # a command whose comment starts so is only checked
+README_TINY = dict(  # appended to every command run, where the script has the key: tiny, CPU, seconds
+    device="cpu", compile=False, max_iters=2, eval_interval=2, eval_iters=1, log_interval=1, warmup_iters=0,
+    lr_decay_iters=2, n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=2,
+    gradient_accumulation_steps=1, num_samples=1, max_new_tokens=4, eval_samples=2, rollout_batch=2, minibatch=2,
+    num_generations=2, ppo_epochs=1, label_prompts=4, label_val_prompts=2, label_samples=2, limit=2, mc_batch=1,
+    n_train=20, n_val=5, n_test=5)
+
+
+def readme_commands(text):
+    """README's ```bash blocks as commands, in order: dicts of words (env assignments dropped), env, mark (the first
+    of README_MARKS that the line's trailing comment starts with, else None) and line (for messages)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            quote, cut = None, len(line)
+            for i, ch in enumerate(line):  # the comment: a "#" outside quotes, after a space
+                if ch in "'\"" and quote in (None, ch):
+                    quote = None if quote else ch
+                elif ch == "#" and not quote and (i == 0 or line[i - 1].isspace()):
+                    cut = i
+                    break
+            mark = next((m for m in README_MARKS if line[cut:].lstrip("# ").startswith(m)), None)
+            lex = shlex.shlex(line[:cut], posix=True, punctuation_chars="&|;")
+            lex.whitespace_split = True
+            words = []
+            for t in list(lex) + [";"]:
+                if t not in ("&&", ";", "||", "|", "&"):
+                    words.append(t)
+                    continue
+                env = dict(w.split("=", 1) for w in itertools.takewhile(lambda w: re.match(r"\w+=", w), words))
+                if words[len(env):]:
+                    commands.append(dict(words=words[len(env):], env=env, mark=mark, line=line.strip()))
+                words = []
+    return commands
+
+
+def readme_script(words):
+    """(script, args) of `python X.py ...` or `torchrun ... X.py ...`, or (runs/X.sh, args) of `bash runs/X.sh ...`;
+    None for anything else (pip, python -m pytest)."""
+    if words[0] == "python" and len(words) > 1 and words[1].endswith(".py"):
+        return words[1], words[2:]
+    if words[0] == "torchrun":
+        i = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        return words[i], words[i + 1:]
+    if words[0] == "bash" and words[1].startswith("runs/"):
+        return words[1], words[2:]
+    return None
+
+
+def readme_check(script, args, env):
+    """The static check: the script and every config file named exist, and the keys and values pass configure
+    (every --key one of the script's, of its type, within its RULES). runs/*.sh: their configs and overrides."""
+    assert os.path.isfile(os.path.join(HERE, script)), script
+    if script.startswith("runs/"):
+        target = "rlhf" if script == "runs/posttrain.sh" else "train"
+        configs = [v for v in env.values() if v.endswith(".py")]
+        for c in configs:
+            assert os.path.isfile(os.path.join(HERE, c)), c
+        variants = [v.split() for v in env.get("VARIANTS", "").split(";") if v.strip()]
+        for extra in [[]] + [["--" + kv for kv in v] for v in variants]:
+            configure(dict(vars(importlib.import_module(target))), configs[:1] + args + extra)
+        return
+    for a in args:
+        if not a.startswith("-") and a.endswith(".py"):
+            assert os.path.isfile(os.path.join(HERE, a)), a
+    cwd = os.getcwd()
+    try:
+        os.chdir(HERE)  # config files are named from the repo root
+        configure(dict(vars(importlib.import_module(script[:-3]))), args)
+    finally:
+        os.chdir(cwd)
+
+
+def test_readme_commands_are_valid_and_the_offline_ones_run(tmp_path):
+    """Issue 35: every command of README.md's ```bash blocks names a script and config files that exist, and keys
+    and values its configure accepts; and, in a copy of the repo, every command that needs no GPU, no network and
+    no long run runs as written after the ones before it, with README_TINY appended (prepare.py reads a tiny corpus
+    instead of the stdlib)."""
+    commands = readme_commands(open(os.path.join(HERE, "README.md"), encoding="utf-8").read())
+    repo = tmp_path / "repo"
+    shutil.copytree(HERE, repo, ignore=shutil.ignore_patterns(".git", "out", "data", "__pycache__", "*.png", "docs"))
+    tiny_corpus(str(tmp_path / "corpus"))
+    ran = []
+    for c in commands:
+        found = readme_script(c["words"])
+        if found is None:
+            continue
+        script, args = found
+        try:
+            readme_check(script, args, c["env"])
+        except SystemExit as e:
+            raise AssertionError(f"README: {c['line']}: {e}") from None
+        if c["mark"]:
+            continue
+        assert not script.startswith("runs/"), f"README: a whole pipeline runs long; mark it: {c['line']}"
+        keys = config_keys(vars(importlib.import_module(script[:-3])))
+        tiny = [f"--{k}={v}" for k, v in README_TINY.items() if k in keys]
+        if script == "prepare.py" and not any(a.startswith("--input=") for a in args):
+            tiny += [f"--input={tmp_path / 'corpus'}", "--vocab_size=300", "--val_fraction=0.2"]  # the stdlib is 31 MB
+        p = run(script, *args, *tiny, cwd=repo, check=False, env={"OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, f"README: {c['line']}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        ran.append(script)
+    assert {"prepare.py", "train.py", "sample.py", "addition.py", "rlhf.py", "eval.py", "export.py"} <= set(ran)
