@@ -2,7 +2,7 @@
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
 (configurator, bpe, prepare, model, fp8, muon, checkpoint, train, scale, faults, sample, rlhf, eval, export, plot,
 bench, runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it proves;
-then repo-wide checks. Tiny models, tiny data, CPU only.
+then repo-wide checks (README.md's commands among them). Tiny models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
@@ -5701,7 +5701,8 @@ def readme_check(script, args, env):
     cwd = os.getcwd()
     try:
         os.chdir(HERE)  # config files are named from the repo root
-        configure(dict(vars(importlib.import_module(script[:-3]))), args)
+        configure(dict(vars(importlib.import_module(script[:-3]))),  # (plot.py's runs are its other arguments)
+                  [a for a in args if a.startswith("-") or a.endswith(".py")])
     finally:
         os.chdir(cwd)
 
@@ -5714,7 +5715,7 @@ def test_readme_commands_are_valid_and_the_offline_ones_run(tmp_path):
     commands = readme_commands(open(os.path.join(HERE, "README.md"), encoding="utf-8").read())
     repo = tmp_path / "repo"
     shutil.copytree(HERE, repo, ignore=shutil.ignore_patterns(".git", "out", "data", "__pycache__", "*.png", "docs"))
-    tiny_corpus(str(tmp_path / "corpus"))
+    tiny_corpus(str(tmp_path / "stdlib"))  # data/stdlib, named after its directory
     ran = []
     for c in commands:
         found = readme_script(c["words"])
@@ -5726,13 +5727,30 @@ def test_readme_commands_are_valid_and_the_offline_ones_run(tmp_path):
         except SystemExit as e:
             raise AssertionError(f"README: {c['line']}: {e}") from None
         if c["mark"]:
+            if args == ["config/label.py"]:  # its pairs, which the RM reads, stood in for by the offline pairs
+                for name in ("", "_val"):
+                    shutil.copy(repo / f"data/add/prefs{name}.jsonl", repo / f"data/add/prefs_sft{name}.jsonl")
             continue
         assert not script.startswith("runs/"), f"README: a whole pipeline runs long; mark it: {c['line']}"
         keys = config_keys(vars(importlib.import_module(script[:-3])))
         tiny = [f"--{k}={v}" for k, v in README_TINY.items() if k in keys]
         if script == "prepare.py" and not any(a.startswith("--input=") for a in args):
-            tiny += [f"--input={tmp_path / 'corpus'}", "--vocab_size=300", "--val_fraction=0.2"]  # the stdlib is 31 MB
+            tiny += [f"--input={tmp_path / 'stdlib'}", "--vocab_size=300", "--val_fraction=0.2"]  # not 31 MB of it
         p = run(script, *args, *tiny, cwd=repo, check=False, env={"OMP_NUM_THREADS": "1"})
         assert p.returncode == 0, f"README: {c['line']}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
         ran.append(script)
     assert {"prepare.py", "train.py", "sample.py", "addition.py", "rlhf.py", "eval.py", "export.py"} <= set(ran)
+
+
+def test_readme_file_table_names_every_file():
+    """README's table of files has a row for every file of the top directory and of runs/ (config/*.py: one row)."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    table = re.search(r"\| file \| what it does \|\n(.*?)\n\n", text, re.S)[1]
+    rows = set(re.findall(r"^\| `([^`]+)` \|", table, re.M))
+    files = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    tops = {f for f in files if "/" not in f and not f.startswith(".") and f != "README.md"}
+    tops |= {f for f in files if f.startswith("runs/")}
+    assert tops <= rows, sorted(tops - rows)
+    assert {"config/*.py", "docs/"} <= rows
