@@ -61,6 +61,7 @@ RULES = dict(mode=("bpe", "train", "generate", "prepare"), train_steps=(1, None)
              gen_prompt_len=(1, None), gen_sample_runs=(0, None), prepare_mb=(1, None))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_WIDTHS = (51, 8, 10, 10, 6, 7, 7, 7)  # the columns of the train table
 
 
 def row_text(cells, widths):
@@ -185,8 +186,7 @@ def bench_bpe(vocab_size=32000, repeats=7):
           f"{overhead['n'][1]:+.1%} ({n_cpu} threads); by wall time: {overhead['1'][0]:+.1%}, {overhead['n'][0]:+.1%}")
 
 
-# kinds of kernel, told apart by name: cuBLAS (nvjet, gemm, cutlass), cuDNN/flash attention, NCCL, fused AdamW,
-# and the compiler's own kernels (Triton on GPUs, C++ on CPUs: norms, activations, the loss, casts)
+# kinds of kernel, by name: cuBLAS, cuDNN/flash attention, NCCL, fused AdamW, the compiler's (Triton; C++ on CPUs)
 KERNEL_KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
                 "attention": ("flash", "fmha", "sdpa", "attention"), "communication": ("nccl", "gloo"),
                 "optimizer": ("adam",), "compiled": ("triton", "cpp_fused")}
@@ -312,9 +312,6 @@ def measure_train(T, device, w, batches, grad_accum, ptdtype, peak_flops):
     return out
 
 
-TRAIN_WIDTHS = (51, 8, 10, 10, 6, 7, 7, 7)
-
-
 def print_train_row(r):
     """The train table's row of measure_train's figures r; a skipped update's warning and the profile under it."""
     first = f"{r['variant'][:44]:<44} {r['data']:<6}"
@@ -336,8 +333,7 @@ def bench_train():
     """ms/step, tokens/s, MFU (against the matmul peak measured here) and GPU memory of train.py's step, per variant.
     `state` stays allocated between steps (weights, AdamW moments, DDP buckets), `peak` is a step's most, `act` =
     peak - state (what gradient checkpointing and the fused loss shrink). Under torchrun rank 0 reports; `scaling` =
-    world x the mean step time of each rank alone / the joint one (2.0x for two GPUs is perfect). README's table
-    of figures gives the commands, e.g. `torchrun --nproc_per_node=2 bench.py --train_variants="; sharding=fsdp"`."""
+    world x the mean step time of each rank alone / the joint one (2.0x for two GPUs is perfect)."""
     import torch
     import torch.distributed as dist
     import scale
@@ -457,22 +453,23 @@ def bench_fresh_processes(shapes, device, cold, save):
     first and second generate call of a fresh process (generate_first_calls), appended to `cold`; save() writes the
     json after each row. One untimed process runs first, as a training run before sample.py would: the OS then holds
     the CUDA libraries and the checkpoint in its page cache, so a row's figure does not depend on the rows before."""
+    keys = dict(shape=next(iter(shapes)), batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
+                cuda_graph=True, warm_up=None, RULES=dict(shape=tuple(shapes), warm_up=(bool,)))
+    variants = [(v.strip() or "(as sample.py)", configure(dict(keys), [f"--{kv}" for kv in v.split()]))
+                for v in gen_cold_variants.split(";")]  # a mistake in any is an error before the first row
+
+    def call_of(args):  # the arguments of a fresh process, with its shape's checkpoint
+        ckpt = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"), shapes[args["shape"]])
+        return dict(args, ckpt=ckpt, device=device)
     print(f"fresh process (a new interpreter per row, as `python sample.py` runs): it loads a checkpoint, then its "
           f"first generate call against its second; {next(iter(shapes))} unless the variant says otherwise; "
           f"total = import + load + first call")
     widths = (34, 8, 8, 9, 6, 12, 10, 9, 8)
     print(row_text(("variant", "load s", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s",
                     "total s"), widths))
-    variants = [v.strip() for v in gen_cold_variants.split(";")]
-
-    def call_of(variant):  # the variant's arguments, and its fresh process's (with its shape's checkpoint)
-        args = configure(dict(shape=next(iter(shapes)), batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
-                              cuda_graph=True, warm_up=None, RULES=dict(shape=tuple(shapes), warm_up=(bool,))),
-                         [f"--{kv}" for kv in variant.split()])
-        ckpt = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"), shapes[args["shape"]])
-        return args, dict(args, ckpt=ckpt, device=device)
-    in_fresh_process("generate_first_calls", call_of(variants[0])[1])  # untimed
-    for label, (args, call) in [(v or "(as sample.py)", call_of(v)) for v in variants]:
+    in_fresh_process("generate_first_calls", call_of(variants[0][1]))  # untimed
+    for label, args in variants:
+        call = call_of(args)
         r = in_fresh_process("generate_first_calls", call)
         cold.append(dict(variant=label, **args, **r))
         print(row_text((label, *(f"{r[k]:.3f}" for k in ("load_s", "first_s", "second_s")), f"{r['ratio']:.2f}x",
@@ -484,7 +481,7 @@ def bench_fresh_processes(shapes, device, cold, save):
             print_profile(cold[-1]["profile"], "the first call's", label)
             save()
     if gen_sample_runs:
-        cmd = [sys.executable, "sample.py", f"--out_dir={call_of('')[1]['ckpt']}", f"--device={device}",
+        cmd = [sys.executable, "sample.py", f"--out_dir={call_of(keys)['ckpt']}", f"--device={device}",
                "--num_samples=1", f"--max_new_tokens={gen_new_tokens}"]
         seconds = []
         for _ in range(gen_sample_runs):

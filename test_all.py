@@ -4953,6 +4953,13 @@ def test_bench_generate_prints_the_fresh_process_table_and_its_most_expensive_op
     assert "where the first call's time goes, prompt_len=1 warm_up=True:" in stdout and "aten::addmm" in stdout
 
 
+def test_bench_generate_refuses_a_bad_cold_variant_in_one_line_before_any_row(tmp_path):
+    p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_device=cpu", f"--gen_out_dir={tmp_path}",
+            "--gen_cold_variants=; prompt_len=2; shape=gpt3", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, r"^error: --shape='gpt3' is not one of: gpt2-tiny, llama-tiny$")
+    assert not os.listdir(tmp_path) and not p.stdout  # no checkpoint written, no table begun
+
+
 def test_bench_train_runs_every_variant_on_random_and_real_data(bench_train_variants):
     _, _, rows = bench_train_variants
     assert [(r["variant"], r["data"]) for r in rows] == [("(common)", "random"), ("(common)", "real"),
