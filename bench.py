@@ -6,7 +6,6 @@ Measurements anyone can rerun.
     python bench.py --mode=prepare    # prepare.py's tokenization MB/s on 1 to all cores (parquet corpus, pyarrow)
 Whole runs over seeds are runs/speedrun.sh (time to a val loss) and runs/posttrain.sh (the post-training chain).
 """
-import ast
 import filecmp
 import gc
 import importlib.util
@@ -45,14 +44,11 @@ gen_new_tokens = 512
 gen_prompt_len = 16         # random prompt tokens
 gen_tiny = False            # tiny shapes (2 layers, 64 wide) so that the benchmark itself runs and is tested on CPU
 gen_no_cache = True         # also time the cache-less reference path (slow: a full forward per token)
-gen_cuda_graph = True       # replay the decode step as a CUDA graph (model.generate's cuda_graph)
-gen_compile = False         # also time the cache with a torch.compiled decode step (cold then includes compiling)
 gen_device = "auto"
 gen_out_dir = "out/bench"
 gen_cold = True             # also the first and second generate call of a fresh process, batch 1: what sample.py meets
-gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1"
-                            # (keys: shape, batch, prompt_len, new_tokens, cuda_graph, compile, warm_up; "" = as
-                            # sample.py; warm_up=False: no sample.warm_up while the checkpoint loads)
+gen_cold_variants = ""      # ";"-separated overrides, a fresh process each: "; cuda_graph=False; prompt_len=1" (keys:
+                            # shape batch prompt_len new_tokens cuda_graph warm_up; warm_up=False: no sample.warm_up)
 gen_cold_profile = False    # and profile each variant's first call (in one more process): the ops its time goes to
 gen_sample_runs = 3         # and `python sample.py` itself on the same checkpoint, from launch to exit, so many times
 # --mode=prepare: prepare.py on a parquet corpus made of the default corpus's documents, shuffled and repeated
@@ -65,6 +61,7 @@ RULES = dict(mode=("bpe", "train", "generate", "prepare"), train_steps=(1, None)
              gen_prompt_len=(1, None), gen_sample_runs=(0, None), prepare_mb=(1, None))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_WIDTHS = (51, 8, 10, 10, 6, 7, 7, 7)  # the columns of the train table
 
 
 def row_text(cells, widths):
@@ -187,31 +184,28 @@ def bench_bpe(vocab_size=32000, repeats=7):
         print(row_text((name, *trained, f"{bpt:.3f}", f"{one:.2f}", f"{many:.2f}"), widths))
     print(f"bpe.py encode overhead over bare tiktoken, by CPU time: {overhead['1'][1]:+.1%} (1 thread), "
           f"{overhead['n'][1]:+.1%} ({n_cpu} threads); by wall time: {overhead['1'][0]:+.1%}, {overhead['n'][0]:+.1%}")
-    if len(rows) == 3:
-        (_, s_ours, c_ours, _, bpt_ours, _, _), (_, s_hf, c_hf, _, bpt_hf, _, _) = rows[0], rows[2]
-        print(f"bpe.py vs HF tokenizers: training wall time {s_ours / s_hf:.2f}x, CPU time {c_ours / c_hf:.2f}x, "
-              f"bytes/token {bpt_ours / bpt_hf - 1:+.2%}")
 
 
-# kinds of kernel, told apart by name: cuBLAS (nvjet, gemm, cutlass), cuDNN/flash attention, NCCL, fused AdamW,
-# and the compiler's own kernels (Triton on GPUs, C++ on CPUs: norms, activations, the loss, casts)
+# kinds of kernel, by name: cuBLAS, cuDNN/flash attention, NCCL, fused AdamW, the compiler's (Triton; C++ on CPUs)
 KERNEL_KINDS = {"matmul": ("gemm", "nvjet", "cutlass", "xmma", "aten::mm", "aten::addmm", "aten::bmm"),
                 "attention": ("flash", "fmha", "sdpa", "attention"), "communication": ("nccl", "gloo"),
                 "optimizer": ("adam",), "compiled": ("triton", "cpp_fused")}
 
 
-def profile_steps(step, n, cuda):
+def profile_steps(step, n, cuda, host=False):
     """Where a step's time goes: n steps under torch.profiler, per step: the busy time and kernel count (on the
-    GPU; on the CPU, the ops' own time), the time of each kind in KERNEL_KINDS, and the 12 longest kernels."""
+    GPU; on the CPU or with host, the ops' own CPU time, the CUDA API calls included), the time of each kind in
+    KERNEL_KINDS, and the 12 longest kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    kernels = cuda and not host
+    with profile(activities=[ProfilerActivity.CPU] * (not kernels) + [ProfilerActivity.CUDA] * cuda) as prof:
         for _ in range(n):
             step()
         if cuda:
             torch.cuda.synchronize()
-    if cuda:
+    if kernels:
         ops = [(e.key, e.count, e.device_time_total) for e in prof.key_averages() if e.device_type.name == "CUDA"]
     else:
         ops = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -220,9 +214,16 @@ def profile_steps(step, n, cuda):
     for name, _, ms in ops:
         kind = next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")
         kinds[kind] = kinds.get(kind, 0) + ms
-    return dict(busy_ms=sum(ms for *_, ms in ops), kernels=sum(c for _, c, _ in ops), unit="kernels" if cuda else "ops",
-                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
-                top=sorted(ops, key=lambda op: -op[2])[:12])
+    return dict(busy_ms=sum(ms for *_, ms in ops), kernels=sum(c for _, c, _ in ops),
+                unit="kernels" if kernels else "ops (self CPU time)", top=sorted(ops, key=lambda op: -op[2])[:12],
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])))
+
+
+def print_profile(p, what, label):
+    kinds = ", ".join(f"{k} {ms:.2f} ms ({100 * ms / p['busy_ms']:.0f}%)" for k, ms in p["kinds"].items())
+    print(f"\nwhere {what} time goes, {label}: {p['busy_ms']:.1f} ms busy, {p['kernels']:.0f} {p['unit']}\n  {kinds}")
+    for name, count, ms in p["top"]:
+        print(f"  {ms:8.3f} ms {count:5.0f}x  {name[:100]}")
 
 
 def train_variant(defaults, variant):
@@ -311,43 +312,28 @@ def measure_train(T, device, w, batches, grad_accum, ptdtype, peak_flops):
     return out
 
 
-def print_train_table(rows, scaling):
-    def first(r):
-        return f"{r['variant'][:44]:<44} {r['data']:<6}"
-    widths = (51, 8, 10, 10, 6, 7, 7, 7)
-    print("\n" + row_text((first(dict(variant="variant", data="data")), "ms/step", "tok/s", "tok/s/gpu", "MFU",
-                            "state", "peak", "act"), widths) + " GiB" + ("  scaling (ms alone)" if scaling else ""))
-    for r in rows:
-        if r.get("oom"):
-            print(row_text((first(r), "OOM"), widths))
-            continue
-        mem = [f"{r[k]:.2f}" if k in r else "-" for k in ("state_gib", "peak_gib", "act_gib")]
-        alone = f"  {r['scaling']:.3f}x ({', '.join(f'{t:.1f}' for t in r['alone_ms'])})" if "scaling" in r else ""
-        print(row_text((first(r), f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                        f"{r['tokens_per_s_per_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%", *mem), widths) + alone)
-    for r in rows:
-        if r.get("skipped"):
-            print(f"warning: {r['variant']} ({r['data']}): the guard skipped {r['skipped']} of its "
-                  f"{train_warmup + train_steps} updates as bad (non-finite loss or gradients, or a spike), so its "
-                  f"time is not that of training")
-    for r in [r for r in rows if "profile" in r]:
-        p = r["profile"]
-        kinds = ", ".join(f"{k} {ms:.2f} ms ({100 * ms / p['busy_ms']:.0f}%)" for k, ms in p["kinds"].items())
-        print(f"\nwhere a step's time goes, {r['variant']} ({r['data']}): {p['busy_ms']:.1f} ms busy, "
-              f"{p['kernels']:.0f} {p['unit']}\n  {kinds}")
-        for name, count, ms in p["top"]:
-            print(f"  {ms:8.3f} ms {count:5.0f}x  {name[:100]}")
+def print_train_row(r):
+    """The train table's row of measure_train's figures r; a skipped update's warning and the profile under it."""
+    first = f"{r['variant'][:44]:<44} {r['data']:<6}"
+    if r.get("oom"):
+        return print(row_text((first, "OOM"), TRAIN_WIDTHS), flush=True)
+    mem = [f"{r[k]:.2f}" if k in r else "-" for k in ("state_gib", "peak_gib", "act_gib")]
+    alone = f"  {r['scaling']:.3f}x ({', '.join(f'{t:.1f}' for t in r['alone_ms'])})" if "scaling" in r else ""
+    print(row_text((first, f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_gpu']:,.0f}",
+                    f"{100 * r['mfu']:.1f}%", *mem), TRAIN_WIDTHS) + alone, flush=True)
+    if r.get("skipped"):
+        print(f"warning: {r['variant']} ({r['data']}): the guard skipped {r['skipped']} of its "
+              f"{train_warmup + train_steps} updates as bad (non-finite loss or gradients, or a spike), so its time "
+              f"is not that of training")
+    if "profile" in r:
+        print_profile(r["profile"], "a step's", f"{r['variant']} ({r['data']})")
 
 
 def bench_train():
     """ms/step, tokens/s, MFU (against the matmul peak measured here) and GPU memory of train.py's step, per variant.
     `state` stays allocated between steps (weights, AdamW moments, DDP buckets), `peak` is a step's most, `act` =
     peak - state (what gradient checkpointing and the fused loss shrink). Under torchrun rank 0 reports; `scaling` =
-    world x the mean step time of each rank alone / the joint one (2.0x for two GPUs is perfect). E.g.
-        CUDA_VISIBLE_DEVICES=0 python bench.py --mode=train --train_variants="; loss_chunk=0; grad_ckpt=full"
-        torchrun --standalone --nproc_per_node=2 bench.py --mode=train \
-            --train_variants="; sharding=zero1; sharding=fsdp" \
-            --train_common="vocab_size=50304 bias=False batch_size=32 gradient_accumulation_steps=2 compile=True"""
+    world x the mean step time of each rank alone / the joint one (2.0x for two GPUs is perfect)."""
     import torch
     import torch.distributed as dist
     import scale
@@ -361,8 +347,10 @@ def bench_train():
     peak_flops = scale.peak_flops(device, torch.bfloat16 if cuda else torch.float32)
     say = print if rank == 0 else (lambda *a, **k: None)
     gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
-    say(f"{world} process(es) on {gpu}, torch {torch.__version__}; "
-        f"measured matmul peak {peak_flops / 1e12:.1f} TFLOP/s ({'bf16' if cuda else 'fp32'})")
+    header = row_text((f"{'variant':<44} {'data':<6}", "ms/step", "tok/s", "tok/s/gpu", "MFU", "state", "peak",
+                       "act"), TRAIN_WIDTHS) + " GiB" + "  scaling (ms alone)" * (world > 1 and train_alone)
+    say(f"{world} process(es) on {gpu}, torch {torch.__version__}; measured matmul peak {peak_flops / 1e12:.1f} "
+        f"TFLOP/s ({'bf16' if cuda else 'fp32'})\n\n{header}")
     rows = []
     for variant in [v.strip() for v in train_variants.split(";")]:
         for data in {"random": ["random"], "real": ["real"], "both": ["random", "real"]}[train_data]:
@@ -387,12 +375,10 @@ def bench_train():
                 row["scaling"] = sum(row["alone_ms"]) / row["ms_per_step"]
             del batches
             rows.append(row)
-            say(json.dumps(row), flush=True)
             if rank == 0:
+                print_train_row(row)
                 save_json(train_json, dict(device=gpu, world=world, torch=torch.__version__, peak_flops=peak_flops,
                                            rows=rows))
-    if rank == 0:
-        print_train_table(rows, world > 1 and train_alone)
     compute_cleanup(world)
 
 
@@ -406,42 +392,40 @@ def gen_shapes(tiny):
     return {"gpt2-124m": dict(base), "llama-124m": dict(base, n_kv_head=4, **llama)}
 
 
-def time_generate(model, prompt, use_cache, compile, device):
-    """Seconds of two model.generate calls in a row (cold, warm), sampling as sample.py's defaults."""
+def time_call(model, prompt, new_tokens, device, *, read=False, **gen):
+    """Seconds of one model.generate call, sampling as sample.py's defaults (seed 0), and to its first token;
+    read: each token read on the host as it streams, as sample.py reads it (a sync per token)."""
     import torch
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    seconds = []
-    for _ in range(2):
-        g = torch.Generator(device=device).manual_seed(0)
-        sync()
-        t0 = time.perf_counter()
-        for _ in model.generate(prompt, gen_new_tokens, 0.8, 200, generator=g, use_cache=use_cache,
-                                cuda_graph=gen_cuda_graph, compile=compile):
-            pass
-        sync()
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+    g = torch.Generator(device=device).manual_seed(0)
+    sync()
+    t0, first = time.perf_counter(), None
+    for next_id in model.generate(prompt, new_tokens, 0.8, 200, generator=g, **gen):
+        if read:
+            next_id.tolist()
+        first = first or time.perf_counter() - t0
+    sync()
+    return time.perf_counter() - t0, first
 
 
 def bench_generate():
-    """Tokens/s of model.generate with and without the KV cache on random weights (bf16; fp32 on CPU), the first
-    call (cold: kernel selection, lazy CUDA set-up, graph capture) and the second (warm); with gen_cold, first
-    those of a fresh process, as sample.py meets them. Writes gen_out_dir/generate.json."""
+    """Tokens/s of model.generate with and without the KV cache on random weights (compute.pick_dtype's dtype), warm
+    (a call after an untimed one); with gen_cold, first the first and second call of a fresh process, as sample.py
+    meets them. Writes gen_out_dir/generate.json."""
     import torch
+    from compute import pick_device, pick_dtype
     from model import GPT, GPTConfig
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if gen_device == "auto" else gen_device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    shapes = gen_shapes(gen_tiny)
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    device = pick_device(gen_device)
+    dtype, shapes = pick_dtype("auto", device), gen_shapes(gen_tiny)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
     rows, cold, path = [], [], os.path.join(gen_out_dir, "generate.json")
 
     def save():  # after every row: a run cut short still leaves its numbers
         save_json(path, dict(device=name, dtype=str(dtype), torch=torch.__version__, new_tokens=gen_new_tokens,
-                             prompt_len=gen_prompt_len, cuda_graph=gen_cuda_graph, rows=rows, cold=cold))
+                             prompt_len=gen_prompt_len, rows=rows, cold=cold))
     if gen_cold:  # first, while this process has no CUDA context yet to share the GPU with
         bench_fresh_processes(shapes, device, cold, save)
-        print()
     torch.zeros(1, device=device).sum().item()  # the CUDA context is made here, outside every timing
     a = torch.randn(64, 64, device=device, dtype=dtype)
     (a @ a).sum().item()  # and the cuBLAS handle: process set-up, not the model's
@@ -449,76 +433,55 @@ def bench_generate():
     for shape, args in shapes.items():
         torch.manual_seed(0)
         models[shape] = GPT(GPTConfig(**args)).to(device, dtype).eval()
-    print(f"generate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
-    widths = (12, 5, 14, 11, 11, 8, 8)
-    print(row_text(("model", "batch", "path", "cold tok/s", "warm tok/s", "cold s", "warm s"), widths))
-    for path_name in ["cache"] + ["cache+compile"] * gen_compile + ["no cache"] * gen_no_cache:  # the slow ones last
-        for shape, model in models.items():
-            for batch in gen_batches:
-                prompt = torch.randint(model.config.vocab_size, (batch, gen_prompt_len), device=device)
-                cold_s, warm_s = time_generate(model, prompt, path_name != "no cache", path_name == "cache+compile",
-                                               device)
-                tok = batch * gen_new_tokens
-                rows.append(dict(model=shape, batch=batch, path=path_name, cold_s=cold_s, warm_s=warm_s,
-                                 cold_tok_s=tok / cold_s, warm_tok_s=tok / warm_s))
-                print(row_text((shape, batch, path_name, f"{tok / cold_s:,.0f}", f"{tok / warm_s:,.0f}",
-                                f"{cold_s:.2f}", f"{warm_s:.2f}"), widths), flush=True)
-                save()
+    print(f"\ngenerate: {gen_new_tokens} new tokens after a {gen_prompt_len}-token prompt, {name}, {dtype}")
+    widths = (12, 5, 10, 11, 8)
+    print(row_text(("model", "batch", "path", "warm tok/s", "warm s"), widths))
+    for path_name in ["cache"] + ["no cache"] * gen_no_cache:  # the slow one last
+        for (shape, model), batch in [(m, b) for m in models.items() for b in gen_batches]:
+            prompt = torch.randint(model.config.vocab_size, (batch, gen_prompt_len), device=device)
+            warm_s = [time_call(model, prompt, gen_new_tokens, device, use_cache=path_name == "cache")[0]
+                      for _ in range(2)][1]  # the first call selects kernels and captures the graph: untimed
+            tok = batch * gen_new_tokens
+            rows.append(dict(model=shape, batch=batch, path=path_name, warm_s=warm_s, warm_tok_s=tok / warm_s))
+            print(row_text((shape, batch, path_name, f"{tok / warm_s:,.0f}", f"{warm_s:.2f}"), widths), flush=True)
+            save()
     print(f"wrote {path}")
 
 
-def cold_args(variant, shapes):
-    """One entry of gen_cold_variants as the arguments of a fresh process's run: sample.py's defaults, overridden."""
-    args = dict(shape=next(iter(shapes)), batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
-                cuda_graph=gen_cuda_graph, compile=False, warm_up=None)
-    for kv in variant.split():
-        key, _, value = kv.partition("=")
-        if key not in args:
-            raise SystemExit(f"error: gen_cold_variants: unknown key {key!r} in {variant!r}; use {', '.join(args)}")
-        args[key] = value if key == "shape" else ast.literal_eval(value)
-    if args["shape"] not in shapes:
-        raise SystemExit(f"error: gen_cold_variants: shape {args['shape']!r} is not one of {', '.join(shapes)}")
-    return args
-
-
 def bench_fresh_processes(shapes, device, cold, save):
-    """bench_generate's gen_cold table: for each of gen_cold_variants, the first and second generate call of a
-    fresh process (generate_first_calls), appended to `cold`; save() writes the json after each row. One untimed
-    process runs first, as a training run before sample.py would: a row's figure then does not depend on the rows
-    before it."""
+    """bench_generate's gen_cold table: for each of gen_cold_variants (its keys override sample.py's defaults), the
+    first and second generate call of a fresh process (generate_first_calls), appended to `cold`; save() writes the
+    json after each row. One untimed process runs first, as a training run before sample.py would: the OS then holds
+    the CUDA libraries and the checkpoint in its page cache, so a row's figure does not depend on the rows before."""
+    keys = dict(shape=next(iter(shapes)), batch=1, prompt_len=gen_prompt_len, new_tokens=gen_new_tokens,
+                cuda_graph=True, warm_up=None, RULES=dict(shape=tuple(shapes), warm_up=(bool,)))
+    variants = [(v.strip() or "(as sample.py)", configure(dict(keys), [f"--{kv}" for kv in v.split()]))
+                for v in gen_cold_variants.split(";")]  # a mistake in any is an error before the first row
+
+    def call_of(args):  # the arguments of a fresh process, with its shape's checkpoint
+        ckpt = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"), shapes[args["shape"]])
+        return dict(args, ckpt=ckpt, device=device)
     print(f"fresh process (a new interpreter per row, as `python sample.py` runs): it loads a checkpoint, then its "
           f"first generate call against its second; {next(iter(shapes))} unless the variant says otherwise; "
           f"total = import + load + first call")
     widths = (34, 8, 8, 9, 6, 12, 10, 9, 8)
     print(row_text(("variant", "load s", "first s", "second s", "ratio", "1st token s", "(2nd call)", "import s",
                     "total s"), widths))
-    variants = [v.strip() for v in gen_cold_variants.split(";")]
-
-    def call_of(variant):  # the variant's arguments, and its fresh process's (with its shape's checkpoint)
-        args = cold_args(variant, shapes)
-        ckpt = random_checkpoint(os.path.join(gen_out_dir, f"ckpt-{args['shape']}"), shapes[args["shape"]])
-        return args, dict(args, ckpt=ckpt, device=device)
-    # untimed: the OS then holds the CUDA libraries and the checkpoint in its page cache, so no row pays for reading
-    # them from disk
-    in_fresh_process("generate_first_calls", call_of(variants[0])[1])
-    for variant in variants:
-        args, call = call_of(variant)
+    in_fresh_process("generate_first_calls", call_of(variants[0][1]))  # untimed
+    for label, args in variants:
+        call = call_of(args)
         r = in_fresh_process("generate_first_calls", call)
-        cold.append(dict(variant=variant or "(as sample.py)", **args, **r))
-        print(row_text((variant or "(as sample.py)", f"{r['load_s']:.3f}", f"{r['first_s']:.3f}",
-                        f"{r['second_s']:.3f}", f"{r['ratio']:.2f}x", f"{r['first_token_s'][0]:.3f}",
-                        f"{r['first_token_s'][1]:.3f}", f"{r['import_s']:.2f}", f"{r['total_s']:.2f}"), widths),
-              flush=True)
+        cold.append(dict(variant=label, **args, **r))
+        print(row_text((label, *(f"{r[k]:.3f}" for k in ("load_s", "first_s", "second_s")), f"{r['ratio']:.2f}x",
+                        *(f"{t:.3f}" for t in r["first_token_s"]), f"{r['import_s']:.2f}", f"{r['total_s']:.2f}"),
+                       widths), flush=True)
         save()
         if gen_cold_profile:  # in one more fresh process, as the profiler distorts the timing
             cold[-1]["profile"] = in_fresh_process("generate_first_calls", dict(call, profile=True))["profile"]
-            api = "with the CUDA API calls, " if device.startswith("cuda") else ""
-            print(f"  its first call's most expensive ops (self CPU time, {api}under the profiler):")
-            for op, count, ms in cold[-1]["profile"]:
-                print(f"  {ms:10.1f} ms {count:6d}x  {op[:90]}")
+            print_profile(cold[-1]["profile"], "the first call's", label)
             save()
     if gen_sample_runs:
-        cmd = [sys.executable, "sample.py", f"--out_dir={call_of('')[1]['ckpt']}", f"--device={device}",
+        cmd = [sys.executable, "sample.py", f"--out_dir={call_of(keys)['ckpt']}", f"--device={device}",
                "--num_samples=1", f"--max_new_tokens={gen_new_tokens}"]
         seconds = []
         for _ in range(gen_sample_runs):
@@ -531,11 +494,10 @@ def bench_fresh_processes(shapes, device, cold, save):
 
 
 def generate_first_calls(a):
-    """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by checkpoint.load_run (with sample.warm_up
-    meanwhile, on CUDA as sample.py does; a["warm_up"] True or False: always or never) and cast once to
-    compute.pick_dtype's dtype, then its first and second model.generate call, each token read as it streams; and the
-    seconds to import torch and the scripts and to load. With a["profile"], the first call's 15 most expensive ops
-    instead."""
+    """In a fresh process, as sample.py runs: the checkpoint a["ckpt"] loaded by checkpoint.load_run (with
+    sample.warm_up meanwhile, on CUDA as sample.py does; a["warm_up"] True or False: always or never) and cast to
+    compute.pick_dtype's dtype, then its first and second model.generate call, each token read as it streams; and
+    the seconds to import torch and the scripts and to load. With a["profile"], the first call's profile instead."""
     t0 = time.perf_counter()
     import torch
     import checkpoint
@@ -543,35 +505,20 @@ def generate_first_calls(a):
     import sample
     import_s = time.perf_counter() - t0
     device = compute.pick_device(a["device"])
-    dtype = compute.pick_dtype("auto", device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype, cuda = compute.pick_dtype("auto", device), device.startswith("cuda")
     shape, sampling = (a["batch"], a["prompt_len"]), dict(temperature=0.8, top_k=200)
-    on = device.startswith("cuda") if a["warm_up"] is None else a["warm_up"]  # None: as sample.py, on CUDA only
+    on = cuda if a["warm_up"] is None else a["warm_up"]  # None: as sample.py, on CUDA only
     warm = (lambda args: sample.warm_up(args, device, dtype, shape, a["new_tokens"], **sampling)) if on else None
     t0 = time.perf_counter()
     model = checkpoint.load_run(a["ckpt"], device, warm_up=warm)[0].to(dtype)
     torch.manual_seed(0)
     prompt = torch.randint(model.config.vocab_size, shape, device=device)
-    sync()
+    if cuda:
+        torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
-
-    def call():
-        g = torch.Generator(device=device).manual_seed(0)
-        sync()
-        t0, first = time.perf_counter(), None
-        for next_id in model.generate(prompt, a["new_tokens"], generator=g, cuda_graph=a["cuda_graph"],
-                                      compile=a["compile"], **sampling):
-            next_id.tolist()  # as sample.py, which decodes each token as it comes
-            first = first or time.perf_counter() - t0
-        sync()
-        return time.perf_counter() - t0, first
+    call = lambda: time_call(model, prompt, a["new_tokens"], device, read=True, cuda_graph=a["cuda_graph"])
     if a.get("profile"):
-        from torch.profiler import ProfilerActivity, profile
-        cuda = [ProfilerActivity.CUDA] if device.startswith("cuda") else []
-        with profile(activities=[ProfilerActivity.CPU] + cuda) as prof:
-            call()
-        ops = [(e.key, e.count, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
-        return dict(profile=sorted(ops, key=lambda op: -op[2])[:15])
+        return dict(profile=profile_steps(call, 1, cuda, host=True))
     (first_s, t1), (second_s, t2) = call(), call()
     return dict(first_s=first_s, second_s=second_s, ratio=first_s / second_s, first_token_s=[t1, t2],
                 import_s=import_s, load_s=load_s, total_s=import_s + load_s + first_s)

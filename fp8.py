@@ -1,5 +1,5 @@
 """
-lm_head speed-ups: the fp8 head and the chunked loss. train.parallelize swaps one of them in for the model's
+lm_head speed-ups: the fp8 head and the chunked loss. scale.parallelize swaps one of them in for the model's
 head_loss at one call site; the model file knows nothing of them.
 
 The chunked loss (loss_chunk > 0, LinearCrossEntropy): the cross-entropy of x @ w.T without ever holding the
@@ -54,7 +54,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     loss summed, and its gradient d loss / d logits = (softmax - onehot) / n is turned at once into the
     gradients of x and w (two matmuls the backward would do anyway). Same FLOPs, one chunk of logits alive;
     the backward only scales the stored gradients. x: (N, C), w: (vocab, C), targets: (N,) int64.
-    step: chunk_loss, or a torch.compile of it (train.parallelize): the loop over chunks stays in Python.
+    step: chunk_loss, or a torch.compile of it (scale.parallelize): the loop over chunks stays in Python.
     (Traced whole into a compiled model, the chunks' buffers held ~5 GiB more, GPT-2 at 32x1024, H100.)"""
 
     @staticmethod
@@ -185,7 +185,7 @@ def fp8_head_loss(self, x, targets):
 
 
 def fp8_logits_loss(x, w, targets, dtype):
-    """Float8LinearCrossEntropy as a plain function, which torch.compile can wrap (train.parallelize does)."""
+    """Float8LinearCrossEntropy as a plain function, which torch.compile can wrap (scale.parallelize does)."""
     return Float8LinearCrossEntropy.apply(x, w, targets, dtype)
 
 

@@ -4910,7 +4910,7 @@ def bench_train_profile(tmp_path_factory):
 
 def test_bench_generate_writes_a_row_per_model_batch_and_cache_setting(bench_generate):
     _, rows = bench_generate
-    assert len(rows) == 8 and all(r["warm_tok_s"] > 0 and r["cold_tok_s"] > 0 for r in rows)
+    assert len(rows) == 8 and all(r["warm_tok_s"] > 0 and r["warm_s"] > 0 for r in rows)
     assert {(r["model"], r["batch"], r["path"]) for r in rows} == \
         {(m, b, c) for m in ("gpt2-tiny", "llama-tiny") for b in (1, 3) for c in ("cache", "no cache")}
 
@@ -4943,12 +4943,22 @@ def test_bench_generate_times_each_calls_first_token_within_the_call(bench_gener
 
 def test_bench_generate_times_the_imports_and_profiles_the_first_call(bench_generate_cold):
     _, row, _ = bench_generate_cold
-    assert row["import_s"] > 0 and any(op.startswith("aten::addmm") for op, _, _ in row["profile"])
+    prof = row["profile"]  # profile_steps' figures, as the train mode's: the ops' own CPU time on a CPU
+    assert row["import_s"] > 0 and any(op.startswith("aten::addmm") for op, _, _ in prof["top"])
+    assert prof["kinds"]["matmul"] > 0 and sum(prof["kinds"].values()) == pytest.approx(prof["busy_ms"])
 
 
 def test_bench_generate_prints_the_fresh_process_table_and_its_most_expensive_ops(bench_generate_cold):
     stdout, _, _ = bench_generate_cold
-    assert "fresh process" in stdout and "prompt_len=1" in stdout and "most expensive ops" in stdout
+    assert "fresh process" in stdout and "prompt_len=1" in stdout
+    assert "where the first call's time goes, prompt_len=1 warm_up=True:" in stdout and "aten::addmm" in stdout
+
+
+def test_bench_generate_refuses_a_bad_cold_variant_in_one_line_before_any_row(tmp_path):
+    p = run("bench.py", "--mode=generate", "--gen_tiny=True", "--gen_device=cpu", f"--gen_out_dir={tmp_path}",
+            "--gen_cold_variants=; prompt_len=2; shape=gpt3", check=False, env={"OMP_NUM_THREADS": "1"})
+    one_line_error(p, r"^error: --shape='gpt3' is not one of: gpt2-tiny, llama-tiny$")
+    assert not os.listdir(tmp_path) and not p.stdout  # no checkpoint written, no table begun
 
 
 def test_bench_train_runs_every_variant_on_random_and_real_data(bench_train_variants):
