@@ -418,9 +418,7 @@ def print_table(table):
 
 
 def main():
-    configure(globals())
-    if task not in TASKS:
-        raise SystemExit(f"error: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    configure(globals())  # RULES: task is one of TASKS
     need = {"mc": ("data", data, "--data=FILE.jsonl"), "bpb": ("text", text, "--text=FILE")}.get(task)
     if need and not os.path.isfile(need[1]):
         raise SystemExit(f"error: --task={task} needs {need[2]}; "

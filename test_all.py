@@ -4183,7 +4183,7 @@ def test_eval_cli_without_a_checkpoint_is_a_one_line_error(tmp_path):
     ("mc_missing", r"--task=mc needs --data=FILE\.jsonl; .*missing\.jsonl does not exist$"),
     ("bpb_no_text", r"--task=bpb needs --text=FILE; no text file given$"),
     ("mc_bad_row", r"bad\.jsonl:1 is not a multiple-choice row"),
-    ("no_such_task", r"unknown task 'nosuch'; choose one of hellaswag, mc, bpb, chat$"),
+    ("no_such_task", r"--task='nosuch' is not one of: hellaswag, mc, bpb, chat$"),
 ])
 def test_eval_cli_bad_task_inputs_are_one_line_errors(eval_run, tmp_path, case, pattern):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "endings": ["b"], "label": 0}\n')
