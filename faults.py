@@ -1,9 +1,11 @@
 """
-What goes wrong during a run, and what the run does then. A bad update (loss NaN/Inf, or a spike far above the
-running average) is skipped (guard_update, apply_update), and the run stops after max_bad_steps of them in a row,
-saving the weights from before the first one (read_guard, guard_trip_error). SIGTERM (preemption) and SIGINT
-(Ctrl-C) make the loop finish its step, save and exit 0 (catch_stop_signals, stop_requested), printing the command
-that goes on (resume_command).
+What goes wrong during a run, and what the run does then. A bad update is not applied: one whose loss is NaN/Inf or
+spikes far above its running average, whose gradients are non-finite or their norm far above its running average
+(guard_update: judged before stepping), or that blew the weights up once applied (guarded_update puts the weights
+and the optimizer state back as they were). The run stops after max_bad_steps of them in a row, saving the weights
+from before the first one (read_guard, guard_trip_error). SIGTERM (preemption) and SIGINT (Ctrl-C) make the loop
+finish its step, save and exit 0 (catch_stop_signals, stop_requested), printing the command that goes on
+(resume_command).
 """
 import math
 import os
@@ -19,30 +21,94 @@ import torch.distributed as dist
 # position is past them).
 # The decision is made on the device: no host sync per step. The host reads the counters at log steps only.
 GUARD_BETA, GUARD_WARMUP = 0.99, 10  # running average over ~100 good steps; spikes are judged after 10 of them
-GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss")
+# A gradient norm this many times its running average is an explosion, not noise (healthy runs stay within ~3x
+# after the first steps); and an update that multiplies the weights' norm by UPDATE_LIMIT has blown them up (a
+# healthy step changes it by well under 1%). Neither needs a setting: both are far from any healthy step.
+NORM_FACTOR, UPDATE_LIMIT = 10.0, 2.0
+GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss", "norm_ema", "kind")
+# the last fault's kind (guard_trip_error names it): 1 loss NaN/Inf, 2 loss spike, 3 gradients NaN/Inf,
+# 4 gradient norm spike, 5 the applied update blew the weights up
+KINDS = ("", "loss", "loss spike", "non-finite gradients", "gradient norm spike", "weights blown up")
 
 
-def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps):
-    """One step of the bad-update guard. g: float32 tensor of GUARD_FIELDS, updated in place; loss: the
-    step's (0-d) loss, the same on every rank; grad_norm: the total gradient norm or None.
+def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps, blown=None):
+    """One step of the bad-update guard, before stepping. g: float32 tensor of GUARD_FIELDS, updated in place; loss:
+    the step's (0-d) loss, the same on every rank; grad_norm: the total gradient norm (before clipping) or None;
+    blown: a 0-d bool, True when guarded_update found the update applied with these values blew the weights up.
     Returns a 0-d float32 tensor: 1.0 = skip this update. Once tripped (max_bad_steps in a row), every
     later update is skipped too, so the weights stay those from before the fault until the host stops."""
-    ema, good, in_row, total, tripped, last = g.unbind()
+    ema, good, in_row, total, tripped, last, norm_ema, kind = g.unbind()
     loss = loss.detach().float()
-    avg = ema / (1 - GUARD_BETA ** good).clamp(min=1e-12)  # bias-corrected, as in Adam
-    fault = ~torch.isfinite(loss)
+    debias = (1 - GUARD_BETA ** good).clamp(min=1e-12)  # bias-corrected averages, as in Adam
+    armed = good >= GUARD_WARMUP
+    kinds = [(~torch.isfinite(loss), 1), (armed & (loss > spike_factor * ema / debias) if spike_factor else None, 2)]
     if grad_norm is not None:
-        fault |= ~torch.isfinite(grad_norm)
-    if spike_factor:
-        fault |= (good >= GUARD_WARMUP) & (loss > spike_factor * avg)
+        grad_norm = grad_norm.detach().float()
+        kinds += [(~torch.isfinite(grad_norm), 3), (armed & (grad_norm > NORM_FACTOR * norm_ema / debias), 4)]
+    kinds.append((blown, 5))
+    fault, new_kind = torch.zeros((), dtype=torch.bool, device=g.device), torch.zeros((), device=g.device)
+    for flag, k in reversed([(f, k) for f, k in kinds if f is not None]):  # the first listed kind wins
+        fault, new_kind = fault | flag, torch.where(flag, float(k), new_kind)
     bad = fault | (tripped > 0)
     in_row = torch.where(bad, in_row + 1, 0.0)
+    norm_avg = norm_ema if grad_norm is None else GUARD_BETA * norm_ema + (1 - GUARD_BETA) * grad_norm
+    first = fault & (tripped == 0)
     new = torch.stack([torch.where(bad, ema, GUARD_BETA * ema + (1 - GUARD_BETA) * loss),
                        good + (~bad).float(), in_row, total + bad.float(),
                        torch.maximum(tripped, (in_row >= max_bad_steps).float()),
-                       torch.where(fault & (tripped == 0), loss, last)])
+                       torch.where(first, loss, last), torch.where(bad, norm_ema, norm_avg),
+                       torch.where(first, new_kind, kind)])
     g.copy_(new)
     return bad.float()
+
+
+def total_norm(tensors):
+    """The 2-norm of many tensors together, as one 0-d tensor (FSDP's DTensor shards: summed over the ranks)."""
+    norm = torch.nn.utils.get_total_norm([t.detach() for t in tensors])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def guarded_update(optimizers, scaler, guard, params, loss, grad_norm, *, spike_factor, max_bad_steps):
+    """guard_update, then apply_update, then the update itself judged: if it made the weights non-finite or
+    multiplied their norm by UPDATE_LIMIT or more (an exploding learning rate gives such an update from ordinary
+    gradients), the weights, the optimizers' state and the guard are put back as they were before the step and
+    the guard counts it bad. The copy costs the size of the weights and optimizer state in memory while the
+    step runs, and the decision one host sync a step."""
+    before, saved = guard.clone(), snapshot(params, optimizers)
+    apply_update(optimizers, scaler, guard_update(guard, loss, grad_norm, spike_factor, max_bad_steps))
+    old, new = total_norm(saved[0]), total_norm(params)
+    blown = ~torch.isfinite(new) | (new >= UPDATE_LIMIT * old)
+    if blown.item():
+        restore(params, optimizers, saved)
+        guard.copy_(before)
+        guard_update(guard, loss, grad_norm, spike_factor, max_bad_steps, blown=blown)
+
+
+def optimizer_states(optimizers):
+    """The state dicts ({param: {name: value}}) of the optimizers, ZeRO's inner AdamW's for ZeRO."""
+    return [getattr(opt, "optim", opt).state for opt in optimizers]
+
+
+def snapshot(params, optimizers):
+    """Copies of the weights and of the optimizers' state, for restore."""
+    clone = lambda v: v.detach().clone() if torch.is_tensor(v) else v
+    return ([clone(p) for p in params],
+            [{p: {k: clone(v) for k, v in s.items()} for p, s in state.items()} for state in optimizer_states(optimizers)])
+
+
+def restore(params, optimizers, saved):
+    """The weights and optimizer state of snapshot back in place (state made by the step since then goes: an
+    optimizer that never stepped has none)."""
+    weights, states = saved
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    for state, old in zip(optimizer_states(optimizers), states):
+        for p in list(state):
+            if p not in old:
+                del state[p]
+        for p, s in old.items():
+            state[p] = s
 
 
 def apply_update(optimizers, scaler, bad):
@@ -74,7 +140,7 @@ def read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, o
     total = state[GUARD_FIELDS.index("total")]
     if total > bad_seen and master:
         print(f"step {iter_num}: skipped {total - bad_seen:.0f} bad update(s) ({total:.0f} in all), "
-              f"last loss {state[-1]:.4g}")
+              f"last loss {state[GUARD_FIELDS.index('last_bad_loss')]:.4g}")
     if not state[GUARD_FIELDS.index("tripped")]:
         return total, None
     guard[GUARD_FIELDS.index("in_row")] = guard[GUARD_FIELDS.index("tripped")] = 0
@@ -83,14 +149,15 @@ def read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, o
 
 def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
     """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
-    updates ran, which of guard_update's three faults the last one was, and what to do."""
-    ema, good, in_row, total, tripped, last = guard
+    updates ran, which of guard_update's faults the last one was, and what to do."""
+    ema, good, in_row, total, tripped, last, norm_ema, kind = guard
     first = iter_num - int(in_row)
     avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
-    why = (f"loss {last}" if not math.isfinite(last) else
-           f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}"
-           if spike_factor and good >= GUARD_WARMUP and last > spike_factor * avg else
-           f"non-finite gradients at loss {last:.4g}")
+    why = {1: f"loss {last}", 2: f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}",
+           3: f"non-finite gradients at loss {last:.4g}",
+           4: f"gradient norm > {NORM_FACTOR:g} x its running average at loss {last:.4g}",
+           5: f"an update that blew the weights up (their norm x{UPDATE_LIMIT:g} or more, or NaN/Inf) at loss "
+              f"{last:.4g}"}.get(int(kind), f"loss {last:.4g}")
     return (f"error: {max_bad_steps} bad updates in a row from step {first} ({why}); skipped them all and saved "
             f"the weights from before step {first} in {out_dir} (resuming skips those batches). Lower learning_rate "
             f"or check the data, or raise max_bad_steps / spike_factor; then resume with --init_from=resume")

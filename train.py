@@ -43,8 +43,8 @@ from checkpoint import (check_out_dir, full_state_dicts, load_checkpoint, load_o
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
-from faults import (GUARD_FIELDS, STOP, apply_update, catch_stop_signals, check_guard_settings, guard_update,
-                    read_guard, resume_command, stop_requested)
+from faults import (GUARD_FIELDS, STOP, catch_stop_signals, check_guard_settings, guarded_update, read_guard,
+                    resume_command, stop_requested)
 from model import GPT, GPTConfig
 from muon import Muon
 from prepare import load_meta, read_header, read_shard
@@ -111,6 +111,19 @@ stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss i
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
 spike_factor = 2.0          # loss > spike_factor x running average is a spike; 0 = only NaN/Inf are bad
 # -----------------------------------------------------------------------------
+# the keys' ranges and choices, checked by configure (what depends on other keys or an open bound: check_settings)
+RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, None), log_interval=(1, None),
+             batch_size=(1, None), block_size=(1, None), gradient_accumulation_steps=(1, None),
+             vocab_size=(int, 1, None), n_layer=(1, None), n_head=(1, None), n_embd=(1, None), dropout=(0.0, 1.0),
+             n_kv_head=(int, 1, None), pos_encoding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
+             mlp=("gelu", "swiglu"), mlp_hidden=(0, None), sliding_window=(0, None), logit_softcap=(0.0, None),
+             optimizer=("adamw", "muon"), max_iters=(0, None), weight_decay=(0.0, None), beta1=(0.0, 1.0),
+             beta2=(0.0, 1.0), grad_clip=(0.0, None), embed_lr=(0.0, None), head_lr=(0.0, None),
+             muon_lr=(0.0, None), muon_momentum=(0.0, 1.0), muon_weight_decay=(0.0, None),
+             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), warmup_iters=(0, None),
+             lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
+             grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
+             stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
@@ -368,7 +381,8 @@ def restore(run, ckpt, model, optimizers, scaler):
         scaler.load_state_dict(ckpt["scaler"])
         run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
                                                             ckpt.get("guard"))
-    run.guard = (torch.zeros(len(GUARD_FIELDS)) if guard is None else guard).to(run.device)
+    guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
+    run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
     run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False
 
 
@@ -441,9 +455,10 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
 def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
-    and the optimizers stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
-    No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
-    and copied (non_blocking) while the GPU still computes the one before."""
+    and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's mean loss (0-d, on device).
+    One host sync, at the end (the guard's judgement of the applied update): until then the CPU only queues GPU
+    work and runs ahead, so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still
+    computes the one before."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
     inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
     step_loss = torch.zeros((), device=device)
@@ -468,9 +483,10 @@ def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, g
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (already summed over the shards)
         norm = norm.full_tensor()
     # under fp16 an Inf gradient is the GradScaler's business (it skips the step and lowers the scale, often a
-    # few steps in a row at the start): only the loss speaks to the guard then
+    # few steps in a row at the start): only the loss (and the update) speak to the guard then
     norm = None if scaler.is_enabled() else norm
-    apply_update(optimizers, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
+    guarded_update(optimizers, scaler, guard, list(model.parameters()), step_loss, norm, spike_factor=spike_factor,
+                   max_bad_steps=max_bad_steps)
     scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
