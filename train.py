@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import scale
-from checkpoint import (check_out_dir, full_state_dicts, load_checkpoint, load_optimizer_state, open_out_dir,
-                        save_checkpoint)
+from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, load_optimizer_state,
+                        open_out_dir, save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
@@ -123,7 +123,7 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), warmup_iters=(0, None),
              lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
              grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
-             stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
+             learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
@@ -308,48 +308,6 @@ def make_batches(data_dir, meta, cfg, *, rank, world, data_state, pin):
 # ---------------------------------------------------------------------------- the run
 
 
-def init_model(init_from, out_dir, data_dir, meta, config):
-    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
-    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
-    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
-    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
-    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
-    if init_from == "scratch":
-        vocab = config["vocab_size"]
-        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
-        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
-            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
-                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
-        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
-    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
-        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
-        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
-            raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
-                             f"resume on the same data or start a new out_dir")
-        if init_from == "resume":
-            return ckpt["model_args"], ckpt["model"], ckpt
-        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
-        model_args, weights = ckpt["model_args"], ckpt["model"]
-    else:
-        import export  # only here: it is the Hugging Face side of the pipeline
-        model_args, weights, tok = export.load_pretrained(init_from)
-        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
-    if not same_tokenizer:
-        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
-                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
-                         f"such a --dataset")
-    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
-
-
-def build_model(model_args, weights, seed, device):
-    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if weights is not None:
-        model.load_state_dict(weights)
-    return model.to(device)
-
-
 def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     """What a training step needs around the GPT of the config cfg: (its optimizers, the GradScaler (fp16 needs loss
     scaling, bf16 does not), the autocast context, step(batches, guard) -> one update's mean loss). The step runs
@@ -384,6 +342,19 @@ def restore(run, ckpt, model, optimizers, scaler):
     guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
     run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
     run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False
+
+
+def check_settings(cfg):
+    """What RULES cannot say (open bounds, a non-empty path, the guard's 0-or->1), each a one-line error."""
+    for key, above in (("learning_rate", 0), ("rope_theta", 0), ("beta1", None), ("beta2", None),
+                       ("muon_momentum", None)):  # RULES gave [0, inf) or [0, 1]: the open end is checked here
+        value = getattr(cfg, key)
+        if value == above or value == 1 and above is None:
+            raise SystemExit(f"error: --{key}={value!r} is out of range; give a value "
+                             f"{'> 0' if above == 0 else 'in [0, 1)'}")
+    if not cfg.out_dir.strip():
+        raise SystemExit("error: --out_dir is empty; give the directory the run writes to, e.g. --out_dir=out/run")
+    check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
 
 
 def make_schedule(cfg, say):
@@ -524,11 +495,15 @@ def evaluate_and_save(run, cfg, model, loaders, ctx, *, mc, tok, log, save):
     t_eval = time.time()
     losses = evaluate(model, loaders, ctx, cfg.eval_iters, run.world, run.device)
     scores = multiple_choice(model, tok, mc, run.device, ctx, rank=run.rank, world=run.world) if mc else None
-    if run.master:  # the val loss in bits per byte too
+    if not math.isfinite(losses["val"]):  # the same on every rank (all-reduced): no checkpoint of such weights
+        raise SystemExit(f"error: val loss {losses['val']} at step {run.iter_num}: the weights are broken, so they "
+                         f"were not saved; the last checkpoint in {cfg.out_dir} (if any) is from before. Lower "
+                         f"learning_rate or check the data, then resume with --init_from=resume")
+    if run.master:  # the val loss in bits per byte too; only what was measured
         bpb = losses["val"] / math.log(2) / run.bytes_per_token
         scored = f", multiple choice acc_norm {scores['acc_norm']:.4f} ({scores['n']} rows)" if scores else ""
-        print(f"step {run.iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
-              f"val bits/byte {bpb:.4f}{scored}")
+        train = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+        print(f"step {run.iter_num}: {train}val loss {losses['val']:.4f}, val bits/byte {bpb:.4f}{scored}")
         log(step=run.iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
             tokens=run.iter_num * run.tokens_per_iter, **{f"mc_{k}": v for k, v in (scores or {}).items()},
             elapsed_s=time.time() - run.t_launch, time=time.time())
@@ -613,15 +588,13 @@ def main():
     run.master, device = run.rank == 0, run.device
     say = print if run.master else (lambda *a, **k: None)
     ptdtype, grad_accum = scale.setup(cfg, device, run.world, say)  # precision, TF32, micro-steps per process
-    check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
+    check_settings(cfg)
     run.tokens_per_iter = grad_accum * run.world * cfg.batch_size * cfg.block_size
     schedule = make_schedule(cfg, say)
 
     data_dir, meta, tok = load_data(cfg.data_root, cfg.dataset)
     check_out_dir(cfg.out_dir, resume=cfg.init_from == "resume")
     model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config)
-    if cfg.block_size > model_args["block_size"]:
-        raise SystemExit(f"error: block_size {cfg.block_size} > the model's {model_args['block_size']}")
     raw_model = build_model(model_args, weights, cfg.seed, device)  # the GPT: state dicts and FLOPs come from it
     optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
                                                grad_accum=grad_accum)
