@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 import bpe
+from faults import GUARD_FIELDS
 from model import GPT, GPTConfig
 
 CKPT_FORMAT = 1
@@ -443,3 +444,18 @@ def build_model(model_args, weights, seed, device):
     if weights is not None:
         model.load_state_dict(weights)
     return model.to(device)
+
+
+def restore_run(run, ckpt, model, optimizers, scaler):
+    """The loop's counters on run: from a resumed run's checkpoint (its optimizer and scaler state loaded too), or
+    fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
+    if ckpt is None:
+        run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
+    else:
+        load_optimizer_state(model, optimizers, ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
+                                                            ckpt.get("guard"))
+    guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
+    run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
+    run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False

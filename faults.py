@@ -7,10 +7,13 @@ from before the first one (read_guard, guard_trip_error). SIGTERM (preemption) a
 finish its step, save and exit 0 (catch_stop_signals, stop_requested), printing the command that goes on
 (resume_command).
 """
+import json
 import math
 import os
 import shlex
 import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -198,3 +201,46 @@ def resume_command(world, argv):
     """The command that goes on from this run's checkpoint: the same one, with --init_from=resume."""
     args = shlex.join(a for a in argv[1:] if not a.startswith("--init_from="))
     return f"{'python' if world == 1 else 'torchrun (same options)'} {argv[0]} {args} --init_from=resume"
+
+
+def interrupted_note(out_dir):
+    """What a second Ctrl-C leaves behind, for its last line: the last checkpoint, or none to resume."""
+    try:
+        with open(os.path.join(out_dir, "latest.json")) as fh:
+            return f"the last checkpoint in {out_dir} (step {json.load(fh)['iter_num']}) is kept"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no checkpoint was saved in {out_dir} yet: start the run again (without --init_from=resume)"
+
+
+# ---------------------------------------------------------------------------- train.py's loop, at each step
+
+
+def faults_and_stops(run, cfg, at_log, save, stop_group):
+    """Faults and stop signals, acted on where every rank agrees (the guard is the same on all; a signal is agreed
+    on at log steps). max_bad_steps bad updates in a row: the weights from before them saved, then a one-line error.
+    SIGTERM / SIGINT: saved, and True (the loop ends)."""
+    if at_log or run.iter_num == cfg.max_iters:
+        run.bad_seen, error = read_guard(run.guard, run.bad_seen, run.iter_num, run.master, cfg.spike_factor,
+                                         cfg.max_bad_steps, cfg.out_dir)
+        if error:
+            save()
+            raise SystemExit(error)
+    run.stopped = stop_requested(run.world, at_log, stop_group)
+    if run.stopped:
+        save()
+    return run.stopped
+
+
+def farewell(run, cfg):
+    """The run's last lines: how far it got, and how to go on if a signal stopped it."""
+    best = (f"best val loss {run.best_val_loss:.4f} ({run.best_val_loss / math.log(2) / run.bytes_per_token:.4f} "
+            f"bits/byte)" if math.isfinite(run.best_val_loss) else "no evaluation yet")
+    summary = (f"{run.iter_num} steps, {run.iter_num * run.tokens_per_iter:,} tokens in "
+               f"{time.time() - run.t_launch:.0f}s; {best}")
+    if not run.stopped:
+        return f"done: {summary}; checkpoint in {cfg.out_dir}"
+    # SIGTERM sent to torchrun itself: torchrun forwards it to every rank, which saves and says this, and then
+    # exits 1 itself (its SignalException), whatever the ranks did: train.py cannot change torchrun's exit code
+    launcher = " (torchrun exits 1 if it was the one signalled; the checkpoint is whole)" if run.world > 1 else ""
+    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {run.iter_num}; "
+            f"checkpoint saved in {cfg.out_dir}{launcher}. Resume with: {resume_command(run.world, sys.argv)}")

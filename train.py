@@ -25,7 +25,6 @@ import gc
 import math
 import os
 import resource
-import sys
 import time
 import types
 from contextlib import nullcontext
@@ -38,13 +37,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import scale
-from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, load_optimizer_state,
-                        open_out_dir, save_checkpoint)
+from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, open_out_dir, restore_run,
+                        save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
-from faults import (GUARD_FIELDS, STOP, catch_stop_signals, check_guard_settings, guarded_update, read_guard,
-                    resume_command, stop_requested)
+from faults import (catch_stop_signals, check_guard_settings, farewell, faults_and_stops, guarded_update,
+                    interrupted_note)
 from model import GPT, GPTConfig
 from muon import Muon
 from prepare import load_meta, read_header, read_shard
@@ -302,6 +301,10 @@ def make_batches(data_dir, meta, cfg, *, rank, world, data_state, pin):
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
     if not cfg.eval_train:
         del loaders["train"]
+    try:  # made once now: too few val windows is an error before step 1, not at the first evaluation
+        loaders["val"]()
+    except SystemExit as e:
+        raise SystemExit(f"{e} (the val split: {len(val_ds)} windows)") from None
     return train_ds, batches, loaders
 
 
@@ -327,21 +330,6 @@ def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
                           guard=guard, grad_clip=cfg.grad_clip, spike_factor=cfg.spike_factor,
                           max_bad_steps=cfg.max_bad_steps, world=world)
     return optimizers, scaler, ctx, step
-
-
-def restore(run, ckpt, model, optimizers, scaler):
-    """The loop's counters on run: from a resumed run's checkpoint (its optimizer and scaler state loaded too), or
-    fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
-    if ckpt is None:
-        run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
-    else:
-        load_optimizer_state(model, optimizers, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
-                                                            ckpt.get("guard"))
-    guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
-    run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
-    run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False
 
 
 def check_settings(cfg):
@@ -371,11 +359,12 @@ def make_schedule(cfg, say):
     return schedule
 
 
-def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
-    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
+def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows, *, mfu_ref):
+    """The run's first lines: its size, where it runs and what MFU is against; a warning for a GPU-sized run on a
+    CPU."""
     params = model.num_params()
     print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
-          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
+          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows | mfu vs {mfu_ref}")
     if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
         print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
               f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
@@ -552,34 +541,6 @@ def log_step(run, cfg, lr, *, log, flops_per_iter, peak):
     return True
 
 
-def faults_and_stops(run, cfg, at_log, save, stop_group):
-    """Faults and stop signals, acted on where every rank agrees (the guard is the same on all; a signal is agreed
-    on at log steps). max_bad_steps bad updates in a row: the weights from before them saved, then a one-line error.
-    SIGTERM / SIGINT: saved, and True (the loop ends)."""
-    if at_log or run.iter_num == cfg.max_iters:
-        run.bad_seen, error = read_guard(run.guard, run.bad_seen, run.iter_num, run.master, cfg.spike_factor,
-                                         cfg.max_bad_steps, cfg.out_dir)
-        if error:
-            save()
-            raise SystemExit(error)
-    run.stopped = stop_requested(run.world, at_log, stop_group)
-    if run.stopped:
-        save()
-    return run.stopped
-
-
-def farewell(run, cfg):
-    """The run's last lines: how far it got, and how to go on if a signal stopped it."""
-    best = (f"best val loss {run.best_val_loss:.4f} ({run.best_val_loss / math.log(2) / run.bytes_per_token:.4f} "
-            f"bits/byte)" if math.isfinite(run.best_val_loss) else "no evaluation yet")
-    summary = (f"{run.iter_num} steps, {run.iter_num * run.tokens_per_iter:,} tokens in "
-               f"{time.time() - run.t_launch:.0f}s; {best}")
-    if not run.stopped:
-        return f"done: {summary}; checkpoint in {cfg.out_dir}"
-    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {run.iter_num}; "
-            f"checkpoint saved in {cfg.out_dir}. Resume with: {resume_command(run.world, sys.argv)}")
-
-
 def main():
     run = types.SimpleNamespace(t_launch=time.time())  # the run's constants and the loop's counters
     config = configure(globals())
@@ -598,7 +559,7 @@ def main():
     raw_model = build_model(model_args, weights, cfg.seed, device)  # the GPT: state dicts and FLOPs come from it
     optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
                                                grad_accum=grad_accum)
-    restore(run, ckpt, raw_model, optimizers, scaler)
+    restore_run(run, ckpt, raw_model, optimizers, scaler)
     del ckpt, weights
     if cfg.init_from == "resume" and run.iter_num >= cfg.max_iters:  # saving again under the same name: not atomic
         say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, max_iters={cfg.max_iters}")
@@ -607,10 +568,11 @@ def main():
                                               data_state=run.data, pin=device.startswith("cuda"))
     mc = mc_rows(cfg.eval_mc, cfg.data_root, cfg.eval_mc_rows) if cfg.eval_mc else None
     run.bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
-    peak = scale.peak_flops(device, ptdtype)
+    peak, peak_text = scale.reference_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * run.tokens_per_iter
     if run.master:
-        announce(raw_model, optimizers, run.world, device, dtype_name(ptdtype), run.tokens_per_iter, len(train_ds))
+        announce(raw_model, optimizers, run.world, device, dtype_name(ptdtype), run.tokens_per_iter, len(train_ds),
+                 mfu_ref=peak_text)
     log = open_log(cfg, config, os.path.join(data_dir, meta["tokenizer"]), run.world, run.master)
     save = make_saver(run, cfg, raw_model, optimizers, scaler, model_args=model_args, config=config,
                       batches=batches, tokenizer_hash=meta["tokenizer_hash"])
@@ -650,5 +612,5 @@ if __name__ == "__main__":
                          f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
                          f"or set --grad_ckpt=full to recompute activations") from None
     except KeyboardInterrupt:  # Ctrl-C a second time (request_stop): quit at once, the last checkpoint stays
-        os.write(2, f"interrupted: quit without saving; the last checkpoint in {out_dir} is kept\n".encode())
+        os.write(2, f"interrupted: quit without saving; {interrupted_note(out_dir)}\n".encode())
         raise SystemExit(130) from None
