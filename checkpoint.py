@@ -365,6 +365,30 @@ def open_out_dir(out_dir, tokenizer, resume=True):
     return log
 
 
+def open_log(cfg, config, tokenizer, world, master):
+    """open_out_dir's log(**row) (train.py's) on rank 0 once every rank has checked out_dir, with wandb_log the same
+    rows to Weights & Biases too (wandb imported only when asked for); nothing on the other ranks."""
+    if world > 1:
+        dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
+    if not master:
+        return lambda **row: None
+    write = open_out_dir(cfg.out_dir, tokenizer, resume=cfg.init_from == "resume")
+    if not cfg.wandb_log:
+        return write
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                         "--wandb_log=False") from None
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+
+    def log(**row):
+        write(**row)
+        wandb.log(row)
+    return log
+
+
+
 # ---------------------------------------------------------------------------- where a training run's model comes from
 
 

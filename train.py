@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import scale
-from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, open_out_dir, restore_run,
+from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, open_log, restore_run,
                         save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
@@ -372,29 +372,6 @@ def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, trai
         count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
         print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
               f"{count(optimizers[0].param_groups):,} parameters on this process")
-
-
-def open_log(cfg, config, tokenizer, world, master):
-    """checkpoint.open_out_dir's log(**row) on rank 0 once every rank has checked out_dir, with wandb_log the same
-    rows to Weights & Biases too (wandb imported only when asked for); nothing on the other ranks."""
-    if world > 1:
-        dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
-    if not master:
-        return lambda **row: None
-    write = open_out_dir(cfg.out_dir, tokenizer, resume=cfg.init_from == "resume")
-    if not cfg.wandb_log:
-        return write
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
-                         "--wandb_log=False") from None
-    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
-
-    def log(**row):
-        write(**row)
-        wandb.log(row)
-    return log
 
 
 def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batches, tokenizer_hash):
