@@ -22,16 +22,16 @@ import torch.distributed as dist
 # stop with the pre-fault weights lets a person choose (the PaLM remedy for spikes is the same: restart from
 # before the spike and skip the bad batches, which is what resuming from this checkpoint does, since the data
 # position is past them).
-# The decision is made on the device: no host sync per step. The host reads the counters at log steps only.
+# The loss and gradient checks run on the device; the host reads one flag a step (whether the applied update must
+# be undone: a host decision) and the counters at log steps only.
 GUARD_BETA, GUARD_WARMUP = 0.99, 10  # running average over ~100 good steps; spikes are judged after 10 of them
 # A gradient norm this many times its running average is an explosion, not noise (healthy runs stay within ~3x
 # after the first steps); and an update that multiplies the weights' norm by UPDATE_LIMIT has blown them up (a
 # healthy step changes it by well under 1%). Neither needs a setting: both are far from any healthy step.
 NORM_FACTOR, UPDATE_LIMIT = 10.0, 2.0
 GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss", "norm_ema", "kind")
-# the last fault's kind (guard_trip_error names it): 1 loss NaN/Inf, 2 loss spike, 3 gradients NaN/Inf,
+# kind: the first fault's kind (guard_trip_error names it): 1 loss NaN/Inf, 2 loss spike, 3 gradients NaN/Inf,
 # 4 gradient norm spike, 5 the applied update blew the weights up
-KINDS = ("", "loss", "loss spike", "non-finite gradients", "gradient norm spike", "weights blown up")
 
 
 def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps, blown=None):
@@ -95,8 +95,9 @@ def optimizer_states(optimizers):
 def snapshot(params, optimizers):
     """Copies of the weights and of the optimizers' state, for restore."""
     clone = lambda v: v.detach().clone() if torch.is_tensor(v) else v
-    return ([clone(p) for p in params],
-            [{p: {k: clone(v) for k, v in s.items()} for p, s in state.items()} for state in optimizer_states(optimizers)])
+    states = optimizer_states(optimizers)
+    return [clone(p) for p in params], [{p: {k: clone(v) for k, v in s.items()} for p, s in st.items()}
+                                        for st in states]
 
 
 def restore(params, optimizers, saved):

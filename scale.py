@@ -2,7 +2,8 @@
 How the model is spread over processes and sped up: the precision settings (bf16 autocast over fp32 weights, fp16
 with a GradScaler where bf16 is missing, TF32 for the rest), gradient checkpointing, the chunked loss and the fp8
 head (fp8.py), the bf16 residual stream, and the DDP / ZeRO-1 / FSDP2 wrapping; the micro-steps each process takes,
-and the reference peak that MFU is reported against (reference_flops). train.py calls setup once, then parallelize on its GPT.
+and the reference peak that MFU is reported against (reference_flops). train.py calls setup once, then parallelize
+on its GPT.
 """
 import os
 import time
@@ -64,7 +65,8 @@ def gpu_peak(name, dtype_name):
     for key, half, tf32 in NOMINAL_TFLOPS:
         if key in name:
             tflops = tf32 if dtype_name == "float32" else half
-            return tflops * 1e12, f"nominal {tflops} TFLOP/s: {name}, {'TF32' if dtype_name == 'float32' else dtype_name} dense"
+            kind = "TF32" if dtype_name == "float32" else dtype_name
+            return tflops * 1e12, f"nominal {tflops} TFLOP/s: {name}, {kind} dense"
     return None
 
 

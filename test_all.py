@@ -2640,7 +2640,7 @@ def test_resume_without_a_checkpoint_says_to_start_without_it(tiny_data, tmp_pat
 
 
 @pytest.mark.parametrize("vocab, refused", [(4096, True), (384, False), (300, False)])
-def test_a_hugging_face_dir_without_tokenizer_json_fits_the_datas_tokenizer_or_is_refused(vocab, refused, capsys):
+def test_checkpoint_takes_a_hf_dir_without_tokenizer_json_to_use_the_datas_tokenizer_or_refuses(vocab, refused, capsys):
     meta = dict(vocab_size=300, tokenizer="tokenizer.bpe")
     if refused:
         with pytest.raises(SystemExit, match=r"^error: hf has no tokenizer.json, and its 4096-token vocab is not that "
@@ -3108,7 +3108,7 @@ def tiny34(tiny_data, out_dir, *extra):
                check=False, env={"OMP_NUM_THREADS": "1"})
 
 
-def test_an_update_that_blows_the_weights_up_is_refused_and_the_weights_from_before_it_saved(tiny_data, tmp_path):
+def test_guard_refuses_an_update_that_blows_the_weights_up_and_saves_the_weights_from_before_it(tiny_data, tmp_path):
     # lr 1e6: the first update's loss and gradients are ordinary, the update itself is not
     p = tiny34(tiny_data, tmp_path / "blown", "--learning_rate=1e6", "--max_iters=12", "--eval_interval=4")
     one_line_error(p, r"^error: 5 bad updates in a row from step 0 \(an update that blew the weights up .*\); "
@@ -3129,13 +3129,13 @@ def grad_norm_spikes(tiny_data, tmp_path_factory):
     return (few, out / "few"), (trip, out / "trip")
 
 
-def test_a_gradient_norm_spike_is_skipped_before_stepping(grad_norm_spikes):
+def test_guard_skips_a_gradient_norm_spike_before_stepping(grad_norm_spikes):
     (p, out), _ = grad_norm_spikes
     assert p.returncode == 0 and "step 35: skipped 2 bad update(s) (2 in all)" in p.stdout, p.stdout + p.stderr
     assert all(torch.isfinite(v).all() for v in faults_ckpt(out)["model"].values())
 
 
-def test_gradient_norm_spikes_in_a_row_stop_with_the_weights_and_adam_state_from_before_them(grad_norm_spikes):
+def test_guard_stops_gradient_norm_spikes_in_a_row_with_the_weights_and_adam_state_from_before_them(grad_norm_spikes):
     _, (p, out) = grad_norm_spikes
     one_line_error(p, r"^error: 3 bad updates in a row from step 30 \(gradient norm > 10 x its running average at "
                       r"loss [0-9.]+\);")
@@ -3143,7 +3143,7 @@ def test_gradient_norm_spikes_in_a_row_stop_with_the_weights_and_adam_state_from
                              dict(faults_ckpt(out, "ckpt-0000030.pt"), data=None))
 
 
-def test_a_non_finite_val_loss_stops_the_run_without_saving_it(tiny_data, tmp_path):
+def test_a_non_finite_val_loss_is_a_fault_that_stops_the_run_without_saving_it(tiny_data, tmp_path):
     p = faults_run(tiny_data, tmp_path / "out", FAULT="evalnan")
     one_line_error(p, r"^error: val loss nan at step 10: the weights are broken, so they were not saved")
     assert not (tmp_path / "out" / "latest.json").exists()

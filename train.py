@@ -122,7 +122,8 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), warmup_iters=(0, None),
              lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
              grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
-             learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
+             learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None),
+             spike_factor=(0.0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
@@ -392,7 +393,8 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
 def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
-    and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's mean loss (0-d, on device).
+    and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's
+    mean loss (0-d, on device).
     One host sync, at the end (the guard's judgement of the applied update): until then the CPU only queues GPU
     work and runs ahead, so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still
     computes the one before."""
