@@ -29,7 +29,8 @@ GUARD_BETA, GUARD_WARMUP = 0.99, 10  # running average over ~100 good steps; spi
 # after the first steps); and an update that multiplies the weights' norm by UPDATE_LIMIT has blown them up (a
 # healthy step changes it by well under 1%). Neither needs a setting: both are far from any healthy step.
 NORM_FACTOR, UPDATE_LIMIT = 10.0, 2.0
-GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss", "norm_ema", "kind")
+GUARD_FIELDS = ("ema", "good", "in_row", "total", "tripped", "last_bad_loss", "norm_ema", "norm_good", "kind")
+# norm_ema, norm_good: the gradient norm's running average and its count (older checkpoints lack them: 0, 0);
 # kind: the first fault's kind (guard_trip_error names it): 1 loss NaN/Inf, 2 loss spike, 3 gradients NaN/Inf,
 # 4 gradient norm spike, 5 the applied update blew the weights up
 
@@ -40,14 +41,15 @@ def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps, blown=None):
     blown: a 0-d bool, True when guarded_update found the update applied with these values blew the weights up.
     Returns a 0-d float32 tensor: 1.0 = skip this update. Once tripped (max_bad_steps in a row), every
     later update is skipped too, so the weights stay those from before the fault until the host stops."""
-    ema, good, in_row, total, tripped, last, norm_ema, kind = g.unbind()
+    ema, good, in_row, total, tripped, last, norm_ema, norm_good, kind = g.unbind()
     loss = loss.detach().float()
-    debias = (1 - GUARD_BETA ** good).clamp(min=1e-12)  # bias-corrected averages, as in Adam
-    armed = good >= GUARD_WARMUP
-    kinds = [(~torch.isfinite(loss), 1), (armed & (loss > spike_factor * ema / debias) if spike_factor else None, 2)]
+    avg = lambda ema, n: ema / (1 - GUARD_BETA ** n).clamp(min=1e-12)  # bias-corrected, as in Adam
+    kinds = [(~torch.isfinite(loss), 1),
+             ((good >= GUARD_WARMUP) & (loss > spike_factor * avg(ema, good)) if spike_factor else None, 2)]
     if grad_norm is not None:
         grad_norm = grad_norm.detach().float()
-        kinds += [(~torch.isfinite(grad_norm), 3), (armed & (grad_norm > NORM_FACTOR * norm_ema / debias), 4)]
+        kinds += [(~torch.isfinite(grad_norm), 3),
+                  ((norm_good >= GUARD_WARMUP) & (grad_norm > NORM_FACTOR * avg(norm_ema, norm_good)), 4)]
     kinds.append((blown, 5))
     fault, new_kind = torch.zeros((), dtype=torch.bool, device=g.device), torch.zeros((), device=g.device)
     for flag, k in reversed([(f, k) for f, k in kinds if f is not None]):  # the first listed kind wins
@@ -55,12 +57,13 @@ def guard_update(g, loss, grad_norm, spike_factor, max_bad_steps, blown=None):
     bad = fault | (tripped > 0)
     in_row = torch.where(bad, in_row + 1, 0.0)
     norm_avg = norm_ema if grad_norm is None else GUARD_BETA * norm_ema + (1 - GUARD_BETA) * grad_norm
+    keep_norm = bad | (grad_norm is None)  # the norm's average moves only with good steps that have one
     first = fault & (tripped == 0)
     new = torch.stack([torch.where(bad, ema, GUARD_BETA * ema + (1 - GUARD_BETA) * loss),
                        good + (~bad).float(), in_row, total + bad.float(),
                        torch.maximum(tripped, (in_row >= max_bad_steps).float()),
-                       torch.where(first, loss, last), torch.where(bad, norm_ema, norm_avg),
-                       torch.where(first, new_kind, kind)])
+                       torch.where(first, loss, last), torch.where(keep_norm, norm_ema, norm_avg),
+                       norm_good + (~keep_norm).float(), torch.where(first, new_kind, kind)])
     g.copy_(new)
     return bad.float()
 
@@ -154,7 +157,7 @@ def read_guard(guard, bad_seen, iter_num, master, spike_factor, max_bad_steps, o
 def guard_trip_error(guard, iter_num, spike_factor, max_bad_steps, out_dir):
     """The one-line error of a tripped guard (guard: its GUARD_FIELDS as floats): from which step the bad
     updates ran, which of guard_update's faults the last one was, and what to do."""
-    ema, good, in_row, total, tripped, last, norm_ema, kind = guard
+    ema, good, in_row, total, tripped, last, norm_ema, norm_good, kind = guard
     first = iter_num - int(in_row)
     avg = ema / (1 - GUARD_BETA ** good) if good else math.nan  # ema and good stay put over bad steps: the avg used
     why = {1: f"loss {last}", 2: f"loss {last:.4g} > spike_factor {spike_factor} x running average {avg:.4g}",
