@@ -392,12 +392,12 @@ def open_log(cfg, config, tokenizer, world, master):
 # ---------------------------------------------------------------------------- where a training run's model comes from
 
 
-def init_model(init_from, out_dir, data_dir, meta, config):
+def init_model(init_from, out_dir, data_dir, meta, config, *, load_pretrained):
     """Where train.py's model comes from: (model_args, its weights or None, the checkpoint to resume or None).
     scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
     position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
     optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
-    export.load_pretrained's weights. The shape comes from the source (a shape key the config sets otherwise is
+    the weights of load_pretrained (export.load_pretrained, passed in: export imports this file). The shape comes from the source (a shape key the config sets otherwise is
     refused), the data's tokenizer must be the source's."""
     if init_from == "scratch":
         vocab = config["vocab_size"]
@@ -420,8 +420,7 @@ def init_model(init_from, out_dir, data_dir, meta, config):
             return model_args, weights, ckpt
         same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
     else:
-        import export  # only here: it is the Hugging Face side of the pipeline
-        model_args, weights, tok = export.load_pretrained(init_from)
+        model_args, weights, tok = load_pretrained(init_from)
         check_shape(model_args, config, init_from)
         same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else assumed_tokenizer(model_args, meta,
                                                                                              init_from, data_dir)

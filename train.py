@@ -312,6 +312,11 @@ def make_batches(data_dir, meta, cfg, *, rank, world, data_state, pin):
 # ---------------------------------------------------------------------------- the run
 
 
+def load_pretrained(init_from):
+    import export  # only here: it is the Hugging Face side of the pipeline
+    return export.load_pretrained(init_from)
+
+
 def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     """What a training step needs around the GPT of the config cfg: (its optimizers, the GradScaler (fp16 needs loss
     scaling, bf16 does not), the autocast context, step(batches, guard) -> one update's mean loss). The step runs
@@ -534,7 +539,8 @@ def main():
 
     data_dir, meta, tok = load_data(cfg.data_root, cfg.dataset)
     check_out_dir(cfg.out_dir, resume=cfg.init_from == "resume")
-    model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config)
+    model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config,
+                                           load_pretrained=load_pretrained)
     raw_model = build_model(model_args, weights, cfg.seed, device)  # the GPT: state dicts and FLOPs come from it
     optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
                                                grad_accum=grad_accum)
