@@ -1,7 +1,9 @@
 """
 Checkpoint I/O shared by every script that reads or writes a model: train, sample, rlhf, eval, export, bench.
-Also a run's out_dir as a whole: loading a run (checkpoint + tokenizer, checked to belong together: load_run) and
-an out_dir's life (a new run refuses another's out_dir: check_out_dir; tokenizer and metrics.jsonl: open_out_dir).
+Also a run's out_dir as a whole: loading a run (checkpoint + tokenizer, checked to belong together: load_run), an
+out_dir's life (a new run refuses another's out_dir: check_out_dir; tokenizer and metrics.jsonl: open_out_dir), and
+where a training run's model comes from (scratch, its own checkpoint, another run, a Hugging Face directory:
+init_model, build_model).
 
 out_dir/ckpt-NNNNNNN.pt are torch.save files; out_dir/latest.json names the newest complete one and its
 sha256. Each file is written under a temporary name, fsynced and renamed, and latest.json is replaced
@@ -20,11 +22,13 @@ import socket
 import sys
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 import bpe
+from faults import GUARD_FIELDS
 from model import GPT, GPTConfig
 
 CKPT_FORMAT = 1
@@ -359,3 +363,122 @@ def open_out_dir(out_dir, tokenizer, resume=True):
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
     return log
+
+
+def open_log(cfg, config, tokenizer, world, master):
+    """open_out_dir's log(**row) (train.py's) on rank 0 once every rank has checked out_dir, with wandb_log the same
+    rows to Weights & Biases too (wandb imported only when asked for); nothing on the other ranks."""
+    if world > 1:
+        dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
+    if not master:
+        return lambda **row: None
+    write = open_out_dir(cfg.out_dir, tokenizer, resume=cfg.init_from == "resume")
+    if not cfg.wandb_log:
+        return write
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
+                         "--wandb_log=False") from None
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+
+    def log(**row):
+        write(**row)
+        wandb.log(row)
+    return log
+
+
+
+# ---------------------------------------------------------------------------- where a training run's model comes from
+
+
+def init_model(init_from, out_dir, data_dir, meta, config, *, load_pretrained):
+    """Where train.py's model comes from: (model_args, its weights or None, the checkpoint to resume or None).
+    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
+    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
+    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
+    the weights of load_pretrained (export.load_pretrained, passed in: export imports this file). The shape comes from the source (a shape key the config sets otherwise is
+    refused), the data's tokenizer must be the source's."""
+    if init_from == "scratch":
+        vocab = config["vocab_size"]
+        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
+        if vocab < meta["vocab_size"]:  # (RULES made it an int)
+            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
+                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
+        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
+    if init_from == "resume" and not os.path.isfile(os.path.join(out_dir, "latest.json")) and not ckpt_files(out_dir):
+        raise SystemExit(f"error: --init_from=resume, but {out_dir} holds no checkpoint to resume (a run stopped "
+                         f"before its first one saved none); start the run without --init_from=resume")
+    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
+        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
+        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
+            raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
+                             f"resume on the same data or start a new out_dir")
+        model_args, weights = ckpt["model_args"], ckpt["model"]
+        check_shape(model_args, config, out_dir if init_from == "resume" else init_from)
+        if init_from == "resume":
+            return model_args, weights, ckpt
+        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
+    else:
+        model_args, weights, tok = load_pretrained(init_from)
+        check_shape(model_args, config, init_from)
+        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else assumed_tokenizer(model_args, meta,
+                                                                                             init_from, data_dir)
+    if not same_tokenizer:
+        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
+                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
+                         f"such a --dataset")
+    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
+
+
+def check_shape(model_args, config, source):
+    """A shape key (a GPTConfig field but dropout) that the config sets to something else than the source's model
+    has is refused: the model cannot take it, and training the source's shape instead would be a silent surprise.
+    Keys left at their defaults take the source's values; block_size may be shorter than the model's."""
+    differ = {f.name: model_args[f.name] for f in fields(GPTConfig) if f.name not in ("dropout", "block_size") and
+              config[f.name] not in (f.default if f.name != "vocab_size" else None, model_args[f.name])}
+    if differ:
+        raise SystemExit(f"error: the model in {source} has {', '.join(f'{k}={v!r}' for k, v in differ.items())}, "
+                         f"not {', '.join(f'{k}={config[k]!r}' for k in differ)} as set; drop "
+                         f"{', '.join('--' + k for k in differ)} (the shape comes from {source}) or start a new run "
+                         f"in another --out_dir")
+    if config["block_size"] > model_args["block_size"]:
+        raise SystemExit(f"error: block_size {config['block_size']} > the model's {model_args['block_size']}")
+
+
+def assumed_tokenizer(model_args, meta, init_from, data_dir):
+    """A Hugging Face directory without tokenizer.json: its tokenizer is taken to be the data's if the model's vocab
+    is the data's (padded to a multiple of 128 as train.py pads it), saying so; any other vocab cannot be it."""
+    vocab, data_vocab = model_args["vocab_size"], meta["vocab_size"]
+    if vocab not in (data_vocab, -(-data_vocab // 128) * 128):
+        raise SystemExit(f"error: {init_from} has no tokenizer.json, and its {vocab}-token vocab is not that of "
+                         f"{data_dir}'s {data_vocab}-token tokenizer; put the tokenizer.json it was trained with in "
+                         f"{init_from}, or fine-tune on data prepared with that tokenizer")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"note: {init_from} has no tokenizer.json; assuming it was trained with {data_dir}'s tokenizer "
+              f"({meta['tokenizer']}, {data_vocab} tokens), which its {vocab}-token vocab fits")
+    return True
+
+
+def build_model(model_args, weights, seed, device):
+    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**model_args))
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model.to(device)
+
+
+def restore_run(run, ckpt, model, optimizers, scaler):
+    """The loop's counters on run: from a resumed run's checkpoint (its optimizer and scaler state loaded too), or
+    fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
+    if ckpt is None:
+        run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
+    else:
+        load_optimizer_state(model, optimizers, ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
+                                                            ckpt.get("guard"))
+    guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
+    run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
+    run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False

@@ -2,8 +2,10 @@
 How the model is spread over processes and sped up: the precision settings (bf16 autocast over fp32 weights, fp16
 with a GradScaler where bf16 is missing, TF32 for the rest), gradient checkpointing, the chunked loss and the fp8
 head (fp8.py), the bf16 residual stream, and the DDP / ZeRO-1 / FSDP2 wrapping; the micro-steps each process takes,
-and the matmul peak that MFU is reported against. train.py calls setup once, then parallelize on its GPT.
+and the reference peak that MFU is reported against (reference_flops). train.py calls setup once, then parallelize
+on its GPT.
 """
+import os
 import time
 import types
 
@@ -48,6 +50,74 @@ def check_precision(dtype_name, sharding, bf16_residual):
     if bf16_residual and dtype_name != "bfloat16":
         raise SystemExit(f"error: bf16_residual needs dtype bfloat16 (autocast), this run uses {dtype_name}; set "
                          f"--dtype=bfloat16 or --bf16_residual=False")
+
+
+# Nominal dense matmul peaks (TFLOP/s; bf16/fp16, and TF32 for fp32 runs) from the vendors' datasheets, by a
+# piece of torch.cuda.get_device_name(): MFU against a fixed number is comparable from run to run and machine to
+# machine, where a peak measured at start-up moves with clocks, heat and neighbours. First match wins.
+NOMINAL_TFLOPS = (("H100 PCIe", 756, 378), ("H100 NVL", 835, 418), ("H100", 989, 495), ("H200", 989, 495),
+                  ("GH200", 989, 495), ("A100", 312, 156), ("L40S", 362, 183), ("L40", 181, 90),
+                  ("L4", 121, 60), ("RTX 4090", 165, 83), ("RTX 3090", 71, 36))
+
+
+def gpu_peak(name, dtype_name):
+    """(nominal FLOP/s, the reference in words) of a GPU by name, or None if NOMINAL_TFLOPS does not know it."""
+    for key, half, tf32 in NOMINAL_TFLOPS:
+        if key in name:
+            tflops = tf32 if dtype_name == "float32" else half
+            kind = "TF32" if dtype_name == "float32" else dtype_name
+            return tflops * 1e12, f"nominal {tflops} TFLOP/s: {name}, {kind} dense"
+    return None
+
+
+def cpu_peak(cores, ghz, flags):
+    """(nominal fp32 FLOP/s, the reference in words) of cores at ghz: 2 FMA units x the vector width, per cycle."""
+    width = (64, "AVX-512") if "avx512f" in flags else (32, "AVX2 FMA") if {"avx2", "fma"} <= flags else (8, "SSE")
+    return (cores * ghz * 1e9 * width[0], f"nominal {cores * ghz * width[0]:.0f} GFLOP/s: {cores} core(s) x "
+            f"{ghz:.2f} GHz x {width[0]} FLOP/cycle ({width[1]})")
+
+
+def cpu_facts():
+    """(cores this process computes on, max GHz or None, the CPU flags) from torch, /sys cpufreq and /proc/cpuinfo."""
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1e9)
+    ghz, flags, mhz = None, set(), None
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            ghz = int(f.read()) / 1e6  # kHz
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+                elif key.strip() == "cpu MHz" and mhz is None:
+                    mhz = float(value)
+    except (OSError, ValueError):
+        pass
+    return int(cores), ghz or (mhz / 1e3 if mhz else None), flags
+
+
+def reference_flops(device, ptdtype):
+    """(the FLOP/s that MFU is reported against, that reference in words): a GPU's nominal peak (gpu_peak), a CPU's
+    from its cores, clock and vector units (cpu_peak); the matmul rate measured now (peak_flops) where those are
+    unknown (a GPU not in NOMINAL_TFLOPS, a CPU whose clock cannot be read), said so."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        found = gpu_peak(name, dtype_name(ptdtype))
+        if found:
+            return found
+        why = f"{name} is not in scale.NOMINAL_TFLOPS"
+    elif device == "cpu":
+        cores, ghz, flags = cpu_facts()
+        if ghz:
+            return cpu_peak(cores, ghz, flags)
+        why = "the CPU's clock is unknown"
+    else:
+        why = f"{device} has no nominal peak here"
+    measured = peak_flops(device, ptdtype)
+    return measured, f"measured {measured / 1e12:.3g} TFLOP/s (a matmul at start-up; {why})"
 
 
 def peak_flops(device, ptdtype):

@@ -25,7 +25,6 @@ import gc
 import math
 import os
 import resource
-import sys
 import time
 import types
 from contextlib import nullcontext
@@ -38,13 +37,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import scale
-from checkpoint import (check_out_dir, full_state_dicts, load_checkpoint, load_optimizer_state, open_out_dir,
+from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model, open_log, restore_run,
                         save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
-from faults import (GUARD_FIELDS, STOP, apply_update, catch_stop_signals, check_guard_settings, guard_update,
-                    read_guard, resume_command, stop_requested)
+from faults import (catch_stop_signals, check_guard_settings, farewell, faults_and_stops, guarded_update,
+                    interrupted_note)
 from model import GPT, GPTConfig
 from muon import Muon
 from prepare import load_meta, read_header, read_shard
@@ -111,6 +110,20 @@ stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss i
 max_bad_steps = 5           # this many bad updates in a row stop the run, with the weights from before them saved
 spike_factor = 2.0          # loss > spike_factor x running average is a spike; 0 = only NaN/Inf are bad
 # -----------------------------------------------------------------------------
+# the keys' ranges and choices, checked by configure (what depends on other keys or an open bound: check_settings)
+RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, None), log_interval=(1, None),
+             batch_size=(1, None), block_size=(1, None), gradient_accumulation_steps=(1, None),
+             vocab_size=(int, 1, None), n_layer=(1, None), n_head=(1, None), n_embd=(1, None), dropout=(0.0, 1.0),
+             n_kv_head=(int, 1, None), pos_encoding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
+             mlp=("gelu", "swiglu"), mlp_hidden=(0, None), sliding_window=(0, None), logit_softcap=(0.0, None),
+             optimizer=("adamw", "muon"), max_iters=(0, None), weight_decay=(0.0, None), beta1=(0.0, 1.0),
+             beta2=(0.0, 1.0), grad_clip=(0.0, None), embed_lr=(0.0, None), head_lr=(0.0, None),
+             muon_lr=(0.0, None), muon_momentum=(0.0, 1.0), muon_weight_decay=(0.0, None),
+             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), warmup_iters=(0, None),
+             lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
+             grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
+             learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None),
+             spike_factor=(0.0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
@@ -289,52 +302,19 @@ def make_batches(data_dir, meta, cfg, *, rank, world, data_state, pin):
                "val": lambda: Batches(val_ds, batch_size, rank, world, seed + 1, pin=pin)}
     if not cfg.eval_train:
         del loaders["train"]
+    try:  # made once now: too few val windows is an error before step 1, not at the first evaluation
+        loaders["val"]()
+    except SystemExit as e:
+        raise SystemExit(f"{e} (the val split: {len(val_ds)} windows)") from None
     return train_ds, batches, loaders
 
 
 # ---------------------------------------------------------------------------- the run
 
 
-def init_model(init_from, out_dir, data_dir, meta, config):
-    """Where the model comes from: (model_args, its weights or None, the checkpoint to resume or None).
-    scratch: the config's shape, random weights. resume: out_dir's latest checkpoint, optimizer, step and data
-    position included. Another run's out_dir (it holds latest.json): that run's weights only, with a fresh
-    optimizer and schedule (fine-tuning). A transformers directory, or gpt2 / gpt2-medium / gpt2-large / gpt2-xl:
-    export.load_pretrained's weights. The shape comes from the source, the data's tokenizer must be the source's."""
-    if init_from == "scratch":
-        vocab = config["vocab_size"]
-        vocab = -(-meta["vocab_size"] // 128) * 128 if vocab is None else vocab
-        if type(vocab) is not int or vocab < meta["vocab_size"]:  # None-default keys take any type
-            raise SystemExit(f"error: vocab_size {vocab!r} must be an int >= the tokenizer's {meta['vocab_size']} "
-                             f"tokens (or None: the tokenizer's, padded to a multiple of 128)")
-        return dict({f.name: config[f.name] for f in fields(GPTConfig)}, vocab_size=vocab), None, None
-    if init_from == "resume" or os.path.isfile(os.path.join(init_from, "latest.json")):
-        ckpt = load_checkpoint(out_dir if init_from == "resume" else init_from)
-        if init_from == "resume" and ckpt["tokenizer_hash"] != meta["tokenizer_hash"]:
-            raise SystemExit(f"error: checkpoint in {out_dir} was trained with another tokenizer than {data_dir}; "
-                             f"resume on the same data or start a new out_dir")
-        if init_from == "resume":
-            return ckpt["model_args"], ckpt["model"], ckpt
-        same_tokenizer = ckpt["tokenizer_hash"] == meta["tokenizer_hash"]
-        model_args, weights = ckpt["model_args"], ckpt["model"]
-    else:
-        import export  # only here: it is the Hugging Face side of the pipeline
-        model_args, weights, tok = export.load_pretrained(init_from)
-        same_tokenizer = tok.hash == meta["tokenizer_hash"] if tok else model_args["vocab_size"] >= meta["vocab_size"]
-    if not same_tokenizer:
-        raise SystemExit(f"error: {init_from} was trained with another tokenizer than {data_dir} was made with; "
-                         f"fine-tune on data prepared with its tokenizer (prepare.py --tokenizer=FILE), or pick "
-                         f"such a --dataset")
-    return dict(model_args, dropout=config["dropout"]), weights, None  # fine-tuning may set its own dropout
-
-
-def build_model(model_args, weights, seed, device):
-    """The GPT of model_args on device: the given weights, or random ones, the same on every rank (seeded)."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    if weights is not None:
-        model.load_state_dict(weights)
-    return model.to(device)
+def load_pretrained(init_from):
+    import export  # only here: it is the Hugging Face side of the pipeline
+    return export.load_pretrained(init_from)
 
 
 def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
@@ -358,18 +338,17 @@ def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     return optimizers, scaler, ctx, step
 
 
-def restore(run, ckpt, model, optimizers, scaler):
-    """The loop's counters on run: from a resumed run's checkpoint (its optimizer and scaler state loaded too), or
-    fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
-    if ckpt is None:
-        run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
-    else:
-        load_optimizer_state(model, optimizers, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
-                                                            ckpt.get("guard"))
-    run.guard = (torch.zeros(len(GUARD_FIELDS)) if guard is None else guard).to(run.device)
-    run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False
+def check_settings(cfg):
+    """What RULES cannot say (open bounds, a non-empty path, the guard's 0-or->1), each a one-line error."""
+    for key, above in (("learning_rate", 0), ("rope_theta", 0), ("beta1", None), ("beta2", None),
+                       ("muon_momentum", None)):  # RULES gave [0, inf) or [0, 1]: the open end is checked here
+        value = getattr(cfg, key)
+        if value == above or value == 1 and above is None:
+            raise SystemExit(f"error: --{key}={value!r} is out of range; give a value "
+                             f"{'> 0' if above == 0 else 'in [0, 1)'}")
+    if not cfg.out_dir.strip():
+        raise SystemExit("error: --out_dir is empty; give the directory the run writes to, e.g. --out_dir=out/run")
+    check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
 
 
 def make_schedule(cfg, say):
@@ -386,11 +365,12 @@ def make_schedule(cfg, say):
     return schedule
 
 
-def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows):
-    """The run's first lines: its size and where it runs; a warning for a GPU-sized run on a CPU."""
+def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows, *, mfu_ref):
+    """The run's first lines: its size, where it runs and what MFU is against; a warning for a GPU-sized run on a
+    CPU."""
     params = model.num_params()
     print(f"{params / 1e6:.2f}M parameters | {world} process(es) on {device}, {dtype_name} | "
-          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows")
+          f"{tokens_per_iter:,} tokens/step | {train_windows:,} train windows | mfu vs {mfu_ref}")
     if device == "cpu" and (params > 50e6 or tokens_per_iter > 100_000):
         print(f"warning: a GPU-sized run on the CPU ({params / 1e6:.0f}M parameters, {tokens_per_iter:,} tokens per "
               f"step) takes minutes to hours per step; config/small.py is sized for a CPU")
@@ -398,29 +378,6 @@ def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, trai
         count = lambda groups: sum(p.numel() for g in groups for p in g["params"])
         print(f"zero1: AdamW state for {count(optimizers[0].optim.param_groups):,} of the "
               f"{count(optimizers[0].param_groups):,} parameters on this process")
-
-
-def open_log(cfg, config, tokenizer, world, master):
-    """checkpoint.open_out_dir's log(**row) on rank 0 once every rank has checked out_dir, with wandb_log the same
-    rows to Weights & Biases too (wandb imported only when asked for); nothing on the other ranks."""
-    if world > 1:
-        dist.barrier()  # every rank has checked out_dir (check_out_dir) before rank 0 writes into it
-    if not master:
-        return lambda **row: None
-    write = open_out_dir(cfg.out_dir, tokenizer, resume=cfg.init_from == "resume")
-    if not cfg.wandb_log:
-        return write
-    try:
-        import wandb
-    except ImportError:
-        raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb, or set "
-                         "--wandb_log=False") from None
-    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
-
-    def log(**row):
-        write(**row)
-        wandb.log(row)
-    return log
 
 
 def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batches, tokenizer_hash):
@@ -441,9 +398,11 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
 def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
                max_bad_steps, world=None):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
-    and the optimizers stepped unless the guard calls the update bad. Returns the step's mean loss (0-d, on device).
-    No host sync anywhere: the CPU only queues GPU work and runs ahead, so the next micro-batch is read, pinned
-    and copied (non_blocking) while the GPU still computes the one before."""
+    and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's
+    mean loss (0-d, on device).
+    One host sync, at the end (the guard's judgement of the applied update): until then the CPU only queues GPU
+    work and runs ahead, so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still
+    computes the one before."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
     inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
     step_loss = torch.zeros((), device=device)
@@ -468,9 +427,10 @@ def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, g
     if hasattr(norm, "full_tensor"):  # FSDP: a DTensor (already summed over the shards)
         norm = norm.full_tensor()
     # under fp16 an Inf gradient is the GradScaler's business (it skips the step and lowers the scale, often a
-    # few steps in a row at the start): only the loss speaks to the guard then
+    # few steps in a row at the start): only the loss (and the update) speak to the guard then
     norm = None if scaler.is_enabled() else norm
-    apply_update(optimizers, scaler, guard_update(guard, step_loss, norm, spike_factor, max_bad_steps))
+    guarded_update(optimizers, scaler, guard, list(model.parameters()), step_loss, norm, spike_factor=spike_factor,
+                   max_bad_steps=max_bad_steps)
     scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -508,11 +468,15 @@ def evaluate_and_save(run, cfg, model, loaders, ctx, *, mc, tok, log, save):
     t_eval = time.time()
     losses = evaluate(model, loaders, ctx, cfg.eval_iters, run.world, run.device)
     scores = multiple_choice(model, tok, mc, run.device, ctx, rank=run.rank, world=run.world) if mc else None
-    if run.master:  # the val loss in bits per byte too
+    if not math.isfinite(losses["val"]):  # the same on every rank (all-reduced): no checkpoint of such weights
+        raise SystemExit(f"error: val loss {losses['val']} at step {run.iter_num}: the weights are broken, so they "
+                         f"were not saved; the last checkpoint in {cfg.out_dir} (if any) is from before. Lower "
+                         f"learning_rate or check the data, then resume with --init_from=resume")
+    if run.master:  # the val loss in bits per byte too; only what was measured
         bpb = losses["val"] / math.log(2) / run.bytes_per_token
         scored = f", multiple choice acc_norm {scores['acc_norm']:.4f} ({scores['n']} rows)" if scores else ""
-        print(f"step {run.iter_num}: train loss {losses.get('train', math.nan):.4f}, val loss {losses['val']:.4f}, "
-              f"val bits/byte {bpb:.4f}{scored}")
+        train = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+        print(f"step {run.iter_num}: {train}val loss {losses['val']:.4f}, val bits/byte {bpb:.4f}{scored}")
         log(step=run.iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
             tokens=run.iter_num * run.tokens_per_iter, **{f"mc_{k}": v for k, v in (scores or {}).items()},
             elapsed_s=time.time() - run.t_launch, time=time.time())
@@ -561,34 +525,6 @@ def log_step(run, cfg, lr, *, log, flops_per_iter, peak):
     return True
 
 
-def faults_and_stops(run, cfg, at_log, save, stop_group):
-    """Faults and stop signals, acted on where every rank agrees (the guard is the same on all; a signal is agreed
-    on at log steps). max_bad_steps bad updates in a row: the weights from before them saved, then a one-line error.
-    SIGTERM / SIGINT: saved, and True (the loop ends)."""
-    if at_log or run.iter_num == cfg.max_iters:
-        run.bad_seen, error = read_guard(run.guard, run.bad_seen, run.iter_num, run.master, cfg.spike_factor,
-                                         cfg.max_bad_steps, cfg.out_dir)
-        if error:
-            save()
-            raise SystemExit(error)
-    run.stopped = stop_requested(run.world, at_log, stop_group)
-    if run.stopped:
-        save()
-    return run.stopped
-
-
-def farewell(run, cfg):
-    """The run's last lines: how far it got, and how to go on if a signal stopped it."""
-    best = (f"best val loss {run.best_val_loss:.4f} ({run.best_val_loss / math.log(2) / run.bytes_per_token:.4f} "
-            f"bits/byte)" if math.isfinite(run.best_val_loss) else "no evaluation yet")
-    summary = (f"{run.iter_num} steps, {run.iter_num * run.tokens_per_iter:,} tokens in "
-               f"{time.time() - run.t_launch:.0f}s; {best}")
-    if not run.stopped:
-        return f"done: {summary}; checkpoint in {cfg.out_dir}"
-    return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {run.iter_num}; "
-            f"checkpoint saved in {cfg.out_dir}. Resume with: {resume_command(run.world, sys.argv)}")
-
-
 def main():
     run = types.SimpleNamespace(t_launch=time.time())  # the run's constants and the loop's counters
     config = configure(globals())
@@ -597,19 +533,18 @@ def main():
     run.master, device = run.rank == 0, run.device
     say = print if run.master else (lambda *a, **k: None)
     ptdtype, grad_accum = scale.setup(cfg, device, run.world, say)  # precision, TF32, micro-steps per process
-    check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
+    check_settings(cfg)
     run.tokens_per_iter = grad_accum * run.world * cfg.batch_size * cfg.block_size
     schedule = make_schedule(cfg, say)
 
     data_dir, meta, tok = load_data(cfg.data_root, cfg.dataset)
     check_out_dir(cfg.out_dir, resume=cfg.init_from == "resume")
-    model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config)
-    if cfg.block_size > model_args["block_size"]:
-        raise SystemExit(f"error: block_size {cfg.block_size} > the model's {model_args['block_size']}")
+    model_args, weights, ckpt = init_model(cfg.init_from, cfg.out_dir, data_dir, meta, config,
+                                           load_pretrained=load_pretrained)
     raw_model = build_model(model_args, weights, cfg.seed, device)  # the GPT: state dicts and FLOPs come from it
     optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
                                                grad_accum=grad_accum)
-    restore(run, ckpt, raw_model, optimizers, scaler)
+    restore_run(run, ckpt, raw_model, optimizers, scaler)
     del ckpt, weights
     if cfg.init_from == "resume" and run.iter_num >= cfg.max_iters:  # saving again under the same name: not atomic
         say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, max_iters={cfg.max_iters}")
@@ -618,10 +553,11 @@ def main():
                                               data_state=run.data, pin=device.startswith("cuda"))
     mc = mc_rows(cfg.eval_mc, cfg.data_root, cfg.eval_mc_rows) if cfg.eval_mc else None
     run.bytes_per_token = meta["val_bytes"] / meta["val_tokens"]
-    peak = scale.peak_flops(device, ptdtype)
+    peak, peak_text = scale.reference_flops(device, ptdtype)
     flops_per_iter = raw_model.flops_per_token(cfg.block_size) * run.tokens_per_iter
     if run.master:
-        announce(raw_model, optimizers, run.world, device, dtype_name(ptdtype), run.tokens_per_iter, len(train_ds))
+        announce(raw_model, optimizers, run.world, device, dtype_name(ptdtype), run.tokens_per_iter, len(train_ds),
+                 mfu_ref=peak_text)
     log = open_log(cfg, config, os.path.join(data_dir, meta["tokenizer"]), run.world, run.master)
     save = make_saver(run, cfg, raw_model, optimizers, scaler, model_args=model_args, config=config,
                       batches=batches, tokenizer_hash=meta["tokenizer_hash"])
@@ -661,5 +597,5 @@ if __name__ == "__main__":
                          f"batch_size and raise gradient_accumulation_steps by the same factor (same tokens per step), "
                          f"or set --grad_ckpt=full to recompute activations") from None
     except KeyboardInterrupt:  # Ctrl-C a second time (request_stop): quit at once, the last checkpoint stays
-        os.write(2, f"interrupted: quit without saving; the last checkpoint in {out_dir} is kept\n".encode())
+        os.write(2, f"interrupted: quit without saving; {interrupted_note(out_dir)}\n".encode())
         raise SystemExit(130) from None
