@@ -270,10 +270,10 @@ def time_train_steps(T, device, w, batches, grad_accum, ptdtype, peak_flops, out
     raw = train.build_model({f.name: getattr(T, f.name) for f in fields(GPTConfig)}, None, T.seed, device)
     _, _, _, train_step = train.setup_step(raw, T, device=device, world=w, ptdtype=ptdtype, grad_accum=grad_accum)
     guard = torch.zeros(len(GUARD_FIELDS), device=device)
-    step = lambda: train_step(batches, guard)
+    step = lambda judge=False: train_step(batches, guard, judge_update=judge)  # timed: the steady state's step
     t0 = time.perf_counter()
     for _ in range(train_warmup):
-        step()
+        step(judge=True)  # as a run's first steps (train.main)
     sync()
     out["warmup_s"] = time.perf_counter() - t0
     if cuda:

@@ -74,12 +74,14 @@ def total_norm(tensors):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def guarded_update(optimizers, scaler, guard, params, loss, grad_norm, *, spike_factor, max_bad_steps):
+def guarded_update(optimizers, scaler, guard, params, loss, grad_norm, *, spike_factor, max_bad_steps, judge=True):
     """guard_update, then apply_update, then the update itself judged: if it made the weights non-finite or
     multiplied their norm by UPDATE_LIMIT or more (an exploding learning rate gives such an update from ordinary
     gradients), the weights, the optimizers' state and the guard are put back as they were before the step and
     the guard counts it bad. The copy costs the size of the weights and optimizer state in memory while the
-    step runs, and the decision one host sync a step."""
+    step runs, and the decision one host sync a step: judge=False skips it (guard_update and apply_update only)."""
+    if not judge:
+        return apply_update(optimizers, scaler, guard_update(guard, loss, grad_norm, spike_factor, max_bad_steps))
     before, saved = guard.clone(), snapshot(params, optimizers)
     apply_update(optimizers, scaler, guard_update(guard, loss, grad_norm, spike_factor, max_bad_steps))
     old, new = total_norm(saved[0]), total_norm(params)

@@ -42,8 +42,8 @@ from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
 from eval import mc_rows, multiple_choice
-from faults import (catch_stop_signals, check_guard_settings, farewell, faults_and_stops, guarded_update,
-                    interrupted_note)
+from faults import (GUARD_WARMUP, catch_stop_signals, check_guard_settings, farewell, faults_and_stops,
+                    guarded_update, interrupted_note)
 from model import GPT, GPTConfig
 from muon import Muon
 from prepare import load_meta, read_header, read_shard
@@ -331,10 +331,10 @@ def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))
     ctx = autocast(device, ptdtype)
 
-    def step(batches, guard):
+    def step(batches, guard, judge_update=True):
         return train_step(model, optimizers, scaler, batches, grad_accum=grad_accum, ctx=ctx, device=device,
                           guard=guard, grad_clip=cfg.grad_clip, spike_factor=cfg.spike_factor,
-                          max_bad_steps=cfg.max_bad_steps, world=world)
+                          max_bad_steps=cfg.max_bad_steps, world=world, judge_update=judge_update)
     return optimizers, scaler, ctx, step
 
 
@@ -396,13 +396,13 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
 
 
 def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
-               max_bad_steps, world=None):
+               max_bad_steps, world=None, judge_update=True):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
     and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's
     mean loss (0-d, on device).
-    One host sync, at the end (the guard's judgement of the applied update): until then the CPU only queues GPU
-    work and runs ahead, so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still
-    computes the one before."""
+    judge_update: also judge the applied update (a copy of the weights and optimizer state, and one host sync at
+    the end; faults.guarded_update). Otherwise no host sync anywhere: the CPU only queues GPU work and runs ahead,
+    so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still computes the one before."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
     inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
     step_loss = torch.zeros((), device=device)
@@ -430,7 +430,7 @@ def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, g
     # few steps in a row at the start): only the loss (and the update) speak to the guard then
     norm = None if scaler.is_enabled() else norm
     guarded_update(optimizers, scaler, guard, list(model.parameters()), step_loss, norm, spike_factor=spike_factor,
-                   max_bad_steps=max_bad_steps)
+                   max_bad_steps=max_bad_steps, judge=judge_update)
     scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
@@ -573,7 +573,9 @@ def main():
         lr = schedule(run.iter_num)
         set_lr(optimizers, lr / cfg.learning_rate)
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank + run.iter_num)  # dropout from (seed, rank, step): replayed
-        run.loss_sum += step(batches, run.guard)
+        # an update is judged once applied only in a run's first steps, where a learning rate too large for the
+        # weights shows; later the gradient norm, judged before stepping, is the guard, and a step costs no copy
+        run.loss_sum += step(batches, run.guard, judge_update=run.iter_num - run.start_iter < GUARD_WARMUP)
         run.iter_num += 1
         at_log = log_step(run, cfg, lr, log=log, flops_per_iter=flops_per_iter, peak=peak)
         if faults_and_stops(run, cfg, at_log, save, stop_group):
