@@ -121,15 +121,15 @@ def reference_flops(device, ptdtype):
 
 
 def peak_flops(device, ptdtype):
-    """This device's dense matmul rate in FLOP/s, measured (a datasheet number is wrong for half the
-    cards people own, and meaningless on a CPU). MFU is reported against it."""
+    """This device's dense matmul rate in FLOP/s, measured now: reference_flops' fallback, and what bench.py's MFU
+    is against (the fastest of several trials: other processes may share the machine)."""
     cuda = device.startswith("cuda")
     n, trials, reps = (8192, 10, 10) if cuda else (1024, 20, 1)  # 8192: big enough to reach an H100's ~800 TFLOP/s
     a = torch.randn(n, n, device=device, dtype=ptdtype)
     b = torch.randn(n, n, device=device, dtype=ptdtype)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     best = float("inf")
-    for _ in range(trials):  # the fastest trial: other processes may share the machine
+    for _ in range(trials):
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
