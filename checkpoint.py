@@ -30,7 +30,6 @@ import torch.distributed as dist
 import bpe
 from faults import GUARD_FIELDS
 from model import GPT, GPTConfig
-from prepare import file_sha256
 
 CKPT_FORMAT = 1
 
@@ -125,8 +124,13 @@ class Unreadable(Exception):
 
 def read_checkpoint(path, sha=None):
     """One checkpoint file, verified (sha256, if known) and loaded with weights_only on the CPU."""
-    if sha and file_sha256(path) != sha:
-        raise Unreadable(f"checkpoint {path} is corrupt or truncated (sha256 mismatch)")
+    if sha:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        if h.hexdigest() != sha:
+            raise Unreadable(f"checkpoint {path} is corrupt or truncated (sha256 mismatch)")
     try:  # on the CPU first: resuming never needs more GPU memory than the run itself
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # written by other code, holding pickled code, or (no checksum known) damaged
@@ -162,20 +166,22 @@ def load_checkpoint(out_dir):
             continue
         if problems:
             print(f"warning: {'; '.join(problems)}; using {path}, the newest intact checkpoint", file=sys.stderr)
-            rebuild_manifest(out_dir, name, ckpt, shas.get(name))
+            rebuild_manifest(out_dir, name, ckpt)
         return ckpt
     raise SystemExit(f"error: {'; '.join(problems)}; and {out_dir} holds no older intact checkpoint: restore it, "
                      f"or start the run again in another --out_dir")
 
 
-def rebuild_manifest(out_dir, name, ckpt, sha=None):
-    """latest.json naming out_dir/name again (sha: its sha256, if read_checkpoint verified it already); a read-only
-    out_dir keeps its damaged one (the loader copes)."""
-    sha = sha or file_sha256(os.path.join(out_dir, name))
+def rebuild_manifest(out_dir, name, ckpt):
+    """latest.json naming out_dir/name again; a read-only out_dir keeps its damaged one (the loader copes)."""
+    h = hashlib.sha256()
+    with open(os.path.join(out_dir, name), "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
     try:
         atomic_write_json(os.path.join(out_dir, "latest.json"), dict(
-            file=name, sha256=sha, format=CKPT_FORMAT, iter_num=ckpt.get("iter_num"),
-            model_args=ckpt.get("model_args"), shas={name: sha}))
+            file=name, sha256=h.hexdigest(), format=CKPT_FORMAT, iter_num=ckpt.get("iter_num"),
+            model_args=ckpt.get("model_args"), shas={name: h.hexdigest()}))
     except OSError:
         pass
 
