@@ -5,22 +5,17 @@ Turn a corpus into tokenized train/val shards that train.py reads.
     python prepare.py --input=my_texts/ --vocab_size=8192
     python prepare.py --dataset=shakespeare            # downloads (resumable, checksummed, cached)
     python prepare.py --dataset=fineweb-edu            # FineWeb-Edu's 10B-token sample (28.5 GB parquet; pyarrow)
+    python prepare.py --dataset=sitepackages           # the .py files of SITE_PACKAGES installed here, no network
 
-Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json. The output is built in
-data/<dataset>.tmp and moved into place only when complete, meta.json last: an error never leaves half of it behind.
-
-How documents are found (train and val are split by document, and every document is preceded by the end-of-text
-token, so sampling from that token starts a fresh document):
-- a .py or .md file is one document; so is a .txt file, unless it has lines `<|endoftext|>`, which separate
-  documents (the TinyStories convention); a .jsonl line's "text" field is one; a .parquet row's "text" column is one
-  (FineWeb's layout); .gz files are read the same way; a file without an extension (LICENSE, Apache-2.0) is one
-  document when it is UTF-8 text (no NUL byte or bad UTF-8 in its first 4 KB); a directory's other files are skipped
-  and named in one line;
-- a corpus of one document is split at blank lines into paragraphs, which are then the documents;
-- every round(1/val_fraction)-th document goes to val. A corpus with fewer documents than that (one file without
-  blank lines, say) holds out its tail instead: the last val_fraction of its characters form one val document, as
-  nanoGPT holds out the last 10% of a text. The tokenizer is trained on the train split only.
-Running it again with the same inputs does nothing.
+Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json, built in data/<dataset>.tmp and
+moved into place only when complete, meta.json last: an error never leaves half of it behind. A rerun on the same
+inputs does nothing. Documents, each preceded by the end-of-text token (so sampling from it starts a fresh one): a .py
+or .md file; a .txt file, or its parts between lines `<|endoftext|>` (TinyStories'); a .jsonl line's "text" field; a
+.parquet row's "text" column (FineWeb's); the same in .gz files; a file without an extension (LICENSE, Apache-2.0)
+whose first 4 KB are UTF-8 without NUL bytes. A directory's other files are skipped and named in one line. A corpus
+of one document is split at blank lines into paragraphs. Every round(1/val_fraction)-th document goes to val; a corpus
+with fewer documents (one file without blank lines, say) holds out its last val_fraction of characters instead, as
+nanoGPT holds out the last 10% of a text. The tokenizer is trained on the train split only.
 """
 import codecs
 import collections
@@ -45,10 +40,11 @@ import bpe
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-dataset = "stdlib"          # stdlib | shakespeare | tinystories | fineweb-edu | any name (with `input`)
+dataset = "stdlib"          # stdlib | sitepackages | shakespeare | tinystories | fineweb-edu | any name (with `input`)
 input = ""                  # a corpus file or directory (the docstring says what is read); overrides `dataset`'s source
+site_packages = ""          # --dataset=sitepackages: another Python's site-packages (a venv's); "" = this Python's
 data_root = "data"
-vocab_size = 0              # special tokens included; 0 = the dataset's: 50257 (GPT-2's) for fineweb-edu, else 4096
+vocab_size = 0              # special tokens included; 0 = the dataset's (DEFAULT_VOCAB), else 4096
 tokenizer = ""              # path of an existing tokenizer file to reuse instead of training one
 tokenizer_max_bytes = 200_000_000  # train the tokenizer on at most this much of the train split
 val_fraction = 0.02         # every round(1/val_fraction)-th document goes to val
@@ -86,8 +82,18 @@ REMOTE = {  # name -> its files: (url, expected size in bytes or None, sha256 or
                      None, None)],
     "fineweb-edu": [(FINEWEB_EDU + name, size, sha) for name, size, sha in FINEWEB_EDU_FILES],
 }
-DATASETS = ["stdlib", *REMOTE]  # the names prepare.py can prepare without --input
-DEFAULT_VOCAB = {"fineweb-edu": 50257}  # GPT-2's vocabulary size, for the GPT-2 reproduction (config/gpt2_124m.py)
+# --dataset=sitepackages: the .py files of these packages (import names) wherever installed, in this order (by name,
+# so the tokenizer's first 200 MB span many): big, mostly code. Left out: pip and setuptools (their _vendor copies
+# repeat other packages), jaxlib (generated MLIR bindings).
+SITE_PACKAGES = tuple("""
+_pytest accelerate botorch cupy cupyx Cython diffrax equinox flax fontTools gpytorch huggingface_hub hypothesis
+imageio jax joblib lightning linear_operator llvmlite matplotlib mesonbuild mpmath narwhals networkx numba numba_cuda
+numpy numpyro onnx onnx_ir onnxscript optax orbax pandas peft PIL pyarrow pygments pytorch_lightning rich scipy
+seaborn sentence_transformers skimage sklearn statsmodels sympy tensorboard tifffile timm torch torch_geometric
+torchaudio torchgen torchmetrics torchvision transformers treescope triton xarray""".split())
+DATASETS = ["stdlib", "sitepackages", *REMOTE]  # the names prepare.py can prepare without --input
+# fineweb-edu: GPT-2's (config/gpt2_124m.py); sitepackages: a multiple of 64, 2.5% more tokens than 50,257 would give
+DEFAULT_VOCAB = {"fineweb-edu": 50257, "sitepackages": 32768}
 SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz")  # what a corpus dir holds
 
 # ---------------------------------------------------------------------------- the shard format
@@ -134,8 +140,13 @@ def read_shard(path):
 
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no prepared data in {data_dir} (missing meta.json); {prepare_hint(data_dir)}")
+    if not os.path.isfile(path):  # name the command that makes data_dir: a known dataset's, else a corpus of yours
+        name, root = os.path.basename(os.path.normpath(data_dir)), os.path.dirname(os.path.normpath(data_dir))
+        flags = f" --data_root={root}" if root != "data" else ""
+        hint = (f"run `python prepare.py --dataset={name}{flags}` first" if name in DATASETS else
+                f"run `python prepare.py --input=PATH --dataset={name}{flags}` first (PATH: your corpus), or use a "
+                f"dataset prepare.py knows: {', '.join(DATASETS)}")
+        raise SystemExit(f"error: no prepared data in {data_dir} (missing meta.json); {hint}")
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -146,17 +157,6 @@ def load_meta(data_dir):
     except (ValueError, KeyError, TypeError) as e:  # ValueError: not JSON, or not UTF-8
         raise SystemExit(f"error: {path} is corrupt ({type(e).__name__}: {e}); re-run prepare.py") from None
     return meta
-
-
-def prepare_hint(data_dir):
-    """The command that makes data_dir: a known dataset's own, else the one for a corpus of your own."""
-    name = os.path.basename(os.path.normpath(data_dir))
-    root = os.path.dirname(os.path.normpath(data_dir))
-    flags = f" --data_root={root}" if root != "data" else ""
-    if name in DATASETS:
-        return f"run `python prepare.py --dataset={name}{flags}` first"
-    return (f"run `python prepare.py --input=PATH --dataset={name}{flags}` first (PATH: your corpus), or use a "
-            f"dataset prepare.py knows: {', '.join(DATASETS)}")
 
 # ---------------------------------------------------------------------------- reading a corpus
 
@@ -183,6 +183,21 @@ def corpus_files(src):
     if skipped:
         print(note, file=sys.stderr)
     return files
+
+
+def site_packages_files(root):
+    """The .py files of SITE_PACKAGES under root (this Python's site-packages when empty), package by package in
+    SITE_PACKAGES' order. The absent ones are named in one line on stderr."""
+    root = root or sysconfig.get_paths()["purelib"]
+    present = [p for p in SITE_PACKAGES if os.path.isdir(os.path.join(root, p))]
+    if not present:
+        raise SystemExit(f"error: none of SITE_PACKAGES ({', '.join(SITE_PACKAGES[:3])}, ...) is in {root}; point "
+                         f"--site_packages at a site-packages that has them (a venv's, say)")
+    absent = [p for p in SITE_PACKAGES if p not in present]
+    if absent:
+        print(f"sitepackages: {len(absent)} of {len(SITE_PACKAGES)} packages not in {root}: {', '.join(absent)}",
+              file=sys.stderr)
+    return [f for p in present for f in walk(os.path.join(root, p)) if f.endswith(".py")]
 
 
 def walk(root):
@@ -232,21 +247,19 @@ def parquet_texts(path):
 def read_documents(files, strict=True, info=None):
     """Yield documents (str). Non-UTF-8 files are an error, or skipped when strict=False (the stdlib has a
     few deliberately mis-encoded test files). info: a dict whose "bytes" follows how much of the files is read."""
-    done = 0
+    done, info = 0, {} if info is None else info
     for path in files:
         size = os.path.getsize(path)
         if path.endswith(".parquet"):
             for doc, frac in parquet_texts(path):
-                if info is not None:
-                    info["bytes"] = done + frac * size
+                info["bytes"] = done + frac * size
                 yield doc
             done += size
             continue
         opener = gzip.open if path.endswith(".gz") else open
         try:
             with opener(path, "rb") as f:
-                raw = f.read()
-            text = raw.decode("utf-8")
+                text = f.read().decode("utf-8")
         except UnicodeDecodeError as e:
             if not strict:
                 continue
@@ -255,8 +268,7 @@ def read_documents(files, strict=True, info=None):
         except (OSError, EOFError) as e:
             raise SystemExit(f"error: cannot read {path}: {e}")
         done += size
-        if info is not None:
-            info["bytes"] = done
+        info["bytes"] = done
         if path.endswith((".jsonl", ".jsonl.gz")):
             for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
@@ -280,25 +292,16 @@ def split_of(i, val_fraction):
     return "val" if int((i + 1) * val_fraction) > int(i * val_fraction) else "train"
 
 
-def documents(files, strict, info=None):
-    docs = read_documents(files, strict, info)
-    first = next(docs, None)
-    if first is None:
-        raise SystemExit("error: the corpus is empty (no non-blank documents); check --input")
-    second = next(docs, None)
-    if second is None:  # one document: split it at blank lines so val can be held out by document
-        yield from (d for d in first.split("\n\n") if d.strip())
-        return
-    yield first
-    yield second
-    yield from docs
-
-
 def split_documents(files, info, *, val_fraction, strict):
     """Yield (split, document): by document index (split_of), or, for a corpus with fewer documents than the first
     val index, every document to train but the tail: its last val_fraction of characters, one val document.
     Sets info["val_split"] to "documents" or "tail". strict: as read_documents'."""
-    docs = documents(files, strict, info)
+    docs = read_documents(files, strict, info)
+    first = next(docs, None)
+    if first is None:
+        raise SystemExit("error: the corpus is empty (no non-blank documents); check --input")
+    second = next(docs, None)  # one document: split it at blank lines so val can be held out by document
+    docs = (d for d in first.split("\n\n") if d.strip()) if second is None else itertools.chain([first, second], docs)
     first_val = next(i for i in itertools.count() if split_of(i, val_fraction) == "val")
     head = list(itertools.islice(docs, first_val + 1))
     if len(head) > first_val:
@@ -439,12 +442,12 @@ def encoded_batches(pairs, tok, tok_path, procs, batch_chars=1 << 22):
 # ---------------------------------------------------------------------------- the job
 
 
-def source_files(*, input, dataset, data_root, fineweb_shards):
-    """The corpus's files: the input's, the stdlib's, or a known dataset's, downloaded into data_root/downloads."""
+def source_files(*, input, dataset, data_root, fineweb_shards, site_packages=""):
+    """The corpus's files: the input's, the installed sources', or a known dataset's, downloaded into data_root."""
     if input:
         return corpus_files(input)
-    if dataset == "stdlib":
-        return corpus_files("stdlib")
+    if dataset in ("stdlib", "sitepackages"):
+        return corpus_files("stdlib") if dataset == "stdlib" else site_packages_files(site_packages)
     if dataset not in REMOTE:
         close = difflib.get_close_matches(dataset, DATASETS, n=1, cutoff=0.6)
         hint = f"did you mean --dataset={close[0]}? " if close else ""
@@ -478,8 +481,7 @@ def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_token
     Returns (shard names per split, counts per split, how val was split)."""
     if shard_tokens < 1:  # every shard written must take tokens out of the buffer, or flush() never ends
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    buffers, pending = {"train": [], "val": []}, {"train": 0, "val": 0}
-    shards = {"train": [], "val": []}
+    buffers, pending, shards = {"train": [], "val": []}, {"train": 0, "val": 0}, {"train": [], "val": []}
     counts = {s: dict(docs=0, tokens=0, bytes=0) for s in buffers}
 
     def flush(split, final=False):
@@ -500,9 +502,8 @@ def write_shards(files, tok, tok_path, out, *, val_fraction, strict, shard_token
         for split, (ids, n_docs, n_bytes) in result.items():
             buffers[split].append(ids)
             pending[split] += len(ids)
-            counts[split]["docs"] += n_docs
-            counts[split]["tokens"] += len(ids)
-            counts[split]["bytes"] += n_bytes
+            for key, n in (("docs", n_docs), ("tokens", len(ids)), ("bytes", n_bytes)):
+                counts[split][key] += n
             text_bytes += n_bytes
             if pending[split] >= shard_tokens:
                 flush(split)
@@ -530,8 +531,9 @@ def check_settings(*, dataset, data_root, tokenizer, val_fraction):
 
 def prepare():
     check_settings(dataset=dataset, data_root=data_root, tokenizer=tokenizer, val_fraction=val_fraction)
-    files = source_files(input=input, dataset=dataset, data_root=data_root, fineweb_shards=fineweb_shards)
-    strict = dataset != "stdlib" or bool(input)  # the stdlib has a few deliberately mis-encoded test files: skipped
+    files = source_files(input=input, dataset=dataset, data_root=data_root, fineweb_shards=fineweb_shards,
+                         site_packages=site_packages)
+    strict = bool(input) or dataset not in ("stdlib", "sitepackages")  # installed test files may be mis-encoded
     out = os.path.join(data_root, dataset)
     vocab = vocab_size or DEFAULT_VOCAB.get(dataset, 4096)
     # The fingerprint covers the file list (names, sizes, mtimes) and every setting that changes the output.
@@ -570,12 +572,11 @@ def prepare():
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         publish(tmp, out)
-    except OSError as e:  # a read-only data_root, a full disk: nothing half-written stays behind
+    except BaseException as e:  # nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SystemExit(f"error: cannot write {e.filename or tmp} ({e.strerror or e}); give a --data_root you can "
-                         f"write to, with room for the shards") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a read-only data_root, a full disk
+            raise SystemExit(f"error: cannot write {e.filename or tmp} ({e.strerror or e}); give a --data_root you "
+                             f"can write to, with room for the shards") from None
         raise
     print(f"wrote {out}: train {counts['train']['tokens']:,} tokens ({counts['train']['docs']} docs), "
           f"val {counts['val']['tokens']:,} tokens ({counts['val']['docs']} docs, by {val_split}), "
