@@ -34,6 +34,7 @@ import signal
 import string as string_module
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -1044,8 +1045,8 @@ def test_prepare_error_mid_way_keeps_an_earlier_complete_output(tmp_path):
 
 def test_prepare_unknown_dataset_names_the_ones_it_knows_and_how_to_give_a_corpus(tmp_path):
     p = run("prepare.py", "--dataset=nosuch", f"--data_root={tmp_path}", check=False)
-    one_line_error(p, r"^error: unknown dataset 'nosuch'; prepare.py knows stdlib, shakespeare, tinystories, "
-                      r"fineweb-edu; for a corpus of your own pass --input=PATH \(then --dataset names its output\)$")
+    one_line_error(p, r"^error: unknown dataset 'nosuch'; prepare.py knows stdlib, sitepackages, shakespeare, "
+                      r"tinystories, fineweb-edu; for a corpus of your own pass --input=PATH \(then --dataset names its output\)$")
 
 
 def test_prepare_near_miss_dataset_name_suggests_the_right_one(tmp_path):
@@ -1163,6 +1164,76 @@ def test_prepare_into_a_read_only_data_root_is_one_line_and_leaves_no_temp_dir(t
     one_line_error(p, r"^error: cannot write .*data.* \(Permission denied\); give a --data_root you can write to",
                    after_progress=True)
     assert os.listdir(root) == []
+
+
+# ---- --dataset=sitepackages, on a fake site-packages (never this Python's real one)
+def fake_site_packages(root):
+    """Two listed packages (numpy, torch; torch with a subpackage and a non-.py file) and an unlisted one, 6 tiny
+    .py files each: (root, {package: its documents in file order})."""
+    docs = {}
+    for pkg in ("numpy", "torch", "notlisted"):
+        docs[pkg] = []
+        for i in range(6):
+            path = os.path.join(root, pkg, "sub" if pkg == "torch" and i >= 3 else "", f"m{i}.py")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            docs[pkg].append(f"def {pkg}_{i}(x):\n    return x + {i}  # ünï\n")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(docs[pkg][-1])
+    with open(os.path.join(root, "torch", "table.json"), "w") as f:
+        f.write("{}")
+    return str(root), docs
+
+
+def sitepackages_prepare(monkeypatch, site, data_root):
+    for key, value in dict(dataset="sitepackages", site_packages=site, data_root=str(data_root), vocab_size=270,
+                           val_fraction=0.2, input="", tokenizer="", num_proc=1).items():
+        monkeypatch.setattr(prepare, key, value)
+    return prepare.prepare()
+
+
+def test_sitepackages_reads_only_the_listed_packages_in_the_lists_order_and_names_the_absent(tmp_path, monkeypatch,
+                                                                                             capsys):
+    site, _ = fake_site_packages(tmp_path)
+    monkeypatch.setattr(prepare, "SITE_PACKAGES", ("torch", "nosuch", "numpy", "alsonot"))  # not alphabetical
+    files = [os.path.relpath(f, site) for f in prepare.site_packages_files(site)]
+    assert files == ["torch/m0.py", "torch/m1.py", "torch/m2.py", "torch/sub/m3.py", "torch/sub/m4.py",
+                     "torch/sub/m5.py"] + [f"numpy/m{i}.py" for i in range(6)]
+    assert capsys.readouterr().err == f"sitepackages: 2 of 4 packages not in {site}: nosuch, alsonot\n"
+    assert prepare.source_files(input="", dataset="sitepackages", data_root="", fineweb_shards=1,
+                                site_packages=site) == [os.path.join(site, f) for f in files]
+
+
+def test_sitepackages_with_none_of_the_packages_is_one_error_line(tmp_path):
+    (tmp_path / "notlisted").mkdir()
+    p = run("prepare.py", "--dataset=sitepackages", f"--site_packages={tmp_path}", f"--data_root={tmp_path / 'd'}",
+            check=False)
+    one_line_error(p, rf"^error: none of SITE_PACKAGES \(\w+, \w+, \w+, \.\.\.\) is in {re.escape(str(tmp_path))}; "
+                      r"point --site_packages at a site-packages that has them")
+    assert not os.path.exists(tmp_path / "d" / "sitepackages")
+
+
+def test_sitepackages_writes_shards_and_a_val_split_byte_identical_on_a_rerun(tmp_path, monkeypatch):
+    site, docs = fake_site_packages(tmp_path / "site")
+    listed = [d for pkg in prepare.SITE_PACKAGES if pkg in docs for d in docs[pkg]]  # numpy's, then torch's
+    outs = [sitepackages_prepare(monkeypatch, site, tmp_path / name) for name in ("a", "b")]
+    meta = json.load(open(os.path.join(outs[0], "meta.json")))
+    tok = bpe.Tokenizer.load(os.path.join(outs[0], "tokenizer.bpe"))
+    assert meta["val_split"] == "documents" and meta["n_files"] == 12 and meta["vocab_size"] == 270
+    for split in ("train", "val"):
+        ids = np.concatenate([prepare.read_shard(os.path.join(outs[0], p)) for p in meta[f"{split}_shards"]])
+        expected = [d for i, d in enumerate(listed) if prepare.split_of(i, 0.2) == split]
+        assert len(expected) == meta[f"{split}_docs"] > 0
+        assert tok.decode(ids.tolist()) == "".join("<|endoftext|>" + d for d in expected)
+    assert sorted(os.listdir(outs[0])) == sorted(os.listdir(outs[1]))
+    for f in os.listdir(outs[0]):
+        assert open(os.path.join(outs[0], f), "rb").read() == open(os.path.join(outs[1], f), "rb").read(), f
+
+
+def test_sitepackages_defaults_to_a_32768_token_vocabulary_and_this_pythons_site_packages(monkeypatch):
+    assert prepare.DEFAULT_VOCAB["sitepackages"] == 32768 and prepare.site_packages == ""
+    monkeypatch.setattr(prepare, "SITE_PACKAGES", ("nosuch",))  # so nothing real is read: the error names the place
+    with pytest.raises(SystemExit, match=re.escape(f"is in {sysconfig.get_paths()['purelib']};")):
+        prepare.site_packages_files("")
 
 
 # ============================================================================ model.py
@@ -2519,7 +2590,7 @@ def test_missing_data_dir_says_which_command_prepares_it(tmp_path):
     p = run("train.py", f"--data_root={tmp_path}", "--dataset=nope", check=False, env={"OMP_NUM_THREADS": "1"})
     one_line_error(p, r"no prepared data in .*nope \(missing meta.json\); run `python prepare.py --input=PATH "
                       r"--dataset=nope --data_root=.*` first \(PATH: your corpus\), or use a dataset prepare.py knows: "
-                      r"stdlib, shakespeare, tinystories, fineweb-edu$")
+                      r"stdlib, sitepackages, shakespeare, tinystories, fineweb-edu$")
 
 
 @pytest.mark.parametrize("case, pattern", [
