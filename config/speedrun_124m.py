@@ -1,8 +1,10 @@
 # The 124M speedrun recipe: config/speedrun_124m_base.py's width, depth, data and batch with the modern pieces
 # and Muon (the small recipe's U-net skips and soft-cap are not measured at this size, so not here).
-# python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py --speedrun_baseline=config/speedrun_124m_base.py
+# Data: python prepare.py --dataset=sitepackages (installed packages' Python sources, no network, 32,768-token BPE).
+# Steps by rule, as the baseline's: >= 100M training tokens in one pass, no repetition: 3,100 x 32 x 1024 = 101.6M.
+# RECIPE=config/speedrun_124m.py BASE=config/speedrun_124m_base.py SEEDS=1 bash runs/speedrun.sh
 out_dir = "out/speedrun_124m"
-dataset = "stdlib"
+dataset = "sitepackages"
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -27,11 +29,11 @@ beta1 = 0.8
 beta2 = 0.95
 lr_schedule = "wsd"
 cooldown_frac = 0.4
-max_iters = 500
+max_iters = 3100
 warmup_iters = 0
 min_lr = 0.0
-eval_interval = 50
+eval_interval = 250
 eval_iters = 20
 eval_train = False
 log_interval = 50
-compile = False             # eager: at 500 steps compiling costs more than it saves
+compile = True              # at 3,100 steps compiling pays for itself

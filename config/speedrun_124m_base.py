@@ -1,8 +1,11 @@
-# The baseline of the 124M speedrun: GPT-2 small (the GPT-2 layout, AdamW, cosine schedule) on the default corpus
-# (python prepare.py: the stdlib, 4,096-token BPE), 1,000 steps of 32 x 1024 tokens on one GPU.
-# python bench.py --mode=speedrun --speedrun_config=config/speedrun_124m.py --speedrun_baseline=config/speedrun_124m_base.py
+# The baseline of the 124M speedrun: the peers' GPT-2 small recipe (nanoGPT/llm.c: GPT-2 layout, AdamW 6e-4, betas
+# 0.9/0.95 (train.py's defaults), warmup, cosine to 6e-5, weight decay 0.1, compiled) at 32 x 1024 tokens per step on
+# one GPU, on python prepare.py --dataset=sitepackages (installed packages' Python sources, 32,768-token BPE).
+# Steps by rule: >= 100M training tokens in one pass, no repetition: 3,100 x 32 x 1024 = 101.6M. Warmup 100 steps
+# (nanoGPT's ratio is ~700/19,073 steps).
+# RECIPE=config/speedrun_124m.py BASE=config/speedrun_124m_base.py SEEDS=1 bash runs/speedrun.sh
 out_dir = "out/speedrun_124m_base"
-dataset = "stdlib"
+dataset = "sitepackages"
 n_layer = 12
 n_head = 12
 n_embd = 768
@@ -13,10 +16,10 @@ batch_size = 32
 gradient_accumulation_steps = 1
 learning_rate = 6e-4
 weight_decay = 0.1
-max_iters = 1000
+max_iters = 3100
 warmup_iters = 100
 min_lr = 6e-5
-eval_interval = 100
+eval_interval = 250
 eval_iters = 20
 eval_train = False
 log_interval = 50
