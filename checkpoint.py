@@ -204,10 +204,23 @@ def model_from_checkpoint(ckpt, device="cpu"):
     return model
 
 
-def zero_names(model, optimizer):
-    """The parameter names in the order ZeRO numbers them in its state dicts (that of its param_groups)."""
+def param_names(model, optimizer):
+    """The parameter names in the order an optimizer numbers them in its state dicts (that of its param_groups)."""
     names = {p: n for n, p in model.named_parameters()}
     return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def owned_state(model, muon):
+    """Muon's state dict under ZeRO-1, keyed by name, whole on rank 0: each weight's momentum from its owner."""
+    params = [p for g in muon.param_groups for p in g["params"]]
+    stepped = torch.tensor(float(len(muon.state)), device=params[0].device)
+    dist.all_reduce(stepped, op=dist.ReduceOp.MAX)  # a process that owns no weight has no state
+    sd, names, state = muon.state_dict(), param_names(model, muon), {}
+    for name, p in zip(names, params if stepped.item() else []):
+        buf = muon.state[p]["momentum_buffer"] if muon.owner[p] == muon.rank else torch.empty_like(p)
+        dist.broadcast(buf, src=muon.owner[p])
+        state[name] = {"momentum_buffer": buf.cpu()}
+    return state, [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
 
 
 def full_state_dicts(model, optimizers):
@@ -223,23 +236,27 @@ def full_state_dicts(model, optimizers):
         return model_state, get_optimizer_state_dict(model, optimizers, options=opts)
     optimizer.consolidate_state_dict(to=0)  # ZeRO's own gather to rank 0 (torch's helper hangs on it)
     sd = optimizer.state_dict() if dist.get_rank() == 0 else dict(state={}, param_groups=[])
-    names = zero_names(model, optimizer)
+    names = param_names(model, optimizer)
     state = {names[i]: {k: v.cpu() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
+    for muon in optimizers[1:]:  # a ZeRO-1 run with optimizer='muon'
+        muon_state, muon_groups = owned_state(model, muon)
+        state, groups = {**state, **muon_state}, groups + muon_groups
     return model_state, dict(state=state, param_groups=groups)
 
 
 def load_optimizer_state(model, optimizers, state):
     """Loads full_state_dicts' optimizer state into the optimizers over `model` (plain, DDP'd or FSDP-sharded
-    GPT), or into ZeRO, which keeps its rank's part."""
+    GPT), or into ZeRO, which keeps its rank's part (as Muon under ZeRO-1 does: muon.py)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    optimizer = optimizers[0]
-    if not hasattr(optimizer, "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
+    if not hasattr(optimizers[0], "optim"):  # all but ZeroRedundancyOptimizer (which steps an inner AdamW, .optim)
         return set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
-    index = {n: i for i, n in enumerate(zero_names(model, optimizer))}
-    optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items()},
-                                   param_groups=[dict(g, params=[index[n] for n in g["params"]])
-                                                 for g in state["param_groups"]]))
+    groups = iter(state["param_groups"])  # the optimizers' groups, one optimizer after the other
+    for optimizer in optimizers:
+        index = {n: i for i, n in enumerate(param_names(model, optimizer))}
+        mine = [next(groups) for _ in optimizer.param_groups]
+        optimizer.load_state_dict(dict(state={index[n]: s for n, s in state["state"].items() if n in index},
+                                       param_groups=[dict(g, params=[index[n] for n in g["params"]]) for g in mine]))
 
 
 # ---------------------------------------------------------------------------- a run's out_dir

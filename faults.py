@@ -18,6 +18,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from muon import Muon
+
 # The run stops rather than roll back and lower the LR: a silent LR change would alter the experiment, while a
 # stop with the pre-fault weights lets a person choose (the PaLM remedy for spikes is the same: restart from
 # before the spike and skip the bad batches, which is what resuming from this checkpoint does, since the data
@@ -122,15 +124,15 @@ def restore(params, optimizers, saved):
 
 def apply_update(optimizers, scaler, bad):
     """Steps each optimizer unless bad (0-d float32 tensor, 1.0 = skip) - skipped means nothing changes, not the
-    weights, not the moments, not the step count. Fused AdamW (CUDA) takes the skip flag on the device
-    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU; on a
-    GPU one sync a step (Muon has no such hook); with fp16's GradScaler a sync the scaler makes anyway."""
+    weights, not the moments, not the step count. Fused AdamW (CUDA) and Muon take the skip flag on the device
+    (`found_inf`, the hook GradScaler uses), so no host sync. Otherwise the host reads the flag: free on a CPU; with
+    fp16's GradScaler a sync the scaler makes anyway."""
     for optimizer in optimizers:
         inner = getattr(optimizer, "optim", optimizer)  # ZeRO steps an AdamW of its own over this rank's part
-        if inner.defaults.get("fused") and not scaler.is_enabled():
+        if (inner.defaults.get("fused") or isinstance(inner, Muon)) and not scaler.is_enabled():
             inner.found_inf = bad
             optimizer.step()
-            del inner.found_inf
+            inner.found_inf = None
         elif not bad.item():
             scaler.step(optimizer)
 

@@ -2,17 +2,26 @@
 Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/): SGD with Nesterov momentum whose update of
 each 2-D weight is replaced by its nearest semi-orthogonal matrix, approximated by a quintic Newton-Schulz
 iteration. The same update as torch.optim.Muon (torch >= 2.9: same coefficients, eps, steps, the "original" lr
-scaling x sqrt(max(1, rows/cols)), decoupled weight decay) with one difference: the iteration runs in bfloat16 on
-CUDA, where tensor cores make it cheap and Jordan found it harmless, and in float32 elsewhere. A CPU without native
-bf16 (AVX2 only) emulates every bf16 matmul, which made a Muon step ~3x an AdamW step (issue 36); fp32 is native
-there, and closer to the exact math too. The state (one "momentum_buffer" per weight) and the groups' keys are
-torch.optim.Muon's, so a checkpoint written by either resumes in the other.
-`orthogonalise` is kept apart from the step: a distributed Muon (each rank orthogonalises the whole matrices it
-owns) or another iteration (other coefficients) replaces or reuses it without touching the momentum or the update.
+scaling x sqrt(max(1, rows/cols)), decoupled weight decay) with three differences:
+- the iteration runs in bfloat16 on CUDA, where tensor cores make it cheap and Jordan found it harmless, and in
+  float32 elsewhere: a CPU without native bf16 (AVX2 only) emulates every bf16 matmul (a Muon step was ~3x an AdamW
+  step there, issue 36); fp32 is native there, and closer to the exact math too;
+- same-shaped weights are orthogonalised together, as one batch of matrices: a few large kernels instead of five
+  small matmuls per weight (on a GPU the launches, not the FLOPs, were the cost of a 124M model's Muon step);
+- a step can be skipped on the device (found_inf, the hook fused AdamW and GradScaler use): the bad-update guard
+  needs no host sync a step.
+Over processes, each weight has an owner (the i-th weight of a shape belongs to process i % world) that
+orthogonalises it whole, as modded-nanogpt and nanochat do: under ZeRO-1 (owners=True) only the owner keeps its
+momentum and steps it, then every process gathers the stepped weights; under FSDP2 (DTensor shards of rows) every
+process keeps the momentum of its rows, the owner collects the rows of the update (all_to_all), orthogonalises,
+and sends each process its rows back. Under DDP every process steps every weight (no communication).
+The state (one "momentum_buffer" per weight) and the groups' keys are torch.optim.Muon's, so a checkpoint written by
+either resumes in the other.
 """
 import math
 
 import torch
+import torch.distributed as dist
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's: the steepest slope at 0, converging only roughly to 1
 NS_STEPS = 5
@@ -20,38 +29,69 @@ EPS = 1e-7  # the norm's floor: a zero gradient stays zero
 
 
 def orthogonalise(g, dtype, *, coefficients=NS_COEFFICIENTS, steps=NS_STEPS, eps=EPS):
-    """~U V^T for g = U S V^T (2-D), computed in dtype: g is scaled to spectral norm <= 1 (its Frobenius norm bounds
-    it), then each step maps every singular value s to a s + b s^3 + c s^5. The coefficients push small values up
-    fast rather than converge: singular values end in ~(0.7, 1.2) (far smaller ones lower), which trains as well.
-    The iteration works on the wide orientation (rows <= cols), so its Gram matrix is the smaller one."""
+    """~U V^T for g = U S V^T, computed in dtype; g is one matrix or a stack of same-shaped ones (b, rows, cols),
+    each orthogonalised alone. g is scaled to spectral norm <= 1 (its Frobenius norm bounds it), then each step maps
+    every singular value s to a s + b s^3 + c s^5. The coefficients push small values up fast rather than converge:
+    singular values end in ~(0.7, 1.2) (far smaller ones lower), which trains as well. The iteration works on the
+    wide orientation (rows <= cols), so its Gram matrix is the smaller one."""
     a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    x = g.to(dtype) if g.ndim == 3 else g.to(dtype)[None]
+    tall = x.size(1) > x.size(2)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # not in place: with dtype == g.dtype, x is g itself
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # not in place: with dtype == g.dtype, x may be g
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.mT if tall else x
+    return x if g.ndim == 3 else x[0]
+
+
+def local(t):
+    """A tensor's part on this process: its FSDP2 shard (DTensor), or itself. (Under no_grad, to_local is a view:
+    writing into it writes into the DTensor.)"""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def assign(t, new, skip):
+    """t = new, unless skip (a 0-d bool on the device): then t keeps its value, even where new is NaN."""
+    t.copy_(new if skip is None else torch.where(skip, t, new))
 
 
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights only (embeddings, heads and gains belong to AdamW). ns_dtype: the dtype of the
     Newton-Schulz iteration; None = bfloat16 on CUDA, float32 elsewhere. It is a property of the machine, not of the
-    run, so it is not in the groups (nor in checkpoints)."""
+    run, so it is not in the groups (nor in checkpoints). owners: ZeRO-1's way over processes (the docstring at the
+    top); FSDP2's DTensor weights are recognised by themselves."""
 
-    def __init__(self, params, lr=1e-3, *, weight_decay=0.1, momentum=0.95, ns_dtype=None):
+    def __init__(self, params, lr=1e-3, *, weight_decay=0.1, momentum=0.95, ns_dtype=None, owners=False):
         # the groups carry torch.optim.Muon's keys, whose fixed values step honours, so state dicts load both ways
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                         ns_coefficients=NS_COEFFICIENTS, eps=EPS, ns_steps=NS_STEPS, adjust_lr_fn=None)
         super().__init__(params, defaults)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.found_inf = ns_dtype, None
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.owners = owners and self.world > 1
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only supports 2D parameters whereas we found a parameter with size: "
                                      f"{p.size()}")
+        self.owner = {p: i % self.world for _, same in self.by_shape() for i, p in enumerate(same)}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.owners:  # ZeRO-1: each process keeps the momentum of the weights it owns only
+            for p in [p for p in self.state if self.owner[p] != self.rank]:
+                del self.state[p]
+
+    def by_shape(self):
+        """(group, its weights of one shape), for every group and shape, in a fixed order (the same everywhere)."""
+        for group in self.param_groups:  # (load_state_dict replaces the group dicts: never keep them)
+            same = {}
+            for p in group["params"]:
+                same.setdefault(tuple(p.shape), []).append(p)
+            yield from ((group, ps) for ps in same.values())
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -59,22 +99,78 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        skip = None if self.found_inf is None else self.found_inf.bool()
+        for group, same in self.by_shape():
             if group["adjust_lr_fn"] not in (None, "original"):  # only from a torch.optim.Muon checkpoint
                 raise ValueError(f"Muon: adjust_lr_fn={group['adjust_lr_fn']!r} is not supported, only 'original'")
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
-                update = orthogonalise(update, dtype, coefficients=group["ns_coefficients"],
-                                       steps=group["ns_steps"], eps=group["eps"])
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, by the unscaled lr (as torch)
-                p.add_(update, alpha=-lr * math.sqrt(max(1, p.size(0) / p.size(1))))
+            if any(p.grad is None for p in same):  # all or none: every process must take the same path
+                continue
+            if hasattr(same[0], "to_local"):
+                self.step_sharded(group, same, skip)
+            elif self.owners:
+                self.step_owned(group, same, skip)
+            else:
+                self.apply(group, same, self.orthogonalised(group, [self.momentum(group, p, skip) for p in same]),
+                           skip)
         return loss
+
+    def momentum(self, group, p, skip):
+        """The momentum buffer (of this process's rows, under FSDP2) advanced by p's gradient, and the update:
+        Nesterov's look-ahead blend of the two."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        g, buf = local(p.grad), local(state["momentum_buffer"])
+        assign(buf, buf.lerp(g, 1 - group["momentum"]), skip)
+        return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+    def dtype(self, t):
+        return self.ns_dtype or (torch.bfloat16 if t.is_cuda else torch.float32)
+
+    def orthogonalised(self, group, updates):
+        return orthogonalise(torch.stack(updates), self.dtype(updates[0]), coefficients=group["ns_coefficients"],
+                             steps=group["ns_steps"], eps=group["eps"])
+
+    def apply(self, group, params, updates, skip):
+        """Each weight (its rows here) after decoupled weight decay (by the unscaled lr, as torch) and its update."""
+        lr = group["lr"]
+        for p, u in zip(params, updates):
+            w, scale = local(p), math.sqrt(max(1, p.size(0) / p.size(1)))
+            assign(w, w.mul(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * scale), skip)
+
+    def step_owned(self, group, same, skip):
+        """ZeRO-1: this process steps the weights it owns, then each `world` of them are gathered, in place."""
+        mine = [p for p in same if self.owner[p] == self.rank]
+        if mine:
+            self.apply(group, mine, self.orthogonalised(group, [self.momentum(group, p, skip) for p in mine]), skip)
+        for i in range(0, len(same), self.world):
+            chunk = same[i:i + self.world]
+            chunk += [torch.empty_like(same[0]) for _ in range(self.world - len(chunk))]
+            dist.all_gather(chunk, chunk[self.rank])
+
+    def step_sharded(self, group, same, skip):
+        """FSDP2: rank k holds rows [k*n, (k+1)*n) of every weight (n = ceil(rows/world), torch.chunk's split, the
+        last shards shorter or empty), padded here to n rows so that every piece has one size. Each `world` weights,
+        one all_to_all sends the owner its rows of the update, another returns the orthogonalised rows."""
+        rows, world = same[0].size(0), self.world
+        n = -(-rows // world)
+        pad = lambda t: torch.cat([t, t.new_zeros(n - len(t), t.size(1))]) if len(t) < n else t
+        updates = [pad(self.momentum(group, p, skip)) for p in same]
+        chunks = range(0, len(same), world)
+        mine = []
+        for i in chunks:
+            send = updates[i:i + world] + [torch.zeros_like(updates[0])] * (world - len(updates[i:i + world]))
+            recv = [torch.empty_like(updates[0]) for _ in range(world)]
+            dist.all_to_all(recv, send)
+            if i + self.rank < len(same):
+                mine.append(torch.cat(recv)[:rows])
+        ortho = self.orthogonalised(group, mine) if mine else None
+        for j, i in enumerate(chunks):
+            if i + self.rank < len(same):
+                send = list(torch.cat([ortho[j], ortho.new_zeros(n * world - rows, ortho.size(2))]).split(n))
+            else:
+                send = [updates[0].new_zeros(n, updates[0].size(1), dtype=self.dtype(updates[0]))] * world
+            recv = [torch.empty_like(send[0]) for _ in range(world)]
+            dist.all_to_all(recv, send)
+            params = same[i:i + world]
+            self.apply(group, params, [r[:len(local(p))] for r, p in zip(recv, params)], skip)

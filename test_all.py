@@ -2207,19 +2207,24 @@ def muon_resumed(tiny_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded(tiny_data, tmp_path_factory):
-    """sharded(s): 4 steps of a 2-process torchrun run with sharding s next to the same run in one process,
-    made once per sharding: its dirs, its stdout and both checkpoints."""
+    """sharded(s, optimizer): 4 steps of a 2-process torchrun run with sharding s next to the same run in one
+    process, made once per sharding and optimizer: its dirs, its stdout and both checkpoints."""
     d = tmp_path_factory.mktemp("sharded")
     common = ["--max_iters=4", "--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2"]
-    tiny_train(tiny_data, d / "single", *common)
 
     @functools.cache
-    def run_sharded(sharding):
-        p = tiny_train(tiny_data, d / sharding, *common, f"--sharding={sharding}", torchrun=2)
-        return types.SimpleNamespace(single_dir=d / "single", dir=d / sharding, stdout=p.stdout,
-                                     single=load_checkpoint(str(d / "single")),
-                                     sharded=load_checkpoint(str(d / sharding)))
-    return run_sharded
+    def run_single(optimizer):
+        tiny_train(tiny_data, d / f"single-{optimizer}", *common, f"--optimizer={optimizer}")
+        return d / f"single-{optimizer}"
+
+    @functools.cache
+    def run_sharded(sharding, optimizer):
+        out = d / f"{sharding}-{optimizer}"
+        p = tiny_train(tiny_data, out, *common, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
+        single = run_single(optimizer)
+        return types.SimpleNamespace(single_dir=single, dir=out, stdout=p.stdout, single=load_checkpoint(str(single)),
+                                     sharded=load_checkpoint(str(out)))
+    return lambda sharding, optimizer="adamw": run_sharded(sharding, optimizer)
 
 
 # ---- the learning-rate schedule and the data order
@@ -2465,20 +2470,25 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_dat
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
-def test_sharded_two_processes_match_one_process_with_the_same_global_batch(sharded, sharding):
-    r = sharded(sharding)
+SHARDED = [("fsdp", "adamw"), ("zero1", "adamw"), ("fsdp", "muon"), ("zero1", "muon")]
+
+
+@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+def test_sharded_two_processes_match_one_process_with_the_same_global_batch(sharded, sharding, optimizer):
+    r = sharded(sharding, optimizer)
     for k in r.single["model"]:  # FSDP2 or ZeRO-1 over 2 processes = one process with the same global batch
         torch.testing.assert_close(r.single["model"][k], r.sharded["model"][k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
-def test_sharded_optimizer_state_is_saved_whole_and_keyed_by_name(sharded, sharding):
-    r = sharded(sharding)
-    sa, sb = r.single["optimizer"]["state"], r.sharded["optimizer"]["state"]
-    assert set(sa) == set(sb) and "transformer.h.0.mlp.c_fc.weight" in sb  # keyed by name, whole (unsharded)
-    for k in sa:
-        torch.testing.assert_close(sa[k]["exp_avg"], sb[k]["exp_avg"], rtol=1e-3, atol=1e-6)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+def test_sharded_optimizer_state_is_saved_whole_and_keyed_by_name(sharded, sharding, optimizer):
+    r = sharded(sharding, optimizer)
+    sa, sb = r.single["optimizer"], r.sharded["optimizer"]
+    assert set(sa["state"]) == set(sb["state"]) and "transformer.h.0.mlp.c_fc.weight" in sb["state"]  # by name, whole
+    for k in sa["state"]:
+        for name in sa["state"][k]:
+            torch.testing.assert_close(sa["state"][k][name], sb["state"][k][name], rtol=1e-3, atol=1e-6)
+    assert [g["params"] for g in sa["param_groups"]] == [g["params"] for g in sb["param_groups"]]
 
 
 def test_zero1_keeps_adamw_state_for_about_half_the_parameters_in_each_process(sharded):
@@ -2502,17 +2512,17 @@ MORE_STEPS = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gra
               "--init_from=resume"]
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
-def test_a_sharded_run_goes_on_in_one_process(sharded, sharding, tiny_data, tmp_path):
-    out = copy_run(sharded(sharding).dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+def test_a_sharded_run_goes_on_in_one_process(sharded, sharding, optimizer, tiny_data, tmp_path):
+    out = copy_run(sharded(sharding, optimizer).dir, tmp_path / "out")
+    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}")
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
-@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
-def test_a_one_process_run_goes_on_sharded(sharded, sharding, tiny_data, tmp_path):
-    out = copy_run(sharded(sharding).single_dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--sharding={sharding}", torchrun=2)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+def test_a_one_process_run_goes_on_sharded(sharded, sharding, optimizer, tiny_data, tmp_path):
+    out = copy_run(sharded(sharding, optimizer).single_dir, tmp_path / "out")
+    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
@@ -2554,10 +2564,16 @@ def test_set_lr_scales_every_groups_own_lr():
     assert [g["lr"] for g in adamw.param_groups] == [0.025, 1e-3, 5e-4] and muon.param_groups[0]["lr"] == 0.015
 
 
-def test_muon_with_sharded_optimizer_state_is_refused():
-    with pytest.raises(SystemExit, match="optimizer='muon' orthogonalises whole matrices.*sharding='ddp'"):
-        make_optimizers(muon_model(), world=2, sharding="fsdp", weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95),
-                        device="cpu", kind="muon")
+@pytest.mark.parametrize("sharding", ["fsdp", "zero1"])
+def test_muon_sharded_resumes_exactly_as_it_would_have_gone_on(sharded, sharding, tiny_data, tmp_path):
+    """4 steps, saved (each weight's momentum gathered from its owner), resumed to 6: the same weights as 6 steps
+    in one go, bit for bit, on the same 2 processes."""
+    out = copy_run(sharded(sharding, "muon").dir, tmp_path / "resumed")
+    args = ["--optimizer=muon", f"--sharding={sharding}"]
+    tiny_train(tiny_data, out, *MORE_STEPS, *args, torchrun=2)
+    tiny_train(tiny_data, tmp_path / "once", *MORE_STEPS[:4], *args, torchrun=2)
+    a, b = final_params(out), final_params(tmp_path / "once")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_an_unknown_optimizer_is_refused():

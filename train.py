@@ -150,41 +150,38 @@ def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, beta
     sharding='zero1' (ZeRO stage 1, Rajbhandari et al. 2020) each process keeps whole weights and gradients, as
     under DDP, but AdamW's moments for only 1/world of the parameters: it updates those, then broadcasts them.
     muon: Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
-    blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for.
+    blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for. Under
+    ZeRO-1 and FSDP2 each of Muon's weights is orthogonalised whole by one process (muon.py says how).
     Each optimizer keeps its groups' own lrs in .base_lrs (not in the groups: checkpoints load into optimizers
     made without them); the schedule scales them all by one factor."""
     fused = device.startswith("cuda")
+    zero1 = world > 1 and sharding == "zero1"
     if kind not in ("adamw", "muon"):
         raise SystemExit(f"error: optimizer must be 'adamw' or 'muon', got {kind!r}")
     if kind == "adamw":
-        optimizer = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0])
-        if world > 1 and sharding == "zero1":
-            from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
-            # parameters_as_bucket_view: one broadcast per rank, not one per parameter
-            optimizer = ZeroRedundancyOptimizer(optimizer.param_groups, optimizer_class=torch.optim.AdamW,
-                                                parameters_as_bucket_view=True,
-                                                **{k: optimizer.defaults[k] for k in ("lr", "betas", "fused")})
-        optimizers = [optimizer]
+        groups = model.configure_optimizers(weight_decay, learning_rate, betas, device.split(":")[0]).param_groups
+        muon = None
     else:
-        if world > 1 and sharding != "ddp":
-            raise SystemExit(f"error: optimizer='muon' orthogonalises whole matrices, and sharding={sharding!r} "
-                             f"gives each process only a slice of them; use sharding='ddp' or optimizer='adamw'")
-        groups = {"muon": [], "embed": [], "head": [], "gain": []}
+        muon_params, parts = [], {"embed": [], "head": [], "gain": []}
         for name, p in model.named_parameters():
             if name.startswith("transformer.h.") and p.dim() == 2:
-                groups["muon"].append(p)
-            elif p.dim() < 2:
-                groups["gain"].append(p)
-            elif name.startswith("lm_head"):
-                groups["head"].append(p)
-            else:  # wte, wpe, value embeddings
-                groups["embed"].append(p)
-        adamw = torch.optim.AdamW([dict(params=groups["embed"], lr=embed_lr or learning_rate, weight_decay=0.0),
-                                   dict(params=groups["head"], lr=head_lr or learning_rate, weight_decay=0.0),
-                                   dict(params=groups["gain"], lr=learning_rate, weight_decay=0.0)],
-                                  lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
-        muon = Muon(groups["muon"], lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay)
-        optimizers = [adamw, muon]
+                muon_params.append(p)
+            else:  # embeddings (wte, wpe, value embeddings), the head, the gains
+                parts["gain" if p.dim() < 2 else "head" if name.startswith("lm_head") else "embed"].append(p)
+        groups = [dict(params=parts["embed"], lr=embed_lr or learning_rate, weight_decay=0.0),
+                  dict(params=parts["head"], lr=head_lr or learning_rate, weight_decay=0.0),
+                  dict(params=parts["gain"], lr=learning_rate, weight_decay=0.0)]
+        groups = [g for g in groups if g["params"]]  # no head group with a tied head: torch's loader refuses one
+        muon = Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, owners=zero1)
+    adamw = dict(lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
+    if zero1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
+        # parameters_as_bucket_view: one broadcast per rank, not one per parameter
+        adamw = ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, parameters_as_bucket_view=True,
+                                        **adamw)
+    else:
+        adamw = torch.optim.AdamW(groups, **adamw)
+    optimizers = [adamw] + ([muon] if muon else [])
     for opt in optimizers:
         opt.base_lrs = [group["lr"] for group in opt.param_groups]
     return optimizers
