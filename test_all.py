@@ -4007,6 +4007,37 @@ def test_grpo_loss_of_an_unknown_type_is_refused():
         rlhf.grpo_loss(logp, logp, None, adv, mask, clip=0.2, beta=0.0, loss_type="sigmoid", max_new=4)
 
 
+def test_grpo_groups_of_alike_rewards_add_no_gradient_so_filtering_them_only_rescales_the_loss():
+    # DAPO's dynamic sampling drops all-right / all-wrong groups: under one update their advantage is 0, so the
+    # gradient is the same direction with or without them, only dapo's token count differs (Adam undoes the scale)
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    ids, mask = torch.randint(0, 64, (8, 9)), torch.ones(8, 8)
+    mask[:, :3] = 0  # the prompt's predictions
+    adv = rlhf.group_advantages(GROUP_REWARDS, 4)  # the second group is all right: advantage 0
+
+    def grad(rows):
+        m.zero_grad()
+        logp = rollout.token_logprobs(m(ids[rows])[0], ids[rows])
+        rlhf.grpo_loss(logp, logp.detach(), None, adv[rows], mask[rows], clip=0.2, beta=0.0, loss_type="dapo",
+                       max_new=8)[0].backward()
+        return torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+    everything, informative = grad(torch.arange(8)), grad(torch.arange(4))
+    assert informative.abs().sum() > 0 and torch.allclose(everything * 2, informative, atol=1e-7)
+
+
+def test_a_judged_unfinished_answer_at_no_end_score_0_is_wrong_and_a_wrong_one_no_better():
+    # a response cut off before <|end|> scores no_end_score even with the right "#### N" in it; below 0 (the
+    # default -3, for reward models), a group's finished wrong answers get a positive advantage next to it
+    tok, rows = chat_tokenizer(), [dict(prompt="q", answer="7")] * 4
+    texts, ended = ["#### 7 and on", "#### 5", "#### 6", "#### 8"], torch.tensor([False, True, True, True])
+    ids, mask, last = rollout.response_batch([[1, 2, 3]] * 4, [2] * 4, tok.eot)
+    s0 = rollout.scores(None, gsm8k.judge, rows, texts, ids, mask, last, ended, no_end_score=0.0)
+    assert s0.tolist() == [0.0] * 4 and rlhf.group_advantages(s0, 4).tolist() == [0.0] * 4
+    s3 = rollout.scores(None, gsm8k.judge, rows, texts, ids, mask, last, ended, no_end_score=-3.0)
+    assert (rlhf.group_advantages(s3, 4)[1:] > 0).all()
+
+
 def test_grpo_and_rloo_raise_the_accuracy_on_the_trivial_task(online_run):
     evals, _ = online_run
     assert evals[-1]["acc_sampled"] > evals[0]["acc_sampled"] + 0.2 and evals[-1]["acc_greedy"] == 1.0
@@ -4156,7 +4187,10 @@ def test_chat_recipe_offline_chain_sft_grpo_pass_at_1_and_a_chat_turn(tmp_path, 
 def test_chat_recipe_configs_are_valid_for_their_scripts_and_chat_sh_names_them(tmp_path):
     for name, script in (("wordprob_base", train), ("wordprob_sft", rlhf), ("wordprob_grpo", rlhf),
                          ("chat_sft", rlhf), ("chat_grpo", rlhf)):
-        configure(dict(config_keys(vars(script))), [os.path.join(HERE, "config", name + ".py")])  # unknown keys exit
+        path = os.path.join(HERE, "config", name + ".py")
+        cfg = configure(dict(config_keys(vars(script))), [path])  # unknown keys exit
+        if name == "wordprob_grpo":  # judged: an unfinished answer is wrong, not worse than wrong (see the test above)
+            assert cfg["no_end_score"] == 0.0
     sh = open(os.path.join(HERE, "runs", "chat.sh")).read()
     assert subprocess.run(["bash", "-n", os.path.join(HERE, "runs", "chat.sh")]).returncode == 0
     named = set(re.findall(r"config/\w+\.py", sh))
