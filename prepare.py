@@ -5,7 +5,7 @@ Turn a corpus into tokenized train/val shards that train.py reads.
     python prepare.py --input=my_texts/ --vocab_size=8192
     python prepare.py --dataset=shakespeare            # downloads (resumable, checksummed, cached)
     python prepare.py --dataset=fineweb-edu            # FineWeb-Edu's 10B-token sample (28.5 GB parquet; pyarrow)
-    python prepare.py --dataset=sitepackages           # the .py files of SITE_PACKAGES installed here, no network
+    python prepare.py --dataset=sitepackages           # the sources of SITE_PACKAGES installed here, no network
 
 Writes data/<dataset>/: tokenizer.bpe, train_000.bin ..., val_000.bin ..., meta.json, built in data/<dataset>.tmp and
 moved into place only when complete, meta.json last: an error never leaves half of it behind. A rerun on the same
@@ -82,8 +82,8 @@ REMOTE = {  # name -> its files: (url, expected size in bytes or None, sha256 or
                      None, None)],
     "fineweb-edu": [(FINEWEB_EDU + name, size, sha) for name, size, sha in FINEWEB_EDU_FILES],
 }
-# --dataset=sitepackages: the .py files of these packages (import names) wherever installed, in this order (by name,
-# so the tokenizer's first 200 MB span many): big, mostly code. Left out: pip and setuptools (their _vendor copies
+# --dataset=sitepackages: the source files (SOURCE) of these packages (import names) wherever installed, in this order
+# (by name, so the tokenizer's first 200 MB span many): big, mostly code. Left out: pip and setuptools (their _vendor copies
 # repeat other packages), jaxlib (generated MLIR bindings).
 SITE_PACKAGES = tuple("""
 _pytest accelerate botorch cupy cupyx Cython diffrax equinox flax fontTools gpytorch huggingface_hub hypothesis
@@ -94,6 +94,7 @@ torchaudio torchgen torchmetrics torchvision transformers treescope triton xarra
 DATASETS = ["stdlib", "sitepackages", *REMOTE]  # the names prepare.py can prepare without --input
 # fineweb-edu: GPT-2's (config/gpt2_124m.py); sitepackages: a multiple of 64, 2.5% more tokens than 50,257 would give
 DEFAULT_VOCAB = {"fineweb-edu": 50257, "sitepackages": 32768}
+SOURCE = (".py", ".pyi", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")  # Python, and the C++/CUDA they ship
 SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet", ".txt.gz", ".md.gz", ".jsonl.gz")  # what a corpus dir holds
 
 # ---------------------------------------------------------------------------- the shard format
@@ -186,7 +187,7 @@ def corpus_files(src):
 
 
 def site_packages_files(root):
-    """The .py files of SITE_PACKAGES under root (this Python's site-packages when empty), package by package in
+    """The SOURCE files of SITE_PACKAGES under root (this Python's site-packages when empty), package by package in
     SITE_PACKAGES' order. The absent ones are named in one line on stderr."""
     root = root or sysconfig.get_paths()["purelib"]
     present = [p for p in SITE_PACKAGES if os.path.isdir(os.path.join(root, p))]
@@ -197,7 +198,7 @@ def site_packages_files(root):
     if absent:
         print(f"sitepackages: {len(absent)} of {len(SITE_PACKAGES)} packages not in {root}: {', '.join(absent)}",
               file=sys.stderr)
-    return [f for p in present for f in walk(os.path.join(root, p)) if f.endswith(".py")]
+    return [f for p in present for f in walk(os.path.join(root, p)) if f.endswith(SOURCE)]
 
 
 def walk(root):
