@@ -337,9 +337,8 @@ def greedy_replies(model, tok, prompts, device, ctx=nullcontext(), *, max_new_to
     replies, t0 = [None] * len(prompts), time.time()
     for k, rows in enumerate(groups):
         idx = torch.tensor([prompts[i] for i in rows], device=device)
-        with ctx:  # no CUDA graph: one capture per prompt length would cost more than it saves
-            steps = list(model.generate(idx, max_new_tokens, temperature=0.0, stop_ids=stop, n_vocab=tok.vocab_size,
-                                        cuda_graph=False))
+        with ctx:
+            steps = list(model.generate(idx, max_new_tokens, temperature=0.0, stop_ids=stop, n_vocab=tok.vocab_size))
         for i, r in zip(rows, torch.stack(steps, 1).tolist()):
             replies[i] = r[:next((j for j, t in enumerate(r) if t in stop), len(r))]
         if verbose:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+GRAPH_MIN_NEW = 32  # generate's CUDA graph (cuda_graph=True) pays from this many new tokens on (see _prefill)
+
 
 @dataclass
 class GPTConfig:
@@ -338,8 +340,8 @@ class GPT(nn.Module):
         n_vocab: sample only ids < n_vocab, the tokenizer's vocabulary (the model's is padded up to a multiple
             of 128, and those padding ids are not tokens).
         cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it each step (one
-            launch instead of hundreds). compile: torch.compile the decode step (fused kernels; the first
-            call pays the compilation).
+            launch instead of hundreds), from GRAPH_MIN_NEW new tokens on. compile: torch.compile the decode
+            step (fused kernels; the first call pays the compilation).
         Context longer than block_size: when the next token would not fit, the context is cut to its last
         block_size // 2 tokens and (with the cache) re-prefilled, positions restarting at 0; both paths do
         the same, so they agree token for token. A prompt longer than block_size is cut the same way."""
@@ -385,7 +387,8 @@ class GPT(nn.Module):
             else self.lm_head.weight.dtype
         cache = self.new_cache(B, min(self.config.block_size, T + max_new_tokens), dtype, idx.device)
         step = torch.compile(self.forward_cached, dynamic=False) if compile else self.forward_cached
-        graphed = cuda_graph and device_type == "cuda"
+        # a capture costs ~3 eager steps and a replayed step ~1/5 of one: short generations stay eager
+        graphed = cuda_graph and device_type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW
         if graphed:
             step = self._graphed_step(step, cache, B)
         if graphed and T <= 32:  # a short prompt goes through the graph token by token: in a fresh process

@@ -20,9 +20,6 @@ from checkpoint import load_checkpoint, load_run, model_from_checkpoint
 
 TASK_HINT = "the built-in task's: python addition.py"
 TEXT_FIELDS = ("response", "chosen", "rejected")  # must be strings; "prompt" may be messages too
-# rollouts of at least this many new tokens decode through a CUDA graph (one launch a step): a warm eager decode step
-# costs ~5x a replayed one (LOG.md, "The first sample, profiled"), the capture ~3 eager steps; addition's 10 do not
-GRAPH_MIN_NEW = 32
 
 # ---------------------------------------------------------------------------- rows
 
@@ -233,9 +230,8 @@ def rollout(model, tok, prompts, max_new, temp, gen, ctx):
         by_len.setdefault(len(p), []).append(i)
     for rows in by_len.values():
         idx = torch.tensor([encoded[i] for i in rows], device=gen.device)
-        with ctx:  # a CUDA graph is captured per call: worth it for long responses only (GRAPH_MIN_NEW)
-            steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot],
-                                        cuda_graph=max_new >= GRAPH_MIN_NEW))
+        with ctx:
+            steps = list(model.generate(idx, max_new, temp, generator=gen, stop_ids=[end, tok.eot]))
         for i, r in zip(rows, torch.stack(steps, 1).tolist()):
             out[i] = r[:next((k + 1 for k, t in enumerate(r) if t in (end, tok.eot)), len(r))]
     ids, mask, last = response_batch([p + r for p, r in zip(encoded, out)], [len(p) for p in encoded], tok.eot,

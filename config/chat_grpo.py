@@ -11,6 +11,7 @@ data = "data/chat/gsm8k_train.jsonl"
 eval_prompts = "data/chat/gsm8k_val.jsonl"
 eval_samples = 200
 max_new_tokens = 256
+no_end_score = 0.0          # a judged answer cut off before <|end|> is wrong, no worse (config/wordprob_grpo.py)
 rollout_batch = 16
 num_generations = 16
 ppo_epochs = 1
