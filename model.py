@@ -46,19 +46,20 @@ class GPTConfig:
 
 
 def rope_rotations(pos, head_dim, theta):
-    """Unit complex numbers (T, head_dim/2) for absolute positions pos (T,), in fp32 whatever the model's
-    dtype: channel pair i at position p is rotated by the angle p * theta^(-2i/head_dim)."""
+    """The cosines and sines (2, T, head_dim/2) of the rotations for absolute positions pos (T,), in fp32 whatever
+    the model's dtype: channel pair i at position p is rotated by the angle p * theta^(-2i/head_dim)."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angles = pos.float()[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([angles.cos(), angles.sin()])
 
 
 def apply_rope(x, rot):
-    """Rotate x (B, T, heads, head_dim), channels (2i, 2i+1) read as one complex number, by rot (T, head_dim/2).
-    A dot product of two rotated vectors then depends only on the difference of their positions. (One
-    complex multiply: a few kernels, which counts when a decode step is hundreds of tiny ones.)"""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, heads, head_dim/2) complex
-    return torch.view_as_real(xc * rot[:, None]).flatten(-2).type_as(x)
+    """Rotate x (B, T, heads, head_dim), channel pairs (2i, 2i+1) as points of the plane, by rot (2, T, head_dim/2).
+    A dot product of two rotated vectors then depends only on the difference of their positions. (Real arithmetic,
+    not a complex multiply: torch.compile fuses it into one kernel, while it leaves complex ops to eager kernels.)"""
+    cos, sin = rot[0][:, None], rot[1][:, None]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).type_as(x)
 
 
 class Norm(nn.Module):

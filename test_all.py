@@ -1377,6 +1377,15 @@ def test_model_rope_scores_depend_only_on_relative_position(one_thread):
     assert (scores(pos, pos) - q.transpose(1, 2) @ k.permute(0, 2, 3, 1)).abs().max() > 0.1  # not a no-op
 
 
+def test_model_rope_rotates_each_channel_pair_as_a_complex_number_in_float64(one_thread):
+    torch.manual_seed(0)
+    x, pos = torch.randn(2, 7, 3, 16), torch.arange(5, 12)
+    angles = pos.double()[:, None] * 1e4 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None]
+    ref = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_rotations(pos, 16, 1e4)).double(), ref, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", GQA_OPTIONS)
 def test_model_gqa_with_copied_kv_heads_equals_mha(kw, one_thread):
     gqa, mha = gqa_and_mha_with_copied_kv_heads(kw)
