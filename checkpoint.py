@@ -122,15 +122,18 @@ class Unreadable(Exception):
     """A checkpoint file that cannot be used; its message is the one-line reason."""
 
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_checkpoint(path, sha=None):
     """One checkpoint file, verified (sha256, if known) and loaded with weights_only on the CPU."""
-    if sha:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        if h.hexdigest() != sha:
-            raise Unreadable(f"checkpoint {path} is corrupt or truncated (sha256 mismatch)")
+    if sha and file_sha256(path) != sha:
+        raise Unreadable(f"checkpoint {path} is corrupt or truncated (sha256 mismatch)")
     try:  # on the CPU first: resuming never needs more GPU memory than the run itself
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # written by other code, holding pickled code, or (no checksum known) damaged
@@ -174,14 +177,11 @@ def load_checkpoint(out_dir):
 
 def rebuild_manifest(out_dir, name, ckpt):
     """latest.json naming out_dir/name again; a read-only out_dir keeps its damaged one (the loader copes)."""
-    h = hashlib.sha256()
-    with open(os.path.join(out_dir, name), "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    sha = file_sha256(os.path.join(out_dir, name))
     try:
         atomic_write_json(os.path.join(out_dir, "latest.json"), dict(
-            file=name, sha256=h.hexdigest(), format=CKPT_FORMAT, iter_num=ckpt.get("iter_num"),
-            model_args=ckpt.get("model_args"), shas={name: h.hexdigest()}))
+            file=name, sha256=sha, format=CKPT_FORMAT, iter_num=ckpt.get("iter_num"),
+            model_args=ckpt.get("model_args"), shas={name: sha}))
     except OSError:
         pass
 

@@ -4,7 +4,8 @@
 # loss, seconds from launch to the baseline's best val loss (the mean over its seeds) and their ratio to the
 # baseline's; and val loss against time into $DIR/curves.png when matplotlib is installed.
 #   VARIANTS="unet_skips=False; value_embeds=False" bash runs/speedrun.sh  # the ablation: one recipe row each
-#   RECIPE=config/speedrun_124m.py BASE=config/speedrun_124m_base.py SEEDS=1 bash runs/speedrun.sh
+#   python prepare.py --dataset=sitepackages && RECIPE=config/speedrun_124m.py BASE=config/speedrun_124m_base.py SEEDS=1 \
+#       bash runs/speedrun.sh                              # 124M: one pass over 101.6M tokens
 #   BASE= TARGET=1.5599 bash runs/speedrun.sh                # no baseline runs: a given val loss to reach
 #   bash runs/speedrun.sh --device=cpu --max_iters=50         # --key=value: train.py overrides for every run
 # PAR=1 starts a row's seeds at once (small models leave a GPU idle; their times then overlap, rows do not).
