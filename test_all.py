@@ -3040,6 +3040,7 @@ def test_a_runs_first_line_names_what_mfu_is_against(run_30_steps):
 # the guard's optimizers: AdamW; fused AdamW, whose device-side skip (found_inf) CUDA uses (on a CPU, the CPU kernel);
 # and fused AdamW inside ZeRO-1: name -> (device, fused, zero1)
 GUARD_VARIANTS = {"cpu": ("cpu", False, False), "cpu-fused": ("cpu", True, False), "cpu-zero1": ("cpu", True, True),
+                  "cpu-muon": ("cpu", False, "muon"),  # Muon for the block's matrices, which skips on the device
                   **({"cuda": ("cuda", False, False), "cuda-fused": ("cuda", True, False)} if torch.cuda.is_available()
                      else {})}
 
@@ -3053,14 +3054,19 @@ def guarded_steps(request, tmp_path_factory):
     scaler = torch.amp.GradScaler(enabled=False)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)]
+    if zero == "muon":
+        matrix = lambda n, p: n.startswith("transformer.h.") and p.dim() == 2
+        opts = [torch.optim.AdamW([p for n, p in model.named_parameters() if not matrix(n, p)], lr=1e-2),
+                Muon([p for n, p in model.named_parameters() if matrix(n, p)], lr=0.02)]
+        zero = False
     if zero:  # a one-process group is enough to build it
         from torch.distributed.optim import ZeroRedundancyOptimizer
         dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
                                 world_size=1)
     try:
         if zero:
-            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)
+            opts = [ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-2, fused=True)]
         g = torch.zeros(len(GUARD_FIELDS), device=device)
         x, y = torch.randint(0, 32, (2, 8), device=device), torch.randint(0, 32, (2, 8), device=device)
 
@@ -3069,13 +3075,15 @@ def guarded_steps(request, tmp_path_factory):
             (loss * scale).backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             bad = guard_update(g, loss * scale, norm, 2.0, 3)
-            apply_update([opt], scaler, bad)
-            opt.zero_grad(set_to_none=True)
+            apply_update(opts, scaler, bad)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             return bad.item()
 
-        adam = getattr(opt, "optim", opt).state
+        states = [getattr(opt, "optim", opt).state for opt in opts]
         snapshot = lambda: ({k: v.clone() for k, v in model.state_dict().items()},
-                            [{k: v.clone() for k, v in s.items()} for s in adam.values()])
+                            [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                             for st in states for s in st.values()])
         good = [step() for _ in range(12)]  # 12 good steps: the spike check is armed
         before = snapshot()
         bad = (step(float("nan")), step(float("inf")), step(10.0))
@@ -3192,6 +3200,16 @@ def test_a_few_bad_steps_are_counted_in_the_checkpoint(few_bad_steps):
 def test_training_goes_on_with_finite_weights_after_a_few_bad_steps(few_bad_steps):
     p, out = few_bad_steps
     assert p.returncode == 0 and all(torch.isfinite(v).all() for v in faults_ckpt(out)["model"].values())
+
+
+@pytest.mark.parametrize("sharding", ["zero1", "fsdp"])
+def test_muon_sharded_skips_nan_steps_on_every_rank_and_goes_on(sharding, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run(faults_cmd(tiny_data, out, "--max_iters=40", "--optimizer=muon", f"--sharding={sharding}",
+                                  torchrun=2), capture_output=True, text=True, timeout=300,
+                       env=faults_env(FAULT="nan:30-32"), cwd=HERE)
+    assert p.returncode == 0 and "step 35: skipped 2 bad update(s) (2 in all)" in p.stdout, p.stdout + p.stderr
+    assert all(torch.isfinite(v).all() for v in faults_ckpt(out)["model"].values())
 
 
 TINY34 = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64", "--batch_size=4",
