@@ -428,7 +428,7 @@ def test_train_help_shows_every_keys_comment_as_written(train_help):
     fields = source_notes(textwrap.dedent(inspect.getsource(GPTConfig)), in_class=True)[0]
     comments = [c for k in keys for c in (notes.get(k) or fields[k])[2]]
     assert len(comments) > 30 and all(f"# {c}" in p.stdout for c in comments)  # the comments as written
-    assert "# fsdp (FSDP2: params, grads, AdamW state sharded)" in p.stdout  # a continuation line, on its own line
+    assert "# fsdp (FSDP2: params, grads, optimizer state sharded)" in p.stdout  # a continuation line, on its own line
 
 
 def test_train_help_puts_the_keys_under_their_section_headings(train_help):

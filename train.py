@@ -99,8 +99,8 @@ dtype = "auto"              # auto | float32 | bfloat16 | float16 (auto: bf16 on
 compile = False             # torch.compile the model
 # scale
 grad_ckpt = None            # recompute activations in the backward: None/"none" | "full" (every block) | k (every k-th)
-sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, AdamW state sharded) |
-                            # fsdp (FSDP2: params, grads, AdamW state sharded)
+sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, optimizer state sharded) |
+                            # fsdp (FSDP2: params, grads, optimizer state sharded)
 loss_chunk = 0              # > 0: rows of logits alive at once in the loss (fp8.LinearCrossEntropy); 0: plain logits
 fp8 = "none"                # none | head: the lm_head's matmuls in 8-bit floats (fp8.py; needs loss_chunk=0)
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
