@@ -6,8 +6,8 @@ scaling x sqrt(max(1, rows/cols)), decoupled weight decay) with three difference
 - the iteration runs in bfloat16 on CUDA, where tensor cores make it cheap and Jordan found it harmless, and in
   float32 elsewhere: a CPU without native bf16 (AVX2 only) emulates every bf16 matmul (a Muon step was ~3x an AdamW
   step there, issue 36); fp32 is native there, and closer to the exact math too;
-- same-shaped weights are orthogonalised together, as one batch of matrices: a few large kernels instead of five
-  small matmuls per weight (on a GPU the launches, not the FLOPs, were the cost of a 124M model's Muon step);
+- same-shaped weights are orthogonalised together, as one batch of matrices: a few large kernels instead of
+  fifteen small ones per weight;
 - a step can be skipped on the device (found_inf, the hook fused AdamW and GradScaler use): the bad-update guard
   needs no host sync a step.
 Over processes, each weight has an owner (the i-th weight of a shape belongs to process i % world) that
@@ -103,13 +103,12 @@ class Muon(torch.optim.Optimizer):
         for group, same in self.by_shape():
             if group["adjust_lr_fn"] not in (None, "original"):  # only from a torch.optim.Muon checkpoint
                 raise ValueError(f"Muon: adjust_lr_fn={group['adjust_lr_fn']!r} is not supported, only 'original'")
-            if any(p.grad is None for p in same):  # all or none: every process must take the same path
+            if hasattr(same[0], "to_local") or self.owners:  # the owners' layout: all of a shape or none
+                if all(p.grad is not None for p in same):
+                    (self.step_sharded if hasattr(same[0], "to_local") else self.step_owned)(group, same, skip)
                 continue
-            if hasattr(same[0], "to_local"):
-                self.step_sharded(group, same, skip)
-            elif self.owners:
-                self.step_owned(group, same, skip)
-            else:
+            same = [p for p in same if p.grad is not None]
+            if same:
                 self.apply(group, same, self.orthogonalised(group, [self.momentum(group, p, skip) for p in same]),
                            skip)
         return loss
