@@ -1,7 +1,8 @@
 # The 124M speedrun recipe: config/speedrun_124m_base.py's width, depth, data and batch with the modern pieces
 # and Muon (the small recipe's U-net skips and soft-cap are not measured at this size, so not here).
-# Data: python prepare.py --dataset=sitepackages (installed packages' Python sources, no network, 32,768-token BPE).
+# Data: python prepare.py --dataset=sitepackages (installed packages' sources, no network, 32,768-token BPE).
 # Steps by rule, as the baseline's: >= 100M training tokens in one pass, no repetition: 3,100 x 32 x 1024 = 101.6M.
+# python prepare.py --dataset=sitepackages
 # RECIPE=config/speedrun_124m.py BASE=config/speedrun_124m_base.py SEEDS=1 bash runs/speedrun.sh
 out_dir = "out/speedrun_124m"
 dataset = "sitepackages"
