@@ -249,6 +249,7 @@ def farewell(run, cfg):
         return f"done: {summary}; checkpoint in {cfg.out_dir}"
     # SIGTERM sent to torchrun itself: torchrun forwards it to every rank, which saves and says this, and then
     # exits 1 itself (its SignalException), whatever the ranks did: train.py cannot change torchrun's exit code
-    launcher = " (torchrun exits 1 if it was the one signalled; the checkpoint is whole)" if run.world > 1 else ""
+    launcher = (" (torchrun exits 1 if it was the one signalled; the checkpoint is whole. Signalled instead, its "
+                "ranks stop the same way and it exits 0: pkill -TERM -P <torchrun's pid>)" if run.world > 1 else "")
     return (f"so far: {summary}\nstopped by {STOP.get('signal', 'a signal on another rank')} at step {run.iter_num}; "
             f"checkpoint saved in {cfg.out_dir}{launcher}. Resume with: {resume_command(run.world, sys.argv)}")

@@ -3367,6 +3367,21 @@ def test_sigterm_to_one_torchrun_rank_stops_every_rank_at_the_same_step(tiny_dat
     assert "SIGTERM: finishing this step" in stderr and "done:" not in stdout
 
 
+def test_sigterm_to_every_torchrun_rank_saves_and_torchrun_exits_0(tiny_data, tmp_path):
+    """What a scheduler should signal (README): the ranks, not torchrun, which would exit 1 by its own design."""
+    out = tmp_path / "out"
+    proc = faults_popen(tiny_data, out, torchrun=2, PID_DIR=str(tmp_path))
+    for line in proc.stdout:
+        if line.startswith("step 5/"):
+            break
+    while not all((tmp_path / f"pid-{r}").exists() for r in (0, 1)):
+        time.sleep(0.05)
+    for r in (0, 1):
+        os.kill(int((tmp_path / f"pid-{r}").read_text()), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and f"stopped by SIGTERM at step {faults_ckpt(out)['iter_num']};" in stdout, stderr
+
+
 def test_a_second_ctrl_c_quits_at_once_without_a_traceback(tiny_data, tmp_path):
     # the stop's save never ends: exiting proves the second Ctrl-C did not wait for it
     data_root, name, _ = tiny_data
