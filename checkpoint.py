@@ -211,7 +211,8 @@ def param_names(model, optimizer):
 
 
 def owned_state(model, muon):
-    """Muon's state dict under ZeRO-1, keyed by name, whole on rank 0: each weight's momentum from its owner."""
+    """Muon's state dict under ZeRO-1, keyed by name, whole on rank 0 (empty elsewhere): each weight's momentum from
+    its owner."""
     params = [p for g in muon.param_groups for p in g["params"]]
     stepped = torch.tensor(float(len(muon.state)), device=params[0].device)
     dist.all_reduce(stepped, op=dist.ReduceOp.MAX)  # a process that owns no weight has no state
@@ -219,7 +220,8 @@ def owned_state(model, muon):
     for name, p in zip(names, params if stepped.item() else []):
         buf = muon.state[p]["momentum_buffer"] if muon.owner[p] == muon.rank else torch.empty_like(p)
         dist.broadcast(buf, src=muon.owner[p])
-        state[name] = {"momentum_buffer": buf.cpu()}
+        if muon.rank == 0:  # the one that writes the checkpoint (as ZeRO's consolidated state above)
+            state[name] = {"momentum_buffer": buf.cpu()}
     return state, [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
 
 
