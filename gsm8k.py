@@ -2,7 +2,7 @@
 The GSM8K task (Cobbe et al. 2021): grade-school word problems whose worked solution ends in a line "#### N".
 
     python chat_data.py --which=gsm8k                  # the real GSM8K (download, then data/chat/gsm8k_*.jsonl)
-    python gsm8k.py --synthetic --out=data/wordprob    # offline: GSM8K-shaped problems, {train,val,test}.jsonl
+    python gsm8k.py --synthetic --out=data/wordprob    # offline: GSM8K-shaped problems, {train,val,test,rl}.jsonl
 
 A row, real or synthetic, is {"prompt": question, "response": worked solution ending "#### N", "answer": "N"}: rlhf.py
 reads it as an SFT row (prompt, response) and as an RL prompt (prompt), and the judge reads "answer" from it, so
@@ -23,13 +23,15 @@ from configurator import configure
 
 # -----------------------------------------------------------------------------
 synthetic = False           # write the offline synthetic word problems (the only thing this script writes)
-out = "data/wordprob"       # their directory: train.jsonl, val.jsonl, test.jsonl
+out = "data/wordprob"       # their directory: train.jsonl, val.jsonl, test.jsonl, rl.jsonl
 n_train = 5000              # problems of each split, all distinct
 n_val = 200
 n_test = 500
+n_rl = 5000                 # the RL stage's prompts: problems the SFT stage never saw, so RL learns to solve, not to
+                            # recall (on its own SFT problems the SFT model samples right answers ~1.7x as often)
 seed = 1337
 # -----------------------------------------------------------------------------
-RULES = dict(n_train=(0, None), n_val=(0, None), n_test=(0, None))  # checked by configurator.configure (rules.md)
+RULES = dict(n_train=(0, None), n_val=(0, None), n_test=(0, None), n_rl=(0, None))  # checked by configurator.configure
 
 # a number as written: 1,234.5 (commas only in groups of three), 42, 3.50, .5; a "$" and a "-" on either side of it
 NUMBER = re.compile(r"(-?)\$?(-?)(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
@@ -144,7 +146,8 @@ def synthetic_rows(n, rng):
 
 
 def write_synthetic(out_dir, sizes, seed):
-    """{train,val,test}.jsonl in out_dir, sizes a dict split -> rows, no question in two splits."""
+    """<split>.jsonl in out_dir, sizes a dict split -> rows, no question in two splits. The rows are drawn in the
+    order of sizes: a split added at the end leaves the earlier splits' files as they were."""
     rows = synthetic_rows(sum(sizes.values()), random.Random(seed))
     os.makedirs(out_dir, exist_ok=True)
     start = 0
@@ -164,7 +167,7 @@ def main():
                          "real GSM8K with python chat_data.py --which=gsm8k")
     if n_train + n_test == 0:  # each >= 0: RULES
         raise SystemExit("error: n_train and n_test are both 0: nothing to write; give either some problems")
-    write_synthetic(out, dict(train=n_train, val=n_val, test=n_test), seed)
+    write_synthetic(out, dict(train=n_train, val=n_val, test=n_test, rl=n_rl), seed)
 
 
 if __name__ == "__main__":

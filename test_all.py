@@ -5927,14 +5927,18 @@ def test_gsm8k_reward_compares_numbers_not_strings_and_the_judge_reads_the_rows_
 
 
 def test_gsm8k_synthetic_problems_are_deterministic_distinct_and_their_worked_answers_right(tmp_path):
-    for d in ("a", "b"):
-        run("gsm8k.py", "--synthetic", f"--out={tmp_path / d}", "--n_train=300", "--n_val=50", "--n_test=100")
-    splits = {s: read_rows(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    for d, n_rl in (("a", 200), ("b", 200), ("c", 0)):
+        run("gsm8k.py", "--synthetic", f"--out={tmp_path / d}", "--n_train=300", "--n_val=50", "--n_test=100",
+            f"--n_rl={n_rl}")
+    splits = {s: read_rows(tmp_path / "a" / f"{s}.jsonl") for s in ("train", "val", "test", "rl")}
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
                for f in os.listdir(tmp_path / "a"))
-    assert [len(r) for r in splits.values()] == [300, 50, 100]
+    # the RL split comes last: without it, the other splits are the same files
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes()
+               for f in ("train.jsonl", "val.jsonl", "test.jsonl"))
+    assert [len(r) for r in splits.values()] == [300, 50, 100, 200]
     rows = [r for rs in splits.values() for r in rs]
-    assert len({r["prompt"] for r in rows}) == 450  # no problem in two splits
+    assert len({r["prompt"] for r in rows}) == 650  # no problem in two splits: RL's are unseen by SFT
     step = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
     for r in rows:  # recompute: every step's operands come from the question or earlier steps, its result is right
         known, last = set(re.findall(r"\d+", r["prompt"])), None
@@ -5983,7 +5987,7 @@ README_TINY = dict(  # appended to every command run, where the script has the k
     lr_decay_iters=2, n_layer=2, n_head=2, n_embd=32, block_size=64, batch_size=2,
     gradient_accumulation_steps=1, num_samples=1, max_new_tokens=4, eval_samples=2, rollout_batch=2, minibatch=2,
     num_generations=2, ppo_epochs=1, label_prompts=4, label_val_prompts=2, label_samples=2, limit=2, mc_batch=1,
-    n_train=20, n_val=5, n_test=5)
+    n_train=20, n_val=5, n_test=5, n_rl=5)
 
 
 def readme_commands(text):

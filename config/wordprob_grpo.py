@@ -1,15 +1,15 @@
 # The offline chat recipe's GRPO (runs/chat.sh, OFFLINE): the SFT model (config/wordprob_sft.py) samples 16 worked
 # solutions to each of 32 word problems a step, gsm8k.judge scores each final "#### N" against the row's answer, and
-# one update on all 512 moves it toward its right answers. Evaluated on the same test problems as the SFT stage: its
-# acc_greedy is pass@1, to compare with SFT's last. It does not lift pass@1 yet (LOG.md, 2026-12-07): flat at this lr,
-# lower at 1e-4; its prompts are the SFT stage's own problems, which the SFT model has partly memorised.
+# one update on all 512 moves it toward its right answers. Its problems (rl.jsonl) are fresh: none is in the SFT
+# stage's train.jsonl. Evaluated on the same test problems as the SFT stage: its acc_greedy is pass@1, to compare with
+# SFT's last. On the SFT stage's own problems it did not lift pass@1 (LOG.md): flat at this lr, lower at 1e-4.
 # python rlhf.py config/wordprob_grpo.py
 stage = "grpo"
 task = "gsm8k"
 reward_model = "task"
 init_from = "out/chat/sft"
 out_dir = "out/chat/grpo"
-data = "data/wordprob/train.jsonl"
+data = "data/wordprob/rl.jsonl"
 eval_prompts = "data/wordprob/test.jsonl"
 eval_samples = 500
 max_new_tokens = 100

@@ -37,11 +37,11 @@ if [ "$OFFLINE" = 1 ]; then
     WP=$DATA/wordprob
     step data "$PYTHON" prepare.py --data_root="$DATA"                 # the stdlib corpus and a 4096-token BPE
     step base $TORCHRUN train.py config/wordprob_base.py --data_root="$DATA" --out_dir="$DIR/base" $TRAIN_EXTRA
-    step problems "$PYTHON" gsm8k.py --synthetic --out="$WP"            # train 5000, val 200, test 500
+    step problems "$PYTHON" gsm8k.py --synthetic --out="$WP"            # train 5000, val 200, test 500, rl 5000
     step sft "$PYTHON" rlhf.py config/wordprob_sft.py --init_from="$DIR/base" --out_dir="$DIR/sft" \
         --data="$WP/train.jsonl" --val_data="$WP/val.jsonl" --eval_prompts="$WP/test.jsonl" $EXTRA
     step grpo "$PYTHON" rlhf.py config/wordprob_grpo.py --init_from="$DIR/sft" --out_dir="$DIR/grpo" \
-        --data="$WP/train.jsonl" --eval_prompts="$WP/test.jsonl" $EXTRA
+        --data="$WP/rl.jsonl" --eval_prompts="$WP/test.jsonl" $EXTRA
     EVAL=(--gsm8k_data="$WP/test.jsonl" --max_new_tokens=100)
 else
     step data "$PYTHON" prepare.py --dataset=fineweb-edu --data_root="$DATA"   # 28.5 GB of parquet, a 50,257 BPE
