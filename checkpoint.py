@@ -493,11 +493,13 @@ def restore_run(run, ckpt, model, optimizers, scaler):
     fresh ones for a run that starts at step 0. The guard (faults.py) lives on the device."""
     if ckpt is None:
         run.iter_num, run.best_val_loss, run.data, guard = 0, float("inf"), dict(epoch=0, pos=0), None
+        run.end, run.evals_since_best = None, 0
     else:
         load_optimizer_state(model, optimizers, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         run.iter_num, run.best_val_loss, run.data, guard = (ckpt["iter_num"], ckpt["best_val_loss"], ckpt["data"],
                                                             ckpt.get("guard"))
+        run.end, run.evals_since_best = ckpt.get("end"), ckpt.get("evals_since_best", 0)  # train.plateau_end's
     guard = torch.zeros(len(GUARD_FIELDS)) if guard is None else guard
     run.guard = torch.cat([guard, torch.zeros(len(GUARD_FIELDS) - len(guard))]).to(run.device)  # older: fewer fields
     run.bad_seen, run.start_iter, run.stopped = run.guard[GUARD_FIELDS.index("total")].item(), run.iter_num, False

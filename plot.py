@@ -214,7 +214,8 @@ def print_table(paths, target=0.0):
         hit = [f["s_to_target"] for f in figs if "s_to_target" in f]
         cells = [name, f"{len(hit)}/{len(figs)}" if target else str(len(figs)),
                  *(mean_std([f[k] for f in figs if k in f]) for k in cols)]
-        print(line(cells + [f"{statistics.mean(hit) / statistics.mean(base):.2f}x" if hit else "-"] * bool(base)))
+        ratio = [f"{statistics.mean(hit) / statistics.mean(base):.2f}x" if hit else "-"] if base else []
+        print(line(cells + ratio))
 
 
 def main():

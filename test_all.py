@@ -2251,6 +2251,33 @@ def test_wsd_schedule_is_flat_then_linear_to_the_floor():
     assert lr(55 + 27.5) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)  # linear to the floor
 
 
+def test_cooldown_patience_starts_the_cooldown_at_a_plateau_for_cooldown_frac_of_the_run():
+    from train import plateau_end
+    cfg = types.SimpleNamespace(cooldown_patience=3, cooldown_frac=0.4, max_iters=1000, warmup_iters=10)
+    at = lambda it, since, end=None: plateau_end(types.SimpleNamespace(iter_num=it, evals_since_best=since, end=end),
+                                                 cfg)
+    assert at(300, 2) is None and at(300, 3, end=700) is None and at(5, 3) is None and at(600, 3) is None
+    end = at(300, 3)  # stalled at 300: flat until 300, then the cooldown, 40% of the run (499 - int(0.4 * 499) = 300)
+    lr = lambda it: get_lr(it, 1.0, 10, end, 0.0, "wsd", 0.4)
+    assert end == 499 and lr(299) == lr(300) == 1.0 and lr(301) < 1.0 and lr(end) == 0.0
+    for it in range(10, 599, 7):  # any step: the flat phase ends exactly there, never a step before
+        end = at(it, 3)
+        assert end - max(int(0.4 * end), 1) == it
+
+
+def test_a_run_whose_val_loss_stalls_ends_early_and_stays_ended_when_resumed(tiny_data, tmp_path):
+    out = tmp_path / "run"  # lr 1e-12: the weights, so the val loss, never change; evaluations at 2, 4, 6 -> stalled
+    common = ["--learning_rate=1e-12", "--warmup_iters=0", "--lr_schedule=wsd", "--cooldown_frac=0.5",
+              "--max_iters=40", "--eval_interval=2", "--cooldown_patience=2"]
+    p = tiny_train(tiny_data, out, *common)
+    assert "has not improved for 2 evaluations: the cooldown starts now, the run ends at step 11" in p.stdout
+    assert max(r["step"] for r in metrics_rows(out)) == 11
+    p = tiny_train(tiny_data, out, *common, "--init_from=resume")
+    assert "nothing to do: the checkpoint in" in p.stdout and "at step 11, max_iters=11" in p.stdout
+    p = tiny_train(tiny_data, tmp_path / "x", "--cooldown_patience=2", "--lr_schedule=cosine", check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error: cooldown_patience needs lr_schedule='wsd'")
+
+
 def test_batches_targets_are_the_inputs_shifted_by_one(epoch_on_two_ranks):
     for x, y in epoch_on_two_ranks[2]:
         assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
@@ -5435,6 +5462,21 @@ def test_speedrun_sh_prints_the_table_of_every_row(speedrun_sh):
     table = stdout[stdout.index("s to target"):].splitlines()
     assert [line.split()[0] for line in table[1:4]] == ["baseline", "recipe", "n_embd-48"]
     assert all(" +- " in line for line in table[2:4])  # the recipe reaches the target on both seeds
+
+
+def test_speedrun_sh_corpus_readmes_runs_every_row_on_the_installed_packages_readmes(tmp_path):
+    tiny = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1", "--warmup_iters=0"]
+    env = dict(SEEDS="1", BASE="", TARGET="9", DIR=str(tmp_path / "sr"), DATA=str(tmp_path / "data"))
+    run_sh("speedrun.sh", *tiny, env=dict(env, CORPUS="readmes-1mb"))
+    docs = (tmp_path / "data" / "readmes-1mb.txt").read_text().split("\n<|endoftext|>\n")[:-1]
+    assert len(docs) >= 5 and all(len(d) >= 2000 for d in docs) and sum(len(d.encode()) for d in docs) >= 300_000
+    meta = prepare.load_meta(str(tmp_path / "data" / "readmes-1mb"))
+    windows = (meta["train_tokens"] - 1) // 32  # one train shard, block_size 32: the run read this corpus
+    log = open(tmp_path / "sr" / "recipe-s0" / "train.log").read()
+    assert meta["val_tokens"] > 0 and f" {windows:,} train windows" in log
+    p = run_sh("speedrun.sh", *tiny, env=dict(env, CORPUS="nope"), check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("error: CORPUS=nope is not in")
 
 
 def test_speedrun_sh_draws_val_loss_against_time(speedrun_sh):

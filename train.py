@@ -90,6 +90,9 @@ muon_weight_decay = 0.0
 decay_lr = True
 lr_schedule = "cosine"      # cosine | wsd (warmup-stable-decay, Hu et al. 2024: flat, then linear over the last cooldown_frac)
 cooldown_frac = 0.2
+cooldown_patience = 0       # wsd: > 0 ends the flat phase once val loss has not improved for this many evaluations in
+                            # a row, then cools down for cooldown_frac of the run: its length by its val curve (the
+                            # right step count differs from corpus to corpus), at most max_iters
 warmup_iters = 2000
 lr_decay_iters = 0          # 0 = max_iters (the decay ends with the run)
 min_lr = 6e-5               # the floor of the decay, as a fraction of each group's lr: min_lr / learning_rate
@@ -119,7 +122,7 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              optimizer=("adamw", "muon"), max_iters=(0, None), weight_decay=(0.0, None), beta1=(0.0, 1.0),
              beta2=(0.0, 1.0), grad_clip=(0.0, None), embed_lr=(0.0, None), head_lr=(0.0, None),
              muon_lr=(0.0, None), muon_momentum=(0.0, 1.0), muon_weight_decay=(0.0, None),
-             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), warmup_iters=(0, None),
+             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), cooldown_patience=(0, None), warmup_iters=(0, None),
              lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
              grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
              learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None),
@@ -343,6 +346,9 @@ def check_settings(cfg):
         if value == above or value == 1 and above is None:
             raise SystemExit(f"error: --{key}={value!r} is out of range; give a value "
                              f"{'> 0' if above == 0 else 'in [0, 1)'}")
+    if cfg.cooldown_patience and (cfg.lr_schedule != "wsd" or not cfg.decay_lr or cfg.lr_decay_iters):
+        raise SystemExit("error: cooldown_patience needs lr_schedule='wsd', decay_lr=True and lr_decay_iters=0: it "
+                         "decides where the decay ends")
     if not cfg.out_dir.strip():
         raise SystemExit("error: --out_dir is empty; give the directory the run writes to, e.g. --out_dir=out/run")
     check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
@@ -360,6 +366,20 @@ def make_schedule(cfg, say):
             f"{schedule(cfg.max_iters - 1):.2e}, not min_lr {cfg.min_lr:.2e}; set --lr_decay_iters=0 to follow "
             f"max_iters")
     return schedule
+
+
+def plateau_end(run, cfg):
+    """With cooldown_patience, the step the run now ends at: its val loss has not improved for cooldown_patience
+    evaluations, so the cooldown starts here and lasts cooldown_frac of the whole run (get_lr's wsd with max_iters =
+    that step). None while the rule does not apply: off, in warmup, already cooling down, or improving."""
+    flat_until = cfg.max_iters - max(int(cfg.cooldown_frac * cfg.max_iters), 1)
+    if (not cfg.cooldown_patience or run.end or run.evals_since_best < cfg.cooldown_patience
+            or not cfg.warmup_iters <= run.iter_num < flat_until):
+        return None
+    end = run.iter_num + 1
+    while end - max(int(cfg.cooldown_frac * end), 1) < run.iter_num:
+        end += 1
+    return end
 
 
 def announce(model, optimizers, world, device, dtype_name, tokens_per_iter, train_windows, *, mfu_ref):
@@ -388,7 +408,8 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
                                                   scaler=scaler.state_dict(), model_args=model_args, config=config,
                                                   iter_num=run.iter_num, best_val_loss=run.best_val_loss,
                                                   data=batches.state(), tokenizer_hash=tokenizer_hash,
-                                                  guard=run.guard.cpu()))
+                                                  guard=run.guard.cpu(), end=run.end,
+                                                  evals_since_best=run.evals_since_best))
     return save
 
 
@@ -477,7 +498,15 @@ def evaluate_and_save(run, cfg, model, loaders, ctx, *, mc, tok, log, save):
         log(step=run.iter_num, train_loss=losses.get("train"), val_loss=losses["val"], val_bpb=bpb,
             tokens=run.iter_num * run.tokens_per_iter, **{f"mc_{k}": v for k, v in (scores or {}).items()},
             elapsed_s=time.time() - run.t_launch, time=time.time())
-    if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
+    improved = losses["val"] < run.best_val_loss
+    run.evals_since_best = 0 if improved else run.evals_since_best + 1
+    end = plateau_end(run, cfg)
+    if end:  # decided before the checkpoint, which then holds it: a resumed run ends at the same step
+        run.end = cfg.max_iters = end
+        if run.master:
+            print(f"val loss has not improved for {run.evals_since_best} evaluations: the cooldown starts now, the "
+                  f"run ends at step {end} (cooldown_patience={cfg.cooldown_patience})")
+    if improved or cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         save()
     run.t0 += time.time() - t_eval  # the step rate (tok/s, MFU, ETA) leaves evaluation and checkpointing out
@@ -542,6 +571,7 @@ def main():
     optimizers, scaler, ctx, step = setup_step(raw_model, cfg, device=device, world=run.world, ptdtype=ptdtype,
                                                grad_accum=grad_accum)
     restore_run(run, ckpt, raw_model, optimizers, scaler)
+    cfg.max_iters = run.end or cfg.max_iters  # a run that cooldown_patience shortened stays so when resumed
     del ckpt, weights
     if cfg.init_from == "resume" and run.iter_num >= cfg.max_iters:  # saving again under the same name: not atomic
         say(f"nothing to do: the checkpoint in {cfg.out_dir} is at step {run.iter_num}, max_iters={cfg.max_iters}")

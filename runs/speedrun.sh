@@ -8,6 +8,7 @@
 #       bash runs/speedrun.sh                              # 124M: one pass over 101.6M tokens
 #   BASE= TARGET=1.5599 bash runs/speedrun.sh                # no baseline runs: a given val loss to reach
 #   bash runs/speedrun.sh --device=cpu --max_iters=50         # --key=value: train.py overrides for every run
+#   CORPUS=readmes-1mb bash runs/speedrun.sh                  # the small recipes on a corpus they were not tuned on
 # PAR=1 starts a row's seeds at once (small models leave a GPU idle; their times then overlap, rows do not).
 set -eo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,7 @@ PAR=${PAR-0}
 DIR=${DIR-out/speedrun}
 DATA=${DATA-data}
 PYTHON=${PYTHON-python}
+CORPUS=${CORPUS-}       # "": each config's own dataset; readmes-1mb: every run on that corpus instead
 if [ -z "$BASE" ] && [ "$TARGET" = 0 ]; then
     echo "error: BASE= (no baseline) needs a TARGET, the val loss to reach" >&2
     exit 1
@@ -45,6 +47,29 @@ PY
         --val_fraction=0.1
 fi
 
+# a corpus no recipe was tuned on: ~1 MB of English prose (with some markdown and code), the descriptions in the
+# installed packages' METADATA files (their READMEs), byte level, every 10th held out; it depends on what is installed
+if [ "$CORPUS" = readmes-1mb ] && [ ! -f "$DATA/readmes-1mb/meta.json" ]; then
+    mkdir -p "$DATA"
+    "$PYTHON" - "$DATA/readmes-1mb.txt" <<'PY'
+import glob, os, sys, sysconfig
+size = 0
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "*.dist-info", "METADATA"))):
+        body = open(path, encoding="utf-8", errors="replace").read().partition("\n\n")[2]
+        if len(body) >= 2000 and "<|endoftext|>" not in body:  # a real README, not a one-line summary
+            f.write(body + "\n<|endoftext|>\n")
+            size += len(body.encode())
+            if size >= 1_000_000:
+                break
+PY
+    "$PYTHON" prepare.py --input="$DATA/readmes-1mb.txt" --dataset=readmes-1mb --data_root="$DATA" --vocab_size=261 \
+        --val_fraction=0.1
+elif [ -n "$CORPUS" ] && [ ! -f "$DATA/$CORPUS/meta.json" ]; then
+    echo "error: CORPUS=$CORPUS is not in $DATA; give readmes-1mb, or a dataset prepare.py made there" >&2
+    exit 1
+fi
+
 runs=()
 failed() { echo "error: $1 failed; its log: $1/train.log" >&2; exit 1; }
 row() {  # row NAME CONFIG [--key=value ...]: the row's runs, one per seed, in $DIR/NAME-s<i> (train.log: the output)
@@ -64,6 +89,7 @@ row() {  # row NAME CONFIG [--key=value ...]: the row's runs, one per seed, in $
     echo "$name: $SEEDS seed(s) done"
 }
 COMMON=("$@")
+[ -z "$CORPUS" ] || COMMON=(--dataset="$CORPUS" "${COMMON[@]}")
 [ -z "$BASE" ] || row baseline "$BASE"
 row recipe "$RECIPE"
 IFS=';' read -ra variants <<< "$VARIANTS"
