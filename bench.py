@@ -239,19 +239,19 @@ def train_variant(defaults, variant):
 
 
 def train_batches(T, data, rank, world, cuda):
-    """train.py's batches of the prepared train shards (data "real"; None if there are none), or a few fixed random
+    """train.py's batches (dataloader.py) of the prepared train shards (data "real"; None if there are none), or a few fixed random
     batches, pinned like train.py's, different on every rank."""
     import torch
-    import train
+    import dataloader
     if data == "real":
         data_dir = os.path.join(T.data_root, T.dataset)
         if not os.path.isfile(os.path.join(data_dir, "meta.json")):
             return None
-        _, meta, _ = train.load_data(T.data_root, T.dataset)
+        _, meta, _ = dataloader.load_data(T.data_root, T.dataset)
         if meta["vocab_size"] > T.vocab_size:
             raise SystemExit(f"error: {data_dir} has {meta['vocab_size']} tokens > vocab_size "
                              f"{T.vocab_size}; raise vocab_size in train_common")
-        return train.make_batches(data_dir, meta, T, rank=rank, world=world, data_state={}, pin=cuda)[1]
+        return dataloader.make_batches(data_dir, meta, T, rank=rank, world=world, data_state={}, pin=cuda)[1]
     g = torch.Generator().manual_seed(T.seed + rank)
     windows = [torch.randint(T.vocab_size, (T.batch_size, T.block_size + 1), generator=g) for _ in range(4)]
     pairs = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in windows]

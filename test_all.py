@@ -1,8 +1,8 @@
 """
 The tests of scratchlm. Shared imports, fixtures and helpers first; then one section per script in pipeline order
-(configurator, bpe, prepare, model, fp8, muon, checkpoint, train, scale, faults, sample, rlhf, eval, export, plot,
-bench, runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it proves;
-then repo-wide checks (README.md's commands among them). Tiny models, tiny data, CPU only.
+(configurator, bpe, prepare, model, fp8, muon, checkpoint, train with dataloader, scale, faults, sample, rlhf, eval,
+export, plot, bench, runs/*.sh, lora, chat_data and gsm8k), each test in the section of the script whose behaviour it
+proves; then repo-wide checks (README.md's commands among them). Tiny models, tiny data, CPU only.
 Run: python -m pytest -q test_all.py
 Some tests run a function of this file in a fresh interpreter (`python -c "import test_all; test_all.f()"`), so
 importing it must stay cheap: torch's compiler and ZeRO, and the optional packages (transformers, safetensors,
@@ -79,7 +79,8 @@ from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
 from muon import Muon, orthogonalise  # noqa: E402
 from scale import checkpoint_blocks, ckpt_interval, micro_steps, parallelize  # noqa: E402
-from train import Batches, TokenWindows, get_lr, make_optimizers, set_lr, split_paths  # noqa: E402
+from dataloader import Batches, TokenWindows, split_paths  # noqa: E402
+from train import get_lr, make_optimizers, set_lr  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- running the scripts
@@ -2236,7 +2237,7 @@ def sharded(tiny_data, tmp_path_factory):
     return lambda sharding, optimizer="adamw": run_sharded(sharding, optimizer)
 
 
-# ---- the learning-rate schedule and the data order
+# ---- the learning-rate schedule and the data order (dataloader.py)
 def test_lr_schedule_warmup_cosine_and_floor():
     lr = lambda it: get_lr(it, learning_rate=1.0, warmup_iters=10, lr_decay_iters=110, min_lr=0.1)
     assert lr(0) == pytest.approx(1 / 11)                # linear warmup starts near 0, not at 0
