@@ -17,9 +17,10 @@ architecture where one computes exactly the same function, else to ScratchLM (hf
     mlp_bias); q and k rows reordered for its rotate_half RoPE (see rope_order); with sliding_window,
     MistralForCausalLM (the same window: a token sees itself and the window-1 tokens before it); with qk_norm,
     Qwen3ForCausalLM (per-head RMSNorm of q and k before RoPE, as ours). Mistral and Qwen3 have no biases.
-  - anything else (value_embeds, unet_skips, logit_softcap, RoPE with LayerNorm or GELU, ...): ScratchLM, the
-    transformers model in hf_modeling.py, written beside the weights as modeling_scratchlm.py; config.json's
-    auto_map names it, so transformers loads it with trust_remote_code=True. Its weights are our state dict.
+  - anything else (value_embeds, unet_skips, logit_softcap, smear_gate, bigram_embeds, RoPE with LayerNorm or
+    GELU, ...): ScratchLM, the transformers model in hf_modeling.py, written beside the weights as
+    modeling_scratchlm.py; config.json's auto_map names it, so transformers loads it with trust_remote_code=True.
+    Its weights are our state dict.
   zero_init_proj and dropout only shape training; they never decide the layout (config.json keeps them).
   A GPTConfig field this file does not know (a future switch) is a one-line error until hf_modeling.py learns it.
 The model's vocab_size is the tokenizer's padded up to a multiple of 128: config.json keeps the model's size (HF
@@ -57,7 +58,8 @@ HUB_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium"
 # taught to hf_modeling.py, and here to the stock layouts that can express it).
 KNOWN_FIELDS = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_kv_head",
                 "pos_encoding", "rope_theta", "norm", "qk_norm", "mlp", "mlp_hidden", "sliding_window",
-                "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embeds", "unet_skips"}
+                "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embeds", "unet_skips", "smear_gate",
+                "bigram_embeds"}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # GPT-2: (in, out)
 HF_MODELING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling.py")
 AUTO_MAP = {"AutoConfig": "modeling_scratchlm.ScratchLMConfig",
@@ -76,7 +78,7 @@ def hf_layout(cfg):
     if odd:
         raise SystemExit(f"error: export.py does not know the option {', '.join(odd)}; export a model with its "
                          f"default, or teach hf_modeling.py and export.py its math")
-    if cfg.value_embeds or cfg.unet_skips or cfg.logit_softcap:
+    if cfg.value_embeds or cfg.unet_skips or cfg.logit_softcap or cfg.smear_gate or cfg.bigram_embeds:
         return "scratchlm"  # no stock class has them (Gemma 2's soft-cap comes with its other differences)
     layout = (cfg.pos_encoding, cfg.norm, cfg.mlp)
     if layout == ("learned", "layernorm", "gelu") and not cfg.qk_norm and not cfg.sliding_window \

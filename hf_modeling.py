@@ -1,8 +1,9 @@
 """
 ScratchLM for transformers: scratchlm's GPT (model.py), every GPTConfig switch included, as a transformers model.
 export.py writes this file beside the weights, as modeling_scratchlm.py, when no stock transformers class computes
-exactly what the model computes (value embeddings, U-net skips, logit soft-capping, RoPE with LayerNorm or GELU,
-QK-norm outside Qwen3's layout, ...), and config.json's auto_map points transformers at it:
+exactly what the model computes (value embeddings, U-net skips, logit soft-capping, the smear gate, bigram
+embeddings, RoPE with LayerNorm or GELU, QK-norm outside Qwen3's layout, ...), and config.json's auto_map points
+transformers at it:
 
     AutoModelForCausalLM.from_pretrained("out/small-hf", trust_remote_code=True)
 
@@ -10,6 +11,7 @@ It imports only torch and transformers, so the directory works where scratchlm i
 model.py's names and shapes (export and import copy the state dict as it is) and the forward is model.py's math,
 so the logits agree to rounding. A new GPTConfig switch is taught here: its default in FIELDS, its math below.
 Generation keeps every position in transformers' DynamicCache; the sliding window is the mask's job, as in model.py.
+The smear gate and bigram embeddings read the token before each new one: prepare_inputs_for_generation passes it.
 """
 import torch
 import torch.nn as nn
@@ -21,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 FIELDS = dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=True,
               n_kv_head=None, pos_encoding="learned", rope_theta=10000.0, norm="layernorm", qk_norm=False, mlp="gelu",
               mlp_hidden=0, sliding_window=0, tie_embeddings=True, zero_init_proj=False, logit_softcap=0.0,
-              value_embeds=False, unet_skips=False)
+              value_embeds=False, unet_skips=False, smear_gate=False, bigram_embeds=0)
 # the KV cache's name in model inputs and outputs: "cache" in newer transformers, "past_key_values" before
 CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -54,6 +56,13 @@ def apply_rope(x, rot):
     """Rotate x (B, T, heads, head_dim), channels (2i, 2i+1) read as one complex number, by rot (T, head_dim/2)."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * rot[:, None]).flatten(-2).type_as(x)
+
+
+def bigram_rows(prev, idx, later, rows):
+    """Rows (B, T) of the bigram table for the token pairs (prev, idx) (B, T): a hash into rows - 1 rows, and the
+    last row where later (T,) is False (no previous token)."""
+    h = torch.bitwise_xor(prev * 1000003, idx * 2654435761) % (rows - 1)
+    return torch.where(later, h, rows - 1)
 
 
 class Norm(nn.Module):
@@ -163,6 +172,12 @@ class ScratchLMForCausalLM(PreTrainedModel, GenerationMixin):
                                                  for _ in range(min(3, cfg.n_layer // 2))])
         if cfg.unet_skips:  # block n_layer-1-i's input gets skip_weights[i] x block i's output
             self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        if cfg.smear_gate:  # x_t + lambda * sigmoid(gate . x_t[:12]) * x_{t-1}, on the token embeddings
+            self.smear_gate = nn.Parameter(torch.zeros(min(12, cfg.n_embd)))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.bigram_embeds:  # a table of hashed (previous token, token) pairs, added to the token embedding
+            self.transformer.bigram = nn.Embedding(cfg.bigram_embeds, cfg.n_embd)
+            self.bigram_lambda = nn.Parameter(torch.ones(1))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.post_init()
 
@@ -201,16 +216,45 @@ class ScratchLMForCausalLM(PreTrainedModel, GenerationMixin):
             mask = (mask & attention_mask[:, None, None, :].bool()) | (k_pos[None, :] == q_pos[:, None])
         return mask
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """transformers' inputs for the next forward, plus prev_ids (B, 1): the token before the new ones, which
+        the smear gate and the bigram table read (the cache holds only keys and values)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        new = inputs.get("input_ids")
+        if new is not None and input_ids.size(1) > new.size(1):
+            inputs["prev_ids"] = input_ids[:, -new.size(1) - 1:-new.size(1)]
+        return inputs
+
+    def embed(self, input_ids, pos, prev_ids):
+        """The token embeddings (B, T, C), smeared and with the bigram rows added as configured; prev_ids (B, 1):
+        the token before input_ids[:, 0], or None at position 0 (which gets no previous token)."""
+        cfg, tr = self.config, self.transformer
+        x = tr.wte(input_ids)
+        if cfg.smear_gate or cfg.bigram_embeds:
+            prev = torch.cat([input_ids[:, :1] if prev_ids is None else prev_ids, input_ids[:, :-1]], 1)
+            later = pos > 0
+            if cfg.smear_gate:
+                x_prev = torch.cat([tr.wte(prev[:, :1]), x[:, :-1]], 1)
+                gate = self.smear_lambda * torch.sigmoid(x[..., :self.smear_gate.numel()] @ self.smear_gate)
+                x = x + (gate * later)[..., None] * x_prev
+            if cfg.bigram_embeds:
+                x = x + self.bigram_lambda * tr.bigram(bigram_rows(prev, input_ids, later, cfg.bigram_embeds))
+        return x
+
+    def forward(self, input_ids, attention_mask=None, labels=None, prev_ids=None, **kwargs):
         """Logits (B, T, vocab) of input_ids (B, T) at positions past, ..., past + T - 1 (past: the length already
         in the cache, kwargs[CACHE], which this call extends); with labels, the mean cross-entropy of each position
-        against the next label (-100 = none), as transformers' causal LMs."""
+        against the next label (-100 = none), as transformers' causal LMs. prev_ids (B, 1): the token before
+        input_ids[:, 0] where past > 0 (the smear gate and bigram table read it)."""
         cfg, tr = self.config, self.transformer
         B, T = input_ids.shape
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
+        if past and prev_ids is None and (cfg.smear_gate or cfg.bigram_embeds):
+            raise ValueError("error: with smear_gate or bigram_embeds, a forward that extends a cache needs "
+                             "prev_ids, the token before input_ids (generate passes it)")
         pos = torch.arange(past, past + T, device=input_ids.device)
-        x = tr.wte(input_ids) + (tr.wpe(pos) if cfg.pos_encoding == "learned" else 0)
+        x = self.embed(input_ids, pos, prev_ids) + (tr.wpe(pos) if cfg.pos_encoding == "learned" else 0)
         x = F.dropout(x, cfg.dropout, self.training)
         hd = cfg.n_embd // cfg.n_head
         rope = rope_rotations(pos, hd, cfg.rope_theta) if cfg.pos_encoding == "rope" else None

@@ -43,6 +43,8 @@ class GPTConfig:
     logit_softcap: float = 0.0    # >0: logits = cap * tanh(logits / cap), bounded (Gemma 2; modded-nanogpt)
     value_embeds: bool = False    # extra token tables added to the values of the first and last 3 layers (modded-nanogpt)
     unet_skips: bool = False      # the first half's block outputs added, weighted, to the second half's inputs
+    smear_gate: bool = False      # each token embedding gets a learned, gated share of the one before it
+    bigram_embeds: int = 0        # >0: rows of a table of hashed (previous token, token) pairs added to wte's output
 
 
 def rope_rotations(pos, head_dim, theta):
@@ -182,6 +184,9 @@ class GPT(nn.Module):
                              f"n_head of n_kv_head ({cfg.n_kv_head})")
         if cfg.pos_encoding == "rope" and (cfg.n_embd // cfg.n_head) % 2:
             raise SystemExit(f"error: rope needs an even head size, n_embd / n_head is {cfg.n_embd // cfg.n_head}")
+        if cfg.bigram_embeds < 0 or cfg.bigram_embeds == 1:
+            raise SystemExit(f"error: bigram_embeds={cfg.bigram_embeds} must be 0 (off) or >= 2 (the hashed rows, "
+                             f"plus one for position 0); e.g. 65536")
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -197,10 +202,18 @@ class GPT(nn.Module):
                                                  for _ in range(min(3, cfg.n_layer // 2))])
         if cfg.unet_skips:  # one weight per skip: block n_layer-1-i's input gets skip_weights[i] x block i's output
             self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        if cfg.smear_gate:  # both zero: the smear starts shut (lambda 0), and the gate learns once lambda moves
+            self.smear_gate = nn.Parameter(torch.zeros(min(12, cfg.n_embd)))  # reads the first 12 channels
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.bigram_embeds:  # zeroed below (the model starts as without it); scale 1: it learns as fast as wte
+            self.transformer.bigram = nn.Embedding(cfg.bigram_embeds, cfg.n_embd)
+            self.bigram_lambda = nn.Parameter(torch.ones(1))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
         self.apply(self._init_weights)
+        if cfg.bigram_embeds:
+            nn.init.zeros_(self.transformer.bigram.weight)
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2*n_layer)
@@ -216,12 +229,13 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding=True):
         """Parameter count. non_embedding leaves out the tables that are only looked up and cost no FLOPs:
-        the position table, and the token table when it is not tied to lm_head (tied, it is the output
-        matmul too, so it is counted once and it does cost FLOPs)."""
+        the position table, the bigram table, and the token table when it is not tied to lm_head (tied, it is
+        the output matmul too, so it is counted once and it does cost FLOPs)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            if "wpe" in self.transformer:
-                n -= self.transformer.wpe.weight.numel()
+            for name in ("wpe", "bigram"):
+                if name in self.transformer:
+                    n -= self.transformer[name].weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.transformer.wte.weight.numel()
         return n
@@ -233,14 +247,31 @@ class GPT(nn.Module):
         T = T or cfg.block_size
         return 6 * self.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
-    def embed(self, idx, pos):
-        """Token (+ learned position) embeddings (B, T, C) and the RoPE rotations (or None) for positions pos (T,)."""
+    def embed(self, idx, pos, prev=None):
+        """Token (+ learned position) embeddings (B, T, C) and the RoPE rotations (or None) for positions pos (T,).
+        prev (B, 1): the token before idx[:, 0], which smear_gate and bigram_embeds read; None where pos[0] is 0.
+        Position 0 gets no previous token (nor does the start of a cut context in generate), whatever prev says."""
+        cfg = self.config
         x = self.transformer.wte(idx)
+        if cfg.smear_gate or cfg.bigram_embeds:
+            prev = idx[:, :1] if prev is None else prev  # a stand-in, masked out at position 0
+            later = pos > 0  # (T,); by pos, not by a branch: the same code serves a CUDA graph's every step
+            if cfg.smear_gate:
+                x = self.smear(x, torch.cat([self.transformer.wte(prev), x[:, :-1]], 1), later)
+            if cfg.bigram_embeds:
+                rows = bigram_rows(torch.cat([prev, idx[:, :-1]], 1), idx, later, cfg.bigram_embeds)
+                x = x + self.bigram_lambda * self.transformer.bigram(rows)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
-        cfg = self.config
         rope = rope_rotations(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta) if cfg.pos_encoding == "rope" else None
         return self.transformer.drop(x), rope
+
+    def smear(self, x, x_prev, later):
+        """x_t + lambda * sigmoid(w . x_t[:12]) * x_{t-1}, for token embeddings x and x_prev (B, T, C), the latter
+        shifted one position; later (T,) is False where there is no previous token. A cheap stand-in for the heads
+        that learn to attend to the previous token (modded-nanogpt's smear, a record of 2025-09)."""
+        gate = self.smear_lambda * torch.sigmoid(x[..., :self.smear_gate.numel()] @ self.smear_gate)
+        return x + (gate * later)[..., None] * x_prev
 
     def attn_mask(self, q_pos, k_pos):
         """(Tq, Tk) bool, True where query position q may attend key position k: k <= q, and within the
@@ -304,10 +335,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits.detach(), loss
 
-    def forward_cached(self, idx, pos, cache):
+    def forward_cached(self, idx, pos, cache, prev=None):
         """Logits (B, T, vocab) for tokens idx (B, T) at absolute positions pos (T,), reading and extending
-        the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1."""
-        x, rope = self.embed(idx, pos)
+        the KV cache (one (k, v) pair per layer, see new_cache). Prefill: T = prompt length; decode: T = 1.
+        prev (B, 1): the token before idx[:, 0] (smear_gate and bigram_embeds need it), None where pos[0] is 0."""
+        x, rope = self.embed(idx, pos, prev)
         mask = self.sdpa_mask(pos, torch.arange(cache[0][0].size(2), device=idx.device), cache[0][0].dtype)
         return self.head(self.blocks(x, rope, mask, idx, cache, pos))
 
@@ -377,7 +409,7 @@ class GPT(nn.Module):
                     continue
             if use_cache:
                 pos = torch.full((1,), end - 1 - start, dtype=torch.long, device=idx.device)
-                logits = step(tokens[:, end - 1:end], pos, cache)[:, -1]
+                logits = step(tokens[:, end - 1:end], pos, cache, tokens[:, end - 2:end - 1])[:, -1]
 
     def _prefill(self, idx, max_new_tokens, cuda_graph, compile):
         """generate's cached paths: a KV cache for the whole generation, the decode step (plain, compiled or
@@ -394,18 +426,21 @@ class GPT(nn.Module):
             step = self._graphed_step(step, cache, B)
         if graphed and T <= 32:  # a short prompt goes through the graph token by token: in a fresh process
             for t in range(T):   # that beats loading the prefill's own kernels (bench.py's gen_cold rows)
-                logits = step(idx[:, t:t + 1], torch.full((1,), t, dtype=torch.long, device=idx.device), cache)[:, -1]
+                pos = torch.full((1,), t, dtype=torch.long, device=idx.device)
+                logits = step(idx[:, t:t + 1], pos, cache, idx[:, max(t - 1, 0):max(t, 1)])[:, -1]
         else:
             logits = self.forward_cached(idx, torch.arange(T, device=idx.device), cache)[:, -1]  # prefill
         return step, cache, logits
 
     def _graphed_step(self, step, cache, B):
-        """step(idx (B, 1), pos (1,), cache) captured as one CUDA graph: inputs are copied into static
-        tensors, the graph is replayed, the static logits are read. Must run before the prefill: the
+        """step(idx (B, 1), pos (1,), cache, prev (B, 1)) captured as one CUDA graph: inputs are copied into
+        static tensors, the graph is replayed, the static logits are read. Must run before the prefill: the
         warm-up writes junk into cache position 0, which the prefill then overwrites."""
         device = cache[0][0].device
         static_idx = torch.zeros(B, 1, dtype=torch.long, device=device)
         static_pos = torch.zeros(1, dtype=torch.long, device=device)
+        static_prev = torch.zeros(B, 1, dtype=torch.long, device=device)
+        reads_prev = self.config.smear_gate or self.config.bigram_embeds
         # autocast's weight cache must be off while capturing: cached casts would live outside the graph
         amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
@@ -413,18 +448,28 @@ class GPT(nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), amp:  # warm-up off the capture: lazy init, cuBLAS workspaces, compile
             for _ in range(2):
-                step(static_idx, static_pos, cache)
+                step(static_idx, static_pos, cache, static_prev)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), amp:
-            static_logits = step(static_idx, static_pos, cache)
+            static_logits = step(static_idx, static_pos, cache, static_prev)
 
-        def replay(idx, pos, cache):
+        def replay(idx, pos, cache, prev):
             static_idx.copy_(idx)
             static_pos.copy_(pos)
+            if reads_prev:
+                static_prev.copy_(prev)
             graph.replay()
             return static_logits
         return replay
+
+
+def bigram_rows(prev, idx, later, rows):
+    """The bigram table's row (B, T) for each pair (prev, idx) of tokens (B, T): a multiplicative hash into
+    rows - 1 rows (hash embeddings, Svenstrup et al. 2017, arXiv:1709.03933: a rare collision costs little), and
+    the last row where later (T,) is False (no previous token). Large odd multipliers spread nearby ids apart."""
+    h = torch.bitwise_xor(prev * 1000003, idx * 2654435761) % (rows - 1)
+    return torch.where(later, h, rows - 1)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -76,7 +76,7 @@ from configurator import config_keys, configure, source_notes  # noqa: E402
 from faults import GUARD_FIELDS, apply_update, guard_update  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
                  scaled_mm, to_fp8)
-from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
+from model import GPT, GPTConfig, apply_rope, bigram_rows, rope_rotations, sample_next  # noqa: E402
 from muon import Muon, orthogonalise  # noqa: E402
 from scale import checkpoint_blocks, ckpt_interval, micro_steps, parallelize  # noqa: E402
 from dataloader import Batches, TokenWindows, split_paths  # noqa: E402
@@ -1246,6 +1246,9 @@ MODEL_OPTIONS = {  # each switch alone, then combinations
     "mistral_qk_untied": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, qk_norm=True,
                               sliding_window=6, rope_theta=5e5, tie_embeddings=False, mlp_hidden=96),
     "window_gqa_dropout": dict(sliding_window=4, n_kv_head=2, qk_norm=True, dropout=0.1),
+    "smear": dict(smear_gate=True), "bigram": dict(bigram_embeds=50),
+    "smear_bigram_llama": dict(smear_gate=True, bigram_embeds=50, pos_encoding="rope", norm="rmsnorm", mlp="swiglu",
+                               n_kv_head=2, bias=False, sliding_window=6),
 }
 GQA_OPTIONS = [dict(), dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False)]
 MODERN_SWITCHES = [dict(value_embeds=True), dict(unet_skips=True), dict(logit_softcap=2.0),
@@ -1264,6 +1267,7 @@ def expected_params(cfg):
     mlp = C * fc + hidden * C + (fc + C if b else 0)
     n = V * C + L * (attn + mlp + 2 * C * per_norm) + C * per_norm
     n += C * cfg.block_size if cfg.pos_encoding == "learned" else 0
+    n += (min(12, C) + 1 if cfg.smear_gate else 0) + (cfg.bigram_embeds * C + 1 if cfg.bigram_embeds else 0)
     return n + (0 if cfg.tie_embeddings else V * C)
 
 
@@ -1339,7 +1343,7 @@ def test_model_parameter_count_matches_the_formula(name, one_thread):
     n = expected_params(cfg)
     assert model.num_params(non_embedding=False) == n
     lookups = (cfg.n_embd * cfg.block_size if cfg.pos_encoding == "learned" else 0) + \
-        (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd)  # wpe, and wte when untied
+        (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd) + cfg.bigram_embeds * cfg.n_embd  # wpe, wte untied
     assert model.num_params() == n - lookups
 
 
@@ -1439,7 +1443,7 @@ def test_model_kv_cache_logits_equal_full_forward_logits(name, one_thread):
     full = model(idx)[0]
     cache = model.new_cache(3, 32, torch.float32, "cpu")
     steps = [model.forward_cached(idx[:, :7], torch.arange(7), cache)]  # prefill 7, then one token at a time
-    steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t]), cache) for t in range(7, 25)]
+    steps += [model.forward_cached(idx[:, t:t + 1], torch.tensor([t]), cache, idx[:, t - 1:t]) for t in range(7, 25)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -1519,6 +1523,85 @@ def test_model_modern_switches_keep_the_kv_cache_logits_equal_to_the_full_forwar
     step = model.forward_cached(idx[:, 7:8], torch.arange(7, 8), cache)
     torch.testing.assert_close(pre, logits[:, :7], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step[:, 0], logits[:, 7], rtol=1e-5, atol=1e-5)
+
+
+def test_model_switches_off_keep_the_state_dict_keys_and_on_add_only_their_own():
+    block = ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+             "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+             "mlp.c_proj.bias"]
+    off = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+           "lm_head.weight"} | {f"transformer.h.{i}.{k}" for i in range(2) for k in block}
+    assert set(gpt_with(smear_gate=False, bigram_embeds=0).state_dict()) == off
+    on = set(gpt_with(smear_gate=True, bigram_embeds=50).state_dict())
+    assert on - off == {"smear_gate", "smear_lambda", "transformer.bigram.weight", "bigram_lambda"} and off <= on
+
+
+def test_model_smear_gate_and_bigram_embeds_start_as_the_model_without_them_bit_for_bit():
+    off = gpt_with()
+    on = gpt_with(smear_gate=True, bigram_embeds=50)  # smear_lambda 0 and a zero table at init
+    on.load_state_dict(off.state_dict(), strict=False)
+    idx = torch.randint(0, 64, (2, 20))
+    assert torch.equal(on(idx)[0], off(idx)[0])
+
+
+def test_model_smear_and_bigram_embeddings_equal_a_naive_loop_in_float64():
+    model = gpt_with(spread=0.3, smear_gate=True, bigram_embeds=50).double()
+    idx = torch.randint(0, 64, (2, 9))
+    wte, wpe, table = (model.transformer[k].weight for k in ("wte", "wpe", "bigram"))
+    ref = torch.zeros(2, 9, 32, dtype=torch.float64)
+    for b in range(2):
+        for t in range(9):
+            e = wte[idx[b, t]].clone()
+            if t:  # x_t + lambda * sigmoid(w . x_t[:12]) * x_{t-1}
+                e += model.smear_lambda[0] * torch.sigmoid(wte[idx[b, t], :12] @ model.smear_gate) * wte[idx[b, t - 1]]
+            row = bigram_rows(idx[b, t - 1].view(1, 1), idx[b, t].view(1, 1), torch.tensor([t > 0]), 50)[0, 0]
+            ref[b, t] = e + model.bigram_lambda[0] * table[row] + wpe[t]
+    torch.testing.assert_close(model.embed(idx, torch.arange(9))[0], ref, rtol=0, atol=1e-12)
+
+
+def test_model_bigram_rows_hash_each_pair_into_the_table_and_position_0_into_the_last_row():
+    prev, idx = torch.randint(0, 50304, (2, 4096)), torch.randint(0, 50304, (2, 4096))
+    later = torch.arange(4096) > 0
+    rows = bigram_rows(prev, idx, later, 65536)
+    assert (rows[:, 0] == 65535).all() and (rows[:, 1:] < 65535).all() and (rows >= 0).all()
+    assert torch.equal(bigram_rows(prev.flip(1), idx.flip(1), later.flip(0), 65536), rows.flip(1))  # by pair only
+    assert rows[:, 1:].unique().numel() > 0.9 * 2 * 4095  # 8k random pairs, 64k rows: few collisions
+
+
+def test_model_cached_decode_needs_the_previous_token_with_smear_and_bigram():
+    model = gpt_with(spread=0.3, smear_gate=True, bigram_embeds=50)
+    idx = torch.randint(0, 64, (2, 9))
+    full = model(idx)[0][:, -1]
+    for prev, same in ((idx[:, 7:8], True), ((idx[:, 7:8] + 1) % 64, False)):
+        cache = model.new_cache(2, 16, torch.float32, "cpu")
+        model.forward_cached(idx[:, :8], torch.arange(8), cache)
+        step = model.forward_cached(idx[:, 8:], torch.tensor([8]), cache, prev)[:, -1]
+        assert torch.allclose(step, full, rtol=1e-5, atol=1e-5) == same
+
+
+def test_model_smear_and_bigram_parameters_go_to_adamws_embed_and_gain_groups_not_muon():
+    model = gpt_with(smear_gate=True, bigram_embeds=50, tie_embeddings=False)
+    adamw, muon = make_optimizers(model, world=1, sharding="ddp", weight_decay=0.1, learning_rate=1e-3,
+                                  betas=(0.9, 0.95), device="cpu", kind="muon", embed_lr=0.05)
+    names = {p: n for n, p in model.named_parameters()}
+    embed, head, gain = ({names[p] for p in g["params"]} for g in adamw.param_groups)
+    assert "transformer.bigram.weight" in embed and {"smear_gate", "smear_lambda", "bigram_lambda"} <= gain
+    assert not {"transformer.bigram.weight", "smear_gate"} & {names[p] for p in muon.param_groups[0]["params"]}
+
+
+def test_model_bigram_embeds_of_1_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="error: bigram_embeds=1 must be 0"):
+        gpt_with(bigram_embeds=1)
+
+
+def test_train_py_with_smear_gate_and_bigram_embeds_lowers_the_loss_and_trains_both(tiny_data, tmp_path):
+    tiny_train(tiny_data, tmp_path, "--max_iters=30", "--lr_decay_iters=30", "--eval_interval=30",
+               "--smear_gate=True", "--bigram_embeds=1024", "--optimizer=muon")
+    evals = [r for r in metrics_rows(tmp_path) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < np.log(300) - 1.0
+    sd = final_params(tmp_path)
+    assert sd["smear_lambda"].abs().item() > 0 and sd["smear_gate"].abs().sum() > 0  # the gate opened and learned
+    assert sd["transformer.bigram.weight"].abs().sum(1).count_nonzero() > 100  # rows of seen pairs moved
 
 
 def test_model_logit_softcap_bounds_the_logits():
@@ -4742,7 +4825,10 @@ EXPORT_LAYOUTS = {  # layout name -> GPTConfig options; each exercises a differe
                                tie_embeddings=False, zero_init_proj=True, logit_softcap=15.0, value_embeds=True,
                                unet_skips=True, dropout=0.2),  # config/speedrun_small.py's options
     "scratchlm_every_switch": dict(n_layer=4, mlp="swiglu", qk_norm=True, n_kv_head=2, sliding_window=5,
-                                   logit_softcap=30.0, value_embeds=True, unet_skips=True),  # learned, biases, tied
+                                   logit_softcap=30.0, value_embeds=True, unet_skips=True, smear_gate=True,
+                                   bigram_embeds=500),  # learned, biases, tied
+    "scratchlm_llama_smear_bigram": dict(pos_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False,
+                                         smear_gate=True, bigram_embeds=500),  # Llama, but for the two switches
 }
 
 
@@ -4951,6 +5037,8 @@ def test_export_every_pretraining_recipes_model_options_give_our_logits_and_bits
     (dict(value_embeds=True), "scratchlm"),
     (dict(unet_skips=True), "scratchlm"),
     (dict(logit_softcap=30.0), "scratchlm"),
+    (dict(smear_gate=True), "scratchlm"),
+    (dict(bigram_embeds=4096), "scratchlm"),
     (dict(pos_encoding="rope"), "scratchlm"),  # rope with GPT-2's LayerNorm and GELU
     (dict(n_kv_head=2), "scratchlm"),
     (dict(sliding_window=8), "scratchlm"),

@@ -124,7 +124,7 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
              grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
              learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None),
-             spike_factor=(0.0, None))
+             spike_factor=(0.0, None), bigram_embeds=(0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
