@@ -206,8 +206,9 @@ def parallelize(model, device, world, *, compile=False, grad_ckpt=None, sharding
         model.head_loss = torch.compile(model.head_loss, dynamic=False)
     model = spread(model, device, world, sharding)
     # compiled after DDP, so that dynamo's DDPOptimizer cuts the graph at bucket boundaries and the all-reduce
-    # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through
-    return torch.compile(model) if compile else model
+    # still overlaps the (compiled) backward; compiled after FSDP2, which it traces through. dynamic=False: a second
+    # shape (short_block_size's) gets a graph of its own, not one with dynamic shapes that every later step would run
+    return torch.compile(model, dynamic=False) if compile else model
 
 
 def spread(model, device, world, sharding):

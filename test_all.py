@@ -70,8 +70,8 @@ import rollout  # noqa: E402
 import sample  # noqa: E402
 import scale  # noqa: E402
 import train  # noqa: E402
-from checkpoint import (CKPT_FORMAT, load_checkpoint, load_optimizer_state, model_from_checkpoint,  # noqa: E402
-                        save_checkpoint)
+from checkpoint import (CKPT_FORMAT, build_model, load_checkpoint, load_optimizer_state,  # noqa: E402
+                        model_from_checkpoint, save_checkpoint)
 from configurator import config_keys, configure, source_notes  # noqa: E402
 from faults import GUARD_FIELDS, apply_update, guard_update  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
@@ -2335,6 +2335,20 @@ def test_wsd_schedule_is_flat_then_linear_to_the_floor():
     assert lr(55 + 27.5) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)  # linear to the floor
 
 
+def test_short_block_steps_train_on_each_window_cut_into_shorter_sequences(tiny_data, tmp_path):
+    tiny_train(tiny_data, tmp_path, "--max_iters=1", "--short_block_size=4", "--short_block_iters=1", "--seed=3",
+               "--gradient_accumulation_steps=1")
+    ckpt = load_checkpoint(str(tmp_path))
+    model = build_model(ckpt["model_args"], None, 3, "cpu")  # the run's initial weights: same seed
+    x, y = next(Batches(windows_of(tiny_data, block_size=16), 4, 0, 1, seed=3, shift=True))
+    _, loss = model(x.view(-1, 4), y.view(-1, 4))  # 16 sequences of 4 tokens: RoPE-free GPT-2 layout, positions 0-3
+    assert metrics_rows(tmp_path)[1]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    _, full = model(x, y)
+    assert abs(full.item() - loss.item()) > 1e-4  # the cut is real: a shorter context gives another loss
+    p = tiny_train(tiny_data, tmp_path / "bad", "--short_block_size=5", check=False)
+    assert p.stderr.strip() == ("error: short_block_size=5 does not divide block_size=16; give a divisor, e.g. 4")
+
+
 def test_cooldown_patience_starts_the_cooldown_at_a_plateau_for_cooldown_frac_of_the_run():
     from train import plateau_end
     cfg = types.SimpleNamespace(cooldown_patience=3, cooldown_frac=0.4, max_iters=1000, warmup_iters=10)
@@ -2518,8 +2532,9 @@ def test_wandb_log_without_the_wandb_package_is_a_one_line_error(tiny_data, tmp_
 
 
 # ---- resuming and fine-tuning
-def test_resume_is_bit_exact(tiny_data, tmp_path):
-    common = ["--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1"]  # dropout: RNG replays too
+@pytest.mark.parametrize("extra", [[], ["--short_block_size=8", "--short_block_iters=6"]], ids=["plain", "short_block"])
+def test_resume_is_bit_exact(tiny_data, tmp_path, extra):
+    common = ["--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", *extra]  # dropout: RNG too
     tiny_train(tiny_data, tmp_path / "once", *common)
     tiny_train(tiny_data, tmp_path / "twice", *common[1:], "--max_iters=4")
     tiny_train(tiny_data, tmp_path / "twice", *common, "--init_from=resume")

@@ -67,6 +67,9 @@ dataset = "stdlib"          # reads data_root/dataset/, made by prepare.py
 data_root = "data"
 batch_size = 12             # micro-batch per process
 block_size = 1024
+short_block_size = 0        # > 0: for the first short_block_iters steps each window is cut into sequences of this many
+short_block_iters = 0       # tokens: the same tokens a step, a shorter context, cheaper attention (a sequence-length
+                            # schedule, like the growing attention window of modded-nanogpt's record)
 gradient_accumulation_steps = 40  # micro-steps per update, summed over all processes
 # model: every field of GPTConfig (model.py) is a config key here; vocab_size comes from the data
 globals().update({f.name: f.default for f in fields(GPTConfig)})
@@ -113,7 +116,7 @@ spike_factor = 2.0          # loss > spike_factor x running average is a spike; 
 # -----------------------------------------------------------------------------
 # the keys' ranges and choices, checked by configure (what depends on other keys or an open bound: check_settings)
 RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, None), log_interval=(1, None),
-             batch_size=(1, None), block_size=(1, None), gradient_accumulation_steps=(1, None),
+             batch_size=(1, None), block_size=(1, None), short_block_size=(0, None), short_block_iters=(0, None), gradient_accumulation_steps=(1, None),
              vocab_size=(int, 1, None), n_layer=(1, None), n_head=(1, None), n_embd=(1, None), dropout=(0.0, 1.0),
              n_kv_head=(int, 1, None), pos_encoding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
              mlp=("gelu", "swiglu"), mlp_hidden=(0, None), sliding_window=(0, None), logit_softcap=(0.0, None),
@@ -217,10 +220,10 @@ def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))
     ctx = autocast(device, ptdtype)
 
-    def step(batches, guard, judge_update=True):
+    def step(batches, guard, judge_update=True, seq_len=0):
         return train_step(model, optimizers, scaler, batches, grad_accum=grad_accum, ctx=ctx, device=device,
                           guard=guard, grad_clip=cfg.grad_clip, spike_factor=cfg.spike_factor,
-                          max_bad_steps=cfg.max_bad_steps, world=world, judge_update=judge_update)
+                          max_bad_steps=cfg.max_bad_steps, world=world, judge_update=judge_update, seq_len=seq_len)
     return optimizers, scaler, ctx, step
 
 
@@ -235,6 +238,9 @@ def check_settings(cfg):
     if cfg.cooldown_patience and (cfg.lr_schedule != "wsd" or not cfg.decay_lr or cfg.lr_decay_iters):
         raise SystemExit("error: cooldown_patience needs lr_schedule='wsd', decay_lr=True and lr_decay_iters=0: it "
                          "decides where the decay ends")
+    if cfg.short_block_size and cfg.block_size % cfg.short_block_size:
+        raise SystemExit(f"error: short_block_size={cfg.short_block_size} does not divide block_size={cfg.block_size}; "
+                         f"give a divisor, e.g. {cfg.block_size // 4}")
     if not cfg.out_dir.strip():
         raise SystemExit("error: --out_dir is empty; give the directory the run writes to, e.g. --out_dir=out/run")
     check_guard_settings(cfg.max_bad_steps, cfg.spike_factor)
@@ -300,18 +306,20 @@ def make_saver(run, cfg, model, optimizers, scaler, *, model_args, config, batch
 
 
 def train_step(model, optimizers, scaler, batches, *, grad_accum, ctx, device, guard, grad_clip, spike_factor,
-               max_bad_steps, world=None, judge_update=True):
+               max_bad_steps, world=None, judge_update=True, seq_len=0):
     """One update: grad_accum micro-batches forward and backward, gradients averaged over the processes, clipped,
     and the optimizers stepped unless the guard calls the update bad (faults.guarded_update). Returns the step's
     mean loss (0-d, on device).
     judge_update: also judge the applied update (a copy of the weights and optimizer state, and one host sync at
     the end; faults.guarded_update). Otherwise no host sync anywhere: the CPU only queues GPU work and runs ahead,
-    so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still computes the one before."""
+    so the next micro-batch is read, pinned and copied (non_blocking) while the GPU still computes the one before.
+    seq_len > 0: each (B, T) micro-batch is cut into (B * T / seq_len, seq_len) sequences; a target stays the token
+    after its input (x and y are cut at the same places)."""
     world = world or (dist.get_world_size() if dist.is_initialized() else 1)  # 1: this process trains alone
     inner = getattr(model, "_orig_mod", model)  # the DDP or FSDP module under torch.compile
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+        x, y = (t.to(device, non_blocking=True).view(-1, seq_len or t.size(1)) for t in next(batches))
         # gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, after the last micro-batch;
         # earlier ones just accumulate locally
         last = micro == grad_accum - 1
@@ -488,7 +496,8 @@ def main():
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank + run.iter_num)  # dropout from (seed, rank, step): replayed
         # an update is judged once applied only in a run's first steps, where a learning rate too large for the
         # weights shows; later the gradient norm, judged before stepping, is the guard, and a step costs no copy
-        run.loss_sum += step(batches, run.guard, judge_update=run.iter_num - run.start_iter < GUARD_WARMUP)
+        run.loss_sum += step(batches, run.guard, judge_update=run.iter_num - run.start_iter < GUARD_WARMUP,
+                             seq_len=cfg.short_block_size if run.iter_num < cfg.short_block_iters else 0)
         run.iter_num += 1
         at_log = log_step(run, cfg, lr, log=log, flops_per_iter=flops_per_iter, peak=peak)
         if faults_and_stops(run, cfg, at_log, save, stop_group):
