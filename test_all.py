@@ -77,7 +77,7 @@ from faults import GUARD_FIELDS, apply_update, guard_update  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
                  scaled_mm, to_fp8)
 from model import GPT, GPTConfig, apply_rope, rope_rotations, sample_next  # noqa: E402
-from muon import Muon, orthogonalise  # noqa: E402
+from muon import Muon, minimax_quintic, orthogonalise, polar_express  # noqa: E402
 from scale import checkpoint_blocks, ckpt_interval, micro_steps, parallelize  # noqa: E402
 from train import Batches, TokenWindows, get_lr, make_optimizers, set_lr, split_paths  # noqa: E402
 
@@ -1686,25 +1686,34 @@ def muon_run(make, steps=4, params=None, resume_from=None, start=0):
     return params, opt
 
 
-def muon_reference(steps=4, lr=0.02, weight_decay=0.1, momentum=0.95):
+def muon_reference(steps=4, lr=0.02, weight_decay=0.1, momentum=0.95, ns="jordan", normuon=False,
+                   cautious_wd=False):
     """The same run as muon_run, written out in float64: Nesterov momentum, 5 quintic Newton-Schulz steps on the
-    wide orientation, decoupled weight decay, lr x sqrt(max(1, rows/cols))."""
+    wide orientation, decoupled weight decay, lr x sqrt(max(1, rows/cols)); and the variants: Polar Express's
+    quintic per step, NorMuon's rows (an EMA of each row's mean square divides it; the Frobenius norm is kept),
+    cautious weight decay (only where update and weight have one sign)."""
     torch.manual_seed(0)
     params = [(torch.randn(*shape) * 0.1).double() for shape in MUON_SHAPES]
-    bufs = [torch.zeros_like(p) for p in params]
+    bufs, rows = [torch.zeros_like(p) for p in params], [torch.zeros(p.shape[0]).double() for p in params]
+    schedule = polar_express() if ns == "polar_express" else [(3.4445, -4.7750, 2.0315)] * 5
     for i in range(steps):
         gen = torch.Generator().manual_seed(1000 + i)
-        for p, buf in zip(params, bufs):
+        for p, buf, v in zip(params, bufs, rows):
             g = torch.randn(p.shape, generator=gen).double()
             buf.mul_(momentum).add_((1 - momentum) * g)
             x = momentum * buf + (1 - momentum) * g
             x = x.T if p.shape[0] > p.shape[1] else x
             x = x / x.norm()
-            for _ in range(5):
+            for a, b, c in schedule:
                 gram = x @ x.T
-                x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+                x = a * x + (b * gram + c * gram @ gram) @ x
             x = x.T if p.shape[0] > p.shape[1] else x
-            p.mul_(1 - lr * weight_decay).sub_(lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * x)
+            if normuon:
+                v.mul_(0.95).add_(0.05 * (x ** 2).mean(1))
+                y = x / (v.sqrt()[:, None] + 1e-8)
+                x = y * x.norm() / y.norm()
+            decay = lr * weight_decay * p * ((x * p >= 0) if cautious_wd else 1)
+            p.sub_(decay + lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * x)
     return params
 
 
@@ -1767,6 +1776,72 @@ def test_muon_state_dict_round_trips_through_torchs_muon():
     for i, state in sd["state"].items():
         assert state.keys() == {"momentum_buffer"} and torch.equal(got["state"][i]["momentum_buffer"],
                                                                     state["momentum_buffer"])
+
+
+MUON_VARIANTS = dict(ns="polar_express", normuon=True, cautious_wd=True)
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-3, 1.0), (0.1, 1.9), (0.8, 1.2)])
+def test_polar_express_quintics_equioscillate_so_are_minimax(lo, hi):
+    # Chebyshev: an error that reaches its max with alternating signs at 4 points (3 coefficients + 1) is optimal
+    (a, b, c), err = minimax_quintic(lo, hi)
+    x = np.concatenate([np.geomspace(lo, hi, 100_001), np.linspace(lo, hi, 100_001)])
+    e = 1 - (a * x + b * x ** 3 + c * x ** 5)
+    assert abs(np.abs(e).max() - err) < 1e-9 * err and 0 < err < 1
+    signs, x = [], np.sort(x)
+    e = 1 - (a * x + b * x ** 3 + c * x ** 5)
+    for sign in np.sign(e[np.abs(e) > (1 - 1e-6) * err]):  # the points where |error| = E, left to right
+        signs += [sign] if not signs or signs[-1] != sign else []
+    assert signs == [1, -1, 1, -1]
+
+
+def test_polar_express_5_steps_end_nearer_1_than_jordans():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    s = torch.cat([torch.ones(1, dtype=torch.float64), torch.logspace(-2.9, -1, 15, dtype=torch.float64)])
+    g = u[:, :16] @ torch.diag(s) @ v.T  # divided by its Frobenius norm: singular values from 1.2e-3 to 0.99
+    err = lambda coefficients: (1 - torch.linalg.svdvals(orthogonalise(g, torch.float64, coefficients=coefficients))
+                                ).abs().max().item()
+    jordan, pe = err((3.4445, -4.7750, 2.0315)), err(polar_express())
+    assert pe < 0.125 and jordan > 3 * pe  # the schedule's own bound after 5 steps from 1e-3: 0.122; Jordan's: 0.42
+
+
+def test_orthogonalise_with_polar_express_is_its_schedule_in_float64():
+    torch.manual_seed(0)
+    for g in (torch.randn(12, 20, dtype=torch.float64), torch.randn(20, 12, dtype=torch.float64)):
+        x = (g if g.shape[0] <= g.shape[1] else g.T) / g.norm()
+        for a, b, c in polar_express():
+            x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+        want = x if g.shape[0] <= g.shape[1] else x.T
+        torch.testing.assert_close(orthogonalise(g, torch.float64, coefficients=polar_express()), want, rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", [dict(ns="polar_express"), dict(normuon=True), dict(cautious_wd=True),
+                                     MUON_VARIANTS])
+def test_muon_variants_in_fp32_are_their_exact_math_up_to_fp32_rounding(variant):
+    ours = muon_run(lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.float32, **variant))[0]
+    start = muon_reference(steps=0)
+    for p, q, p0 in zip(ours, muon_reference(**variant), start):  # on the updates, as the plain fp32 test
+        assert rel_error(p - p0.float(), q - p0) < 1e-5
+
+
+def test_muon_variants_change_the_update_and_each_alone_is_not_plain_muon():
+    plain = muon_reference()
+    for variant in (dict(ns="polar_express"), dict(normuon=True), dict(cautious_wd=True)):
+        assert all(rel_error(p, q) > 1e-4 for p, q in zip(muon_reference(**variant), plain))
+
+
+def test_muon_with_its_variants_resumes_from_its_state_dict_bit_for_bit():
+    make = lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.float32, **MUON_VARIANTS)
+    once, _ = muon_run(make)
+    params, opt = muon_run(make, steps=2)
+    sd = copy.deepcopy(opt.state_dict())
+    assert all(s.keys() == {"momentum_buffer", "row_second_moment"} for s in sd["state"].values())
+    params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    params, _ = muon_run(make, steps=2, params=params, resume_from=sd, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, once))
 
 
 def test_muon_refuses_a_non_matrix_with_torchs_message():
