@@ -2289,6 +2289,17 @@ def muon_resumed(tiny_data, tmp_path_factory):
     return load_checkpoint(str(d / "once")), load_checkpoint(str(d / "twice"))
 
 
+# the Muon variants of issue 33 that act over processes or through checkpoints (cautious weight decay is a mask of
+# each element: a sum over processes rounded otherwise can flip one, so it is tested against float64 alone)
+TRAIN_VARIANTS = ["--muon_ns=polar_express", "--muon_normuon=True", "--muon_weight_decay=0.1",
+                  "--muon_momentum_warmup=6"]
+
+
+def optimizer_args(optimizer):
+    """train.py's options for an optimizer of the SHARDED lists: "muon-variants" is Muon with TRAIN_VARIANTS."""
+    return ["--optimizer=muon", *TRAIN_VARIANTS] if optimizer == "muon-variants" else [f"--optimizer={optimizer}"]
+
+
 @pytest.fixture(scope="module")
 def sharded(tiny_data, tmp_path_factory):
     """sharded(s, optimizer): 4 steps of a 2-process torchrun run with sharding s next to the same run in one
@@ -2298,13 +2309,13 @@ def sharded(tiny_data, tmp_path_factory):
 
     @functools.cache
     def run_single(optimizer):
-        tiny_train(tiny_data, d / f"single-{optimizer}", *common, f"--optimizer={optimizer}")
+        tiny_train(tiny_data, d / f"single-{optimizer}", *common, *optimizer_args(optimizer))
         return d / f"single-{optimizer}"
 
     @functools.cache
     def run_sharded(sharding, optimizer):
         out = d / f"{sharding}-{optimizer}"
-        p = tiny_train(tiny_data, out, *common, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
+        p = tiny_train(tiny_data, out, *common, *optimizer_args(optimizer), f"--sharding={sharding}", torchrun=2)
         single = run_single(optimizer)
         return types.SimpleNamespace(single_dir=single, dir=out, stdout=p.stdout, single=load_checkpoint(str(single)),
                                      sharded=load_checkpoint(str(out)))
@@ -2501,6 +2512,26 @@ def test_muon_saves_its_momentum_in_the_checkpoint(muon_resumed):
     assert "momentum_buffer" in muon_resumed[0]["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]
 
 
+def test_resume_is_bit_exact_with_the_muon_variants(sharded, tiny_data, tmp_path):
+    """sharded's one-process run of 4 steps with TRAIN_VARIANTS, run again as 2 steps, then resumed to 4."""
+    once = sharded("fsdp", "muon-variants").single
+    common = ["--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2",
+              *optimizer_args("muon-variants")]
+    tiny_train(tiny_data, tmp_path, *common, "--max_iters=2")
+    tiny_train(tiny_data, tmp_path, *common, "--max_iters=4", "--init_from=resume")
+    twice = load_checkpoint(str(tmp_path))
+    assert all(torch.equal(once["model"][k], twice["model"][k]) for k in once["model"])
+    v = once["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]["row_second_moment"]
+    assert v.shape == (3 * 32,) and v.min() > 0  # NorMuon's state, one per row, saved
+
+
+def test_muon_momentum_warmup_reaches_the_muon_group_in_training(sharded):
+    # the last of 4 steps (step 3 of the 6 of the warmup) set it; each checkpoint saved the group with it
+    r = sharded("fsdp", "muon-variants")
+    for ckpt in (r.single, r.sharded):
+        assert ckpt["optimizer"]["param_groups"][-1]["momentum"] == 0.85 + (0.95 - 0.85) * 3 / 6
+
+
 def test_a_run_from_scratch_into_a_used_out_dir_is_refused_with_the_fix(tiny_data, finished_run):
     out, _ = finished_run
     before = open(out / "metrics.jsonl").read()
@@ -2555,16 +2586,17 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_dat
 
 
 SHARDED = [("fsdp", "adamw"), ("zero1", "adamw"), ("fsdp", "muon"), ("zero1", "muon")]
+SHARDED_VARIANTS = SHARDED + [("fsdp", "muon-variants"), ("zero1", "muon-variants")]  # NorMuon's state too
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED_VARIANTS)
 def test_sharded_two_processes_match_one_process_with_the_same_global_batch(sharded, sharding, optimizer):
     r = sharded(sharding, optimizer)
     for k in r.single["model"]:  # FSDP2 or ZeRO-1 over 2 processes = one process with the same global batch
         torch.testing.assert_close(r.single["model"][k], r.sharded["model"][k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED_VARIANTS)
 def test_sharded_optimizer_state_is_saved_whole_and_keyed_by_name(sharded, sharding, optimizer):
     r = sharded(sharding, optimizer)
     sa, sb = r.single["optimizer"], r.sharded["optimizer"]
@@ -2599,14 +2631,14 @@ MORE_STEPS = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gra
 @pytest.mark.parametrize("sharding, optimizer", SHARDED)
 def test_a_sharded_run_goes_on_in_one_process(sharded, sharding, optimizer, tiny_data, tmp_path):
     out = copy_run(sharded(sharding, optimizer).dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}")
+    p = tiny_train(tiny_data, out, *MORE_STEPS, *optimizer_args(optimizer))
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED + [("fsdp", "muon-variants")])  # NorMuon's rows, spread
 def test_a_one_process_run_goes_on_sharded(sharded, sharding, optimizer, tiny_data, tmp_path):
     out = copy_run(sharded(sharding, optimizer).single_dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
+    p = tiny_train(tiny_data, out, *MORE_STEPS, *optimizer_args(optimizer), f"--sharding={sharding}", torchrun=2)
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
@@ -2640,6 +2672,16 @@ def test_each_optimizer_group_gets_its_own_lr_and_muon_its_weight_decay():
     adamw, muon = muon_and_adamw(muon_model())
     assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
     assert muon.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_muon_momentum_warmup_rises_linearly_from_0_85_in_muons_groups_only():
+    adamw, muon = muon_and_adamw(muon_model())
+    got = []
+    for it in (0, 5, 10, 30):
+        train.set_muon_momentum([adamw, muon], it, 0.95, 10)
+        got.append(muon.param_groups[0]["momentum"])
+    assert got == pytest.approx([0.85, 0.90, 0.95, 0.95], abs=1e-15) and got[-1] == 0.95
+    assert all("momentum" not in g for g in adamw.param_groups)
 
 
 def test_set_lr_scales_every_groups_own_lr():
