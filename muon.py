@@ -42,7 +42,7 @@ NS_STEPS = 5
 EPS = 1e-7  # the norm's floor: a zero gradient stays zero
 PE_LOWER = 1e-3  # Polar Express: the smallest singular value (of the normalised update) the schedule lifts to ~1
 PE_SAFETY = 1.01  # each polynomial but the last is applied to x / 1.01: bf16's rounding, which can push a value
-#                   slightly past its interval, where the quintic falls off fast, is not blown up (the paper's margin)
+#                   slightly past its interval, where the quintic grows fast, is not blown up (the paper's margin)
 NORMUON_BETA2, NORMUON_EPS = 0.95, 1e-8  # the paper's decay of the rows' second moment, and its floor
 
 
@@ -51,7 +51,7 @@ def minimax_quintic(lo, hi, iters=100):
     and its error E = max |1 - p|. Remez's exchange: by Chebyshev's alternation theorem the optimum's error takes
     +E, -E, +E, -E at lo, p's two critical points inside and hi; solve for that, move the points to the new critical
     points (p' = 0 is a quadratic in x^2), repeat until they stand still."""
-    x = (lo + hi) / 2 - (hi - lo) / 2 * np.cos(np.arange(4) * np.pi / 3)  # Chebyshev points: a start near the end
+    x = (lo + hi) / 2 - (hi - lo) / 2 * np.cos(np.arange(4) * np.pi / 3)  # Chebyshev's points of [lo, hi]: a start near the answer
     for _ in range(iters):
         a, b, c, err = np.linalg.solve(np.stack([x, x ** 3, x ** 5, [1.0, -1.0, 1.0, -1.0]], 1), np.ones(4))
         y = np.roots([5 * c, 3 * b, a])
@@ -209,7 +209,7 @@ class Muon(torch.optim.Optimizer):
         sums = torch.stack(sums)
         if hasattr(params[0], "to_local"):
             dist.all_reduce(sums)
-        return [r * (s[0] / s[1].clamp(min=1e-30)).sqrt() for r, s in zip(rows, sums)]
+        return [r * (s[0] / s[1].clamp(min=1e-30)).sqrt() for r, s in zip(rows, sums)]  # a zero update stays zero
 
     def apply(self, group, params, updates, skip):
         """Each weight (its rows here) after decoupled weight decay (by the unscaled lr, as torch; with cautious_wd
