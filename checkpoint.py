@@ -211,17 +211,19 @@ def param_names(model, optimizer):
 
 
 def owned_state(model, muon):
-    """Muon's state dict under ZeRO-1, keyed by name, whole on rank 0 (empty elsewhere): each weight's momentum from
-    its owner."""
+    """Muon's state dict under ZeRO-1, keyed by name, whole on rank 0 (empty elsewhere): each weight's momentum (and
+    NorMuon's row second moments) from its owner."""
     params = [p for g in muon.param_groups for p in g["params"]]
     stepped = torch.tensor(float(len(muon.state)), device=params[0].device)
     dist.all_reduce(stepped, op=dist.ReduceOp.MAX)  # a process that owns no weight has no state
     sd, names, state = muon.state_dict(), param_names(model, muon), {}
     for name, p in zip(names, params if stepped.item() else []):
-        buf = muon.state[p]["momentum_buffer"] if muon.owner[p] == muon.rank else torch.empty_like(p)
-        dist.broadcast(buf, src=muon.owner[p])
-        if muon.rank == 0:  # the one that writes the checkpoint (as ZeRO's consolidated state above)
-            state[name] = {"momentum_buffer": buf.cpu()}
+        shapes = dict(momentum_buffer=p.shape, **(dict(row_second_moment=p.shape[:1]) if muon.normuon else {}))
+        for key, shape in shapes.items():
+            buf = muon.state[p][key] if muon.owner[p] == muon.rank else p.new_empty(shape)
+            dist.broadcast(buf, src=muon.owner[p])
+            if muon.rank == 0:  # the one that writes the checkpoint (as ZeRO's consolidated state above)
+                state.setdefault(name, {})[key] = buf.cpu()
     return state, [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]
 
 

@@ -17,30 +17,81 @@ process keeps the momentum of its rows, the owner collects the rows of the updat
 and sends each process its rows back. Under DDP every process steps every weight (no communication).
 The state (one "momentum_buffer" per weight) and the groups' keys are torch.optim.Muon's, so a checkpoint written by
 either resumes in the other.
+Variants, each off by default (off, the update is the one above, bit for bit):
+- ns="polar_express" (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): each Newton-Schulz step has its own
+  quintic, the minimax-optimal odd polynomial for 1 on the interval the singular values lie in at that step (the
+  first [PE_LOWER, 1]; each next one is the polynomial's range), computed here by a Remez exchange;
+- normuon=True (Li et al. 2025, arXiv 2510.05491): an EMA of each row's (output neuron's) mean square of the
+  orthogonalised update divides that row, so no neuron dominates; the result is rescaled to the Frobenius norm of
+  the orthogonalised update, so the lr keeps Muon's meaning (the paper rescales to RMS 0.2 to reuse AdamW's lr).
+  Its state, one "row_second_moment" vector per weight, sits where the momentum does (rows of it under FSDP2);
+- cautious_wd=True (Chen et al. 2025, arXiv 2510.12402): weight decay only where the update and the weight have
+  the same sign, i.e. where the decay goes the way the update goes anyway.
+They are properties of the run given to the constructor (like ns_dtype), not in the groups, so state dicts still
+load both ways. (Momentum warmup is a schedule of the groups' momentum: train.py sets it each step.)
 """
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's: the steepest slope at 0, converging only roughly to 1
 NS_STEPS = 5
 EPS = 1e-7  # the norm's floor: a zero gradient stays zero
+PE_LOWER = 1e-3  # Polar Express: the smallest singular value (of the normalised update) the schedule lifts to ~1
+PE_SAFETY = 1.01  # each polynomial but the last is applied to x / 1.01: bf16's rounding, which can push a value
+#                   slightly past its interval, where the quintic grows fast, is not blown up (the paper's margin)
+NORMUON_BETA2, NORMUON_EPS = 0.95, 1e-8  # the paper's decay of the rows' second moment, and its floor
+
+
+def minimax_quintic(lo, hi, iters=100):
+    """((a, b, c), E): the odd quintic p(x) = a x + b x^3 + c x^5 nearest the constant 1 on [lo, hi] in the max norm,
+    and its error E = max |1 - p|. Remez's exchange: by Chebyshev's alternation theorem the optimum's error takes
+    +E, -E, +E, -E at lo, p's two critical points inside and hi; solve for that, move the points to the new critical
+    points (p' = 0 is a quadratic in x^2), repeat until they stand still."""
+    # Chebyshev's points of [lo, hi]: a start near the answer
+    x = (lo + hi) / 2 - (hi - lo) / 2 * np.cos(np.arange(4) * np.pi / 3)
+    for _ in range(iters):
+        a, b, c, err = np.linalg.solve(np.stack([x, x ** 3, x ** 5, [1.0, -1.0, 1.0, -1.0]], 1), np.ones(4))
+        y = np.roots([5 * c, 3 * b, a])
+        inner = np.sort(np.sqrt(y[(y.imag == 0) & (y.real > 0)].real))
+        new = np.array([lo, *inner[(inner > lo) & (inner < hi)], hi])
+        if len(new) != 4 or np.array_equal(new, x):
+            break
+        x = new
+    return (float(a), float(b), float(c)), float(err)
+
+
+@functools.cache
+def polar_express(steps=NS_STEPS, lower=PE_LOWER, safety=PE_SAFETY):
+    """Polar Express's schedule: per step, the (a, b, c) of minimax_quintic on [l, u], starting from [lower, 1]
+    (the input's spectral norm is <= 1); an optimal p maps [l, u] into [1 - E, 1 + E], the next interval. Each
+    polynomial but the last is applied to x / safety, and the next l follows from that (p(l / safety))."""
+    lo, hi, schedule = lower, 1.0, []
+    for t in range(steps):
+        (a, b, c), err = minimax_quintic(lo, hi)
+        s = safety if t < steps - 1 else 1.0
+        schedule.append((a / s, b / s ** 3, c / s ** 5))
+        lo, hi = (a * (lo / s) + b * (lo / s) ** 3 + c * (lo / s) ** 5), 1 + err
+    return tuple(schedule)
 
 
 def orthogonalise(g, dtype, *, coefficients=NS_COEFFICIENTS, steps=NS_STEPS, eps=EPS):
     """~U V^T for g = U S V^T, computed in dtype; g is one matrix or a stack of same-shaped ones (b, rows, cols),
     each orthogonalised alone. g is scaled to spectral norm <= 1 (its Frobenius norm bounds it), then each step maps
-    every singular value s to a s + b s^3 + c s^5. The coefficients push small values up fast rather than converge:
-    singular values end in ~(0.7, 1.2) (far smaller ones lower), which trains as well. The iteration works on the
-    wide orientation (rows <= cols), so its Gram matrix is the smaller one."""
-    a, b, c = coefficients
+    every singular value s to a s + b s^3 + c s^5 (coefficients: one (a, b, c) for `steps` steps, or one per step).
+    Jordan's coefficients push small values up fast rather than converge: singular values end in ~(0.7, 1.2) (far
+    smaller ones lower), which trains as well. The iteration works on the wide orientation (rows <= cols), so its
+    Gram matrix is the smaller one."""
+    schedule = coefficients if isinstance(coefficients[0], (tuple, list)) else [coefficients] * steps
     x = g.to(dtype) if g.ndim == 3 else g.to(dtype)[None]
     tall = x.size(1) > x.size(2)
     if tall:
         x = x.mT
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # not in place: with dtype == g.dtype, x may be g
-    for _ in range(steps):
+    for a, b, c in schedule:
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x.mT if tall else x
@@ -62,14 +113,20 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D weights only (embeddings, heads and gains belong to AdamW). ns_dtype: the dtype of the
     Newton-Schulz iteration; None = bfloat16 on CUDA, float32 elsewhere. It is a property of the machine, not of the
     run, so it is not in the groups (nor in checkpoints). owners: ZeRO-1's way over processes (the docstring at the
-    top); FSDP2's DTensor weights are recognised by themselves."""
+    top); FSDP2's DTensor weights are recognised by themselves. ns ("jordan" | "polar_express"), normuon,
+    cautious_wd: the variants (the docstring at the top)."""
 
-    def __init__(self, params, lr=1e-3, *, weight_decay=0.1, momentum=0.95, ns_dtype=None, owners=False):
+    def __init__(self, params, lr=1e-3, *, weight_decay=0.1, momentum=0.95, ns_dtype=None, owners=False,
+                 ns="jordan", normuon=False, cautious_wd=False):
         # the groups carry torch.optim.Muon's keys, whose fixed values step honours, so state dicts load both ways
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                         ns_coefficients=NS_COEFFICIENTS, eps=EPS, ns_steps=NS_STEPS, adjust_lr_fn=None)
         super().__init__(params, defaults)
+        if ns not in ("jordan", "polar_express"):
+            raise ValueError(f"Muon: ns={ns!r} is not 'jordan' or 'polar_express'")
         self.ns_dtype, self.found_inf = ns_dtype, None
+        self.schedule = polar_express() if ns == "polar_express" else None  # None: the groups' (Jordan's)
+        self.normuon, self.cautious_wd = normuon, cautious_wd
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.owners = owners and self.world > 1
         for group in self.param_groups:
@@ -127,15 +184,44 @@ class Muon(torch.optim.Optimizer):
         return self.ns_dtype or (torch.bfloat16 if t.is_cuda else torch.float32)
 
     def orthogonalised(self, group, updates):
-        return orthogonalise(torch.stack(updates), self.dtype(updates[0]), coefficients=group["ns_coefficients"],
-                             steps=group["ns_steps"], eps=group["eps"])
+        return orthogonalise(torch.stack(updates), self.dtype(updates[0]), eps=group["eps"],
+                             coefficients=self.schedule or group["ns_coefficients"], steps=group["ns_steps"])
+
+    def row_state(self, p):
+        """Zeros, one per row of p: its rows here (a DTensor of p's layout under FSDP2, which checkpoints gather)."""
+        rows = torch.zeros(len(local(p)), device=p.device, dtype=p.dtype)
+        if not hasattr(p, "to_local"):
+            return rows
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(rows, p.device_mesh, p.placements, shape=(p.size(0),), stride=(1,))
+
+    def normalised(self, params, updates, skip):
+        """NorMuon: each row of each orthogonalised update (its rows here) divided by the root of the EMA of its mean
+        square, then the update rescaled to its Frobenius norm before. Under FSDP2 the norms are summed over the
+        processes (one all_reduce), so the result is the whole weight's."""
+        rows, sums = [], []
+        for p, o in zip(params, updates):
+            if "row_second_moment" not in self.state[p]:
+                self.state[p]["row_second_moment"] = self.row_state(p)
+            v, o = local(self.state[p]["row_second_moment"]), o.float()
+            new = v.lerp(o.square().mean(1), 1 - NORMUON_BETA2)
+            assign(v, new, skip)
+            rows.append(o / (new.sqrt()[:, None] + NORMUON_EPS))
+            sums.append(torch.stack([o.square().sum(), rows[-1].square().sum()]))
+        sums = torch.stack(sums)
+        if hasattr(params[0], "to_local"):
+            dist.all_reduce(sums)
+        return [r * (s[0] / s[1].clamp(min=1e-30)).sqrt() for r, s in zip(rows, sums)]  # a zero update stays zero
 
     def apply(self, group, params, updates, skip):
-        """Each weight (its rows here) after decoupled weight decay (by the unscaled lr, as torch) and its update."""
-        lr = group["lr"]
+        """Each weight (its rows here) after decoupled weight decay (by the unscaled lr, as torch; with cautious_wd
+        only where the update has the weight's sign) and its update (NorMuon's, with normuon)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        updates = self.normalised(params, updates, skip) if self.normuon else updates
         for p, u in zip(params, updates):
             w, scale = local(p), math.sqrt(max(1, p.size(0) / p.size(1)))
-            assign(w, w.mul(1 - lr * group["weight_decay"]).add_(u, alpha=-lr * scale), skip)
+            decayed = w.sub(w * (u * w >= 0), alpha=lr * wd) if self.cautious_wd else w.mul(1 - lr * wd)
+            assign(w, decayed.add_(u, alpha=-lr * scale), skip)
 
     def step_owned(self, group, same, skip):
         """ZeRO-1: this process steps the weights it owns, then each `world` of them are gathered, in place."""

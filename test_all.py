@@ -77,7 +77,7 @@ from faults import GUARD_FIELDS, apply_update, guard_update  # noqa: E402
 from fp8 import (Float8LinearCrossEntropy, LinearCrossEntropy, chunked_head_loss, fp8_forward, fp8_grads,  # noqa: E402
                  scaled_mm, to_fp8)
 from model import GPT, GPTConfig, apply_rope, bigram_rows, rope_rotations, sample_next  # noqa: E402
-from muon import Muon, orthogonalise  # noqa: E402
+from muon import Muon, minimax_quintic, orthogonalise, polar_express  # noqa: E402
 from scale import checkpoint_blocks, ckpt_interval, micro_steps, parallelize  # noqa: E402
 from dataloader import Batches, TokenWindows, split_paths  # noqa: E402
 from train import get_lr, make_optimizers, set_lr  # noqa: E402
@@ -1770,25 +1770,34 @@ def muon_run(make, steps=4, params=None, resume_from=None, start=0):
     return params, opt
 
 
-def muon_reference(steps=4, lr=0.02, weight_decay=0.1, momentum=0.95):
+def muon_reference(steps=4, lr=0.02, weight_decay=0.1, momentum=0.95, ns="jordan", normuon=False,
+                   cautious_wd=False):
     """The same run as muon_run, written out in float64: Nesterov momentum, 5 quintic Newton-Schulz steps on the
-    wide orientation, decoupled weight decay, lr x sqrt(max(1, rows/cols))."""
+    wide orientation, decoupled weight decay, lr x sqrt(max(1, rows/cols)); and the variants: Polar Express's
+    quintic per step, NorMuon's rows (an EMA of each row's mean square divides it; the Frobenius norm is kept),
+    cautious weight decay (only where update and weight have one sign)."""
     torch.manual_seed(0)
     params = [(torch.randn(*shape) * 0.1).double() for shape in MUON_SHAPES]
-    bufs = [torch.zeros_like(p) for p in params]
+    bufs, rows = [torch.zeros_like(p) for p in params], [torch.zeros(p.shape[0]).double() for p in params]
+    schedule = polar_express() if ns == "polar_express" else [(3.4445, -4.7750, 2.0315)] * 5
     for i in range(steps):
         gen = torch.Generator().manual_seed(1000 + i)
-        for p, buf in zip(params, bufs):
+        for p, buf, v in zip(params, bufs, rows):
             g = torch.randn(p.shape, generator=gen).double()
             buf.mul_(momentum).add_((1 - momentum) * g)
             x = momentum * buf + (1 - momentum) * g
             x = x.T if p.shape[0] > p.shape[1] else x
             x = x / x.norm()
-            for _ in range(5):
+            for a, b, c in schedule:
                 gram = x @ x.T
-                x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+                x = a * x + (b * gram + c * gram @ gram) @ x
             x = x.T if p.shape[0] > p.shape[1] else x
-            p.mul_(1 - lr * weight_decay).sub_(lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * x)
+            if normuon:
+                v.mul_(0.95).add_(0.05 * (x ** 2).mean(1))
+                y = x / (v.sqrt()[:, None] + 1e-8)
+                x = y * x.norm() / y.norm()
+            decay = lr * weight_decay * p * ((x * p >= 0) if cautious_wd else 1)
+            p.sub_(decay + lr * math.sqrt(max(1, p.shape[0] / p.shape[1])) * x)
     return params
 
 
@@ -1851,6 +1860,72 @@ def test_muon_state_dict_round_trips_through_torchs_muon():
     for i, state in sd["state"].items():
         assert state.keys() == {"momentum_buffer"} and torch.equal(got["state"][i]["momentum_buffer"],
                                                                     state["momentum_buffer"])
+
+
+MUON_VARIANTS = dict(ns="polar_express", normuon=True, cautious_wd=True)
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-3, 1.0), (0.1, 1.9), (0.8, 1.2)])
+def test_polar_express_quintics_equioscillate_so_are_minimax(lo, hi):
+    # Chebyshev: an error that reaches its max with alternating signs at 4 points (3 coefficients + 1) is optimal
+    (a, b, c), err = minimax_quintic(lo, hi)
+    x = np.concatenate([np.geomspace(lo, hi, 100_001), np.linspace(lo, hi, 100_001)])
+    e = 1 - (a * x + b * x ** 3 + c * x ** 5)
+    assert abs(np.abs(e).max() - err) < 1e-9 * err and 0 < err < 1
+    signs, x = [], np.sort(x)
+    e = 1 - (a * x + b * x ** 3 + c * x ** 5)
+    for sign in np.sign(e[np.abs(e) > (1 - 1e-6) * err]):  # the points where |error| = E, left to right
+        signs += [sign] if not signs or signs[-1] != sign else []
+    assert signs == [1, -1, 1, -1]
+
+
+def test_polar_express_5_steps_end_nearer_1_than_jordans():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(24, 24, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    s = torch.cat([torch.ones(1, dtype=torch.float64), torch.logspace(-2.9, -1, 15, dtype=torch.float64)])
+    g = u[:, :16] @ torch.diag(s) @ v.T  # divided by its Frobenius norm: singular values from 1.2e-3 to 0.99
+    err = lambda coefficients: (1 - torch.linalg.svdvals(orthogonalise(g, torch.float64, coefficients=coefficients))
+                                ).abs().max().item()
+    jordan, pe = err((3.4445, -4.7750, 2.0315)), err(polar_express())
+    assert pe < 0.125 and jordan > 3 * pe  # the schedule's own bound after 5 steps from 1e-3: 0.122; Jordan's: 0.42
+
+
+def test_orthogonalise_with_polar_express_is_its_schedule_in_float64():
+    torch.manual_seed(0)
+    for g in (torch.randn(12, 20, dtype=torch.float64), torch.randn(20, 12, dtype=torch.float64)):
+        x = (g if g.shape[0] <= g.shape[1] else g.T) / g.norm()
+        for a, b, c in polar_express():
+            x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+        want = x if g.shape[0] <= g.shape[1] else x.T
+        torch.testing.assert_close(orthogonalise(g, torch.float64, coefficients=polar_express()), want, rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", [dict(ns="polar_express"), dict(normuon=True), dict(cautious_wd=True),
+                                     MUON_VARIANTS])
+def test_muon_variants_in_fp32_are_their_exact_math_up_to_fp32_rounding(variant):
+    ours = muon_run(lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.float32, **variant))[0]
+    start = muon_reference(steps=0)
+    for p, q, p0 in zip(ours, muon_reference(**variant), start):  # on the updates, as the plain fp32 test
+        assert rel_error(p - p0.float(), q - p0) < 1e-5
+
+
+def test_muon_variants_change_the_update_and_each_alone_is_not_plain_muon():
+    plain = muon_reference()
+    for variant in (dict(ns="polar_express"), dict(normuon=True), dict(cautious_wd=True)):
+        assert all(rel_error(p, q) > 1e-4 for p, q in zip(muon_reference(**variant), plain))
+
+
+def test_muon_with_its_variants_resumes_from_its_state_dict_bit_for_bit():
+    make = lambda ps: Muon(ps, **MUON_HYPER, ns_dtype=torch.float32, **MUON_VARIANTS)
+    once, _ = muon_run(make)
+    params, opt = muon_run(make, steps=2)
+    sd = copy.deepcopy(opt.state_dict())
+    assert all(s.keys() == {"momentum_buffer", "row_second_moment"} for s in sd["state"].values())
+    params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    params, _ = muon_run(make, steps=2, params=params, resume_from=sd, start=2)
+    assert all(torch.equal(a, b) for a, b in zip(params, once))
 
 
 def test_muon_refuses_a_non_matrix_with_torchs_message():
@@ -2298,6 +2373,17 @@ def muon_resumed(tiny_data, tmp_path_factory):
     return load_checkpoint(str(d / "once")), load_checkpoint(str(d / "twice"))
 
 
+# the Muon variants of issue 33 that act over processes or through checkpoints (cautious weight decay is a mask of
+# each element: a sum over processes rounded otherwise can flip one, so it is tested against float64 alone)
+TRAIN_VARIANTS = ["--muon_ns=polar_express", "--muon_normuon=True", "--muon_weight_decay=0.1",
+                  "--muon_momentum_warmup=6"]
+
+
+def optimizer_args(optimizer):
+    """train.py's options for an optimizer of the SHARDED lists: "muon-variants" is Muon with TRAIN_VARIANTS."""
+    return ["--optimizer=muon", *TRAIN_VARIANTS] if optimizer == "muon-variants" else [f"--optimizer={optimizer}"]
+
+
 @pytest.fixture(scope="module")
 def sharded(tiny_data, tmp_path_factory):
     """sharded(s, optimizer): 4 steps of a 2-process torchrun run with sharding s next to the same run in one
@@ -2307,13 +2393,13 @@ def sharded(tiny_data, tmp_path_factory):
 
     @functools.cache
     def run_single(optimizer):
-        tiny_train(tiny_data, d / f"single-{optimizer}", *common, f"--optimizer={optimizer}")
+        tiny_train(tiny_data, d / f"single-{optimizer}", *common, *optimizer_args(optimizer))
         return d / f"single-{optimizer}"
 
     @functools.cache
     def run_sharded(sharding, optimizer):
         out = d / f"{sharding}-{optimizer}"
-        p = tiny_train(tiny_data, out, *common, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
+        p = tiny_train(tiny_data, out, *common, *optimizer_args(optimizer), f"--sharding={sharding}", torchrun=2)
         single = run_single(optimizer)
         return types.SimpleNamespace(single_dir=single, dir=out, stdout=p.stdout, single=load_checkpoint(str(single)),
                                      sharded=load_checkpoint(str(out)))
@@ -2552,6 +2638,26 @@ def test_muon_saves_its_momentum_in_the_checkpoint(muon_resumed):
     assert "momentum_buffer" in muon_resumed[0]["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]
 
 
+def test_resume_is_bit_exact_with_the_muon_variants(sharded, tiny_data, tmp_path):
+    """sharded's one-process run of 4 steps with TRAIN_VARIANTS, run again as 2 steps, then resumed to 4."""
+    once = sharded("fsdp", "muon-variants").single
+    common = ["--lr_decay_iters=6", "--eval_interval=4", "--gradient_accumulation_steps=2",
+              *optimizer_args("muon-variants")]
+    tiny_train(tiny_data, tmp_path, *common, "--max_iters=2")
+    tiny_train(tiny_data, tmp_path, *common, "--max_iters=4", "--init_from=resume")
+    twice = load_checkpoint(str(tmp_path))
+    assert all(torch.equal(once["model"][k], twice["model"][k]) for k in once["model"])
+    v = once["optimizer"]["state"]["transformer.h.0.attn.c_attn.weight"]["row_second_moment"]
+    assert v.shape == (3 * 32,) and v.min() > 0  # NorMuon's state, one per row, saved
+
+
+def test_muon_momentum_warmup_reaches_the_muon_group_in_training(sharded):
+    # the last of 4 steps (step 3 of the 6 of the warmup) set it; each checkpoint saved the group with it
+    r = sharded("fsdp", "muon-variants")
+    for ckpt in (r.single, r.sharded):
+        assert ckpt["optimizer"]["param_groups"][-1]["momentum"] == 0.85 + (0.95 - 0.85) * 3 / 6
+
+
 def test_a_run_from_scratch_into_a_used_out_dir_is_refused_with_the_fix(tiny_data, finished_run):
     out, _ = finished_run
     before = open(out / "metrics.jsonl").read()
@@ -2606,16 +2712,17 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny_dat
 
 
 SHARDED = [("fsdp", "adamw"), ("zero1", "adamw"), ("fsdp", "muon"), ("zero1", "muon")]
+SHARDED_VARIANTS = SHARDED + [("fsdp", "muon-variants"), ("zero1", "muon-variants")]  # NorMuon's state too
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED_VARIANTS)
 def test_sharded_two_processes_match_one_process_with_the_same_global_batch(sharded, sharding, optimizer):
     r = sharded(sharding, optimizer)
     for k in r.single["model"]:  # FSDP2 or ZeRO-1 over 2 processes = one process with the same global batch
         torch.testing.assert_close(r.single["model"][k], r.sharded["model"][k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED_VARIANTS)
 def test_sharded_optimizer_state_is_saved_whole_and_keyed_by_name(sharded, sharding, optimizer):
     r = sharded(sharding, optimizer)
     sa, sb = r.single["optimizer"], r.sharded["optimizer"]
@@ -2650,14 +2757,14 @@ MORE_STEPS = ["--max_iters=6", "--lr_decay_iters=6", "--eval_interval=2", "--gra
 @pytest.mark.parametrize("sharding, optimizer", SHARDED)
 def test_a_sharded_run_goes_on_in_one_process(sharded, sharding, optimizer, tiny_data, tmp_path):
     out = copy_run(sharded(sharding, optimizer).dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}")
+    p = tiny_train(tiny_data, out, *MORE_STEPS, *optimizer_args(optimizer))
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
-@pytest.mark.parametrize("sharding, optimizer", SHARDED)
+@pytest.mark.parametrize("sharding, optimizer", SHARDED + [("fsdp", "muon-variants")])  # NorMuon's rows, spread
 def test_a_one_process_run_goes_on_sharded(sharded, sharding, optimizer, tiny_data, tmp_path):
     out = copy_run(sharded(sharding, optimizer).single_dir, tmp_path / "out")
-    p = tiny_train(tiny_data, out, *MORE_STEPS, f"--optimizer={optimizer}", f"--sharding={sharding}", torchrun=2)
+    p = tiny_train(tiny_data, out, *MORE_STEPS, *optimizer_args(optimizer), f"--sharding={sharding}", torchrun=2)
     assert "step 6/6" in p.stdout and load_checkpoint(str(out))["iter_num"] == 6
 
 
@@ -2691,6 +2798,16 @@ def test_each_optimizer_group_gets_its_own_lr_and_muon_its_weight_decay():
     adamw, muon = muon_and_adamw(muon_model())
     assert [g["lr"] for g in adamw.param_groups] == [0.05, 2e-3, 1e-3] and muon.param_groups[0]["lr"] == 0.03
     assert muon.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_muon_momentum_warmup_rises_linearly_from_0_85_in_muons_groups_only():
+    adamw, muon = muon_and_adamw(muon_model())
+    got = []
+    for it in (0, 5, 10, 30):
+        train.set_muon_momentum([adamw, muon], it, 0.95, 10)
+        got.append(muon.param_groups[0]["momentum"])
+    assert got == pytest.approx([0.85, 0.90, 0.95, 0.95], abs=1e-15) and got[-1] == 0.95
+    assert all("momentum" not in g for g in adamw.param_groups)
 
 
 def test_set_lr_scales_every_groups_own_lr():

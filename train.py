@@ -87,6 +87,10 @@ head_lr = 0.0               # AdamW lr of an untied lm_head; 0 = learning_rate
 muon_lr = 0.02              # Muon's lr (torch's "original" scaling: x sqrt(max(1, rows/cols)))
 muon_momentum = 0.95
 muon_weight_decay = 0.0
+muon_ns = "jordan"          # jordan | polar_express (per-step minimax quintics, Amsel et al. 2025: muon.py)
+muon_normuon = False        # NorMuon (Li et al. 2025): each row of Muon's update normalised by its second moment's EMA
+muon_cautious_wd = False    # decay only where update and weight share a sign (Chen et al. 2025; with muon_weight_decay)
+muon_momentum_warmup = 0    # steps over which Muon's momentum rises linearly from 0.85 to muon_momentum; 0 = none
 # learning-rate schedule: linear warmup, then cosine (or wsd: flat, then linear) decay to min_lr at lr_decay_iters
 decay_lr = True
 lr_schedule = "cosine"      # cosine | wsd (warmup-stable-decay, Hu et al. 2024: flat, then linear over the last cooldown_frac)
@@ -116,18 +120,19 @@ spike_factor = 2.0          # loss > spike_factor x running average is a spike; 
 # -----------------------------------------------------------------------------
 # the keys' ranges and choices, checked by configure (what depends on other keys or an open bound: check_settings)
 RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, None), log_interval=(1, None),
-             batch_size=(1, None), block_size=(1, None), short_block_size=(0, None), short_block_iters=(0, None), gradient_accumulation_steps=(1, None),
-             vocab_size=(int, 1, None), n_layer=(1, None), n_head=(1, None), n_embd=(1, None), dropout=(0.0, 1.0),
-             n_kv_head=(int, 1, None), pos_encoding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
-             mlp=("gelu", "swiglu"), mlp_hidden=(0, None), sliding_window=(0, None), logit_softcap=(0.0, None),
-             optimizer=("adamw", "muon"), max_iters=(0, None), weight_decay=(0.0, None), beta1=(0.0, 1.0),
-             beta2=(0.0, 1.0), grad_clip=(0.0, None), embed_lr=(0.0, None), head_lr=(0.0, None),
-             muon_lr=(0.0, None), muon_momentum=(0.0, 1.0), muon_weight_decay=(0.0, None),
-             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), cooldown_patience=(0, None), warmup_iters=(0, None),
-             lr_decay_iters=(0, None), min_lr=(0.0, None), dtype=("auto", "float32", "bfloat16", "float16"),
-             grad_ckpt=((str, int),), sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"),
-             learning_rate=(0.0, None), rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None),
-             spike_factor=(0.0, None), bigram_embeds=(0, None))
+             batch_size=(1, None), block_size=(1, None), short_block_size=(0, None), short_block_iters=(0, None),
+             gradient_accumulation_steps=(1, None), vocab_size=(int, 1, None), n_layer=(1, None), n_head=(1, None),
+             n_embd=(1, None), dropout=(0.0, 1.0), n_kv_head=(int, 1, None), pos_encoding=("learned", "rope"),
+             norm=("layernorm", "rmsnorm"), mlp=("gelu", "swiglu"), mlp_hidden=(0, None), sliding_window=(0, None),
+             logit_softcap=(0.0, None), bigram_embeds=(0, None), optimizer=("adamw", "muon"), max_iters=(0, None),
+             weight_decay=(0.0, None), beta1=(0.0, 1.0), beta2=(0.0, 1.0), grad_clip=(0.0, None),
+             embed_lr=(0.0, None), head_lr=(0.0, None), muon_lr=(0.0, None), muon_momentum=(0.0, 1.0),
+             muon_weight_decay=(0.0, None), muon_ns=("jordan", "polar_express"), muon_momentum_warmup=(0, None),
+             lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), cooldown_patience=(0, None),
+             warmup_iters=(0, None), lr_decay_iters=(0, None), min_lr=(0.0, None),
+             dtype=("auto", "float32", "bfloat16", "float16"), grad_ckpt=((str, int),),
+             sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"), learning_rate=(0.0, None),
+             rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
@@ -148,7 +153,8 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="co
 
 
 def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, betas, device, kind="adamw",
-                    embed_lr=0.0, head_lr=0.0, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0):
+                    embed_lr=0.0, head_lr=0.0, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0,
+                    muon_variants=None):
     """The optimizers of the GPT's parameters, as a list that the loop steps one after the other.
     adamw: one AdamW (made after FSDP2 sharded the parameters, it holds this process's shards only). With
     sharding='zero1' (ZeRO stage 1, Rajbhandari et al. 2020) each process keeps whole weights and gradients, as
@@ -156,6 +162,7 @@ def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, beta
     muon: Muon (Jordan et al. 2024: momentum, then the update orthogonalised by Newton-Schulz iterations) for the
     blocks' 2-D weights, and AdamW for the embeddings, the head and the gains, which Muon is not meant for. Under
     ZeRO-1 and FSDP2 each of Muon's weights is orthogonalised whole by one process (muon.py says how).
+    muon_variants: Muon's ns, normuon and cautious_wd (muon.py), as a dict; None: Muon's own update.
     Each optimizer keeps its groups' own lrs in .base_lrs (not in the groups: checkpoints load into optimizers
     made without them); the schedule scales them all by one factor."""
     fused = device.startswith("cuda")
@@ -176,7 +183,8 @@ def make_optimizers(model, *, world, sharding, weight_decay, learning_rate, beta
                   dict(params=parts["head"], lr=head_lr or learning_rate, weight_decay=0.0),
                   dict(params=parts["gain"], lr=learning_rate, weight_decay=0.0)]
         groups = [g for g in groups if g["params"]]  # no head group with a tied head: torch's loader refuses one
-        muon = Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, owners=zero1)
+        muon = Muon(muon_params, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, owners=zero1,
+                    **(muon_variants or {}))
     adamw = dict(lr=learning_rate, betas=betas, **(dict(fused=True) if fused else {}))
     if zero1:
         from torch.distributed.optim import ZeroRedundancyOptimizer  # here: importing it takes 0.6 s
@@ -198,6 +206,13 @@ def set_lr(optimizers, factor):
             group["lr"] = base * factor
 
 
+def set_muon_momentum(optimizers, it, momentum, warmup):
+    """Muon's momentum (its groups: the optimizers after AdamW) at step it: from 0.85 linearly to `momentum` over the
+    first `warmup` steps (Jordan's speedruns: a shorter memory while the early gradients change fast), then it."""
+    for group in (g for opt in optimizers[1:] for g in opt.param_groups):
+        group["momentum"] = momentum if it >= warmup else 0.85 + (momentum - 0.85) * it / warmup
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -216,7 +231,9 @@ def setup_step(raw_model, cfg, *, device, world, ptdtype, grad_accum):
     optimizers = make_optimizers(raw_model, world=world, sharding=cfg.sharding, weight_decay=cfg.weight_decay,
                                  learning_rate=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), device=device,
                                  kind=cfg.optimizer, embed_lr=cfg.embed_lr, head_lr=cfg.head_lr, muon_lr=cfg.muon_lr,
-                                 muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay)
+                                 muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+                                 muon_variants=dict(ns=cfg.muon_ns, normuon=cfg.muon_normuon,
+                                                    cautious_wd=cfg.muon_cautious_wd))
     scaler = torch.amp.GradScaler(enabled=(ptdtype == torch.float16))
     ctx = autocast(device, ptdtype)
 
@@ -238,6 +255,11 @@ def check_settings(cfg):
     if cfg.cooldown_patience and (cfg.lr_schedule != "wsd" or not cfg.decay_lr or cfg.lr_decay_iters):
         raise SystemExit("error: cooldown_patience needs lr_schedule='wsd', decay_lr=True and lr_decay_iters=0: it "
                          "decides where the decay ends")
+    muon_keys = dict(muon_ns="jordan", muon_normuon=False, muon_cautious_wd=False, muon_momentum_warmup=0)
+    changed = [k for k, off in muon_keys.items() if getattr(cfg, k) != off]
+    if changed and cfg.optimizer != "muon":
+        raise SystemExit(f"error: --{changed[0]} is a Muon setting and optimizer={cfg.optimizer!r}; set "
+                         f"--optimizer=muon")
     if cfg.short_block_size and cfg.block_size % cfg.short_block_size:
         raise SystemExit(f"error: short_block_size={cfg.short_block_size} does not divide block_size={cfg.block_size}; "
                          f"give a divisor, e.g. {cfg.block_size // 4}")
@@ -493,6 +515,8 @@ def main():
             break
         lr = schedule(run.iter_num)
         set_lr(optimizers, lr / cfg.learning_rate)
+        if cfg.muon_momentum_warmup:  # from the step, as the lr: a resumed run goes on exactly
+            set_muon_momentum(optimizers, run.iter_num, cfg.muon_momentum, cfg.muon_momentum_warmup)
         torch.manual_seed(cfg.seed + 1_000_003 * run.rank + run.iter_num)  # dropout from (seed, rank, step): replayed
         # an update is judged once applied only in a run's first steps, where a learning rate too large for the
         # weights shows; later the gradient norm, judged before stepping, is the guard, and a step costs no copy
