@@ -204,10 +204,12 @@ def use_fp8_head(model, loss=fp8_logits_loss):
 
 
 class Float8Matmul(torch.autograd.Function):
-    """x @ w.T with the forward and both gradients' matmuls in fp8, for a Linear of the MLP. The backward keeps the
-    forward's e4m3 operands (1 byte a value, where a bf16 Linear keeps x in 2 or 4), and the output's gradient is
-    cast to e5m2 with its own scale (its largest magnitude, as the operands'): unlike the head's, its bound is
-    not known in advance. x: (N, K), w: (M, K); returns (N, M) in out_dtype, gradients in x's and w's dtypes."""
+    """x @ w.T with the forward and both gradients' matmuls in fp8, for a Linear of the MLP: fp8_forward and
+    fp8_grads, as the head (the forward with the tensor cores' fast accumulation, the gradients without). The
+    backward keeps the forward's e4m3 operands (1 byte a value, where a bf16 Linear keeps x in 2 or 4), and the
+    output's gradient is cast to e5m2 with its own scale (its largest magnitude, as the operands'): unlike the
+    head's, its bound is not known in advance. x: (N, K), w: (M, K); returns (N, M) in out_dtype, the gradients
+    in x's and w's dtypes."""
 
     @staticmethod
     def forward(ctx, x, w, out_dtype):
