@@ -1685,10 +1685,15 @@ def fp8_linear_case():
     g = 1e-4 * torch.randn(4, 16, 48, generator=gen)
     y = lin(x)
     y.backward(g)
-    exact = lambda t, dtype: (lambda t8, s: t8.double() * s.double())(*to_fp8(t, dtype))
-    return types.SimpleNamespace(lin=lin, x=x, g=g, y=y, xd=exact(x.detach().reshape(64, 32), torch.float8_e4m3fn),
-                                 wd=exact(lin.weight.detach(), torch.float8_e4m3fn),
-                                 gd=exact(g.reshape(64, 48), torch.float8_e5m2))
+    return types.SimpleNamespace(lin=lin, x=x, g=g, y=y, xd=fp8_exact(x.detach().reshape(64, 32), torch.float8_e4m3fn),
+                                 wd=fp8_exact(lin.weight.detach(), torch.float8_e4m3fn),
+                                 gd=fp8_exact(g.reshape(64, 48), torch.float8_e5m2))
+
+
+def fp8_exact(t, dtype):
+    """t rounded to fp8 with the scale fp8.py chooses, then scaled back, exactly, in fp64."""
+    t8, inv_scale = to_fp8(t, dtype)
+    return t8.double() * inv_scale.double()
 
 
 def test_fp8_mlp_linear_and_its_gradients_are_exact_on_the_fp8_operands(fp8_linear_case):
