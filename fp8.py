@@ -1,22 +1,27 @@
 """
-lm_head speed-ups: the fp8 head and the chunked loss. scale.parallelize swaps one of them in for the model's
-head_loss at one call site; the model file knows nothing of them.
+8-bit float matmuls and the chunked loss. scale.parallelize swaps them in at one call site; the model file knows
+nothing of them.
 
 The chunked loss (loss_chunk > 0, LinearCrossEntropy): the cross-entropy of x @ w.T without ever holding the
 (N, vocab) logits, a chunk of rows at a time, each chunk's gradient turned at once into those of x and w.
 
-The fp8 head (fp8='head', H100-class GPUs, compute capability 8.9+; `use_fp8_head`): the head and its loss as
-one autograd Function, the matmuls in fp8 (e4m3 forward, e5m2 for the gradient, one scale per tensor;
-Micikevicius et al. 2022, "FP8 formats for deep learning"), the loss in fp32. The tensor cores multiply fp8 at
-twice their bf16 rate and accumulate in fp32; the scales are multiplied back in the matmul's epilogue. On a CPU
-the same fp8 values are multiplied in fp32, so the tests run everywhere. Evaluation and generation stay in bf16.
+fp8 (H100-class GPUs, compute capability 8.9+): matmuls in 8-bit floats, e4m3 for the forward's operands and
+e5m2 for the output's gradient, one scale per tensor (Micikevicius et al. 2022, "FP8 formats for deep learning",
+arXiv:2209.05433). The tensor cores multiply fp8 at twice their bf16 rate and accumulate in fp32; the scales are
+multiplied back in the matmul's epilogue. On a CPU the same fp8 values are multiplied in fp32, so the tests run
+everywhere. The weights stay the model's fp32 Parameters (checkpoints, export and optimizers see no difference);
+evaluation and generation stay in bf16.
+- fp8='head' (`use_fp8_head`): the lm_head and its loss as one autograd Function, the loss in fp32.
+- fp8='mlp' (`use_fp8_mlp`): every block's MLP matmuls (c_fc, c_proj), each an autograd Function, Float8Matmul.
+- fp8='both': the two together.
 
-Both make the loss and its gradient d loss / d logits in the forward, with cross_entropy_sum.
+Both losses make the loss and its gradient d loss / d logits in the forward, with cross_entropy_sum.
 """
 import functools
 import types
 
 import torch
+import torch.nn.functional as F
 
 
 def cross_entropy_sum(logits, targets, grad_scale=None):
@@ -128,7 +133,8 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
     the same fp8 values are multiplied in fp32: equal up to the order of the sums."""
     if a.is_cuda:
         return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
-    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+    with torch.autocast(a.device.type, enabled=False):  # in fp32 under bf16 autocast too, as the GPU's epilogue
+        return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
 def fp8_forward(x, w, out_dtype):
@@ -193,3 +199,49 @@ def use_fp8_head(model, loss=fp8_logits_loss):
     """Swap fp8_head_loss in for model.head_loss; `loss` may be a torch.compile of fp8_logits_loss."""
     model.fp8_loss = loss
     model.head_loss = types.MethodType(fp8_head_loss, model)
+
+# ---------------------------------------------------------------------------- the fp8 MLP
+
+
+class Float8Matmul(torch.autograd.Function):
+    """x @ w.T with the forward and both gradients' matmuls in fp8, for a Linear of the MLP: fp8_forward and
+    fp8_grads, as the head (the forward with the tensor cores' fast accumulation, the gradients without). The
+    backward keeps the forward's e4m3 operands (1 byte a value, where a bf16 Linear keeps x in 2 or 4), and the
+    output's gradient is cast to e5m2 with its own scale (its largest magnitude, as the operands'): unlike the
+    head's, its bound is not known in advance. x: (N, K), w: (M, K); returns (N, M) in out_dtype, the gradients
+    in x's and w's dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, w, out_dtype):
+        y, x8, w8, sx, sw = fp8_forward(x, w, out_dtype)
+        ctx.save_for_backward(x8, w8, sx, sw)
+        ctx.dtypes = x.dtype, w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x8, w8, sx, sw = ctx.saved_tensors
+        g8, sg = to_fp8(grad.contiguous(), torch.float8_e5m2)  # row-major, as _scaled_mm's first operand must be
+        return *fp8_grads(g8, sg, x8, w8, sx, sw, ctx.dtypes), None
+
+
+def fp8_linear(self, x):
+    """nn.Linear.forward with the matmul in fp8 (Float8Matmul) while training, where every dimension is a multiple
+    of 16 (the fp8 kernels' rule); otherwise the plain one. The bias, if any, is added in the output's dtype and
+    gets its gradient from autograd. Bound to c_fc and c_proj by use_fp8_mlp."""
+    w, K = self.weight, x.size(-1)
+    if not (self.training and torch.is_grad_enabled() and x.numel() // K % 16 == 0 and K % 16 == 0
+            and w.size(0) % 16 == 0):
+        return F.linear(x, w, self.bias)
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    y = Float8Matmul.apply(x.reshape(-1, K), w, dt).view(*x.shape[:-1], w.size(0))
+    return y if self.bias is None else y + self.bias.to(dt)
+
+
+def use_fp8_mlp(model):
+    """Swap fp8_linear in for the forward of every block's MLP matmuls: c_fc (for SwiGLU the gate and up
+    projections, one matmul twice as wide) and c_proj. The modules and their Parameters stay as they are, so
+    state dicts, optimizers, checkpointing and FSDP2 (which shards whole blocks) see the same model."""
+    for block in model.transformer.h:
+        for linear in (block.mlp.c_fc, block.mlp.c_proj):
+            linear.forward = types.MethodType(fp8_linear, linear)

@@ -1,9 +1,9 @@
 """
 How the model is spread over processes and sped up: the precision settings (bf16 autocast over fp32 weights, fp16
 with a GradScaler where bf16 is missing, TF32 for the rest), gradient checkpointing, the chunked loss and the fp8
-head (fp8.py), the bf16 residual stream, and the DDP / ZeRO-1 / FSDP2 wrapping; the micro-steps each process takes,
-and the reference peak that MFU is reported against (reference_flops). train.py calls setup once, then parallelize
-on its GPT.
+head and MLP (fp8.py), the bf16 residual stream, and the DDP / ZeRO-1 / FSDP2 wrapping; the micro-steps each process
+takes, and the reference peak that MFU is reported against (reference_flops). train.py calls setup once, then
+parallelize on its GPT.
 """
 import os
 import time
@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from compute import dtype_name, pick_dtype
-from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head
+from fp8 import chunk_loss, chunked_head_loss, fp8_logits_loss, use_fp8_head, use_fp8_mlp
 
 
 def setup(cfg, device, world, say=print):
@@ -162,14 +162,16 @@ def check_speedups(model, device, sharding, loss_chunk, fp8):
     """Refuses the scale settings that do not exist or cannot go together, naming the fix."""
     if sharding not in ("ddp", "zero1", "fsdp"):
         raise SystemExit(f"error: sharding must be 'ddp', 'zero1' or 'fsdp', got {sharding!r}")
-    if fp8 not in ("none", "head"):
-        raise SystemExit(f"error: fp8 must be 'none' or 'head', got {fp8!r}")
-    if model.config.logit_softcap and (loss_chunk or fp8 != "none"):
-        raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' (the fused losses do not cap)")
-    if fp8 == "head" and loss_chunk:
-        raise SystemExit("error: fp8='head' needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
-                         "itself)")
-    if fp8 == "head" and device != "cpu" and not (device.startswith("cuda") and
+    if fp8 not in ("none", "head", "mlp", "both"):
+        raise SystemExit(f"error: fp8 must be 'none', 'head', 'mlp' or 'both', got {fp8!r}")
+    head = fp8 in ("head", "both")
+    if model.config.logit_softcap and (loss_chunk or head):
+        raise SystemExit("error: logit_softcap needs loss_chunk=0 and fp8='none' or 'mlp' (the fused losses do not "
+                         "cap)")
+    if head and loss_chunk:
+        raise SystemExit(f"error: fp8={fp8!r} needs loss_chunk=0 (the chunked loss multiplies by lm_head's weight "
+                         f"itself), or fp8='mlp'")
+    if fp8 != "none" and device != "cpu" and not (device.startswith("cuda") and
                                                    torch.cuda.get_device_capability(device) >= (8, 9)):
         raise SystemExit(f"error: fp8 needs an NVIDIA GPU with fp8 tensor cores (compute capability 8.9+: "
                          f"H100, L40, RTX 4090), and {device} has none; set fp8='none'")
@@ -178,11 +180,13 @@ def check_speedups(model, device, sharding, loss_chunk, fp8):
 def parallelize(model, device, world, *, compile=False, grad_ckpt=None, sharding="ddp", loss_chunk=0, fp8="none",
                 bf16_residual=False):
     """Makes a GPT (already on `device`) ready to train; returns the module the step calls. Swaps in the speed and
-    memory features (gradient checkpointing, the chunked loss, the fp8 head, the bf16 residual stream), then under
-    torchrun shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from
+    memory features (gradient checkpointing, the chunked loss, the fp8 head and MLP, the bf16 residual stream), then
+    under torchrun shards the GPT in place (FSDP2) or wraps it in DDP, then compiles. Read state dicts and FLOPs from
     the GPT itself, not from what this returns."""
     every = ckpt_interval(grad_ckpt)
     check_speedups(model, device, sharding, loss_chunk, fp8)
+    if fp8 in ("mlp", "both"):  # before checkpointing and sharding wrap the blocks; compiled with them
+        use_fp8_mlp(model)
     if bf16_residual:  # the residual stream in bf16 from the embeddings on: half the bytes for norms and adds
         model.transformer.drop.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
     separately = compile and (every or loss_chunk)
@@ -200,7 +204,7 @@ def parallelize(model, device, world, *, compile=False, grad_ckpt=None, sharding
     if loss_chunk:
         step = torch.compile(chunk_loss, dynamic=False) if separately else chunk_loss
         model.head_loss = types.MethodType(chunked_head_loss(loss_chunk, step), model)
-    elif fp8 == "head":
+    elif fp8 in ("head", "both"):
         use_fp8_head(model, torch.compile(fp8_logits_loss, dynamic=False) if separately else fp8_logits_loss)
     elif separately:  # eager, the plain loss makes fp32 copies of the logits
         model.head_loss = torch.compile(model.head_loss, dynamic=False)

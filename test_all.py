@@ -1653,14 +1653,16 @@ def fp8_head():
 
 @pytest.fixture(scope="module")
 def fp8_vs_bf16():
-    """40 bf16 AdamW steps of tiny_gpt with fp8='none' and with fp8='head': {fp8: (the last loss, whether
-    parallelize gave the model fp8's head loss)}."""
+    """40 bf16 AdamW steps of tiny_gpt with fp8='none', 'head' and 'mlp': {fp8: (the last loss, whether parallelize
+    gave the model fp8's head loss, whether it gave every MLP Linear fp8's forward)}."""
     out = {}
-    for fp8_mode in ("none", "head"):
+    for fp8_mode in ("none", "head", "mlp"):
         torch.manual_seed(0)
         model = tiny_gpt(bias=False)
         loss = bf16_training_loss(model, parallelize(model, "cpu", 1, loss_chunk=0, fp8=fp8_mode))
-        out[fp8_mode] = loss, getattr(model.head_loss, "__func__", None) is fp8.fp8_head_loss
+        linears = [lin for b in model.transformer.h for lin in (b.mlp.c_fc, b.mlp.c_proj)]
+        out[fp8_mode] = (loss, getattr(model.head_loss, "__func__", None) is fp8.fp8_head_loss,
+                         all(getattr(lin.forward, "__func__", None) is fp8.fp8_linear for lin in linears))
     return out
 
 
@@ -1710,11 +1712,14 @@ def test_fp8_head_gradients_are_the_cross_entropys_up_to_fp8_rounding(fp8_head):
     assert rel_error(h.x.grad, X.grad) < 0.1 and rel_error(h.w.grad, W.grad) < 0.1   # not a wrong scale or sign
 
 
-def test_fp8_is_transposed_only_by_fp8_t_which_the_compiler_cannot_fuse_into_the_cast():
+@pytest.mark.parametrize("function", ["head", "mlp"])
+def test_fp8_is_transposed_only_by_fp8_t_which_the_compiler_cannot_fuse_into_the_cast(function):
     # a kernel that stores an fp8 value both as is and transposed is miscompiled by Triton (see fp8.fp8_t):
     # fp8 -> fp8 ops may only be views and fp8_t, never a copy that the compiler could fuse into the cast
 
     def step(x, w, t):
+        if function == "mlp":
+            return torch.autograd.grad(fp8.Float8Matmul.apply(x, w, torch.float32), (x, w), torch.ones(64, 80))
         loss, _ = Float8LinearCrossEntropy.apply(x, w, t, torch.float32)
         return torch.autograd.grad(loss, (x, w))
 
@@ -1737,14 +1742,142 @@ def test_fp8_head_keeps_no_16_or_32_bit_logits_for_the_backward():
     assert [t.dtype for t in big] == [torch.float8_e5m2]
 
 
-def test_parallelize_gives_the_model_fp8s_head_loss_only_with_fp8_head(fp8_vs_bf16):
-    assert fp8_vs_bf16["head"][1] and not fp8_vs_bf16["none"][1]
+def test_parallelize_gives_the_model_fp8s_head_loss_or_mlp_linears_only_as_asked(fp8_vs_bf16):
+    assert [fp8_vs_bf16[m][1:] for m in ("none", "head", "mlp")] == [(False, False), (True, False), (False, True)]
 
 
-def test_fp8_head_training_tracks_bf16_training(fp8_vs_bf16):
-    none, head = fp8_vs_bf16["none"][0], fp8_vs_bf16["head"][0]
+@pytest.mark.parametrize("fp8_mode", ["head", "mlp"])
+def test_fp8_training_tracks_bf16_training(fp8_vs_bf16, fp8_mode):
+    none, fp8_loss = fp8_vs_bf16["none"][0], fp8_vs_bf16[fp8_mode][0]
     assert none < 3.0  # from ln(96) = 4.6
-    assert abs(head - none) < 0.05 * none
+    assert abs(fp8_loss - none) < 0.05 * none
+
+
+# ---- the fp8 MLP
+@pytest.fixture(scope="module")
+def fp8_linear_case():
+    """A Linear(32, 48) with a bias and fp8_linear's forward, on x (4, 16, 32), backpropagated from a gradient at a
+    gradient's scale (1e-4): the inputs with their grads, the output, and the same fp8 operands exactly in fp64
+    (x, w and the output's gradient g rounded to fp8 with the scales fp8.py chooses)."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        lin.weight.copy_(0.05 * torch.randn(48, 32, generator=gen))
+        lin.bias.copy_(torch.randn(48, generator=gen))
+    lin.forward = types.MethodType(fp8.fp8_linear, lin)
+    x = torch.randn(4, 16, 32, generator=gen).requires_grad_()
+    g = 1e-4 * torch.randn(4, 16, 48, generator=gen)
+    y = lin(x)
+    y.backward(g)
+    return types.SimpleNamespace(lin=lin, x=x, g=g, y=y, xd=fp8_exact(x.detach().reshape(64, 32), torch.float8_e4m3fn),
+                                 wd=fp8_exact(lin.weight.detach(), torch.float8_e4m3fn),
+                                 gd=fp8_exact(g.reshape(64, 48), torch.float8_e5m2))
+
+
+def fp8_exact(t, dtype):
+    """t rounded to fp8 with the scale fp8.py chooses, then scaled back, exactly, in fp64."""
+    t8, inv_scale = to_fp8(t, dtype)
+    return t8.double() * inv_scale.double()
+
+
+def test_fp8_mlp_linear_and_its_gradients_are_exact_on_the_fp8_operands(fp8_linear_case):
+    c = fp8_linear_case
+    b = c.lin.bias.detach().double()
+    for got, want in ((c.y.reshape(64, 48), c.xd @ c.wd.t() + b), (c.x.grad.reshape(64, 32), c.gd @ c.wd),
+                      (c.lin.weight.grad, c.gd.t() @ c.xd), (c.lin.bias.grad, c.g.double().sum((0, 1)))):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_fp8_mlp_linear_is_the_fp32_linear_up_to_fp8_rounding(fp8_linear_case):
+    c = fp8_linear_case
+    X, W = c.x.detach().double().reshape(64, 32), c.lin.weight.detach().double()
+    G = c.g.double().reshape(64, 48)
+    assert rel_error(c.y.reshape(64, 48) - c.lin.bias, X @ W.t()) < 0.06
+    assert rel_error(c.x.grad.reshape(64, 32), G @ W) < 0.1 and rel_error(c.lin.weight.grad, G.t() @ X) < 0.1
+
+
+def test_fp8_mlp_linear_is_the_plain_linear_in_eval_and_without_grad(fp8_linear_case):
+    lin, x = fp8_linear_case.lin, fp8_linear_case.x.detach()
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))  # no_grad: evaluation and generation
+    lin.eval()
+    try:
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    finally:
+        lin.train()
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_fp8_mlp_keeps_e4m3_operands_of_every_blocks_c_fc_and_c_proj_and_nothing_else(mlp):
+    model = tiny_gpt(bias=False, mlp=mlp)
+    parallelize(model, "cpu", 1, fp8="mlp")
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(torch.randint(0, 96, (4, 16)), torch.randint(0, 96, (4, 16)))
+    shapes = [tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn]
+    fc, proj = model.transformer.h[0].mlp.c_fc.weight.shape, model.transformer.h[0].mlp.c_proj.weight.shape
+    # per block: c_fc's input (64 rows of n_embd) and weight, c_proj's input (64 rows of hidden) and weight
+    assert shapes == [(64, fc[1]), tuple(fc), (64, proj[1]), tuple(proj)] * 4
+    assert fc[0] == (2 if mlp == "swiglu" else 1) * proj[1]  # SwiGLU's gate and up: one matmul twice as wide
+
+
+@pytest.fixture(scope="module")
+def fp8_mlp_grads(tmp_path_factory):
+    """One bf16 step's gradients of a 4-layer SwiGLU GPT with biases (the Parameters in order), fp8='mlp' alone,
+    under FSDP2 (one process: each block sharded, gathered for its forward), with gradient checkpointing, and
+    fp8='none'."""
+    base, x = tiny_gpt(mlp="swiglu"), torch.randint(0, 96, (4, 17))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'pg'}", rank=0,
+                            world_size=1)
+    grads = {}
+    try:
+        for name, kw in [("alone", {}), ("fsdp", dict(sharding="fsdp")), ("grad_ckpt", dict(grad_ckpt="full")),
+                         ("none", dict(fp8="none"))]:
+            model = copy.deepcopy(base)
+            step_fn = parallelize(model, "cpu", 2 if name == "fsdp" else 1, **{"fp8": "mlp", **kw})
+            with torch.autocast("cpu", torch.bfloat16):
+                step_fn(x[:, :-1], x[:, 1:])[1].backward()
+            grads[name] = [getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for p in model.parameters()]
+            if name == "fsdp":  # the Linear keeps fp8's forward while FSDP2 swaps its weight for a DTensor shard
+                assert type(model.transformer.h[0].mlp.c_fc.weight).__name__ == "DTensor"
+                assert model.transformer.h[0].mlp.c_fc.forward.__func__ is fp8.fp8_linear
+    finally:
+        dist.destroy_process_group()
+    return grads
+
+
+@pytest.mark.parametrize("way", ["fsdp", "grad_ckpt"])
+def test_fp8_mlp_gives_the_same_gradients_under_fsdp2_and_gradient_checkpointing(fp8_mlp_grads, way):
+    g = fp8_mlp_grads
+    assert all(torch.equal(a, b) for a, b in zip(g[way], g["alone"]))
+    assert not all(torch.equal(a, b) for a, b in zip(g["none"], g["alone"]))  # fp8 did run
+
+
+def test_fp8_mlp_goes_with_the_logit_softcap_and_the_chunked_loss_where_the_fp8_head_cannot():
+    parallelize(tiny_gpt(logit_softcap=30.0), "cpu", 1, fp8="mlp")  # the MLP does not touch the logits
+    parallelize(tiny_gpt(), "cpu", 1, loss_chunk=8, fp8="mlp")
+    with pytest.raises(SystemExit, match="logit_softcap needs loss_chunk=0 and fp8='none' or 'mlp'"):
+        parallelize(tiny_gpt(logit_softcap=30.0), "cpu", 1, fp8="both")
+
+
+@pytest.fixture(scope="module")
+def fp8_train_runs(tiny_data, tmp_path_factory):
+    """10 steps of train.py (fp32 on the CPU) with fp8='none', 'mlp' and 'both': {fp8: out_dir}."""
+    d = tmp_path_factory.mktemp("fp8_runs")
+    for fp8_mode in ("none", "mlp", "both"):
+        tiny_train(tiny_data, d / fp8_mode, "--max_iters=10", "--lr_decay_iters=10", "--eval_interval=10",
+                   f"--fp8={fp8_mode}")
+    return {m: d / m for m in ("none", "mlp", "both")}
+
+
+@pytest.mark.parametrize("fp8_mode", ["mlp", "both"])
+def test_train_with_fp8_mlp_lowers_the_loss_and_saves_the_same_checkpoint_keys(fp8_train_runs, fp8_mode):
+    losses = [r["loss"] for r in metrics_rows(fp8_train_runs[fp8_mode]) if "loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.3  # from ln(300) = 5.7
+    plain, ckpt = load_checkpoint(str(fp8_train_runs["none"])), load_checkpoint(str(fp8_train_runs[fp8_mode]))
+    assert ckpt["model"].keys() == plain["model"].keys()
+    assert all(ckpt["model"][k].dtype == torch.float32 for k in ckpt["model"])  # fp32 master weights, as saved
+    assert not all(torch.equal(ckpt["model"][k], plain["model"][k]) for k in plain["model"])  # fp8 did run
 
 
 # ============================================================================ muon.py
@@ -3171,7 +3304,7 @@ def test_compiled_training_step_gives_eagers_grads(compiled_step):
         torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fp8_mode", ["none", "head"])
+@pytest.mark.parametrize("fp8_mode", ["none", "head", "both"])
 def test_compiled_training_forward_and_backward_are_one_graph(fp8_mode):
     # a graph break runs the rest eagerly, which is slower (and torch 2.11 broke on an autograd Function's .apply)
     from torch._dynamo.utils import counters
@@ -3235,9 +3368,11 @@ def test_bf16_residual_trains_like_fp32(bf16_residual_runs):
 
 @pytest.mark.parametrize("device, kw, pattern", [
     ("cpu", dict(loss_chunk=8, fp8="head"), "fp8='head' needs loss_chunk=0"),
-    ("cpu", dict(fp8=True), "fp8 must be 'none' or 'head'"),
+    ("cpu", dict(loss_chunk=8, fp8="both"), r"fp8='both' needs loss_chunk=0 .*, or fp8='mlp'$"),
+    ("cpu", dict(fp8=True), "fp8 must be 'none', 'head', 'mlp' or 'both', got True$"),
     ("mps", dict(loss_chunk=0, fp8="head"), "fp8 needs an NVIDIA GPU with fp8 tensor cores"),
-], ids=["chunked_loss", "not_a_mode", "no_nvidia_gpu"])
+    ("mps", dict(fp8="mlp"), "fp8 needs an NVIDIA GPU with fp8 tensor cores"),
+], ids=["chunked_loss", "chunked_loss_both", "not_a_mode", "no_nvidia_gpu", "no_nvidia_gpu_mlp"])
 def test_fp8_is_refused_where_it_cannot_apply(device, kw, pattern):
     with pytest.raises(SystemExit, match=pattern):
         parallelize(tiny_gpt(), device, 1, **kw)

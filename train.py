@@ -110,7 +110,7 @@ grad_ckpt = None            # recompute activations in the backward: None/"none"
 sharding = "ddp"            # under torchrun: ddp (a full copy per process) | zero1 (DDP, optimizer state sharded) |
                             # fsdp (FSDP2: params, grads, optimizer state sharded)
 loss_chunk = 0              # > 0: rows of logits alive at once in the loss (fp8.LinearCrossEntropy); 0: plain logits
-fp8 = "none"                # none | head: the lm_head's matmuls in 8-bit floats (fp8.py; needs loss_chunk=0)
+fp8 = "none"                # fp8 matmuls (fp8.py): none | head (lm_head; needs loss_chunk=0) | mlp (every MLP) | both
 bf16_residual = False       # the residual stream in bf16, not fp32: less memory traffic (needs dtype bfloat16)
 seed = 1337
 stop_at_val_loss = 0.0      # > 0: stop at the first evaluation whose val loss is at or below this (speedruns)
@@ -131,8 +131,9 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              lr_schedule=("cosine", "wsd"), cooldown_frac=(0.0, 1.0), cooldown_patience=(0, None),
              warmup_iters=(0, None), lr_decay_iters=(0, None), min_lr=(0.0, None),
              dtype=("auto", "float32", "bfloat16", "float16"), grad_ckpt=((str, int),),
-             sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), fp8=("none", "head"), learning_rate=(0.0, None),
-             rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None))
+             sharding=("ddp", "zero1", "fsdp"), loss_chunk=(0, None), learning_rate=(0.0, None),
+             rope_theta=(0.0, None), stop_at_val_loss=(0.0, None), max_bad_steps=(1, None), spike_factor=(0.0, None),
+             fp8=("none", "head", "mlp", "both"))
 
 
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
