@@ -3,7 +3,8 @@ The GPT. Default: the classic GPT-2 layout (learned positions, pre-norm LayerNor
 multi-head attention, biases, tied embeddings). Each modern piece is one GPTConfig switch; config/llama_*.py
 turn on the Llama-3 / Mistral set (RoPE, RMSNorm, SwiGLU, grouped-query attention, no bias).
 No data, no optimizer loop, no files, no training knobs: the network, its initialisation, its AdamW groups,
-and generation with a KV cache. (Speed features - fp8.py's fp8 head and chunked loss - are swapped in by train.py.)
+and generation with a KV cache. (Speed features - fp8.py's fp8 matmuls and chunked loss - are swapped in by
+scale.py.)
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, block_size=256))

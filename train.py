@@ -11,7 +11,8 @@ Pretrain a GPT on shards made by prepare.py. One process, or many under torchrun
         --rdzv_endpoint=HOST:29500 train.py config/gpt2_124m.py
 
 Scale (the config keys under "scale", applied by scale.py): bf16 autocast over fp32 weights, gradient checkpointing,
-the loss without the (B, T, vocab) logits or an fp8 lm_head (fp8.py), a bf16 residual stream; DDP, ZeRO-1 or FSDP2.
+the loss without the (B, T, vocab) logits, fp8 matmuls in the head and MLPs (fp8.py), a bf16 residual stream; DDP,
+ZeRO-1 or FSDP2.
 Checkpoints hold whole (unsharded) state dicts whatever the sharding: any run resumes (or samples) from any other's
 checkpoint, on any number of processes (on another number, the epoch goes on from a different window).
 Across nodes, set NCCL_SOCKET_IFNAME / NCCL_IB_HCA if NCCL picks the wrong network, and give both nodes the
