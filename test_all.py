@@ -2564,8 +2564,10 @@ def test_short_block_steps_train_on_each_window_cut_into_shorter_sequences(tiny_
     assert metrics_rows(tmp_path)[1]["loss"] == pytest.approx(loss.item(), rel=1e-6)
     _, full = model(x, y)
     assert abs(full.item() - loss.item()) > 1e-4  # the cut is real: a shorter context gives another loss
-    p = tiny_train(tiny_data, tmp_path / "bad", "--short_block_size=5", check=False)
+    p = tiny_train(tiny_data, tmp_path / "bad", "--short_block_size=5", "--short_block_iters=2", check=False)
     assert p.stderr.strip() == ("error: short_block_size=5 does not divide block_size=16; give a divisor, e.g. 4")
+    p = tiny_train(tiny_data, tmp_path / "bad", "--short_block_iters=2", check=False)
+    assert p.stderr.strip().startswith("error: short_block_size and short_block_iters go together")
 
 
 def test_cooldown_patience_starts_the_cooldown_at_a_plateau_for_cooldown_frac_of_the_run():

@@ -262,6 +262,9 @@ def check_settings(cfg):
     if changed and cfg.optimizer != "muon":
         raise SystemExit(f"error: --{changed[0]} is a Muon setting and optimizer={cfg.optimizer!r}; set "
                          f"--optimizer=muon")
+    if bool(cfg.short_block_size) != bool(cfg.short_block_iters):
+        raise SystemExit("error: short_block_size and short_block_iters go together: give both (or neither), e.g. "
+                         "--short_block_size=256 --short_block_iters=500")
     if cfg.short_block_size and cfg.block_size % cfg.short_block_size:
         raise SystemExit(f"error: short_block_size={cfg.short_block_size} does not divide block_size={cfg.block_size}; "
                          f"give a divisor, e.g. {cfg.block_size // 4}")
