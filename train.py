@@ -40,11 +40,11 @@ from checkpoint import (build_model, check_out_dir, full_state_dicts, init_model
                         save_checkpoint)
 from compute import autocast, compute_cleanup, compute_init, dtype_name
 from configurator import configure
+from dataloader import load_data, make_batches
 from eval import mc_rows, multiple_choice
 from faults import (GUARD_WARMUP, catch_stop_signals, check_guard_settings, farewell, faults_and_stops,
                     guarded_update, interrupted_note)
 from model import GPTConfig
-from dataloader import load_data, make_batches
 from muon import Muon
 
 # -----------------------------------------------------------------------------
