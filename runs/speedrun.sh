@@ -27,44 +27,36 @@ if [ -z "$BASE" ] && [ "$TARGET" = 0 ]; then
     exit 1
 fi
 
-# the small corpus: ~1 MB of the default corpus (every 10th stdlib .py file, whole files, for variety), byte level
-# (vocab 256 + the 5 special tokens), every 10th file held out
-if [ ! -f "$DATA/stdlib-1mb/meta.json" ]; then
+# The small corpora, ~1 MB of whole documents each, byte level (vocab 256 + the 5 special tokens), every 10th held
+# out. stdlib-1mb: every 10th stdlib .py file, for variety (the small recipes were tuned on it). readmes-1mb: a corpus
+# no recipe was tuned on, English prose with some markdown and code: the descriptions in the installed packages'
+# METADATA files (their READMEs) of >= 2,000 bytes; it depends on what is installed.
+corpus_1mb() {  # corpus_1mb NAME: makes $DATA/NAME unless it is there
+    [ ! -f "$DATA/$1/meta.json" ] || return 0
     mkdir -p "$DATA"
-    "$PYTHON" - "$DATA/stdlib-1mb.txt" <<'PY'
-import sys
+    "$PYTHON" - "$1" "$DATA/$1.txt" <<'PY'
+import glob, os, sys, sysconfig
 from prepare import corpus_files, read_documents
+if sys.argv[1] == "stdlib-1mb":
+    docs = read_documents(corpus_files("stdlib")[::10], strict=False)
+else:
+    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "*.dist-info", "METADATA")))
+    bodies = (open(p, encoding="utf-8", errors="replace").read().partition("\n\n")[2] for p in paths)
+    docs = (b for b in bodies if len(b) >= 2000)  # a real README, not a one-line summary
 size = 0
-with open(sys.argv[1], "w", encoding="utf-8") as f:
-    for doc in read_documents(corpus_files("stdlib")[::10], strict=False):
+with open(sys.argv[2], "w", encoding="utf-8") as f:
+    for doc in docs:
         if "<|endoftext|>" not in doc:  # a document that holds the separator would be cut in two
             f.write(doc + "\n<|endoftext|>\n")
             size += len(doc.encode())
             if size >= 1_000_000:
                 break
 PY
-    "$PYTHON" prepare.py --input="$DATA/stdlib-1mb.txt" --dataset=stdlib-1mb --data_root="$DATA" --vocab_size=261 \
-        --val_fraction=0.1
-fi
-
-# a corpus no recipe was tuned on: ~1 MB of English prose (with some markdown and code), the descriptions in the
-# installed packages' METADATA files (their READMEs), byte level, every 10th held out; it depends on what is installed
-if [ "$CORPUS" = readmes-1mb ] && [ ! -f "$DATA/readmes-1mb/meta.json" ]; then
-    mkdir -p "$DATA"
-    "$PYTHON" - "$DATA/readmes-1mb.txt" <<'PY'
-import glob, os, sys, sysconfig
-size = 0
-with open(sys.argv[1], "w", encoding="utf-8") as f:
-    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "*.dist-info", "METADATA"))):
-        body = open(path, encoding="utf-8", errors="replace").read().partition("\n\n")[2]
-        if len(body) >= 2000 and "<|endoftext|>" not in body:  # a real README, not a one-line summary
-            f.write(body + "\n<|endoftext|>\n")
-            size += len(body.encode())
-            if size >= 1_000_000:
-                break
-PY
-    "$PYTHON" prepare.py --input="$DATA/readmes-1mb.txt" --dataset=readmes-1mb --data_root="$DATA" --vocab_size=261 \
-        --val_fraction=0.1
+    "$PYTHON" prepare.py --input="$DATA/$1.txt" --dataset="$1" --data_root="$DATA" --vocab_size=261 --val_fraction=0.1
+}
+corpus_1mb stdlib-1mb
+if [ "$CORPUS" = readmes-1mb ]; then
+    corpus_1mb readmes-1mb
 elif [ -n "$CORPUS" ] && [ ! -f "$DATA/$CORPUS/meta.json" ]; then
     echo "error: CORPUS=$CORPUS is not in $DATA; give readmes-1mb, or a dataset prepare.py made there" >&2
     exit 1
