@@ -3084,6 +3084,7 @@ def test_resume_on_data_or_block_size_the_checkpoint_does_not_match_is_refused(t
     (["--beta2=1.0"], r"--beta2=1.0 is out of range; give a value in \[0, 1\)$"),
     (["--rope_theta=0"], r"--rope_theta=0.0 is out of range; give a value > 0$"),
     (["--out_dir="], r"--out_dir is empty; give the directory the run writes to"),
+    (["--muon_normuon=True"], r"--muon_normuon is a Muon setting and optimizer='adamw'; set --optimizer=muon$"),
     (["--batch_size=20"], r"13 windows of block_size 64 are too few for batch_size 20 x 1 processes; lower batch_size "
                           r"or block_size \(the val split: 13 windows\)$"),  # before step 1, not at the first evaluation
 ])
