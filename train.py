@@ -137,6 +137,11 @@ RULES = dict(eval_interval=(1, None), eval_iters=(1, None), eval_mc_rows=(0, Non
              fp8=("none", "head", "mlp", "both"))
 
 
+def cooldown_start(lr_decay_iters, cooldown_frac):
+    """The step where wsd's linear cooldown starts: the last cooldown_frac of lr_decay_iters steps (at least one)."""
+    return lr_decay_iters - max(int(cooldown_frac * lr_decay_iters), 1)
+
+
 def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="cosine", cooldown_frac=0.2):
     """Linear warmup from ~0 to learning_rate over warmup_iters, then down to min_lr at lr_decay_iters: along a
     cosine, or (wsd) flat until the last cooldown_frac of the steps and linear from there."""
@@ -145,8 +150,8 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr, schedule="co
     if it >= lr_decay_iters:
         return min_lr
     if schedule == "wsd":
-        cooldown = max(int(cooldown_frac * lr_decay_iters), 1)
-        ratio = max(it - (lr_decay_iters - cooldown), 0) / cooldown
+        start = cooldown_start(lr_decay_iters, cooldown_frac)
+        ratio = max(it - start, 0) / (lr_decay_iters - start)
         return learning_rate - ratio * (learning_rate - min_lr)
     ratio = (it - warmup_iters) / max(lr_decay_iters - warmup_iters, 1)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
@@ -291,12 +296,11 @@ def plateau_end(run, cfg):
     """With cooldown_patience, the step the run now ends at: its val loss has not improved for cooldown_patience
     evaluations, so the cooldown starts here and lasts cooldown_frac of the whole run (get_lr's wsd with max_iters =
     that step). None while the rule does not apply: off, in warmup, already cooling down, or improving."""
-    flat_until = cfg.max_iters - max(int(cfg.cooldown_frac * cfg.max_iters), 1)
     if (not cfg.cooldown_patience or run.end or run.evals_since_best < cfg.cooldown_patience
-            or not cfg.warmup_iters <= run.iter_num < flat_until):
+            or not cfg.warmup_iters <= run.iter_num < cooldown_start(cfg.max_iters, cfg.cooldown_frac)):
         return None
     end = run.iter_num + 1
-    while end - max(int(cfg.cooldown_frac * end), 1) < run.iter_num:
+    while cooldown_start(end, cfg.cooldown_frac) < run.iter_num:
         end += 1
     return end
 
